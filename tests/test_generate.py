@@ -1,0 +1,74 @@
+"""Sampling rules and generation with the KV cache."""
+
+import torch
+
+from tokenformer import ByteTokenizer, Config, TokenFormer, generate_text, generate_tokens
+from tokenformer.__main__ import main
+from tokenformer.generate import sample_next
+
+
+def tiny_model():
+    return TokenFormer(Config.from_name("tiny")).eval()
+
+
+def test_greedy_equals_argmax_of_full_forward():
+    model = tiny_model()
+    prompt = [5, 17, 99, 3]
+    new = list(generate_tokens(model, prompt, 12))
+    ids = list(prompt)
+    for _ in range(12):  # no cache: the whole prefix every step
+        ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    assert new == ids[len(prompt):]
+
+
+def test_sampling_is_reproducible_with_seed():
+    model = tiny_model()
+    a = list(generate_tokens(model, [1, 2, 3], 20, temperature=1.0, seed=7))
+    b = list(generate_tokens(model, [1, 2, 3], 20, temperature=1.0, seed=7))
+    assert a == b
+
+
+def test_padding_rows_never_sampled():
+    model = tiny_model()
+    with torch.no_grad():
+        model.word_embeddings.weight[300:] = 50 * model.word_embeddings.weight[0]  # padding rows dominate
+    out = list(generate_tokens(model, [1, 2], 30, temperature=1.0, seed=0, vocab_size=257))
+    assert max(out) < 257
+
+
+def test_top_k_and_top_p():
+    logits = torch.tensor([[3.0, 2.0, 1.0, -5.0]])
+    g = torch.Generator().manual_seed(0)
+    assert {int(sample_next(logits, 1.0, top_k=2, generator=g)) for _ in range(200)} == {0, 1}
+    # softmax is [0.665, 0.245, 0.090, 0.0002]: top_p 0.8 keeps the first two tokens only
+    assert {int(sample_next(logits, 1.0, top_p=0.8, generator=g)) for _ in range(200)} == {0, 1}
+    assert {int(sample_next(logits, 1.0, top_p=0.5, generator=g)) for _ in range(50)} == {0}
+    assert int(sample_next(logits, 0.0)) == 0
+
+
+def test_stops_at_end_of_text():
+    model = tiny_model()
+    with torch.no_grad():  # make <|endoftext|> (256) the most likely next token everywhere
+        model.final_norm.bias.copy_(model.word_embeddings.weight[256] * 100)
+    assert list(generate_tokens(model, [1, 2], 10, eos_id=256)) == []
+
+
+def test_streamed_pieces_add_up_to_the_text():
+    model = tiny_model()
+    pieces = []
+    text = generate_text(model, ByteTokenizer(), "Hi", 25, on_text=pieces.append, temperature=1.0, seed=3)
+    assert "".join(pieces) == text
+
+
+def test_generate_cli(tmp_path, capsys):
+    tiny_model().save_pretrained(tmp_path / "ckpt", tokenizer=ByteTokenizer())
+    assert main(["generate", "--checkpoint", str(tmp_path / "ckpt"), "--prompt", "abc",
+                 "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out.startswith("abc")
+    (tmp_path / "in.txt").write_text("first\nsecond\n")
+    assert main(["generate", "--checkpoint", str(tmp_path / "ckpt"), "--input-file", str(tmp_path / "in.txt"),
+                 "--output-file", str(tmp_path / "out.jsonl"), "--max-new-tokens", "4"]) == 0
+    lines = (tmp_path / "out.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and '"context": "first"' in lines[0]
+    assert main(["generate", "--checkpoint", str(tmp_path / "nothing"), "--prompt", "x"]) == 2
+    assert "does not exist" in capsys.readouterr().err

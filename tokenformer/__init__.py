@@ -1,0 +1,21 @@
+"""TokenFormer: a Transformer whose every linear projection is attention over learnable parameter
+tokens (Pattention), so that a trained model can grow by appending tokens.
+
+The model here computes exactly what the official code computes and loads its released weights.
+"""
+
+from tokenformer.config import PRESETS, Config
+from tokenformer.convert import export_official, load_official, weight_map
+from tokenformer.errors import TokenFormerError
+from tokenformer.generate import generate_text, generate_tokens
+from tokenformer.model import KVCache, TokenFormer
+from tokenformer.pattention import Pattention
+from tokenformer.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PRESETS", "ByteTokenizer", "Config", "KVCache", "Pattention", "TokenFormer", "TokenFormerError",
+    "Tokenizer", "export_official", "generate_text", "generate_tokens", "load_official",
+    "load_tokenizer", "weight_map",
+]

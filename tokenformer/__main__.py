@@ -1,0 +1,53 @@
+"""The `tokenformer` command: one subcommand per job.
+
+Each subcommand lives in the module that does the job, as `cli_arguments(parser)` (its options)
+and `cli_main(args)` (whose docstring is its `--help` text).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> module holding cli_arguments / cli_main
+COMMANDS = {
+    "convert": "tokenformer.convert",
+    "generate": "tokenformer.generate",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tokenformer",
+        description="TokenFormer: a Transformer whose linear layers are attention over parameter tokens. "
+                    "Run `tokenformer COMMAND --help` for the options of each command.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, module_name in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        doc = (module.cli_main.__doc__ or "").strip()
+        summary = doc.split("\n\n")[0].replace("\n", " ")
+        p = sub.add_parser(name, help=summary, description=doc,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.cli_arguments(p)
+        p.set_defaults(_run=module.cli_main)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tokenformer.errors import TokenFormerError
+
+    args = build_parser().parse_args(argv)
+    try:
+        args._run(args)
+    except (TokenFormerError, FileNotFoundError, NotADirectoryError) as e:
+        print(f"tokenformer {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"tokenformer {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""Model configuration: the `Config` dataclass, its named presets, and readers for JSON and the
+official GPT-NeoX `.yml` files.
+
+Field names are the official ones (`num_layers`, `qkv_slot_num`, ...) so that a value read from an
+official config lands in the field of the same name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tokenformer.errors import TokenFormerError
+
+NORM_ACTIVATION_TYPES = ("l2_norm_gelu", "gelu_l2_norm", "softmax")
+
+
+@dataclass
+class Config:
+    """Shape and numerics of a TokenFormer language model.
+
+    `*_scale_num` replace the slot count `n` inside the normalisation (`sqrt(n)` or `* n`) of the
+    corresponding Pattentions; `None` means "use the slot count", as the official code does. Growing
+    a model exactly sets them to the pre-growth counts (see `tokenformer.scaling`).
+    """
+
+    name: str = "custom"
+    num_layers: int = 12
+    hidden_size: int = 768
+    num_attention_heads: int = 12
+    qkv_slot_num: int = 768
+    proj_slot_num: int = 768
+    ffn_slot_num: int = 3072
+    norm_activation_type: str = "l2_norm_gelu"
+    rotary_pct: float = 0.25
+    rotary_emb_base: int = 10000
+    seq_length: int = 2048
+    vocab_size: int = 50277
+    make_vocab_size_divisible_by: int = 128
+    layernorm_epsilon: float = 1e-5
+    init_method_std: float = 0.02
+    qkv_scale_num: int | None = None
+    proj_scale_num: int | None = None
+    ffn_scale_num: int | None = None
+    growth_history: list[dict[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ---- derived fields -------------------------------------------------------------------
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Vocabulary rounded up to a multiple of `make_vocab_size_divisible_by` (50277 -> 50304)."""
+        m = self.make_vocab_size_divisible_by
+        return int(math.ceil(self.vocab_size / m) * m)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.rotary_pct)
+
+    @property
+    def num_parameters(self) -> int:
+        """Parameter count computed from the shapes alone (tied embedding counted once)."""
+        h = self.hidden_size
+        per_layer = 2 * h * (3 * self.qkv_slot_num + self.proj_slot_num + self.ffn_slot_num)
+        return self.padded_vocab_size * h + self.num_layers * per_layer + 2 * h
+
+    # ---- checks -----------------------------------------------------------------------------
+
+    def validate(self) -> None:
+        """Raise `TokenFormerError` with one clear sentence if the configuration cannot work."""
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "qkv_slot_num",
+                     "proj_slot_num", "ffn_slot_num", "seq_length", "vocab_size",
+                     "make_vocab_size_divisible_by"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise TokenFormerError(f"config field {name} must be a positive integer, got {value!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise TokenFormerError(
+                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
+                f"{self.num_attention_heads}: choose a head count that divides it")
+        if self.norm_activation_type not in NORM_ACTIVATION_TYPES:
+            raise TokenFormerError(
+                f"unknown norm_activation_type {self.norm_activation_type!r}: "
+                f"use one of {', '.join(NORM_ACTIVATION_TYPES)}")
+        if not 0.0 <= self.rotary_pct <= 1.0:
+            raise TokenFormerError(f"rotary_pct must be in [0, 1], got {self.rotary_pct}")
+        if self.rotary_dim % 2:
+            raise TokenFormerError(
+                f"rotary dims per head (head_dim {self.head_dim} x rotary_pct {self.rotary_pct}) "
+                f"= {self.rotary_dim} must be even")
+
+    # ---- constructors -----------------------------------------------------------------------
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> "Config":
+        """A named preset (see `PRESETS`), with optional field overrides."""
+        if name not in PRESETS:
+            raise TokenFormerError(
+                f"unknown preset {name!r}: valid presets are {', '.join(PRESETS)}")
+        values = dict(PRESETS[name], name=name)
+        values.update(overrides)
+        return cls.from_dict(values)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "Config":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known - {"padded_vocab_size"})
+        if unknown:
+            raise TokenFormerError(
+                f"unknown config field(s) {', '.join(unknown)}: valid fields are {', '.join(sorted(known))}")
+        values = {k: v for k, v in values.items() if k in known}
+        config = cls(**values)
+        if "padded_vocab_size" in values and values["padded_vocab_size"] != config.padded_vocab_size:
+            raise TokenFormerError(
+                f"padded_vocab_size {values['padded_vocab_size']} does not follow from vocab_size "
+                f"{config.vocab_size} and make_vocab_size_divisible_by {config.make_vocab_size_divisible_by}")
+        return config
+
+    def to_dict(self) -> dict[str, Any]:
+        values = dataclasses.asdict(self)
+        values["padded_vocab_size"] = self.padded_vocab_size
+        return values
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2) + "\n"
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_json(cls, path_or_text: str | Path) -> "Config":
+        """Read a config from a JSON file path or a JSON string."""
+        text = str(path_or_text)
+        if not text.lstrip().startswith("{"):
+            path = Path(path_or_text)
+            if not path.is_file():
+                raise FileNotFoundError(f"config file {path} does not exist")
+            text = path.read_text()
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise TokenFormerError(f"config is not valid JSON: {e}") from None
+        return cls.from_dict(values)
+
+    @classmethod
+    def from_neox_yaml(cls, path: str | Path) -> "Config":
+        """Read the model fields of an official GPT-NeoX/TokenFormer `.yml` config.
+
+        GPT-NeoX accepts both `num-layers` and `num_layers`; so do we. Training and parallelism
+        keys are ignored. The released files are JSON-like YAML with `#` comments.
+        """
+        import yaml
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"GPT-NeoX config {path} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise TokenFormerError(f"{path} is not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise TokenFormerError(f"{path} does not hold a mapping of config keys")
+        neox = {str(k).replace("-", "_"): v for k, v in raw.items()}
+        if "num_layers" not in neox or "hidden_size" not in neox:
+            raise TokenFormerError(f"{path} has no num_layers/hidden_size: is it a model config?")
+        for key, expected in (("pos_emb", "rotary"), ("norm", "layernorm_nonparam"),
+                              ("final_norm", "layernorm"), ("gpt_j_residual", False),
+                              ("no_weight_tying", False)):
+            if key in neox and neox[key] != expected:
+                raise TokenFormerError(
+                    f"{path} sets {key}={neox[key]!r}; only {expected!r} (the released TokenFormer) is supported")
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in neox.items() if k in known}
+        values.setdefault("name", path.stem)
+        values.setdefault("qkv_slot_num", neox["hidden_size"])
+        values.setdefault("proj_slot_num", neox["hidden_size"])
+        values.setdefault("ffn_slot_num", 4 * neox["hidden_size"])
+        return cls.from_dict(values)
+
+
+# Released TokenFormer models (Pile, seq 2048) and the incremental-scaling shapes (OpenWebText2,
+# seq 1024), then small shapes for tests and CPU training.
+PRESETS: dict[str, dict[str, Any]] = {
+    "150M": dict(num_layers=12, hidden_size=768, num_attention_heads=12,
+                 qkv_slot_num=768, proj_slot_num=768, ffn_slot_num=3072),
+    "450M": dict(num_layers=24, hidden_size=1024, num_attention_heads=16,
+                 qkv_slot_num=1024, proj_slot_num=1024, ffn_slot_num=4096),
+    "900M": dict(num_layers=32, hidden_size=1280, num_attention_heads=16,
+                 qkv_slot_num=1280, proj_slot_num=1280, ffn_slot_num=5120),
+    "1.5B": dict(num_layers=40, hidden_size=1536, num_attention_heads=16,
+                 qkv_slot_num=1536, proj_slot_num=1536, ffn_slot_num=6144),
+    "354M": dict(num_layers=24, hidden_size=1024, num_attention_heads=16, seq_length=1024,
+                 qkv_slot_num=768, proj_slot_num=768, ffn_slot_num=3072),
+    "757M": dict(num_layers=24, hidden_size=1024, num_attention_heads=16, seq_length=1024,
+                 qkv_slot_num=1792, proj_slot_num=1792, ffn_slot_num=7168),
+    # Small shapes: byte-level vocabulary (257 tokens) unless overridden.
+    "tiny": dict(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=64,
+                 qkv_slot_num=32, proj_slot_num=32, ffn_slot_num=128, vocab_size=257),
+    "small": dict(num_layers=4, hidden_size=128, num_attention_heads=4, seq_length=128,
+                  qkv_slot_num=128, proj_slot_num=128, ffn_slot_num=512, vocab_size=257),
+    "base-cpu": dict(num_layers=6, hidden_size=256, num_attention_heads=8, seq_length=256,
+                     qkv_slot_num=256, proj_slot_num=256, ffn_slot_num=1024, vocab_size=257),
+}

@@ -1,0 +1,244 @@
+"""The TokenFormer language model, GPT-NeoX shaped, computing what the official code computes.
+
+    a   = x + proj(MHA(rope(q(n(x))), rope(k(n(x))), v(n(x))))
+    out = a + ffn(n(a))
+
+`n` is a LayerNorm without weight or bias; q, k, v, proj and ffn are Pattentions; the output
+head is the tied embedding. Module names mirror the official ones so that the checkpoint weight
+map (see `tokenformer.convert`) is a renaming of prefixes only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tokenformer.config import Config
+from tokenformer.errors import TokenFormerError
+from tokenformer.pattention import Pattention
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_FILE = "tokenizer.json"
+
+
+# ---- rotary position embedding (GPT-NeoX style: rotate_half, first rotary_dim dims) ----------
+
+def rotary_cos_sin(positions: torch.Tensor, rotary_dim: int, base: float,
+                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables (T, rotary_dim) for integer `positions` (T,), computed in float32."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, device=positions.device,
+                                            dtype=torch.float32) / rotary_dim))
+    freqs = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # (T, rotary_dim/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (T, rotary_dim)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first `cos.shape[-1]` dims of every head of x (B, H, T, D); the rest passes."""
+    rd = cos.shape[-1]
+    x_rot, x_pass = x[..., :rd], x[..., rd:]
+    x_rot = x_rot * cos + rotate_half(x_rot) * sin
+    return torch.cat((x_rot, x_pass), dim=-1)
+
+
+# ---- KV cache ---------------------------------------------------------------------------------
+
+@dataclass
+class KVCache:
+    """Keys and values of the positions seen so far, preallocated for `max_length` positions."""
+
+    keys: list[torch.Tensor]    # per layer (B, H, max_length, D)
+    values: list[torch.Tensor]  # per layer (B, H, max_length, D)
+    length: int = 0
+
+    @classmethod
+    def allocate(cls, config: Config, batch_size: int, max_length: int,
+                 device: torch.device | str, dtype: torch.dtype) -> "KVCache":
+        shape = (batch_size, config.num_attention_heads, max_length, config.head_dim)
+        return cls([torch.empty(shape, device=device, dtype=dtype) for _ in range(config.num_layers)],
+                   [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.num_layers)])
+
+    @property
+    def max_length(self) -> int:
+        return self.keys[0].shape[2]
+
+
+# ---- blocks -----------------------------------------------------------------------------------
+
+def layer_norm_nonparametric(x: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.layer_norm(x, x.shape[-1:], None, None, eps)
+
+
+class Attention(nn.Module):
+    """Causal multi-head self-attention whose four projections are Pattentions."""
+
+    def __init__(self, config: Config, device=None, dtype=None) -> None:
+        super().__init__()
+        h = config.hidden_size
+        key_std = config.init_method_std
+        value_std = 2.0 / config.num_layers / math.sqrt(h)  # "wang_init"
+        common = dict(norm_activation_type=config.norm_activation_type, key_std=key_std,
+                      value_std=value_std, device=device, dtype=dtype)
+        self.query = Pattention(h, h, config.qkv_slot_num, scale_num=config.qkv_scale_num, **common)
+        self.key = Pattention(h, h, config.qkv_slot_num, scale_num=config.qkv_scale_num, **common)
+        self.value = Pattention(h, h, config.qkv_slot_num, scale_num=config.qkv_scale_num, **common)
+        self.proj = Pattention(h, h, config.proj_slot_num, scale_num=config.proj_scale_num, **common)
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        B, T, _ = x.shape
+        H, D = self.num_heads, self.head_dim
+        q = self.query(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        k = self.key(x).view(B, T, H, D).transpose(1, 2)    # (B, H, T, D)
+        v = self.value(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        q = apply_rotary(q, cos, sin)
+        k = apply_rotary(k, cos, sin)
+
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            start = cache.length
+            cache.keys[layer][:, :, start:start + T] = k
+            cache.values[layer][:, :, start:start + T] = v
+            k = cache.keys[layer][:, :, :start + T]    # (B, H, start+T, D)
+            v = cache.values[layer][:, :, :start + T]  # (B, H, start+T, D)
+            if T == 1:  # one new position attends to everything cached: no mask needed
+                y = F.scaled_dot_product_attention(q, k, v)
+            elif start == 0:
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            else:  # a chunk after a prefix: query i sees keys 0..start+i
+                q_pos = torch.arange(start, start + T, device=x.device)[:, None]
+                k_pos = torch.arange(start + T, device=x.device)[None, :]
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=k_pos <= q_pos)
+        y = y.transpose(1, 2).reshape(B, T, H * D)  # (B, T, h)
+        return self.proj(y)
+
+
+class Block(nn.Module):
+    """Pre-LN sequential residual block: attention, then a single-Pattention feed-forward."""
+
+    def __init__(self, config: Config, device=None, dtype=None) -> None:
+        super().__init__()
+        self.eps = config.layernorm_epsilon
+        self.attention = Attention(config, device=device, dtype=dtype)
+        self.mlp = Pattention(
+            config.hidden_size, config.hidden_size, config.ffn_slot_num,
+            norm_activation_type=config.norm_activation_type, scale_num=config.ffn_scale_num,
+            key_std=config.init_method_std,
+            value_std=2.0 / config.num_layers / math.sqrt(config.hidden_size),
+            device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.attention(layer_norm_nonparametric(x, self.eps), cos, sin, cache, layer)
+        return x + self.mlp(layer_norm_nonparametric(x, self.eps))
+
+
+class TokenFormer(nn.Module):
+    """The TokenFormer language model: `model(idx)` returns logits (B, T, padded_vocab_size)."""
+
+    def __init__(self, config: Config, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.word_embeddings = nn.Embedding(config.padded_vocab_size, config.hidden_size,
+                                            device=device, dtype=dtype)
+        if self.word_embeddings.weight.device.type != "meta":
+            nn.init.normal_(self.word_embeddings.weight, mean=0.0, std=config.init_method_std)
+        self.layers = nn.ModuleList(Block(config, device=device, dtype=dtype)
+                                    for _ in range(config.num_layers))
+        self.final_norm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon,
+                                       device=device, dtype=dtype)
+        self.gradient_checkpointing = False
+
+    # ---- forward ----------------------------------------------------------------------------
+
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Logits (B, T, padded_vocab_size) for token ids `idx` (B, T).
+
+        With a `cache`, `idx` holds the positions after `cache.length`; the cache is advanced.
+        """
+        B, T = idx.shape
+        start = 0 if cache is None else cache.length
+        if cache is not None and start + T > cache.max_length:
+            raise TokenFormerError(
+                f"KV cache holds {cache.max_length} positions but {start + T} are needed: "
+                f"allocate a longer cache")
+        x = self.word_embeddings(idx)  # (B, T, h)
+        positions = torch.arange(start, start + T, device=idx.device)
+        cos, sin = rotary_cos_sin(positions, self.config.rotary_dim, self.config.rotary_emb_base,
+                                  x.dtype)  # (T, rotary_dim) each
+        for i, block in enumerate(self.layers):
+            if self.gradient_checkpointing and self.training and cache is None:
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, cache, i)
+        if cache is not None:
+            cache.length += T
+        x = self.final_norm(x)
+        return x @ self.word_embeddings.weight.T  # (B, T, padded_vocab_size)
+
+    def allocate_cache(self, batch_size: int, max_length: int | None = None) -> KVCache:
+        weight = self.word_embeddings.weight
+        return KVCache.allocate(self.config, batch_size, max_length or self.config.seq_length,
+                                weight.device, weight.dtype)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def pattentions(self) -> dict[str, Pattention]:
+        """Every Pattention of the model by module name (e.g. `layers.0.attention.query`)."""
+        return {name: m for name, m in self.named_modules() if isinstance(m, Pattention)}
+
+    # ---- checkpoints ------------------------------------------------------------------------
+
+    def save_pretrained(self, directory: str | Path, tokenizer=None) -> Path:
+        """Write `config.json` and `model.safetensors` (and the tokenizer, if given) atomically."""
+        from tokenformer.checkpoint import save_model_directory
+
+        return save_model_directory(self, directory, tokenizer=tokenizer)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: torch.device | str = "cpu",
+                        dtype: torch.dtype | None = None) -> "TokenFormer":
+        """Load a directory written by `save_pretrained` (safetensors only: no code runs)."""
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+        for path in (config_path, weights_path):
+            if not path.is_file():
+                raise FileNotFoundError(
+                    f"{path} does not exist: is {directory} a TokenFormer checkpoint directory "
+                    f"(written by save_pretrained or `tokenformer convert`)?")
+        values = json.loads(config_path.read_text())
+        if values.get("model_type", "tokenformer") != "tokenformer":
+            raise TokenFormerError(
+                f"{directory} holds a {values['model_type']!r} model, not a TokenFormer language model")
+        values.pop("model_type", None)
+        config = Config.from_dict(values)
+        state = load_file(str(weights_path), device=str(device))
+        with torch.device("meta"):
+            model = cls(config)
+        from tokenformer.convert import check_state_dict
+
+        check_state_dict(state, model.state_dict(), source=str(weights_path))
+        if dtype is not None:
+            state = {k: v.to(dtype) for k, v in state.items()}
+        model.load_state_dict(state, assign=True)
+        return model.eval()
