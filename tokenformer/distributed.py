@@ -1,0 +1,191 @@
+"""Distributed training on torch.distributed, launched by `torchrun`: the process group, wrapping a
+model in DDP or FSDP2 (`fully_shard`), gradient-sync control for accumulation, and sharded
+checkpoints with `torch.distributed.checkpoint` (DCP).
+
+Outside torchrun (no WORLD_SIZE in the environment) everything degrades to one process with no
+process group, so the same training code serves a laptop and a cluster.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from tokenformer.errors import TokenFormerError
+
+PARALLELISMS = ("ddp", "fsdp")
+
+
+@dataclass
+class DistEnv:
+    """Where this process stands: its rank among `world_size` and the device it computes on."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(device: str, local_rank: int = 0) -> torch.device:
+    """'auto' picks this rank's GPU when there is one, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and resolved.index is None:
+        resolved = torch.device("cuda", local_rank)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise TokenFormerError(f"device {device} was asked for but torch sees no CUDA GPU: use --device cpu")
+    return resolved
+
+
+def init_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> DistEnv:
+    """Join the process group torchrun set up (gloo on CPU, nccl on GPU), or stay single-process."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return DistEnv(device=resolve_device(device))
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    resolved = resolve_device(device, local_rank)
+    if resolved.type == "cuda":
+        torch.cuda.set_device(resolved)
+    else:
+        # torchrun sets OMP_NUM_THREADS=1; share the cores of this node between its ranks instead.
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if resolved.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=timeout_minutes),
+                                device_id=resolved if resolved.type == "cuda" else None)
+    return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=resolved)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap_model(model: nn.Module, env: DistEnv, parallelism: str = "ddp",
+               param_dtype: torch.dtype | None = None) -> nn.Module:
+    """DDP (replicated weights) or FSDP2 (`fully_shard` per block, then the root); a no-op alone.
+
+    `param_dtype` is FSDP2's mixed-precision compute dtype (GPU); gradients reduce in float32.
+    """
+    if parallelism not in PARALLELISMS:
+        raise TokenFormerError(f"unknown parallelism {parallelism!r}: use one of {', '.join(PARALLELISMS)}")
+    if not env.distributed:
+        return model
+    if parallelism == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [env.device.index] if env.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) \
+        if param_dtype is not None else MixedPrecisionPolicy()
+    for block in getattr(model, "layers", []):
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model inside a DDP wrapper (FSDP2 shards in place and needs no unwrapping)."""
+    return getattr(model, "module", model)
+
+
+@contextlib.contextmanager
+def gradient_sync(model: nn.Module, sync: bool) -> Iterator[None]:
+    """Skip the gradient all-reduce on accumulation micro-steps; sync on the last one."""
+    if sync:
+        yield
+    elif hasattr(model, "no_sync"):  # DDP
+        with model.no_sync():
+            yield
+    elif hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
+def all_reduce_mean(value: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    if env.distributed:
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value /= env.world_size
+    return value
+
+
+def barrier(env: DistEnv) -> None:
+    if env.distributed:
+        dist.barrier()
+
+
+# ---- sharded checkpoints (DCP) ------------------------------------------------------------------
+
+def save_sharded(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 extra: dict[str, Any] | None = None) -> None:
+    """Every rank writes its shards of the model and optimizer into `directory` (DCP format)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optim": optim_state, **(extra or {})},
+             checkpoint_id=str(directory))
+
+
+def load_sharded(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                 extra: dict[str, Any] | None = None) -> None:
+    """Load a DCP checkpoint written by any number of ranks into this run's sharding (in place)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer) if optimizer is not None else \
+        (get_state_dict(model, [])[0], None)
+    state: dict[str, Any] = {"model": model_state, **(extra or {})}
+    if optimizer is not None:
+        state["optim"] = optim_state
+    dcp.load(state, checkpoint_id=str(directory))
+    if optimizer is not None:
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    else:
+        set_state_dict(model, [], model_state_dict=state["model"], optim_state_dict={})
+
+
+def consolidate_sharded(directory: str | Path) -> dict[str, torch.Tensor]:
+    """The full model state dict from a DCP checkpoint, read in ONE process (no process group)."""
+    import tempfile
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from tokenformer.checkpoint import torch_load_safe
+
+    directory = Path(directory)
+    if not (directory / ".metadata").is_file():
+        raise FileNotFoundError(f"{directory} is not a sharded (torch.distributed.checkpoint) checkpoint: "
+                                f"it has no .metadata file")
+    with tempfile.TemporaryDirectory() as tmp:
+        dcp_to_torch_save(str(directory), f"{tmp}/full.pt")
+        state = torch_load_safe(f"{tmp}/full.pt")
+    if "model" not in state:
+        raise TokenFormerError(f"{directory} holds no model state")
+    return {k: v for k, v in state["model"].items() if isinstance(v, torch.Tensor)}
