@@ -122,6 +122,30 @@ def test_same_seed_same_rows_and_unchanged_counts_are_a_copy():
     assert all(torch.equal(p, q) for p, q in zip(same.parameters(), model.parameters()))
 
 
+class LanguageModelWithHead(torch.nn.Module):
+    """A model with a Pattention outside the slot groups (like the vision model's head)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = small_model()
+        self.config = self.body.config
+        self.head = Pattention(257, 5, 6)
+
+    def forward(self, x):
+        return self.head(self.body(x)[..., :257])
+
+
+def test_growth_leaves_pattentions_outside_the_slot_groups_alone():
+    model = LanguageModelWithHead().eval()
+    grown = tf.grow(model, factor=2, seed=0)
+    assert grown.head.num_tokens == 6 and torch.equal(grown.head.key_param_tokens, model.head.key_param_tokens)
+    assert grown.body.layers[0].attention.query.num_tokens == 16
+    x = ids()
+    assert (grown(x) - model(x)).abs().max() <= 1e-5
+    with pytest.raises(tf.TokenFormerError, match="no Pattention for qkv_slot_num"):
+        tf.scaling.pattention_groups(torch.nn.Sequential(Pattention(4, 4, 2)))
+
+
 # ---- gradients at the grown point ---------------------------------------------------------------
 
 def test_new_tokens_receive_gradient_in_exact_mode():
@@ -358,11 +382,11 @@ def test_cli_grow_then_shrink_round_trip(tiny_checkpoint, tmp_path, capsys):
 
 def test_cli_errors_are_one_line(tiny_checkpoint, tmp_path, capsys):
     config = json.loads((tiny_checkpoint / "config.json").read_text())
-    config["model_type"] = "vision_tokenformer"
+    config["model_type"] = "gpt2"
     (tiny_checkpoint / "config.json").write_text(json.dumps(config))
     assert main(["grow", "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "x"), "--factor", "2"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "'vision_tokenformer'" in err and len(err.splitlines()) == 1
+    assert "'gpt2'" in err and "cannot be grown" in err and len(err.splitlines()) == 1
     config["model_type"] = "tokenformer"
     (tiny_checkpoint / "config.json").write_text(json.dumps(config))
     assert main(["grow", "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "x"),

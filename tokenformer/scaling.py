@@ -67,10 +67,12 @@ def _scale_field(slot_field: str) -> str:
 # ---- which Pattention belongs to which slot count ------------------------------------------------
 
 def pattention_groups(model: nn.Module) -> dict[str, dict[str, Pattention]]:
-    """Every Pattention of `model` by slot field (`qkv_slot_num`, ...), then by module name.
+    """The Pattentions of `model` that follow a slot count, by slot field, then by module name.
 
-    A model may define `pattention_groups()` itself; otherwise names decide: `*.attention.query`,
-    `.key`, `.value` -> qkv, `*.attention.proj` -> proj, `*.mlp` -> ffn (the official names).
+    A model may define `pattention_groups()` itself; otherwise the official names decide:
+    `*.attention.query`, `.key`, `.value` -> `qkv_slot_num`, `*.attention.proj` ->
+    `proj_slot_num`, `*.mlp` -> `ffn_slot_num`. Other Pattentions (the vision model's patch
+    embedding and head, with counts of their own) are left as they are.
     """
     if hasattr(model, "pattention_groups"):
         return model.pattention_groups()
@@ -85,13 +87,11 @@ def pattention_groups(model: nn.Module) -> dict[str, dict[str, Pattention]]:
             groups["proj_slot_num"][name] = module
         elif parts[-1] == "mlp":
             groups["ffn_slot_num"][name] = module
-        else:
+    for field, layers in groups.items():
+        if not layers:
             raise TokenFormerError(
-                f"cannot tell which slot count Pattention {name!r} belongs to: name it like the "
-                f"official modules (attention.query/key/value/proj, mlp) or give the model a "
-                f"pattention_groups() method")
-    if not any(groups.values()):
-        raise TokenFormerError(f"{type(model).__name__} has no Pattention layers to grow or shrink")
+                f"{type(model).__name__} has no Pattention for {field}: name its modules like the "
+                f"official ones (attention.query/key/value/proj, mlp) or define pattention_groups()")
     return groups
 
 
@@ -459,7 +459,8 @@ def shrink(model: nn.Module, *, qkv_slot_num: int | None = None, proj_slot_num: 
 # ---- command line -------------------------------------------------------------------------------
 
 # model_type in config.json -> how to load it. The vision model registers here when it lands.
-MODEL_LOADERS = {"tokenformer": ("tokenformer.model", "TokenFormer")}
+MODEL_LOADERS = {"tokenformer": ("tokenformer.model", "TokenFormer"),
+                 "vision_tokenformer": ("tokenformer.vision", "VisionTokenFormer")}
 
 
 def load_checkpoint(directory: str | Path) -> nn.Module:
@@ -479,7 +480,12 @@ def load_checkpoint(directory: str | Path) -> nn.Module:
             f"{directory} holds a {model_type!r} model, which cannot be grown or shrunk here: "
             f"give a checkpoint of type {', '.join(map(repr, MODEL_LOADERS))}")
     module_name, class_name = MODEL_LOADERS[model_type]
-    return getattr(importlib.import_module(module_name), class_name).from_pretrained(directory)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError:
+        raise TokenFormerError(f"{directory} holds a {model_type!r} model, which this installation "
+                               f"cannot load ({module_name} is missing)") from None
+    return getattr(module, class_name).from_pretrained(directory)
 
 
 def _save_with_tokenizer(model: nn.Module, source: Path, out: Path) -> None:
@@ -614,6 +620,9 @@ def shrink_cli_main(args: argparse.Namespace) -> None:
     from tokenformer.tokenizer import load_tokenizer
 
     model = load_checkpoint(args.checkpoint)
+    if getattr(model, "model_type", "tokenformer") != "tokenformer":
+        raise TokenFormerError(f"shrink --data scores a language model on text; for a {model.model_type!r} "
+                               f"model call tokenformer.shrink with batches of its own inputs")
     tokenizer = load_tokenizer(args.checkpoint)
     if tokenizer.vocab_size > model.config.padded_vocab_size:
         raise TokenFormerError(f"the checkpoint's tokenizer has {tokenizer.vocab_size} tokens, more than "
