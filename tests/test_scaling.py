@@ -295,6 +295,45 @@ def test_shrink_keeps_the_highest_scored_tokens():
     assert (shrunk(x) - model(x)).abs().max() <= 1e-5
 
 
+class OneFeedForward(torch.nn.Module):
+    """A bare ffn Pattention fed directly, with its own pattention_groups() (the vision model's hook)."""
+
+    def __init__(self, ffn_slot_num: int) -> None:
+        super().__init__()
+        self.config = tf.Config(**{**SMALL, "ffn_slot_num": ffn_slot_num})
+        self.mlp = Pattention(32, 32, ffn_slot_num)
+
+    def pattention_groups(self):
+        return {"qkv_slot_num": {}, "proj_slot_num": {}, "ffn_slot_num": {"mlp": self.mlp}}
+
+    def forward(self, x):
+        return self.mlp(x)
+
+
+def test_calibrated_scale_keeps_the_kept_weights():
+    # 17 tokens and 17 quarter-size copies of their keys, on inputs with all scores positive (so
+    # the copies score lower: gelu grows there). The copies carry 0.25^2 of the mass s^2 at every
+    # position, so the kept share is 1 / (1 + 1/16) = 16/17 and the calibrated n is 34 * 16/17 = 32,
+    # which leaves every kept weight exactly as it was.
+    model = OneFeedForward(34)
+    with torch.no_grad():
+        model.mlp.key_param_tokens.uniform_(0.1, 1.0)
+        model.mlp.key_param_tokens[17:] = 0.25 * model.mlp.key_param_tokens[:17]
+    calibration, h = torch.rand(4, 10, 32), torch.rand(6, 32)
+    shrunk = tf.shrink(model, ffn_slot_num=17, calibration=calibration)
+    assert torch.equal(shrunk.mlp.key_param_tokens, model.mlp.key_param_tokens[:17])
+    assert shrunk.config.ffn_scale_num == 32 and shrunk.config.qkv_scale_num is None
+    kept_weights = normalise(h @ model.mlp.key_param_tokens.T, "l2_norm_gelu", 34)[:, :17]  # (6, 17)
+    torch.testing.assert_close(shrunk(h), kept_weights @ model.mlp.value_param_tokens[:17])
+    # the other scale choices
+    pinned = tf.shrink(model, ffn_slot_num=17, calibration=calibration, scale="pinned")
+    assert pinned.config.ffn_scale_num == 34 and pinned.mlp.scale_num == 34
+    counted = tf.shrink(model, ffn_slot_num=17, calibration=calibration, scale="count")
+    assert counted.config.ffn_scale_num is None and counted.mlp.effective_scale_num == 17
+    with pytest.raises(tf.TokenFormerError, match="unknown shrink scale"):
+        tf.shrink(model, ffn_slot_num=17, calibration=calibration, scale="zoom")
+
+
 def test_exact_grow_then_shrink_back_recovers_the_original():
     model = small_model().eval()
     grown = tf.grow(model, factor=2, seed=0)

@@ -28,8 +28,8 @@ into `[:n_old]`; every other tensor is copied). Two modes:
     follows the new n (`*_scale_num = None`). Not function-preserving: both the random keys and
     the changed `sqrt(n)` alter every output; training has to recover.
 
-Shrinking removes the tokens whose mean |weight| on calibration data is smallest and pins the
-normalisation's n at the old value, so that the kept tokens keep their scale (see `shrink`).
+Shrinking removes the tokens whose mean |weight| on calibration data is smallest and sets the
+normalisation's n so that the kept tokens keep their weights on average (see `shrink`).
 
 For training after growth: `grow_optimizer_state` carries AdamW moments into the grown shapes,
 and `freeze_old_tokens` trains only the new rows (the "freeze old" variant).
@@ -370,38 +370,78 @@ def _calibration_batches(calibration) -> list[torch.Tensor]:
     return batches
 
 
-@torch.no_grad()
+def _capture_inputs(model: nn.Module, layers: Mapping[str, Pattention], batches: list[torch.Tensor],
+                    consume) -> None:
+    """Run the calibration batches; `consume(name, layer, x)` sees every Pattention's input."""
+    handles = [layer.register_forward_hook(lambda module, inputs, output, name=name:
+                                           consume(name, module, inputs[0]))
+               for name, layer in layers.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            for batch in batches:
+                model(batch.to(device))
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+
+
+def _all_layers(model: nn.Module) -> dict[str, Pattention]:
+    return {name: layer for group in pattention_groups(model).values() for name, layer in group.items()}
+
+
 def token_scores(model: nn.Module, calibration) -> dict[str, torch.Tensor]:
     """Mean |theta(s)| of every parameter token of every Pattention over the calibration batches.
 
     Returns module name -> (num_tokens,) float64 scores. The weights are recomputed from each
     Pattention's captured input with its own normalisation and n.
     """
-    layers = {name: layer for group in pattention_groups(model).values() for name, layer in group.items()}
+    layers = _all_layers(model)
     sums = {name: torch.zeros(layer.num_tokens, dtype=torch.float64) for name, layer in layers.items()}
     counts = dict.fromkeys(layers, 0)
 
-    def capture(name: str, layer: Pattention):
-        def hook(module, inputs, output):
-            x = inputs[0]
-            scores = x @ layer.key_param_tokens.T  # (..., n)
-            weights = normalise(scores, layer.norm_activation_type, layer.effective_scale_num)
-            weights = weights.reshape(-1, layer.num_tokens)  # (positions, n)
-            sums[name] += weights.abs().sum(0).double().cpu()
-            counts[name] += weights.shape[0]
-        return hook
+    def consume(name: str, layer: Pattention, x: torch.Tensor) -> None:
+        scores = x @ layer.key_param_tokens.T  # (..., n)
+        weights = normalise(scores, layer.norm_activation_type, layer.effective_scale_num)
+        weights = weights.reshape(-1, layer.num_tokens)  # (positions, n)
+        sums[name] += weights.abs().sum(0).double().cpu()
+        counts[name] += weights.shape[0]
 
-    handles = [layer.register_forward_hook(capture(name, layer)) for name, layer in layers.items()]
-    was_training = model.training
-    model.eval()
-    try:
-        device = next(model.parameters()).device
-        for batch in _calibration_batches(calibration):
-            model(batch.to(device))
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
+    _capture_inputs(model, layers, _calibration_batches(calibration), consume)
+    return {name: sums[name] / max(counts[name], 1) for name in layers}
+
+
+def _normaliser_mass(scores: torch.Tensor, norm_activation_type: str) -> torch.Tensor:
+    """What each token adds to its normaliser: s^2 under ||s||, gelu(s)^2 under ||gelu(s)||, exp(s)."""
+    scores = scores.double()
+    if norm_activation_type == "l2_norm_gelu":
+        return scores ** 2
+    if norm_activation_type == "gelu_l2_norm":
+        return torch.nn.functional.gelu(scores) ** 2
+    # softmax: a shift by the row max changes no ratio of sums and keeps exp finite
+    return torch.exp(scores - scores.amax(dim=-1, keepdim=True))
+
+
+def _kept_mass_fractions(model: nn.Module, keep: Mapping[str, torch.Tensor],
+                         batches: list[torch.Tensor]) -> dict[str, float]:
+    """Per Pattention, the mean share of its normaliser's mass that the kept tokens carry."""
+    layers = {name: layer for name, layer in _all_layers(model).items() if name in keep}
+    sums, counts = dict.fromkeys(layers, 0.0), dict.fromkeys(layers, 0)
+
+    def consume(name: str, layer: Pattention, x: torch.Tensor) -> None:
+        mass = _normaliser_mass(x @ layer.key_param_tokens.T, layer.norm_activation_type)
+        mass = mass.reshape(-1, layer.num_tokens)  # (positions, n)
+        total = mass.sum(-1)
+        kept = mass[:, keep[name].to(mass.device)].sum(-1)
+        # An all-zero row has no normaliser to preserve: count it as fully kept.
+        share = torch.where(total > 0, kept / total.clamp_min(1e-300), torch.ones_like(total))
+        sums[name] += share.sum().item()
+        counts[name] += share.numel()
+
+    _capture_inputs(model, layers, batches, consume)
     return {name: sums[name] / max(counts[name], 1) for name in layers}
 
 
@@ -417,20 +457,33 @@ def shrink_pattention(layer: Pattention, keep: torch.Tensor) -> Pattention:
     return layer
 
 
+SHRINK_SCALES = ("calibrated", "pinned", "count")
+
+
 def shrink(model: nn.Module, *, qkv_slot_num: int | None = None, proj_slot_num: int | None = None,
            ffn_slot_num: int | None = None, factor: float | None = None,
-           calibration=None) -> nn.Module:
+           calibration=None, scale: str = "calibrated") -> nn.Module:
     """A new model with fewer parameter tokens: those with the largest mean |weight| on `calibration`.
 
-    `calibration` is a (B, T) tensor of token ids or an iterable of them. In every Pattention the
-    tokens are scored by their mean absolute normalised weight `theta(s)` over all calibration
-    positions; the top ones are kept in their original order. The n of the normalisation is pinned
-    at its old value: with the new n every kept weight would be rescaled (by sqrt(n_new/n_old) for
-    the l2 variants, n_new/n_old for softmax), while pinned, only the small contribution of the
-    dropped tokens to the norm (or to the softmax sum) changes. Tokens whose weight is always 0
-    (such as the zero keys of an exact growth) are removed without changing the function.
-    Shrinking to the current counts returns an identical copy.
+    `calibration` is a (B, T) tensor of token ids (any model input, e.g. images for a vision
+    model) or an iterable of them. In every Pattention the tokens are scored by their mean
+    absolute normalised weight `theta(s)` over all calibration positions; the top ones are kept in
+    their original order.
+
+    `scale` sets the n of the normalisation afterwards. Each kept token's normalised score is
+    `s_i * sqrt(n) / ||s||` (l2 variants) or `exp(s_i) * n / sum exp(s)` (softmax); dropping tokens
+    shrinks the norm or sum to a share `r` of its "mass" (s^2, gelu(s)^2 or exp(s)), so every kept
+    weight stays the same when n becomes `n_old * r`:
+      - `calibrated` (default): n = n_old times the mean share r measured on the calibration data,
+        averaged over the Pattentions of a slot group (the config holds one n per group);
+      - `pinned`: n = n_old (exact when the dropped tokens carry no mass, r = 1);
+      - `count`: n = the new token count, as a model of that size built from scratch would use.
+    On a trained tiny model (README, "Shrinking") `calibrated` lost clearly less than the other two.
+    Tokens whose weight is always 0 (such as the zero keys of an exact growth) carry no mass and
+    are removed without changing the function. Shrinking to the current counts returns a copy.
     """
+    if scale not in SHRINK_SCALES:
+        raise TokenFormerError(f"unknown shrink scale {scale!r}: use one of {', '.join(SHRINK_SCALES)}")
     config = model.config
     old = slot_counts(config)
     new = _target_counts(config, dict(qkv_slot_num=qkv_slot_num, proj_slot_num=proj_slot_num,
@@ -442,16 +495,26 @@ def shrink(model: nn.Module, *, qkv_slot_num: int | None = None, proj_slot_num: 
     shrunk = copy.deepcopy(model)
     if new == old:
         return shrunk
-    scores = token_scores(shrunk, calibration)
+    batches = _calibration_batches(calibration)
+    scores = token_scores(shrunk, batches)
+    groups = {f: layers for f, layers in pattention_groups(shrunk).items() if new[f] != old[f]}
+    keep = {name: torch.topk(scores[name], new[f]).indices.sort().values
+            for f, layers in groups.items() for name in layers}
+    shares = _kept_mass_fractions(shrunk, keep, batches) if scale == "calibrated" else {}
     changes: dict[str, Any] = dict(new)
-    for f, layers in pattention_groups(shrunk).items():
-        if new[f] == old[f]:
-            continue
+    for f, layers in groups.items():
+        n_old = getattr(config, _scale_field(f)) or old[f]
+        if scale == "calibrated":
+            share = sum(shares[name] for name in layers) / len(layers)
+            scale_num = max(1, round(n_old * share))
+        else:
+            scale_num = n_old if scale == "pinned" else None
         for name, layer in layers.items():
-            top = torch.topk(scores[name], new[f]).indices
-            shrink_pattention(layer, torch.sort(top).values)
-        changes[_scale_field(f)] = getattr(config, _scale_field(f)) or old[f]
-    changes["growth_history"] = list(config.growth_history) + [_history_entry("shrink", old, new)]
+            shrink_pattention(layer, keep[name])
+            layer.scale_num = scale_num
+        changes[_scale_field(f)] = scale_num
+    changes["growth_history"] = list(config.growth_history) + [
+        _history_entry("shrink", old, new, scale=scale)]
     shrunk.config = dataclasses.replace(config, **changes)
     return shrunk
 
@@ -555,6 +618,9 @@ def shrink_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--validation-windows", type=int, default=8,
                         help="windows from the end of the data, held out, for the loss before/after (default 8)")
     parser.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
+    parser.add_argument("--scale", choices=SHRINK_SCALES, default="calibrated",
+                        help="n of the normalisation afterwards: calibrated (default) keeps the kept tokens' "
+                             "weights on average, pinned keeps the old n, count uses the new token count")
 
 
 def read_documents(path: Path) -> list[str]:
@@ -614,8 +680,8 @@ def shrink_cli_main(args: argparse.Namespace) -> None:
     """Shrink a checkpoint by removing the parameter tokens that matter least.
 
     Every Pattention's tokens are scored by their mean |normalised weight| on the first
-    `--calibration-windows` windows of `--data`; the top ones are kept and the normalisation's n
-    stays pinned. The validation loss on the last `--validation-windows` windows (held out) is
+    `--calibration-windows` windows of `--data`; the top ones are kept and the normalisation's n is
+    set so that their weights stay the same on average (`--scale`). The validation loss on the last `--validation-windows` windows (held out) is
     printed before and after. The tokenizer is copied."""
     from tokenformer.tokenizer import load_tokenizer
 
@@ -635,7 +701,7 @@ def shrink_cli_main(args: argparse.Namespace) -> None:
                                f"{needed} are needed: give more data or fewer/shorter windows")
     calibration = windows[:args.calibration_windows, :-1].split(args.batch_size)
     validation = windows[len(windows) - args.validation_windows:]
-    shrunk = shrink(model, calibration=calibration, **_slot_kwargs(args))
+    shrunk = shrink(model, calibration=calibration, scale=args.scale, **_slot_kwargs(args))
     before, after = mean_loss(model, validation, args.batch_size), mean_loss(shrunk, validation, args.batch_size)
     _save_with_tokenizer(shrunk, args.checkpoint, args.out)
     print(f"old: {_describe(model)}")
