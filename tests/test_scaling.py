@@ -377,6 +377,9 @@ def test_growth_errors_are_one_clear_sentence():
         tf.shrink(model, qkv_slot_num=4)
     with pytest.raises(tf.TokenFormerError, match="no growth"):
         tf.freeze_old_tokens(model)
+    shrunk_after_growth = tf.shrink(tf.grow(model, factor=2), factor=0.75, calibration=ids())
+    with pytest.raises(tf.TokenFormerError, match="not a growth"):
+        tf.old_slot_counts(shrunk_after_growth.config)
 
 
 # ---- command line -------------------------------------------------------------------------------

@@ -14,8 +14,8 @@ into `[:n_old]`; every other tensor is copied). Two modes:
     Exact growth of a softmax model therefore raises `TokenFormerError`; use `official`.
 
     Gradients at the grown point: the new values get exactly zero gradient (their weight is
-    gelu(0) = 0); the new keys get `dL/dy . v_j * gelu'(0) * sqrt(n)/||s|| * x` with
-    gelu'(0) = 0.5, which is non-zero only because the new values are non-zero. After the first
+    gelu(0) = 0); the new keys get `dL/dy . v_j * gelu'(0) * sqrt(n)/||s|| * x` (`||gelu(s)||`
+    for gelu_l2_norm) with gelu'(0) = 0.5, non-zero only because the new values are non-zero. After the first
     optimizer step the keys are non-zero, the weights leave 0 and the values receive gradient too.
     The new values are drawn from N(0, value_std) with value_std defaulting to the layer's own
     init std (the official "wang_init" 2 / num_layers / sqrt(hidden)): exactness comes from the
@@ -46,7 +46,7 @@ import dataclasses
 import datetime
 import math
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -108,10 +108,13 @@ def slot_counts(config) -> dict[str, int]:
 
 def old_slot_counts(config) -> dict[str, int]:
     """The slot counts before the most recent growth, read from `config.growth_history`."""
-    for entry in reversed(getattr(config, "growth_history", []) or []):
-        if entry.get("mode") in MODES:
-            return dict(entry["from"])
-    raise TokenFormerError("this model has no growth in its growth_history: pass the old slot counts explicitly")
+    history = getattr(config, "growth_history", None) or []
+    if not history:
+        raise TokenFormerError("this model has no growth in its growth_history: pass the old slot counts explicitly")
+    if history[-1].get("mode") not in MODES:
+        # After a shrink the first rows are no longer the pre-growth tokens.
+        raise TokenFormerError("the last change in growth_history is not a growth: pass the old slot counts explicitly")
+    return dict(history[-1]["from"])
 
 
 def _target_counts(config, requested: Mapping[str, int | None], factor: float | None,
