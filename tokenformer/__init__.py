@@ -10,6 +10,8 @@ from tokenformer.errors import TokenFormerError
 from tokenformer.generate import generate_text, generate_tokens
 from tokenformer.model import KVCache, TokenFormer
 from tokenformer.pattention import Pattention
+from tokenformer.scaling import (freeze_old_tokens, grow, grow_optimizer_state, grow_pattention,
+                                 old_slot_counts, shrink, shrink_pattention, token_scores)
 from tokenformer.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 
 __version__ = "0.1.0"
@@ -17,5 +19,6 @@ __version__ = "0.1.0"
 __all__ = [
     "PRESETS", "ByteTokenizer", "Config", "KVCache", "Pattention", "TokenFormer", "TokenFormerError",
     "Tokenizer", "export_official", "generate_text", "generate_tokens", "load_official",
-    "load_tokenizer", "weight_map",
+    "load_tokenizer", "weight_map", "grow", "shrink", "grow_pattention", "shrink_pattention",
+    "grow_optimizer_state", "freeze_old_tokens", "old_slot_counts", "token_scores",
 ]

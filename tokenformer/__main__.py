@@ -1,7 +1,8 @@
 """The `tokenformer` command: one subcommand per job.
 
 Each subcommand lives in the module that does the job, as `cli_arguments(parser)` (its options)
-and `cli_main(args)` (whose docstring is its `--help` text).
+and `cli_main(args)` (whose docstring is its `--help` text). A module serving several subcommands
+(grow and shrink) holds a `CLI` dict instead: subcommand -> (cli_arguments, cli_main).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import sys
 COMMANDS = {
     "convert": "tokenformer.convert",
     "generate": "tokenformer.generate",
+    "grow": "tokenformer.scaling",
+    "shrink": "tokenformer.scaling",
 }
 
 
@@ -25,12 +28,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, module_name in COMMANDS.items():
         module = importlib.import_module(module_name)
-        doc = (module.cli_main.__doc__ or "").strip()
+        if hasattr(module, "CLI"):
+            arguments, run = module.CLI[name]
+        else:
+            arguments, run = module.cli_arguments, module.cli_main
+        doc = (run.__doc__ or "").strip()
         summary = doc.split("\n\n")[0].replace("\n", " ")
         p = sub.add_parser(name, help=summary, description=doc,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        module.cli_arguments(p)
-        p.set_defaults(_run=module.cli_main)
+        arguments(p)
+        p.set_defaults(_run=run)
     return parser
 
 
