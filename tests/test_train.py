@@ -11,7 +11,7 @@ import torch
 
 import tokenformer.train as T
 from tokenformer import ByteTokenizer, Config, TokenFormer, TokenFormerError
-from tokenformer.__main__ import main as cli
+from tokenformer.__main__ import build_parser, main as cli
 from tokenformer.indexed_dataset import IndexedDatasetWriter
 from tokenformer.train import (CheckpointManager, TrainConfig, WindowDataset, build_optimizer, lr_at,
                                micro_batch_start, train)
@@ -156,3 +156,151 @@ def test_gradient_accumulation_equals_the_larger_batch(corpus):
         assert acc["losses"][step] == pytest.approx(big["losses"][step], abs=1e-5)
     for (name, a), b in zip(one.named_parameters(), two.parameters()):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
+
+
+# ---- checkpoints --------------------------------------------------------------------------------
+
+def test_checkpoint_is_a_model_directory_and_generates(corpus, tmp_path, capsys):
+    summary = train(tiny_config(corpus, tmp_path / "run", train_iters=3))
+    path = Path(summary["checkpoint"])
+    assert path.name == "step_00000003"
+    assert (tmp_path / "run" / "latest").read_text().strip() == "step_00000003"
+    model = TokenFormer.from_pretrained(path)
+    assert model.config.seq_length == 32 and (path / "tokenizer.json").is_file()
+    capsys.readouterr()
+    assert cli(["generate", "--checkpoint", str(path), "--prompt", "def", "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out.startswith("def")
+
+
+def test_crash_mid_save_keeps_the_previous_checkpoint(corpus, tmp_path, monkeypatch):
+    save = tmp_path / "run"
+    train(tiny_config(corpus, save, train_iters=3))
+    before = TokenFormer.from_pretrained(save / "step_00000003").state_dict()
+
+    def crash(self, directory, state):
+        (directory / "trainer.pt").write_bytes(b"half a file")
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(CheckpointManager, "_write_trainer_state", crash)
+    with pytest.raises(OSError, match="simulated"):
+        train(tiny_config(corpus, save, resume=True))
+    monkeypatch.undo()
+    manager = CheckpointManager(save)
+    assert manager.latest() == save / "step_00000003"
+    assert (save / "latest").read_text().strip() == "step_00000003"
+    assert not (save / "step_00000006").exists()
+    after = TokenFormer.from_pretrained(manager.latest()).state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    # the next run cleans the leftover and resumes from the good checkpoint
+    summary = train(tiny_config(corpus, save, resume=True))
+    assert summary["resumed_from"] == str(save / "step_00000003") and summary["step"] == 6
+    assert not list(save.glob(".tmp-*"))
+
+
+def test_keep_last_n(corpus, tmp_path):
+    train(tiny_config(corpus, tmp_path / "run", train_iters=5, save_interval=1, keep_last_n=2, eval_iters=0))
+    assert sorted(p.name for p in (tmp_path / "run").glob("step_*")) == ["step_00000004", "step_00000005"]
+
+
+def test_metrics_jsonl_and_loss_curve_png(corpus, tmp_path):
+    pytest.importorskip("matplotlib")
+    summary = train(tiny_config(corpus, tmp_path / "run", plot=True))
+    records = T.read_metrics(tmp_path / "run" / "metrics.jsonl")
+    train_records = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train_records] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in train_records] == [summary["losses"][s] for s in range(1, 7)]
+    assert [r["step"] for r in records if "val_loss" in r] == [0, 3, 6]
+    assert all(r["val_ppl"] == pytest.approx(math.exp(r["val_loss"])) for r in records if "val_loss" in r)
+    assert summary["tokens_seen"] == 6 * 2 * 32
+    png = Path(summary["plot"])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.parent == tmp_path / "run"
+
+
+def test_init_from_starts_from_the_weights_with_a_fresh_schedule(corpus, tmp_path):
+    source = TokenFormer(Config.from_name("tiny", seq_length=32))
+    source.save_pretrained(tmp_path / "start", tokenizer=ByteTokenizer())
+    cfg = tiny_config(corpus, tmp_path / "run", init_from=str(tmp_path / "start"), train_iters=1, lr=0.0,
+                      min_lr=0.0, weight_decay=0.0)
+    summary = train(cfg)
+    trained = TokenFormer.from_pretrained(summary["checkpoint"])
+    # lr 0: the weights are exactly the starting ones
+    assert all(torch.equal(a, b) for a, b in zip(source.state_dict().values(), trained.state_dict().values()))
+
+
+# ---- configuration ------------------------------------------------------------------------------
+
+def test_yaml_config_with_cli_overrides(corpus, tmp_path):
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text(f"model: {{name: tiny, seq_length: 32}}\ndata_path: {corpus}\nlr: 6e-4\n"
+                         f"train_iters: 50\nprogress: false\nplot: false\nsave: {tmp_path / 'run'}\n"
+                         f"train-micro-batch-size-per-gpu: 2\neval_iters: 1\n")
+    cfg = TrainConfig.from_yaml(yaml_file)
+    assert cfg.lr == 6e-4 and isinstance(cfg.lr, float) and cfg.train_micro_batch_size_per_gpu == 2
+    args = build_parser().parse_args(
+        ["train", str(yaml_file), "--train-iters", "2", "--lr=1e-3", "--checkpoint_activations"])
+    cfg = T.config_from_args(args)
+    assert (cfg.train_iters, cfg.lr, cfg.checkpoint_activations, cfg.eval_iters) == (2, 1e-3, True, 1)
+    assert cli(["train", str(yaml_file), "--train_iters", "2", "--save_interval", "1"]) == 0
+    assert (tmp_path / "run" / "step_00000002").is_dir()
+
+
+def test_unknown_field_names_the_nearest(tmp_path, capsys):
+    with pytest.raises(TokenFormerError, match=r"unknown train config field 'lrr' \(did you mean lr\?\)"):
+        TrainConfig.from_dict({"lrr": 1})
+    yaml_file = tmp_path / "bad.yaml"
+    yaml_file.write_text("train_iter: 10\n")
+    assert cli(["train", str(yaml_file)]) == 2
+    err = capsys.readouterr().err
+    assert "train_iter" in err and "did you mean train_iters" in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(TokenFormerError, match="expects int"):
+        TrainConfig.from_dict({"train_iters": "ten"})
+
+
+# ---- bad input ----------------------------------------------------------------------------------
+
+def test_missing_data(tmp_path):
+    with pytest.raises(FileNotFoundError, match="tokenformer prepare"):
+        train(tiny_config(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match="nothing_text_document.bin"):
+        train(tiny_config(None, data_path=None, train_data_paths=[str(tmp_path / "nothing_text_document")]))
+    with pytest.raises(TokenFormerError, match="no training data"):
+        train(tiny_config(None, data_path=None))
+
+
+def test_tokenizer_larger_than_the_model(corpus):
+    with pytest.raises(TokenFormerError, match="tokenizer has 257 tokens but the model's vocabulary holds 128"):
+        train(tiny_config(corpus, model={"name": "tiny", "vocab_size": 100}))
+
+
+def test_empty_and_too_short_corpora(tmp_path):
+    empty = write_corpus(tmp_path / "empty", [])
+    with pytest.raises(TokenFormerError, match="corpus is empty"):
+        train(tiny_config(empty))
+    short = write_corpus(tmp_path / "short", [[1, 2, 3, 256]])
+    with pytest.raises(TokenFormerError, match="fewer than one window"):
+        train(tiny_config(short))
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_checkpoint(corpus, tmp_path, monkeypatch):
+    save = tmp_path / "run"
+    train(tiny_config(corpus, save, train_iters=3))
+    real_loss = T.language_model_loss
+
+    def poisoned(logits, targets):  # training losses only: validation runs without grad
+        loss = real_loss(logits, targets)
+        return loss * float("nan") if torch.is_grad_enabled() else loss
+
+    monkeypatch.setattr(T, "language_model_loss", poisoned)
+    with pytest.raises(TokenFormerError, match=r"loss became nan at step 4; the last good checkpoint .*step_00000003"):
+        train(tiny_config(corpus, save, resume=True))
+    assert CheckpointManager(save).latest() == save / "step_00000003"
+
+
+def test_fp16_on_cpu_is_refused(corpus):
+    with pytest.raises(TokenFormerError, match="fp16 needs a CUDA GPU"):
+        train(tiny_config(corpus, precision="fp16"))
+
+
+def test_bf16_and_activation_checkpointing_train(corpus):
+    summary = train(tiny_config(corpus, precision="bf16", checkpoint_activations=True, train_iters=2, eval_iters=1))
+    assert all(math.isfinite(v) for v in summary["losses"].values())

@@ -1052,11 +1052,12 @@ def parse_overrides(tokens: Sequence[str]) -> dict[str, Any]:
 
 
 def cli_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.usage = "%(prog)s [CONFIG.yaml] [--field value ...]"
     parser.add_argument("config", nargs="?", help="YAML file of train config fields (see configs/)")
     for f in dataclasses.fields(TrainConfig):
         names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
         default = f.default if f.default is not dataclasses.MISSING else "[]"
-        kwargs: dict[str, Any] = dict(dest=f"field_{f.name}", default=argparse.SUPPRESS,
+        kwargs: dict[str, Any] = dict(dest=f"field_{f.name}", default=argparse.SUPPRESS, metavar="VALUE",
                                       help=f"{f.metadata['help']} (default {default})")
         if _field_type(f.name) is bool:
             kwargs.update(nargs="?", const="true")
