@@ -304,3 +304,26 @@ def test_fp16_on_cpu_is_refused(corpus):
 def test_bf16_and_activation_checkpointing_train(corpus):
     summary = train(tiny_config(corpus, precision="bf16", checkpoint_activations=True, train_iters=2, eval_iters=1))
     assert all(math.isfinite(v) for v in summary["losses"].values())
+
+
+# ---- shipped configs ----------------------------------------------------------------------------
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("name", ["demo", "150M_pile", "354M_owt2", "757M_owt2_grown"])
+def test_shipped_configs_load(name):
+    cfg = TrainConfig.from_yaml(CONFIGS / f"{name}.yaml")
+    if cfg.init_from is None:
+        assert T.resolve_model_config(cfg.model).num_parameters > 0
+
+
+def test_150M_config_is_the_official_recipe():
+    cfg = TrainConfig.from_yaml(CONFIGS / "150M_pile.yaml")
+    model = T.resolve_model_config(cfg.model)
+    assert model.num_parameters == 151_881_216 and cfg.seq_length == 2048
+    assert cfg.train_micro_batch_size_per_gpu * cfg.gradient_accumulation_steps * 8 == 1024
+    assert (cfg.train_iters, cfg.lr, cfg.min_lr, cfg.num_warmup_iters) == (143_000, 6e-4, 6e-5, 1430)
+    assert (cfg.adam_beta1, cfg.adam_beta2, cfg.adam_eps, cfg.weight_decay, cfg.clip_grad) == \
+        (0.9, 0.95, 1e-8, 0.1, 1.0)
+    assert cfg.precision == "fp16" and cfg.checkpoint_activations
