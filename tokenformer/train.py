@@ -28,6 +28,7 @@ import random
 import shutil
 import sys
 import time
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -204,11 +205,10 @@ class TrainConfig:
 
 
 def _field_type(name: str) -> Any:
-    hints = typing.get_type_hints(TrainConfig)
-    hint = hints[name]
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if typing.get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType", None)) and args:
-        hint = args[0]
+    """The type of field `name`, with `X | None` reduced to `X`."""
+    hint = typing.get_type_hints(TrainConfig)[name]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
     return hint
 
 
