@@ -339,3 +339,24 @@ def test_missing_logging_extra_is_named(corpus, tmp_path, field, module, extra):
         pass
     with pytest.raises(TokenFormerError, match=rf"tokenformer\[{extra}\]"):
         train(tiny_config(corpus, tmp_path / "run", **{field: str(tmp_path / "logs")}))
+
+
+def test_resume_with_another_model_shape_is_refused(corpus, tmp_path):
+    train(tiny_config(corpus, tmp_path / "run", train_iters=2))
+    with pytest.raises(TokenFormerError, match="another shape"):
+        train(tiny_config(corpus, tmp_path / "run", resume=True,
+                          model={"name": "tiny", "seq_length": 32, "ffn_slot_num": 64}))
+    with pytest.raises(TokenFormerError, match="seq_length"):
+        train(tiny_config(corpus, tmp_path / "run", resume=True, seq_length=16))
+
+
+def test_several_prefixes_are_one_stream(tmp_path):
+    first = write_corpus(tmp_path / "a", [[1, 2, 3, 4, 5]])
+    second = write_corpus(tmp_path / "b", [[6, 7, 8, 9, 10]])
+    data = WindowDataset([str(first / "train_text_document"), str(second / "train_text_document")],
+                         seq_length=3, shuffle=False)
+    assert [data.window(i).tolist() for i in range(data.windows_per_epoch)] == [[1, 2, 3, 4], [4, 5, 6, 7],
+                                                                                [7, 8, 9, 10]]
+    cfg = tiny_config(None, data_path=None, train_data_paths=[str(first / "train_text_document.bin")],
+                      model={"name": "tiny", "seq_length": 4}, train_iters=1, eval_iters=0)
+    assert train(cfg)["tokens_seen"] == 2 * 4

@@ -432,10 +432,10 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
 
 
 def lr_at(iteration: int, cfg: TrainConfig) -> float:
-    """Learning rate of optimizer step `iteration` (1-based), as GPT-NeoX/Megatron computes it:
-    `lr * iteration / warmup` during warmup, then decay from lr to min_lr over the remaining
-    `lr_decay_iters - warmup` steps (cosine: `min + (lr - min) * (1 + cos(pi * progress)) / 2`),
-    then min_lr."""
+    """Learning rate of optimizer step `iteration` (1-based), the GPT-NeoX/Megatron schedule shape:
+    `lr * iteration / warmup` during warmup (the first step already learns), then decay from lr to
+    min_lr over the remaining `lr_decay_iters - warmup` steps (cosine:
+    `min + (lr - min) * (1 + cos(pi * progress)) / 2`, or linear), then min_lr."""
     warmup, decay = cfg.num_warmup_iters, cfg.decay_iters
     if warmup > 0 and iteration <= warmup:
         return cfg.lr * iteration / warmup
@@ -758,7 +758,13 @@ class CheckpointManager:
                                    f"with parallelism ddp")
         plain = unwrap(model)
         weights = load_file(str(path / WEIGHTS_FILE), device=str(next(plain.parameters()).device))
-        plain.load_state_dict(weights)
+        try:
+            plain.load_state_dict(weights)
+        except RuntimeError as e:
+            lines = str(e).splitlines()
+            detail = lines[1].strip() if len(lines) > 1 else lines[0]
+            raise TokenFormerError(f"{path} holds a model of another shape than this run's ({detail}): resume "
+                                   f"with the same model config, or use a new `save` directory") from None
         if optimizer is not None:
             optimizer.load_state_dict(state["optimizer"])
         return state
@@ -876,6 +882,10 @@ def _train(cfg: TrainConfig, model: nn.Module | None, env) -> dict[str, Any]:
         latest = manager.latest() if cfg.resume else None
         if latest is not None:
             state = manager.load(latest, model, optimizer, sharded=sharded)
+            if state.get("seq_length", seq_length) != seq_length:
+                raise TokenFormerError(f"{latest} was trained with seq_length {state['seq_length']}, this run "
+                                       f"asks for {seq_length}: the data position would not carry over; keep "
+                                       f"seq_length or use a new `save` directory")
             step, consumed_samples = int(state["step"]), int(state["consumed_samples"])
             if scaler is not None and state.get("scaler"):
                 scaler.load_state_dict(state["scaler"])
@@ -913,7 +923,7 @@ def _train(cfg: TrainConfig, model: nn.Module | None, env) -> dict[str, Any]:
     def save_checkpoint(at_step: int) -> Path | None:
         if manager is None:
             return None
-        state = {"consumed_samples": consumed_samples, "rng": capture_rng(),
+        state = {"consumed_samples": consumed_samples, "seq_length": seq_length, "rng": capture_rng(),
                  "scheduler": {"iteration": at_step, "lr": lr_at(max(at_step, 1), cfg)},
                  "scaler": scaler.state_dict() if scaler is not None else None,
                  "train_config": json.dumps(cfg.to_dict()), "world_size": world}
