@@ -338,15 +338,12 @@ class WindowDataset:
         self.seq_length = seq_length
         self.seed = seed
         self.shuffle = shuffle
-        # every document as (dataset, item), with its size
-        self._doc_dataset = np.concatenate([np.full(len(d), i, dtype=np.int64)
-                                            for i, d in enumerate(self.datasets)]) if self.datasets else \
-            np.zeros(0, dtype=np.int64)
-        self._doc_item = np.concatenate([np.arange(len(d), dtype=np.int64) for d in self.datasets]) \
-            if self.datasets else np.zeros(0, dtype=np.int64)
-        self._doc_size = np.concatenate([np.asarray(d.sizes, dtype=np.int64) for d in self.datasets]) \
-            if self.datasets else np.zeros(0, dtype=np.int64)
-        self.num_tokens = int(self._doc_size.sum())
+        # documents are numbered across datasets; dataset i holds numbers first[i] .. first[i+1]-1
+        self._first_doc = np.cumsum([0] + [len(d) for d in self.datasets])
+        # sizes stay int32 (memory-mapped when there is one dataset): the Pile has ~200M documents
+        self._doc_size = self.datasets[0].sizes if len(self.datasets) == 1 else \
+            np.concatenate([d.sizes for d in self.datasets]) if self.datasets else np.zeros(0, dtype=np.int32)
+        self.num_tokens = int(self._doc_size.sum(dtype=np.int64))
         if self.num_tokens == 0:
             raise TokenFormerError(f"the {name} data {', '.join(prefixes)} hold no tokens: the corpus is empty")
         # overlapping by one token: n windows need n * seq_length + 1 tokens
@@ -363,13 +360,13 @@ class WindowDataset:
             num_docs = len(self._doc_size)
             if self.shuffle:
                 rng = np.random.default_rng([self.seed, epoch])
-                doc_order = rng.permutation(num_docs)
-                window_order = rng.permutation(self.windows_per_epoch)
+                doc_order = _compact(rng.permutation(num_docs))
+                window_order = _compact(rng.permutation(self.windows_per_epoch))
             else:
                 doc_order = np.arange(num_docs)
                 window_order = np.arange(self.windows_per_epoch)
             offsets = np.zeros(num_docs + 1, dtype=np.int64)
-            np.cumsum(self._doc_size[doc_order], out=offsets[1:])
+            np.cumsum(self._doc_size[doc_order], out=offsets[1:], dtype=np.int64)
             self._epoch_cache = {epoch: (doc_order, offsets, window_order)}  # one epoch at a time
         return self._epoch_cache[epoch]
 
@@ -384,7 +381,8 @@ class WindowDataset:
         position = int(np.searchsorted(offsets, start, side="right")) - 1
         while filled < out.size:
             doc = int(doc_order[position])
-            tokens = self.datasets[self._doc_dataset[doc]][int(self._doc_item[doc])]
+            dataset = int(np.searchsorted(self._first_doc, doc, side="right")) - 1
+            tokens = self.datasets[dataset][doc - int(self._first_doc[dataset])]
             lo = start + filled - int(offsets[position])
             piece = tokens[lo:lo + (end - start - filled)]
             out[filled:filled + len(piece)] = piece
@@ -395,6 +393,11 @@ class WindowDataset:
     def batch(self, first: int, size: int) -> torch.Tensor:
         """Samples `first .. first + size - 1` as a (size, seq_length + 1) int64 tensor."""
         return torch.from_numpy(np.stack([self.window(first + i) for i in range(size)]))
+
+
+def _compact(indices: np.ndarray) -> np.ndarray:
+    """int32 when the values fit: halves the per-epoch orders of a Pile-sized corpus."""
+    return indices.astype(np.int32) if indices.size < 2**31 else indices
 
 
 def micro_batch_start(consumed_samples: int, micro_step: int, rank: int, world_size: int,
