@@ -360,3 +360,16 @@ def test_several_prefixes_are_one_stream(tmp_path):
     cfg = tiny_config(None, data_path=None, train_data_paths=[str(first / "train_text_document.bin")],
                       model={"name": "tiny", "seq_length": 4}, train_iters=1, eval_iters=0)
     assert train(cfg)["tokens_seen"] == 2 * 4
+
+
+def test_evaluate_loss_is_the_token_weighted_mean_cross_entropy():
+    model = TokenFormer(Config.from_name("tiny"))
+    batches = [torch.randint(0, 257, (2, 9)), torch.randint(0, 257, (1, 9))]
+    by_hand = []
+    with torch.no_grad():
+        for batch in batches:
+            logits = model(batch[:, :-1])  # (B, 8, V)
+            log_probs = torch.log_softmax(logits.double(), dim=-1)
+            by_hand += (-log_probs.gather(-1, batch[:, 1:, None])).flatten().tolist()
+    assert T.evaluate_loss(model, batches) == pytest.approx(sum(by_hand) / len(by_hand), abs=1e-5)
+    assert model.training  # restored

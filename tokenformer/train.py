@@ -1028,7 +1028,8 @@ def _progress_bar(cfg: TrainConfig, env, step: int):
     from tqdm.auto import tqdm
 
     # tqdm's rate is steps/s; its ETA is what the bar is for. tokens/s is in the postfix.
-    return tqdm(total=cfg.train_iters, initial=step, desc="train", unit="step", dynamic_ncols=True)
+    return tqdm(total=cfg.train_iters, initial=step, desc="train", unit="step", dynamic_ncols=True,
+                mininterval=0.5)
 
 
 def _note(message: str, progress: bool) -> None:
