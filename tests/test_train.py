@@ -373,3 +373,21 @@ def test_evaluate_loss_is_the_token_weighted_mean_cross_entropy():
             by_hand += (-log_probs.gather(-1, batch[:, 1:, None])).flatten().tolist()
     assert T.evaluate_loss(model, batches) == pytest.approx(sum(by_hand) / len(by_hand), abs=1e-5)
     assert model.training  # restored
+
+
+def test_a_custom_task_reuses_the_loop(corpus, tmp_path):
+    """Another trainer brings its own data and loss (here: predict only the last token of a window)."""
+
+    class LastTokenTask(T.LanguageModelTask):
+        def loss(self, model, batch):
+            logits = model(batch[:, :-1])[:, -1]  # (B, V)
+            return torch.nn.functional.cross_entropy(logits.float(), batch[:, -1]), batch.shape[0]
+
+        def validation_metrics(self, loss):
+            return {"val_loss": loss}
+
+    cfg = tiny_config(corpus, tmp_path / "run", train_iters=2)
+    summary = train(cfg, task=LastTokenTask(cfg))
+    records = T.read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [set(r) for r in records if "val_loss" in r] == [{"step", "val_loss"}] * 2
+    assert summary["val_loss"] != train(tiny_config(corpus, train_iters=2))["val_loss"]
