@@ -17,6 +17,7 @@ COMMANDS = {
     "generate": "tokenformer.generate",
     "grow": "tokenformer.scaling",
     "shrink": "tokenformer.scaling",
+    "prepare": "tokenformer.prepare",
 }
 
 
