@@ -126,9 +126,11 @@ def stdlib_files() -> list[Path]:
     """The `.py` files of the running interpreter's standard library, sorted, without site-packages."""
     root = Path(sysconfig.get_paths()["stdlib"])
     skip = {"site-packages", "dist-packages", "__pycache__"}
-    return sorted((p for p in root.rglob("*.py")
-                   if p.is_file() and not skip.intersection(p.relative_to(root).parts)),
-                  key=lambda p: p.relative_to(root).as_posix())
+    files = []
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = [d for d in subfolders if d not in skip]  # pruned: site-packages can be huge
+        files.extend(Path(folder) / n for n in names if n.endswith(".py"))
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
 def stdlib_documents() -> Iterator[str]:
