@@ -18,6 +18,7 @@ COMMANDS = {
     "grow": "tokenformer.scaling",
     "shrink": "tokenformer.scaling",
     "prepare": "tokenformer.prepare",
+    "train": "tokenformer.train",
 }
 
 
