@@ -14,6 +14,7 @@ import sys
 # subcommand -> module holding cli_arguments / cli_main
 COMMANDS = {
     "convert": "tokenformer.convert",
+    "evaluate": "tokenformer.evaluate",
     "generate": "tokenformer.generate",
     "grow": "tokenformer.scaling",
     "shrink": "tokenformer.scaling",
