@@ -13,6 +13,7 @@ from tokenformer.pattention import Pattention
 from tokenformer.scaling import (freeze_old_tokens, grow, grow_optimizer_state, grow_pattention,
                                  old_slot_counts, shrink, shrink_pattention, token_scores)
 from tokenformer.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
+from tokenformer.vision import VISION_PRESETS, VisionConfig, VisionTokenFormer
 
 __version__ = "0.1.0"
 
@@ -21,4 +22,5 @@ __all__ = [
     "Tokenizer", "export_official", "generate_text", "generate_tokens", "load_official",
     "load_tokenizer", "weight_map", "grow", "shrink", "grow_pattention", "shrink_pattention",
     "grow_optimizer_state", "freeze_old_tokens", "old_slot_counts", "token_scores",
+    "VISION_PRESETS", "VisionConfig", "VisionTokenFormer",
 ]
