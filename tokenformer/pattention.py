@@ -136,8 +136,18 @@ class Pattention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.norm_activation_type == "l2_norm_gelu":
-            return L2NormGeluPattention.apply(x, self.key_param_tokens, self.value_param_tokens,
-                                              self.effective_scale_num, self.memory_lean)
+            keys, values = self.key_param_tokens, self.value_param_tokens
+            device_type = x.device.type
+            if torch.is_autocast_enabled(device_type):
+                # The hand-written backward runs outside autocast, so it must see the tensors in
+                # the dtype its forward computed with: cast once here (autograd casts the
+                # gradients back to the parameters' dtype).
+                dtype = torch.get_autocast_dtype(device_type)
+                with torch.autocast(device_type, enabled=False):
+                    return L2NormGeluPattention.apply(x.to(dtype), keys.to(dtype), values.to(dtype),
+                                                      self.effective_scale_num, self.memory_lean)
+            return L2NormGeluPattention.apply(x, keys, values, self.effective_scale_num,
+                                              self.memory_lean)
         scores = x @ self.key_param_tokens.T  # (..., n)
         weights = normalise(scores, self.norm_activation_type, self.effective_scale_num)
         return weights @ self.value_param_tokens  # (..., d_out)
