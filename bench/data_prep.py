@@ -71,7 +71,7 @@ def run(quick: bool = False) -> dict:
                 "documents": meta["documents"], "tokens": meta["tokens"], "seconds": meta["seconds"],
                 "tokens_per_s": meta["tokens_per_second"]}
         # The same documents for every row, so bytes/token and MB/s compare tokenizers fairly.
-        texts = list(itertools.islice(prepare_module.stdlib_documents(), max_documents))
+        texts = list(itertools.islice(prepare_module.iter_documents(), max_documents))
         corpus_bytes = sum(len(t.encode("utf-8")) for t in texts)
         results["documents"], results["megabytes"] = len(texts), round(corpus_bytes / 1e6, 2)
         for name, row in results["tokenizers"].items():

@@ -103,6 +103,15 @@ def test_jsonl_inputs(tmp_path, suffix):
     assert read_split(tmp_path / "out", "train") == [byte_ids(d) for d in DOCS]
 
 
+@pytest.mark.parametrize("tokenizer", ["byte", "bpe"])
+def test_lone_surrogates_in_json_become_replacement_characters(tmp_path, tokenizer):
+    path = tmp_path / "s.jsonl"
+    path.write_text('{"text": "broken \\ud800 pair"}\n{"text": "fine"}\n')
+    meta = prepare([path], tmp_path / "out", tokenizer=tokenizer, vocab_size=260, valid_fraction=0.0)
+    tok = load_tokenizer(tmp_path / "out")
+    assert read_split(tmp_path / "out", "train")[0] == tok.encode("broken \ufffd pair") + [meta["eod_id"]]
+
+
 def test_jsonl_text_field_option_and_folder_of_shards(tmp_path):
     (tmp_path / "shards").mkdir()
     write_jsonl(tmp_path / "shards" / "01.jsonl", [{"content": DOCS[1]}])
@@ -177,6 +186,9 @@ def test_trained_bpe_is_saved_loadable_and_round_trips(tmp_path):
         assert tok.decode(tok.encode(text)) == text
     train, valid = read_back(tmp_path / "out")
     assert sorted(train + valid) == sorted(tok.encode(t) + [tok.eos_id] for t in corpus)
+    # an earlier dataset's folder is a tokenizer too: the same ids again, without training
+    again = prepare([tmp_path / "c"], tmp_path / "again", tokenizer=str(tmp_path / "out"), valid_fraction=0.1)
+    assert read_back(tmp_path / "again") == (train, valid) and again["tokenizer"] == "file"
     # merges were learned: far fewer tokens than bytes
     assert meta["tokens"] < 0.6 * sum(len(t.encode()) for t in corpus)
 

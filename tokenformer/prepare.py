@@ -24,6 +24,7 @@ import io
 import itertools
 import json
 import os
+import re
 import shutil
 import sys
 import sysconfig
@@ -46,6 +47,7 @@ DEFAULT_GLOB = "*.txt,*.md,*.rst,*.py,*.jsonl,*.jsonl.gz,*.jsonl.zst"
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
 CHUNK_DOCUMENTS = 1024          # documents per encode_batch call ...
 CHUNK_CHARACTERS = 8_000_000    # ... or fewer, so that a chunk stays a few tens of MB
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 # ----------------------------------------------------------------------------- reading documents
@@ -189,8 +191,13 @@ def iter_documents(inputs: Iterable[str | Path] | None = None, *, text_field: st
     if not files and hf_dataset is None:
         sources.append(stdlib_documents())
     for text in itertools.chain.from_iterable(sources):
-        if text:
-            yield text
+        if not text:
+            continue
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates (JSON can hold them) are no valid UTF-8: replace them
+            text = LONE_SURROGATE.sub("\ufffd", text)
+        yield text
 
 
 # ----------------------------------------------------------------------------- tokenizers
@@ -238,14 +245,9 @@ def _resolve_tokenizer(spec: str) -> tuple[str, Tokenizer | None]:
 def _encode_chunk(tokenizer: Tokenizer, texts: list[str]) -> list[np.ndarray]:
     """Token ids of every text (no end-of-text yet), one array each."""
     if isinstance(tokenizer, ByteTokenizer):  # the ids are the UTF-8 bytes: no tokenizer needed
-        return [np.frombuffer(t.encode("utf-8", errors="replace"), dtype=np.uint8) for t in texts]
+        return [np.frombuffer(t.encode("utf-8"), dtype=np.uint8) for t in texts]
     encode = getattr(tokenizer.backend, "encode_batch_fast", tokenizer.backend.encode_batch)  # no offsets
-    try:
-        encodings = encode(texts, add_special_tokens=False)
-    except (TypeError, UnicodeEncodeError):  # lone surrogates (possible in JSON) are not valid UTF-8
-        texts = [t.encode("utf-8", errors="replace").decode("utf-8") for t in texts]
-        encodings = encode(texts, add_special_tokens=False)
-    return [np.asarray(e.ids, dtype=np.int64) for e in encodings]
+    return [np.asarray(e.ids, dtype=np.int64) for e in encode(texts, add_special_tokens=False)]
 
 
 # ----------------------------------------------------------------------------- the split
@@ -254,7 +256,7 @@ def validation_score(text: str, seed: int = 0) -> float:
     """A number in [0, 1) fixed by the document's content and the seed; documents scoring below
     the validation fraction go to validation. Identical documents always land in the same split,
     so a duplicated document cannot leak from training into validation."""
-    digest = hashlib.blake2b(text.encode("utf-8", errors="replace"), digest_size=8,
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8,
                              key=int(seed).to_bytes(8, "little", signed=True)).digest()
     return int.from_bytes(digest, "little") / 2.0 ** 64
 
