@@ -4,6 +4,7 @@ import gzip
 import hashlib
 import importlib
 import json
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -138,6 +139,11 @@ def test_local_hugging_face_datasets(tmp_path):
         prepare(None, tmp_path / "c", hf_dataset=str(tmp_path / "dd"), hf_split="test")
     with pytest.raises(TokenFormerError, match="has no 'text' column.*body"):
         prepare(None, tmp_path / "c", hf_dataset=str(tmp_path / "dd"))
+    with pytest.raises(TokenFormerError, match="Hugging Face dataset directory .*nope does not exist"):
+        prepare(None, tmp_path / "c", hf_dataset=str(tmp_path / "nope"))
+    (tmp_path / "no-data").mkdir()
+    with pytest.raises(TokenFormerError, match="could not load Hugging Face dataset .*no-data"):
+        prepare(None, tmp_path / "c", hf_dataset=str(tmp_path / "no-data"))
 
 
 def test_hugging_face_load_dataset_on_a_data_folder(tmp_path, monkeypatch):
@@ -297,3 +303,13 @@ def test_tokens_fit_the_dtype_and_file_is_uint16(tmp_path):
     prepare([path], tmp_path / "out", valid_fraction=0.0)
     ds = IndexedDataset(tmp_path / "out" / "train_text_document")
     assert ds.dtype == np.uint16 and ds.num_tokens == sum(len(byte_ids(d)) for d in DOCS)
+
+
+def test_missing_optional_packages_name_the_extra(tmp_path, monkeypatch):
+    (tmp_path / "d.jsonl.zst").write_bytes(b"")
+    monkeypatch.setitem(sys.modules, "zstandard", None)  # import fails as if not installed
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(TokenFormerError, match=r"needs the zstandard package: pip install 'tokenformer\[zstd\]'"):
+        prepare([tmp_path / "d.jsonl.zst"], tmp_path / "out")
+    with pytest.raises(TokenFormerError, match=r"needs the datasets package: pip install 'tokenformer\[hf\]'"):
+        prepare(None, tmp_path / "out", hf_dataset="some/dataset")

@@ -155,6 +155,8 @@ def hf_documents(name: str, split: str = "train", text_field: str = "text") -> I
         raise TokenFormerError(
             "reading a Hugging Face dataset needs the datasets package: pip install 'tokenformer[hf]'") from None
     path = Path(name)
+    if not path.exists() and name.startswith(("/", ".", "~")):
+        raise TokenFormerError(f"Hugging Face dataset directory {name} does not exist")
     try:
         if path.is_dir() and any((path / f).is_file() for f in ("dataset_dict.json", "state.json")):
             dataset = datasets.load_from_disk(str(path))
