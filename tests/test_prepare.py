@@ -86,6 +86,9 @@ def test_glob_option_selects_files(tmp_path):
     (tmp_path / "c" / "b.log").write_text("beta")
     prepare([tmp_path / "c"], tmp_path / "out", glob="*.log", valid_fraction=0.0)
     assert read_split(tmp_path / "out", "train") == [byte_ids("beta")]
+    # the Python API takes one bare input and a Tokenizer object too
+    meta = prepare(str(tmp_path / "c" / "a.txt"), tmp_path / "one", tokenizer=ByteTokenizer(), valid_fraction=0.0)
+    assert read_split(tmp_path / "one", "train") == [byte_ids("alpha")] and meta["tokenizer"] == "byte"
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz", ".jsonl.zst"])

@@ -229,8 +229,11 @@ def _batched(items: Iterable, size: int) -> Iterator[list]:
         yield batch
 
 
-def _resolve_tokenizer(spec: str) -> tuple[str, Tokenizer | None]:
+def _resolve_tokenizer(spec: str | Tokenizer) -> tuple[str, Tokenizer | None]:
     """(kind, tokenizer) for a `--tokenizer` value; the BPE is trained later, on the corpus."""
+    if isinstance(spec, Tokenizer):
+        return ("byte" if isinstance(spec, ByteTokenizer) else "object"), spec
+    spec = str(spec)
     if spec == "bpe":
         return "bpe", None
     if spec == "byte":
@@ -305,20 +308,22 @@ def _publish(tmp: Path, out: Path) -> None:
 
 
 def prepare(inputs: Iterable[str | Path] | None = None, out: str | Path = "data/prepared", *,
-            tokenizer: str = "byte", vocab_size: int = 2048, text_field: str = "text",
+            tokenizer: str | Tokenizer = "byte", vocab_size: int = 2048, text_field: str = "text",
             valid_fraction: float = 0.01, hf_dataset: str | None = None, hf_split: str = "train",
             glob: str = DEFAULT_GLOB, seed: int = 0, max_documents: int | None = None,
             progress: bool | None = None) -> dict:
     """Tokenize a corpus into `out` (the layout in the module docstring) and return its metadata.
 
     `inputs`: text/JSONL files and folders (none and no `hf_dataset`: the stdlib source).
-    `tokenizer`: "byte", "bpe" (trained on the training documents, `vocab_size` tokens) or a
-    tokenizer.json path. A document goes to validation when `validation_score(text, seed)` is below
+    `tokenizer`: "byte", "bpe" (trained on the training documents, `vocab_size` tokens), a
+    tokenizer.json path (or a folder holding one) or a `Tokenizer`. A document goes to validation when `validation_score(text, seed)` is below
     `valid_fraction`; if that picks none among two or more documents, the last document does.
     `max_documents` keeps only the first documents. `progress`: a bar on stderr (default: if a TTY).
     """
     start = time.perf_counter()
     out = Path(out)
+    if isinstance(inputs, (str, Path)):  # one input given bare
+        inputs = [inputs]
     inputs = [str(i) for i in inputs or []]
     if not 0.0 <= valid_fraction < 1.0:
         raise TokenFormerError(f"--valid-fraction must be in [0, 1), got {valid_fraction}")
@@ -326,7 +331,7 @@ def prepare(inputs: Iterable[str | Path] | None = None, out: str | Path = "data/
         raise TokenFormerError(f"--max-documents must be at least 1, got {max_documents}")
     if progress is None:
         progress = sys.stderr.isatty()
-    kind, tok = _resolve_tokenizer(str(tokenizer))
+    kind, tok = _resolve_tokenizer(tokenizer)
     _check_output(out)
     resolve_inputs(inputs, glob)  # fail on a missing input now, not after training a tokenizer
 
@@ -355,7 +360,7 @@ def prepare(inputs: Iterable[str | Path] | None = None, out: str | Path = "data/
         seconds = time.perf_counter() - start
         metadata = {
             "tokenizer": kind,
-            "tokenizer_source": str(tokenizer),
+            "tokenizer_source": tokenizer.name if isinstance(tokenizer, Tokenizer) else str(tokenizer),
             "vocab_size": tok.vocab_size,
             "eod_id": tok.eos_id,
             "dtype": dtype.name,
