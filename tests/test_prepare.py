@@ -14,6 +14,7 @@ import pytest
 from tokenformer import ByteTokenizer, TokenFormerError, load_tokenizer, prepare
 from tokenformer.__main__ import main
 from tokenformer.indexed_dataset import IndexedDataset
+from tests.conftest import shared_file
 
 # `tokenformer.prepare` the attribute is the function (re-exported); the module is reached by name
 prep = importlib.import_module("tokenformer.prepare")
@@ -316,3 +317,14 @@ def test_missing_optional_packages_name_the_extra(tmp_path, monkeypatch):
         prepare([tmp_path / "d.jsonl.zst"], tmp_path / "out")
     with pytest.raises(TokenFormerError, match=r"needs the datasets package: pip install 'tokenformer\[hf\]'"):
         prepare(None, tmp_path / "out", hf_dataset="some/dataset")
+
+
+def test_real_pile_shaped_jsonl_with_gpt_neox(tmp_path, neox_tokenizer_path):
+    sotu = shared_file("sotu/sotu.jsonl.gz")
+    with gzip.open(sotu, "rt") as f:
+        speeches = [json.loads(next(f))["text"] for _ in range(4)]
+    meta = prepare([sotu], tmp_path / "out", tokenizer=str(neox_tokenizer_path), max_documents=4, valid_fraction=0.3)
+    tok = load_tokenizer(neox_tokenizer_path)
+    train, valid = read_back(tmp_path / "out")
+    assert sorted(train + valid) == sorted(tok.encode(s) + [0] for s in speeches) and len(valid) >= 1
+    assert meta["tokens"] == sum(len(t) for t in train + valid) and meta["documents"] == 4
