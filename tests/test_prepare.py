@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.conftest import shared_file
 from tokenformer import ByteTokenizer, TokenFormerError, load_tokenizer, prepare
 from tokenformer.__main__ import main
 from tokenformer.indexed_dataset import IndexedDataset
-from tests.conftest import shared_file
 
 # `tokenformer.prepare` the attribute is the function (re-exported); the module is reached by name
 prep = importlib.import_module("tokenformer.prepare")
