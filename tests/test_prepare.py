@@ -262,6 +262,26 @@ def test_output_is_replaced_only_when_complete(tmp_path):
         prep.load_prepared(tmp_path)
 
 
+def test_interrupt_mid_write_keeps_the_previous_dataset(tmp_path, monkeypatch):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": d} for d in DOCS * 4])
+    prepare([path], tmp_path / "out", valid_fraction=0.0)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    monkeypatch.setattr(prep, "CHUNK_DOCUMENTS", 4)
+    calls, encode = [], prep._encode_chunk
+
+    def interrupted(tokenizer, texts):
+        calls.append(len(texts))
+        if len(calls) == 3:  # two chunks are on disk by now
+            raise KeyboardInterrupt
+        return encode(tokenizer, texts)
+
+    monkeypatch.setattr(prep, "_encode_chunk", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare([path], tmp_path / "out", tokenizer="byte", valid_fraction=0.5)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl", "out"]
+
+
 def test_bad_inputs_fail_in_one_sentence(tmp_path):
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "empty").mkdir()
