@@ -203,6 +203,16 @@ def test_trained_bpe_is_saved_loadable_and_round_trips(tmp_path):
     assert meta["tokens"] < 0.6 * sum(len(t.encode()) for t in corpus)
 
 
+def test_hub_names_go_to_load_tokenizer(tmp_path, monkeypatch):
+    asked = []
+    monkeypatch.setattr(prep, "load_tokenizer", lambda spec: asked.append(spec) or ByteTokenizer())
+    (tmp_path / "a.txt").write_text("hub")
+    meta = prepare([tmp_path / "a.txt"], tmp_path / "out", tokenizer="EleutherAI/gpt-neox-20b")
+    assert asked == ["EleutherAI/gpt-neox-20b"] and meta["tokenizer"] == "hub"
+    with pytest.raises(TokenFormerError, match="unknown tokenizer 'missing/tokenizer.json'"):
+        prepare([tmp_path / "a.txt"], tmp_path / "out2", tokenizer="missing/tokenizer.json")
+
+
 def test_gpt_neox_tokenizer_file(tmp_path, neox_tokenizer_path):
     (tmp_path / "hello.txt").write_text("Hello world")
     (tmp_path / "other.txt").write_text("TokenFormer scales by tokens.")

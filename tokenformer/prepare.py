@@ -242,9 +242,11 @@ def _resolve_tokenizer(spec: str | Tokenizer) -> tuple[str, Tokenizer | None]:
     if path.exists():
         tokenizer = load_tokenizer(path)
         return ("byte" if isinstance(tokenizer, ByteTokenizer) else "file"), tokenizer
+    if spec.count("/") == 1 and not path.suffix and not spec.startswith((".", "/", "~")):
+        return "hub", load_tokenizer(spec)  # e.g. EleutherAI/gpt-neox-20b: needs internet
     raise TokenFormerError(
-        f"unknown tokenizer {spec!r}: give 'byte', 'bpe' (train one on the corpus) or the path of a "
-        f"tokenizer.json (or of a folder holding one)")
+        f"unknown tokenizer {spec!r}: give 'byte', 'bpe' (train one on the corpus), the path of a "
+        f"tokenizer.json (or of a folder holding one) or a Hugging Face Hub name")
 
 
 def _encode_chunk(tokenizer: Tokenizer, texts: list[str]) -> list[np.ndarray]:
@@ -438,8 +440,8 @@ def cli_arguments(parser) -> None:
                         "none (and no --hf-dataset): the Python standard-library source")
     parser.add_argument("--out", required=True, help="output directory (replaced if it holds an earlier prepared dataset)")
     parser.add_argument("--tokenizer", default="byte",
-                        help="'byte' (default), 'bpe' to train a byte-level BPE on the corpus, or a tokenizer.json "
-                        "path such as the GPT-NeoX-20B one")
+                        help="'byte' (default), 'bpe' to train a byte-level BPE on the corpus, a tokenizer.json "
+                        "path such as the GPT-NeoX-20B one (or a folder holding one), or a Hub name")
     parser.add_argument("--vocab-size", type=int, default=2048, help="vocabulary of the trained BPE (with --tokenizer bpe)")
     parser.add_argument("--text-field", default="text", help="the JSONL field / dataset column holding the text")
     parser.add_argument("--glob", default=DEFAULT_GLOB,
