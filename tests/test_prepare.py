@@ -253,6 +253,13 @@ def test_at_least_one_validation_document(tmp_path):
     assert read_back(tmp_path / "b") == ([byte_ids(DOCS[0])], []) and meta["splits"]["valid"]["tokens"] == 0
     prepare([path], tmp_path / "c", valid_fraction=0.0)
     assert read_split(tmp_path / "c", "valid") == []
+    # the hash sends every document to validation: the last one trains instead
+    high = 1 - 1e-9
+    assert all(hand_score(d, 0) < high for d in DOCS[:3])
+    prepare([path], tmp_path / "d", valid_fraction=high)
+    assert read_back(tmp_path / "d") == ([byte_ids(DOCS[2])], [byte_ids(d) for d in DOCS[:2]])
+    prepare([one], tmp_path / "e", valid_fraction=high)
+    assert read_back(tmp_path / "e") == ([byte_ids(DOCS[0])], [])
 
 
 # ----------------------------------------------------------------------------- crashes and errors

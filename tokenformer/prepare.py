@@ -319,7 +319,8 @@ def prepare(inputs: Iterable[str | Path] | None = None, out: str | Path = "data/
     `inputs`: text/JSONL files and folders (none and no `hf_dataset`: the stdlib source).
     `tokenizer`: "byte", "bpe" (trained on the training documents, `vocab_size` tokens), a
     tokenizer.json path (or a folder holding one) or a `Tokenizer`. A document goes to validation when `validation_score(text, seed)` is below
-    `valid_fraction`; if that picks none among two or more documents, the last document does.
+    `valid_fraction`; if that picks none among two or more documents, the last document does, and
+    if it picks them all, the last one goes to training instead.
     `max_documents` keeps only the first documents. `progress`: a bar on stderr (default: if a TTY).
     """
     start = time.perf_counter()
@@ -400,8 +401,9 @@ def _write_splits(documents: Iterator[str], tok: Tokenizer, directory: Path, dty
         counts[split]["documents"] += 1
         counts[split]["tokens"] += int(ids.size)
 
-    # The last training document is held back: if the hash sends no document to validation, it goes there.
-    pending: np.ndarray | None = None
+    # The last document of each split is held back until the end, so that a split the hash left
+    # empty can still get one: validation when there are two or more documents, training always.
+    held: dict[str, np.ndarray | None] = {"train": None, "valid": None}
     bar = tqdm(desc="prepare", unit=" docs", disable=not progress, dynamic_ncols=True)
     start, tokens = time.perf_counter(), 0
     try:
@@ -410,17 +412,21 @@ def _write_splits(documents: Iterator[str], tok: Tokenizer, directory: Path, dty
             for ids, to_valid in zip(_encode_chunk(tok, chunk), flags):
                 ids = np.concatenate([ids.astype(np.int64, copy=False), eod])
                 tokens += ids.size
-                if to_valid:
-                    add("valid", ids)
-                    continue
-                if pending is not None:
-                    add("train", pending)
-                pending = ids
+                split = "valid" if to_valid else "train"
+                if held[split] is not None:
+                    add(split, held[split])
+                held[split] = ids
             bar.update(len(chunk))
             bar.set_postfix_str(f"{tokens / (time.perf_counter() - start):,.0f} tokens/s", refresh=False)
-        if pending is not None:
-            steal = valid_fraction > 0 and counts["valid"]["documents"] == 0 and counts["train"]["documents"] >= 1
-            add("valid" if steal else "train", pending)
+        valid_empty = counts["valid"]["documents"] == 0 and held["valid"] is None
+        train_empty = counts["train"]["documents"] == 0 and held["train"] is None
+        if valid_empty and valid_fraction > 0 and counts["train"]["documents"] >= 1:
+            held["valid"], held["train"] = held["train"], None
+        elif train_empty:
+            held["train"], held["valid"] = held["valid"], None
+        for split, ids in held.items():
+            if ids is not None:
+                add(split, ids)
     except BaseException:
         for writer in writers.values():
             writer.__exit__(*sys.exc_info())
