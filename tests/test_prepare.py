@@ -102,8 +102,9 @@ def test_jsonl_inputs(tmp_path, suffix):
         write_jsonl(path, records, gzip.open)
     else:
         zstandard = pytest.importorskip("zstandard", reason="zstandard is in the dev extra; install tokenformer[zstd]")
-        raw = "".join(json.dumps(r) + "\n" for r in records) + "\n"  # with a blank line at the end
-        path.write_bytes(zstandard.ZstdCompressor().compress(raw.encode()))
+        raw = ("".join(json.dumps(r) + "\n" for r in records) + "\n").encode()  # a blank line at the end
+        frames = [zstandard.ZstdCompressor().compress(part) for part in (raw[:100], raw[100:])]
+        path.write_bytes(b"".join(frames))  # two frames, as concatenated shards have
     prepare([path], tmp_path / "out", valid_fraction=0.0)
     assert read_split(tmp_path / "out", "train") == [byte_ids(d) for d in DOCS]
 

@@ -62,7 +62,8 @@ def _open_text(path: Path) -> io.TextIOBase:
         except ImportError:
             raise TokenFormerError(
                 f"reading {path} needs the zstandard package: pip install 'tokenformer[zstd]'") from None
-        raw = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)
+        raw = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True,
+                                                         read_across_frames=True)  # concatenated shards
         return io.TextIOWrapper(raw, encoding="utf-8", errors="replace")
     return open(path, encoding="utf-8", errors="replace")
 
