@@ -138,7 +138,8 @@ def test_local_hugging_face_datasets(tmp_path):
     meta = prepare(None, tmp_path / "b", hf_dataset=str(tmp_path / "dd"), hf_split="validation",
                    text_field="body", valid_fraction=0.0)
     assert read_split(tmp_path / "b", "train") == [byte_ids(d) for d in DOCS[2:]]
-    assert meta["inputs"] == [] and meta["hf_dataset"] == {"name": str(tmp_path / "dd"), "split": "validation"}
+    assert meta["inputs"] == [] and meta["hf_dataset"] == {"name": str(tmp_path / "dd"), "config": None,
+                                                           "split": "validation"}
 
     with pytest.raises(TokenFormerError, match="has no split 'test'.*train, validation"):
         prepare(None, tmp_path / "c", hf_dataset=str(tmp_path / "dd"), hf_split="test")
@@ -158,6 +159,14 @@ def test_hugging_face_load_dataset_on_a_data_folder(tmp_path, monkeypatch):
     write_jsonl(tmp_path / "raw" / "train.jsonl", [{"text": d} for d in DOCS[:3]])
     prepare(None, tmp_path / "out", hf_dataset=str(tmp_path / "raw"), valid_fraction=0.0)
     assert read_split(tmp_path / "out", "train") == [byte_ids(d) for d in DOCS[:3]]
+    # a Hub dataset: name, configuration and split go to load_dataset, streamed (no download of it all)
+    datasets, asked = sys.modules["datasets"], []
+    real = datasets.Dataset.from_dict({"text": ["from the hub"]})
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: asked.append((a, k)) or real)
+    main(["prepare", "--hf-dataset", "Salesforce/wikitext", "--hf-config", "wikitext-2-raw-v1", "--hf-split", "test",
+          "--out", str(tmp_path / "hub"), "--quiet"])
+    assert asked == [(("Salesforce/wikitext", "wikitext-2-raw-v1"), {"split": "test", "streaming": True})]
+    assert read_split(tmp_path / "hub", "train") == [byte_ids("from the hub")]
 
 
 def test_stdlib_is_the_default_corpus(tmp_path):

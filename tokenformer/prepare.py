@@ -147,9 +147,11 @@ def stdlib_documents() -> Iterator[str]:
         yield text
 
 
-def hf_documents(name: str, split: str = "train", text_field: str = "text") -> Iterator[str]:
+def hf_documents(name: str, split: str = "train", text_field: str = "text",
+                 config: str | None = None) -> Iterator[str]:
     """The `text_field` column of a Hugging Face dataset: a directory written by `save_to_disk`, or
-    anything `datasets.load_dataset` accepts (a Hub name, a folder of data files), streamed."""
+    anything `datasets.load_dataset` accepts (a Hub name with its `config`, a folder of data
+    files), streamed."""
     try:
         import datasets
     except ImportError:
@@ -168,7 +170,7 @@ def hf_documents(name: str, split: str = "train", text_field: str = "text") -> I
                         f"choose one with --hf-split")
                 dataset = dataset[split]
         else:
-            dataset = datasets.load_dataset(name, split=split, streaming=True)
+            dataset = datasets.load_dataset(name, config, split=split, streaming=True)
     except TokenFormerError:
         raise
     except Exception as e:  # datasets raises many types (FileNotFoundError, ValueError, hub errors ...)
@@ -185,12 +187,12 @@ def hf_documents(name: str, split: str = "train", text_field: str = "text") -> I
 
 def iter_documents(inputs: Iterable[str | Path] | None = None, *, text_field: str = "text",
                    glob: str = DEFAULT_GLOB, hf_dataset: str | None = None,
-                   hf_split: str = "train") -> Iterator[str]:
+                   hf_split: str = "train", hf_config: str | None = None) -> Iterator[str]:
     """Every non-empty document of the inputs in a fixed order; the stdlib corpus when there are none."""
     files = resolve_inputs(inputs or [], glob)
     sources: list[Iterable[str]] = [file_documents(p, text_field) for p in files]
     if hf_dataset is not None:
-        sources.append(hf_documents(hf_dataset, hf_split, text_field))
+        sources.append(hf_documents(hf_dataset, hf_split, text_field, hf_config))
     if not files and hf_dataset is None:
         sources.append(stdlib_documents())
     for text in itertools.chain.from_iterable(sources):
@@ -313,6 +315,7 @@ def _publish(tmp: Path, out: Path) -> None:
 def prepare(inputs: Iterable[str | Path] | None = None, out: str | Path = "data/prepared", *,
             tokenizer: str | Tokenizer = "byte", vocab_size: int = 2048, text_field: str = "text",
             valid_fraction: float = 0.01, hf_dataset: str | None = None, hf_split: str = "train",
+            hf_config: str | None = None,
             glob: str = DEFAULT_GLOB, seed: int = 0, max_documents: int | None = None,
             progress: bool | None = None) -> dict:
     """Tokenize a corpus into `out` (the layout in the module docstring) and return its metadata.
@@ -340,7 +343,8 @@ def prepare(inputs: Iterable[str | Path] | None = None, out: str | Path = "data/
     resolve_inputs(inputs, glob)  # fail on a missing input now, not after training a tokenizer
 
     def documents() -> Iterator[str]:
-        docs = iter_documents(inputs, text_field=text_field, glob=glob, hf_dataset=hf_dataset, hf_split=hf_split)
+        docs = iter_documents(inputs, text_field=text_field, glob=glob, hf_dataset=hf_dataset,
+                              hf_split=hf_split, hf_config=hf_config)
         return itertools.islice(docs, max_documents) if max_documents else docs
 
     if tok is None:
@@ -372,7 +376,8 @@ def prepare(inputs: Iterable[str | Path] | None = None, out: str | Path = "data/
             "documents": total_documents,
             "tokens": total_tokens,
             "inputs": inputs or ([] if hf_dataset else [f"stdlib:{sysconfig.get_paths()['stdlib']}"]),
-            "hf_dataset": None if hf_dataset is None else {"name": hf_dataset, "split": hf_split},
+            "hf_dataset": None if hf_dataset is None else {"name": hf_dataset, "config": hf_config,
+                                                           "split": hf_split},
             "text_field": text_field,
             "valid_fraction": valid_fraction,
             "seed": seed,
@@ -457,6 +462,8 @@ def cli_arguments(parser) -> None:
                         help="a Hugging Face dataset: a save_to_disk directory, a data folder or a Hub name "
                         "(needs the hf extra)")
     parser.add_argument("--hf-split", default="train", help="the split of --hf-dataset")
+    parser.add_argument("--hf-config", default=None,
+                        help="the configuration of a Hub dataset that has several (e.g. wikitext-2-raw-v1)")
     parser.add_argument("--valid-fraction", type=float, default=0.01,
                         help="share of documents for validation (at least one when there are two or more)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the train/validation assignment")
@@ -474,7 +481,8 @@ def cli_main(args) -> None:
     Tokenizers: byte (default), bpe (trained on the corpus, --vocab-size) or a tokenizer.json."""
     metadata = prepare(args.inputs, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
                        text_field=args.text_field, valid_fraction=args.valid_fraction,
-                       hf_dataset=args.hf_dataset, hf_split=args.hf_split, glob=args.glob, seed=args.seed,
+                       hf_dataset=args.hf_dataset, hf_split=args.hf_split, hf_config=args.hf_config,
+                       glob=args.glob, seed=args.seed,
                        max_documents=args.max_documents, progress=False if args.quiet else None)
     if not args.quiet:
         train, valid = metadata["splits"]["train"], metadata["splits"]["valid"]
