@@ -296,3 +296,129 @@ def test_comparison_table_puts_our_scores_beside_the_published_ones():
     assert "| arc_challenge | acc_norm | 24.9 | 24.9 | 23.6 |" in lines
     assert lines[-2] == "| average | acc | 44.7 | 44.7 | 40.1 |"  # the published average is reproduced
     assert lines[-1] == "| mine | acc | 50.0 | - | - |"
+
+
+# ---- the command line -----------------------------------------------------------------------------
+
+def run_cli(argv, capsys):
+    from tokenformer.__main__ import main
+
+    code = main(["evaluate", *map(str, argv)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_perplexity_on_jsonl_indexed_prefix_and_prepared_directory(model, checkpoint, tmp_path, capsys):
+    from tokenformer.indexed_dataset import IndexedDatasetWriter
+
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text("".join(json.dumps({"body": t}) + "\n" for t in TEXTS))
+    output = tmp_path / "ppl.json"
+    code, out, _ = run_cli(["--checkpoint", checkpoint, "--data", jsonl, "--text-field", "body",
+                            "--stride", 16, "--output", output], capsys)
+    assert code == 0 and "bits per byte" in out
+    report = json.loads(output.read_text())
+    docs = [(list(t.encode()), len(t.encode())) for t in TEXTS]
+    expected = perplexity(model, docs, prefix_id=256, stride=16, progress=False)
+    assert report["loss"] == pytest.approx(expected.loss, rel=1e-6)
+    assert report["bits_per_byte"] == pytest.approx(expected.bits_per_byte, rel=1e-6)
+    assert report["tokens"] == sum(len(t) for t in TEXTS) and report["documents"] == len(TEXTS)
+
+    # The same texts as `tokenformer prepare` writes them: one item per document, ending with end-of-text.
+    prepared = tmp_path / "prepared"
+    with IndexedDatasetWriter(prepared / "valid_text_document") as writer:
+        for text in TEXTS:
+            writer.add_item(list(text.encode()) + [256])
+    tf.ByteTokenizer().save(prepared / "tokenizer.json")
+    with_eod = perplexity(model, [(ids + [256], n) for ids, n in docs], prefix_id=256, progress=False)
+    for data in (prepared, prepared / "valid", prepared / "valid_text_document", prepared / "valid_text_document.bin"):
+        code, _, _ = run_cli(["--checkpoint", checkpoint, "--data", data, "--output", output], capsys)
+        assert code == 0
+        report = json.loads(output.read_text())
+        assert report["tokens"] == with_eod.tokens and report["bytes"] == with_eod.bytes
+        assert report["loss"] == pytest.approx(with_eod.loss, rel=1e-6)
+
+
+def test_cli_refuses_data_tokenized_with_another_tokenizer(checkpoint, tmp_path, capsys):
+    from tokenformer.indexed_dataset import IndexedDatasetWriter
+    from tokenizers import Tokenizer, models
+
+    with IndexedDatasetWriter(tmp_path / "valid_text_document") as writer:
+        writer.add_item([1, 2, 3])
+    other = Tokenizer(models.WordLevel({"a": 0, "b": 1}, unk_token="a"))
+    other.add_special_tokens(["<|endoftext|>"])
+    other.save(str(tmp_path / "tokenizer.json"))
+    code, _, err = run_cli(["--checkpoint", checkpoint, "--data", tmp_path, "--output", tmp_path / "o.json"], capsys)
+    assert code == 2 and "another tokenizer" in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_tasks_print_the_table_and_write_the_results(checkpoint, task_folder, tmp_path, capsys):
+    output = tmp_path / "results.json"
+    code, out, _ = run_cli(["--checkpoint", checkpoint, "--tasks", "tiny_choice,tiny_lambada",
+                            "--include-path", task_folder, "--no-builtin-tasks", "--batch-size", 2,
+                            "--limit", 2, "--output", output], capsys)
+    assert code == 0
+    assert "| task | metric | ours (" in out and "| TokenFormer-150M | Pythia-160M |" in out
+    assert "| tiny_choice | acc |" in out
+    report = json.loads(output.read_text())
+    assert set(report["scores"]) == {"tiny_choice", "tiny_lambada"}
+    assert 0.0 <= report["scores"]["tiny_choice"]["acc"] <= 1.0
+    assert report["lm_eval"]["results"]["tiny_lambada"]["acc,none"] == report["scores"]["tiny_lambada"]["acc"]
+    assert report["limit"] == 2 and report["num_fewshot"] == 0
+
+
+@pytest.mark.parametrize("case", ["missing checkpoint", "not a checkpoint", "unknown task", "missing task folder",
+                                  "missing data", "bad stride"])
+def test_cli_bad_input_ends_in_one_clear_sentence(case, checkpoint, task_folder, tmp_path, capsys):
+    argv = {
+        "missing checkpoint": ["--checkpoint", tmp_path / "nope"],
+        "not a checkpoint": ["--checkpoint", tmp_path],
+        "unknown task": ["--checkpoint", checkpoint, "--tasks", "tiny_choice,no_such_task",
+                         "--include-path", task_folder, "--no-builtin-tasks"],
+        "missing task folder": ["--checkpoint", checkpoint, "--include-path", tmp_path / "no-tasks"],
+        "missing data": ["--checkpoint", checkpoint, "--data", tmp_path / "none.jsonl"],
+        "bad stride": ["--checkpoint", checkpoint, "--data", tmp_path / "none.jsonl", "--stride", 0],
+    }[case]
+    code, _, err = run_cli(argv + ["--output", tmp_path / "o.json"], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("tokenformer evaluate: error: ")
+    expected = {"missing checkpoint": "does not exist", "not a checkpoint": "config.json",
+                "unknown task": "unknown task no_such_task", "missing task folder": "no-tasks",
+                "missing data": "none.jsonl", "bad stride": "--stride"}[case]
+    assert expected in lines[0]
+    assert not (tmp_path / "o.json").exists()
+
+
+def test_missing_lm_eval_names_the_extra(checkpoint, tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # what an environment without lm-eval sees
+    code, _, err = run_cli(["--checkpoint", checkpoint, "--output", tmp_path / "o.json"], capsys)
+    assert code == 2 and 'pip install "tokenformer[eval]"' in err and len(err.strip().splitlines()) == 1
+
+
+def test_tokenformer_lm_eval_runs_lm_evals_own_command_line(checkpoint, task_folder, tmp_path, capsys, monkeypatch):
+    import functools
+    import sys
+
+    import lm_eval.__main__
+    import lm_eval.tasks
+
+    from tokenformer.lm_eval_adapter import main
+
+    # Only to save the ~10 s of indexing lm-eval's own tasks: the command line is lm-eval's.
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", functools.partial(lm_eval.tasks.TaskManager,
+                                                                        include_defaults=False))
+    monkeypatch.setattr(lm_eval.__main__, "setup_logging", lambda: None)  # leave logging as it was
+    monkeypatch.setattr(sys, "argv", ["tokenformer-lm-eval"])  # main() rewrites it for lm-eval's parser
+    output = tmp_path / "lm-eval-out"
+    main(["--model", "tokenformer", "--model_args", f"pretrained={checkpoint},dtype=float32,batch_size=3",
+          "--tasks", "tiny_lambada", "--include_path", str(task_folder), "--device", "cpu",
+          "--output_path", str(output)])
+    out = capsys.readouterr().out
+    assert "tiny_lambada" in out and "tokenformer (" in out
+    written = list(output.rglob("results_*.json"))
+    assert len(written) == 1
+    results = json.loads(written[0].read_text())
+    assert 0.0 <= results["results"]["tiny_lambada"]["acc,none"] <= 1.0
+    assert results["config"]["model_num_parameters"] == tf.TokenFormer.from_pretrained(checkpoint).num_parameters()

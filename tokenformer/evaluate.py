@@ -236,18 +236,14 @@ def load_documents(path: str | Path, tokenizer, text_field: str = "text",
 
     JSONL texts are encoded with `tokenizer`. Indexed documents are used as stored (a trailing
     end-of-text token, as GPT-NeoX's preprocessing appends, is scored too); their byte count is
-    that of the decoded text without end-of-text tokens.
+    that of the decoded text without end-of-text tokens. The path is checked at once; the
+    documents are read as they are consumed.
     """
     path = Path(path)
     if path.name.endswith((".jsonl", ".jsonl.gz", ".json", ".json.gz")):
         if not path.is_file():
             raise FileNotFoundError(f"data file {path} does not exist")
-        texts = read_jsonl_texts(path, text_field)
-        for i, text in enumerate(texts):
-            if limit is not None and i >= limit:
-                return
-            yield tokenizer.encode(text), len(text.encode("utf-8"))
-        return
+        return _jsonl_documents(path, tokenizer, text_field, limit)
     prefix = resolve_indexed_prefix(path)
     if prefix is None:
         raise FileNotFoundError(
@@ -256,13 +252,22 @@ def load_documents(path: str | Path, tokenizer, text_field: str = "text",
     from tokenformer.indexed_dataset import IndexedDataset
 
     _check_data_tokenizer(Path(prefix).parent, tokenizer)
-    dataset = IndexedDataset(prefix)
-    doc_starts = dataset.doc_idx
+    return _indexed_documents(IndexedDataset(prefix), tokenizer, limit)
+
+
+def _jsonl_documents(path: Path, tokenizer, text_field: str, limit: int | None):
+    for i, text in enumerate(read_jsonl_texts(path, text_field)):
+        if limit is not None and i >= limit:
+            return
+        yield tokenizer.encode(text), len(text.encode("utf-8"))
+
+
+def _indexed_documents(dataset, tokenizer, limit: int | None):
+    doc_starts = dataset.doc_idx  # document d is items doc_starts[d] .. doc_starts[d + 1]
     for d in range(len(doc_starts) - 1):
         if limit is not None and d >= limit:
             return
-        items = [dataset[i] for i in range(int(doc_starts[d]), int(doc_starts[d + 1]))]
-        ids = [int(t) for item in items for t in item]
+        ids = [int(t) for i in range(int(doc_starts[d]), int(doc_starts[d + 1])) for t in dataset[i]]
         text = tokenizer.decode(t for t in ids if t != tokenizer.eos_id)
         yield ids, len(text.encode("utf-8"))
 
@@ -351,34 +356,38 @@ def require_lm_eval():
     return lm_eval
 
 
-def run_tasks(lm, tasks: Sequence[str], include_path: Sequence[str | Path] = (),
-              builtin_tasks: bool = True, limit: int | float | None = None, num_fewshot: int = 0,
-              batch_size: int | None = None) -> dict:
-    """Run lm-eval `tasks` on an adapter `lm` (a `TokenFormerLM`); lm-eval's results dict, no samples.
+def task_manager(tasks: Sequence[str], include_path: Sequence[str | Path] = (), builtin_tasks: bool = True):
+    """lm-eval's `TaskManager` over its own tasks and the `include_path` folders, after checking
+    that every folder exists and every task is known.
 
-    `include_path` adds local task folders; `builtin_tasks=False` skips indexing lm-eval's own
-    task tree (about 10 s), for runs that use only local tasks.
+    `builtin_tasks=False` skips indexing lm-eval's own task tree (about 10 s), for runs that use
+    only local tasks.
     """
     require_lm_eval()
-    from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
     for folder in include_path:
         if not Path(folder).is_dir():
             raise FileNotFoundError(f"task folder {folder} (--include-path) does not exist")
-    manager = TaskManager(include_path=[str(p) for p in include_path] or None,
-                          include_defaults=builtin_tasks)
+    manager = TaskManager(include_path=[str(p) for p in include_path] or None, include_defaults=builtin_tasks)
     known = set(manager.all_tasks)
     unknown = [t for t in tasks if t not in known]
     if unknown:
         where = "in lm-eval or --include-path" if builtin_tasks else "in --include-path"
         raise TokenFormerError(
-            f"unknown task {', '.join(unknown)}: no task of that name {where} "
-            f"(`lm_eval ls tasks` lists lm-eval's tasks)")
-    results = simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
-                              batch_size=batch_size, task_manager=manager, log_samples=False,
-                              bootstrap_iters=0)
-    return results
+            f"unknown task {', '.join(unknown)}: there is no task of that name {where} "
+            f"(`lm_eval ls tasks` lists lm-eval's own)")
+    return manager
+
+
+def run_tasks(lm, tasks: Sequence[str], manager, limit: int | float | None = None,
+              num_fewshot: int = 0) -> dict:
+    """Run lm-eval `tasks` (from `manager`, see `task_manager`) on an adapter `lm` (a
+    `TokenFormerLM`); lm-eval's results dict, without per-sample logs."""
+    from lm_eval import simple_evaluate
+
+    return simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
+                           task_manager=manager, log_samples=False, bootstrap_iters=0)
 
 
 # ---- command line ---------------------------------------------------------------------------------
@@ -429,17 +438,20 @@ def cli_main(args: argparse.Namespace) -> None:
     checkpoint = Path(args.checkpoint)
     if not checkpoint.is_dir():
         raise FileNotFoundError(f"checkpoint directory {checkpoint} does not exist")
+    if not (checkpoint / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{checkpoint} has no config.json: give a directory written by save_pretrained or `tokenformer convert`")
     for name, value in (("--batch-size", args.batch_size), ("--limit", args.limit), ("--stride", args.stride),
                         ("--context", args.context)):
         if value is not None and value < 1:
             raise TokenFormerError(f"{name} must be a positive integer, got {value}")
     if args.num_fewshot < 0:
         raise TokenFormerError(f"--num-fewshot must be 0 or more, got {args.num_fewshot}")
-    if args.data is None:
-        require_lm_eval()
-        for folder in args.include_path:
-            if not Path(folder).is_dir():
-                raise FileNotFoundError(f"task folder {folder} (--include-path) does not exist")
+    if args.data is None:  # check the tasks before spending time on loading the model
+        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        if not tasks:
+            raise TokenFormerError("--tasks is empty: name at least one lm-eval task")
+        manager = task_manager(tasks, args.include_path, builtin_tasks=not args.no_builtin_tasks)
     model = TokenFormer.from_pretrained(checkpoint, device=args.device, dtype=getattr(torch, args.dtype))
     tokenizer = load_tokenizer(checkpoint)
     parameters = model.num_parameters()
@@ -461,12 +473,8 @@ def cli_main(args: argparse.Namespace) -> None:
 
     from tokenformer.lm_eval_adapter import TokenFormerLM
 
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    if not tasks:
-        raise TokenFormerError("--tasks is empty: name at least one lm-eval task")
     lm = TokenFormerLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size)
-    results = run_tasks(lm, tasks, args.include_path, builtin_tasks=not args.no_builtin_tasks,
-                        limit=args.limit, num_fewshot=args.num_fewshot)
+    results = run_tasks(lm, tasks, manager, limit=args.limit, num_fewshot=args.num_fewshot)
     scores = task_scores(results["results"])
     table = comparison_table(scores, parameters)
     report = dict(checkpoint=str(checkpoint), parameters=parameters, tasks=tasks, num_fewshot=args.num_fewshot,
