@@ -422,3 +422,18 @@ def test_tokenformer_lm_eval_runs_lm_evals_own_command_line(checkpoint, task_fol
     results = json.loads(written[0].read_text())
     assert 0.0 <= results["results"]["tiny_lambada"]["acc,none"] <= 1.0
     assert results["config"]["model_num_parameters"] == tf.TokenFormer.from_pretrained(checkpoint).num_parameters()
+
+
+def test_model_args_win_over_lm_evals_own_defaults_and_unknown_ones_are_refused(checkpoint):
+    from tokenformer.lm_eval_adapter import TokenFormerLM
+
+    # lm-eval's command line always adds its --batch_size (default 1) and --device (default cuda:0).
+    lm = TokenFormerLM.create_from_arg_string(f"pretrained={checkpoint},batch_size=8,max_length=16",
+                                              {"batch_size": 1, "device": "cpu", "max_batch_size": None})
+    assert lm.batch_size == 8 and lm.max_length == 16 and lm.tokenizer.name == "byte"
+    with pytest.raises(tf.TokenFormerError, match="unknown model_args trust_remote_code"):
+        TokenFormerLM.create_from_arg_string(f"pretrained={checkpoint},trust_remote_code=True")
+    with pytest.raises(tf.TokenFormerError, match="pretrained=CHECKPOINT_DIR"):
+        TokenFormerLM.create_from_arg_string("batch_size=2")
+    with pytest.raises(tf.TokenFormerError, match="max_length"):
+        TokenFormerLM.create_from_arg_string(f"pretrained={checkpoint},max_length={SEQ + 1}")

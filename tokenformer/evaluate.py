@@ -452,6 +452,8 @@ def cli_main(args: argparse.Namespace) -> None:
         if not tasks:
             raise TokenFormerError("--tasks is empty: name at least one lm-eval task")
         manager = task_manager(tasks, args.include_path, builtin_tasks=not args.no_builtin_tasks)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise TokenFormerError(f"--device {args.device} asked for, but CUDA is not available here: use --device cpu")
     model = TokenFormer.from_pretrained(checkpoint, device=args.device, dtype=getattr(torch, args.dtype))
     tokenizer = load_tokenizer(checkpoint)
     parameters = model.num_parameters()
