@@ -98,7 +98,7 @@ def score_windows(model, windows: Sequence[tuple[Sequence[int], Sequence[int]]],
             n, k = len(inputs[i]), len(targets[i])
             log_probs = F.log_softmax(logits[row, n - k:n].float(), dim=-1)  # (k, padded_vocab)
             target = torch.tensor(targets[i], device=device)
-            total = log_probs.gather(-1, target[:, None]).sum().item()
+            total = log_probs.gather(-1, target[:, None]).double().sum().item()
             greedy = bool((log_probs.argmax(dim=-1) == target).all())
             results[i] = (total, greedy)
         bar.update(len(batch))
