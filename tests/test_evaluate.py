@@ -437,3 +437,24 @@ def test_model_args_win_over_lm_evals_own_defaults_and_unknown_ones_are_refused(
         TokenFormerLM.create_from_arg_string("batch_size=2")
     with pytest.raises(tf.TokenFormerError, match="max_length"):
         TokenFormerLM.create_from_arg_string(f"pretrained={checkpoint},max_length={SEQ + 1}")
+
+
+@pytest.mark.parametrize("task, folder", [("lambada_openai", "lambada"), ("hellaswag", "hellaswag"), ("piqa", "piqa"),
+                                          ("arc_easy", "arc"), ("arc_challenge", "arc"), ("winogrande", "winogrande")])
+def test_the_official_tasks_exist_in_the_pinned_lm_eval_with_the_published_metric(task, folder):
+    from pathlib import Path
+
+    from lm_eval.tasks import TaskManager
+
+    from tokenformer.evaluate import OFFICIAL_TASKS, TABLE_METRICS
+
+    assert task in OFFICIAL_TASKS
+    folder = Path(lm_eval.__file__).parent / "tasks" / folder
+    assert task in TaskManager(include_path=str(folder), include_defaults=False).all_tasks
+    config, = [p.read_text() for p in folder.glob("*.yaml") if f"\ntask: {task}\n" in "\n" + p.read_text()]
+    for line in config.splitlines():  # `include: other.yaml` brings in the metrics of the other file
+        if line.startswith("include: "):
+            config += (folder / line.split(": ", 1)[1].strip()).read_text()
+    assert f"metric: {TABLE_METRICS[task]}\n" in config
+    if task == "lambada_openai":
+        assert "metric: perplexity\n" in config
