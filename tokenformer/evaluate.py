@@ -153,11 +153,12 @@ class Perplexity:
 
 def perplexity(model, documents: Iterable[tuple[Sequence[int], int]], prefix_id: int,
                context: int | None = None, stride: int | None = None, batch_size: int = 8,
-               progress: bool = True, documents_per_group: int = 256) -> Perplexity:
+               progress: bool = True) -> Perplexity:
     """Score `documents`, each `(token ids, UTF-8 byte count of its text)`, one by one.
 
     Each document is scored on its own with `sliding_windows` (so no document sees another).
-    Windows are gathered over groups of documents so that batches stay full.
+    Windows of consecutive documents are gathered a few batches at a time, so that batches of
+    short documents stay full and the progress bar moves.
     """
     from tqdm import tqdm
 
@@ -182,7 +183,7 @@ def perplexity(model, documents: Iterable[tuple[Sequence[int], int]], prefix_id:
         tokens += len(ids)
         n_bytes += size
         n_docs += 1
-        if n_docs % documents_per_group == 0:
+        if len(group) >= 4 * batch_size:
             flush()
     if group:
         flush()
@@ -190,7 +191,7 @@ def perplexity(model, documents: Iterable[tuple[Sequence[int], int]], prefix_id:
     if tokens == 0:
         raise TokenFormerError("the data holds no tokens to score")
     loss = -total / tokens
-    return Perplexity(loss=loss, perplexity=math.exp(loss),
+    return Perplexity(loss=loss, perplexity=math.exp(min(loss, 700.0)),  # exp(700) ~ 1e304: no overflow
                       bits_per_byte=-total / math.log(2) / n_bytes if n_bytes else float("nan"),
                       tokens=tokens, bytes=n_bytes, documents=n_docs, total_log_likelihood=total)
 
