@@ -458,3 +458,16 @@ def test_the_official_tasks_exist_in_the_pinned_lm_eval_with_the_published_metri
     assert f"metric: {TABLE_METRICS[task]}\n" in config
     if task == "lambada_openai":
         assert "metric: perplexity\n" in config
+
+
+def test_gpt_neox_tokenizer_requests_split_at_the_word_boundary(neox_tokenizer_path):
+    from tokenformer.lm_eval_adapter import TokenFormerLM
+
+    model = tf.TokenFormer(tf.Config.from_name("tiny", seq_length=SEQ, vocab_size=50277)).eval()
+    lm = TokenFormerLM(pretrained=model, tokenizer=tf.load_tokenizer(neox_tokenizer_path), batch_size=2)
+    assert lm.tok_encode("Hello world") == [12092, 1533] and lm.eot_token_id == 0
+    # A trailing space of the context moves to the continuation, as lm-eval does for every model.
+    (a, _), (b, _) = lm.loglikelihood(requests("loglikelihood", [("Hello", " world"), ("Hello ", "world")]),
+                                      disable_tqdm=True)
+    expected, _ = direct_log_likelihood(model, [12092], [1533])
+    assert a == pytest.approx(expected, abs=1e-4) and b == pytest.approx(expected, abs=1e-4)
