@@ -324,6 +324,13 @@ def test_cli_perplexity_on_jsonl_indexed_prefix_and_prepared_directory(model, ch
     assert report["bits_per_byte"] == pytest.approx(expected.bits_per_byte, rel=1e-6)
     assert report["tokens"] == sum(len(t) for t in TEXTS) and report["documents"] == len(TEXTS)
 
+    text_file = tmp_path / "one.txt"
+    text_file.write_text(TEXTS[0])
+    code, _, _ = run_cli(["--checkpoint", checkpoint, "--data", text_file, "--output", output], capsys)
+    assert code == 0
+    one = perplexity(model, docs[:1], prefix_id=256, progress=False)
+    assert json.loads(output.read_text())["loss"] == pytest.approx(one.loss, rel=1e-6)
+
     # The same texts as `tokenformer prepare` writes them: one item per document, ending with end-of-text.
     prepared = tmp_path / "prepared"
     with IndexedDatasetWriter(prepared / "valid_text_document") as writer:

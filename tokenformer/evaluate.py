@@ -233,9 +233,10 @@ def resolve_indexed_prefix(path: Path) -> str | None:
 
 def load_documents(path: str | Path, tokenizer, text_field: str = "text",
                    limit: int | None = None) -> Iterator[tuple[list[int], int]]:
-    """`(token ids, UTF-8 bytes of the text)` per document of a JSONL file or an indexed dataset.
+    """`(token ids, UTF-8 bytes of the text)` per document of a JSONL file, a text file (one
+    document) or an indexed dataset.
 
-    JSONL texts are encoded with `tokenizer`. Indexed documents are used as stored (a trailing
+    JSONL and text files are encoded with `tokenizer`. Indexed documents are used as stored (a trailing
     end-of-text token, as GPT-NeoX's preprocessing appends, is scored too); their byte count is
     that of the decoded text without end-of-text tokens. The path is checked at once; the
     documents are read as they are consumed.
@@ -245,10 +246,17 @@ def load_documents(path: str | Path, tokenizer, text_field: str = "text",
         if not path.is_file():
             raise FileNotFoundError(f"data file {path} does not exist")
         return _jsonl_documents(path, tokenizer, text_field, limit)
+    if path.name.endswith((".txt", ".txt.gz")):
+        if not path.is_file():
+            raise FileNotFoundError(f"data file {path} does not exist")
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rt", encoding="utf-8") as f:
+            text = f.read()
+        return iter([(tokenizer.encode(text), len(text.encode("utf-8")))])
     prefix = resolve_indexed_prefix(path)
     if prefix is None:
         raise FileNotFoundError(
-            f"{path} is neither a JSONL file, an indexed dataset prefix (PREFIX.bin + PREFIX.idx) "
+            f"{path} is neither a .jsonl or .txt file, an indexed dataset prefix (PREFIX.bin + PREFIX.idx) "
             f"nor a directory written by `tokenformer prepare`")
     from tokenformer.indexed_dataset import IndexedDataset
 
@@ -406,7 +414,7 @@ def cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=None,
                         help="only the first N examples of each task (or N documents of --data): for quick checks")
     parser.add_argument("--data", type=Path, default=None,
-                        help="perplexity mode: a .jsonl(.gz) file, an indexed dataset prefix, "
+                        help="perplexity mode: a .jsonl(.gz) file, a .txt file (one document), an indexed dataset prefix, "
                              "or a directory from `tokenformer prepare` (its valid split)")
     parser.add_argument("--text-field", default="text", help="JSON field holding the text in --data (default text)")
     parser.add_argument("--stride", type=int, default=None,
