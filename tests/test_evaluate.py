@@ -404,6 +404,18 @@ def test_missing_lm_eval_names_the_extra(checkpoint, tmp_path, capsys, monkeypat
     assert code == 2 and 'pip install "tokenformer[eval]"' in err and len(err.strip().splitlines()) == 1
 
 
+def test_tokenformer_lm_eval_without_lm_eval_names_the_extra(capsys, monkeypatch):
+    import sys
+
+    from tokenformer.evaluate import lm_eval_cli
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)
+    with pytest.raises(SystemExit) as e:
+        lm_eval_cli()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and 'pip install "tokenformer[eval]"' in err[0]
+
+
 def test_tokenformer_lm_eval_runs_lm_evals_own_command_line(checkpoint, task_folder, tmp_path, capsys, monkeypatch):
     import functools
     import sys

@@ -497,6 +497,19 @@ def cli_main(args: argparse.Namespace) -> None:
     print(f"wrote {args.output}")
 
 
+def lm_eval_cli() -> None:
+    """`tokenformer-lm-eval`: lm-eval's command line with the `tokenformer` model registered
+    (see `tokenformer.lm_eval_adapter`); without lm-eval, one line naming the extra to install."""
+    try:
+        require_lm_eval()
+    except TokenFormerError as e:
+        print(f"tokenformer-lm-eval: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    from tokenformer.lm_eval_adapter import main
+
+    main()
+
+
 def _plain(results: dict) -> dict:
     """lm-eval's results with only JSON-friendly values (it holds numpy numbers and functions)."""
     return json.loads(json.dumps({k: v for k, v in results.items() if k != "samples"}, default=str))

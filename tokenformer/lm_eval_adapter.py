@@ -27,7 +27,12 @@ import torch
 from tokenformer.errors import TokenFormerError
 from tokenformer.evaluate import require_lm_eval, score_windows
 
-require_lm_eval()
+try:
+    require_lm_eval()
+except TokenFormerError as e:
+    if __name__ != "__main__":
+        raise
+    sys.exit(f"python -m tokenformer.lm_eval_adapter: error: {e}")  # one line, not a traceback
 
 import lm_eval.models  # noqa: E402  (registers lm-eval's own models first: see `main`)
 from lm_eval.api.model import TemplateLM  # noqa: E402
