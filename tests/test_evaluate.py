@@ -1,19 +1,18 @@
 """Evaluation: sliding-window perplexity, the lm-eval adapter against direct computations from the
 model's logits, the harness end to end on task files written here (offline), and the CLI."""
 
+import atexit
 import json
 import math
 import os
 import shutil
 import tempfile
-import atexit
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import tokenformer as tf
-from tokenformer.evaluate import (comparison_table, load_documents, nearest_published, perplexity,
+from tokenformer.evaluate import (comparison_table, nearest_published, perplexity,
                                   sliding_windows, task_scores)
 
 # The harness must never reach the network here: local JSON files only, in a private cache.
