@@ -18,6 +18,8 @@ COMMANDS = {
     "generate": "tokenformer.generate",
     "grow": "tokenformer.scaling",
     "shrink": "tokenformer.scaling",
+    "prepare": "tokenformer.prepare",
+    "train": "tokenformer.train",
 }
 
 
