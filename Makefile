@@ -5,7 +5,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install test demo clean
+BENCH_STAMP := $(VENV)/.bench-stamp
+
+.PHONY: install test demo clean bench bench-quick
 
 install: $(STAMP)
 
@@ -21,6 +23,17 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) -c "import tokenformer as tf, torch; torch.manual_seed(0); tf.TokenFormer(tf.Config.from_name('tiny')).save_pretrained('runs/demo-random', tokenizer=tf.ByteTokenizer())"
 	$(VENV)/bin/tokenformer generate --checkpoint runs/demo-random --prompt "Hello" --max-new-tokens 40 --temperature 0.8 --seed 0
+
+# The benchmark suite (bench/compare.py) needs the `bench` extra (Hugging Face transformers).
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[bench]"
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(PY) -m bench.compare
+
+bench-quick: $(BENCH_STAMP)
+	$(PY) -m bench.compare --quick
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -136,8 +136,17 @@ class Pattention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.norm_activation_type == "l2_norm_gelu":
-            return L2NormGeluPattention.apply(x, self.key_param_tokens, self.value_param_tokens,
-                                              self.effective_scale_num, self.memory_lean)
+            keys, values = self.key_param_tokens, self.value_param_tokens
+            device = x.device.type
+            if torch.is_autocast_enabled(device):
+                # A custom function's backward runs outside autocast: cast here, where autograd
+                # sees the casts, as autocast would have cast the two matmuls.
+                dtype = torch.get_autocast_dtype(device)
+                with torch.autocast(device, enabled=False):
+                    return L2NormGeluPattention.apply(x.to(dtype), keys.to(dtype), values.to(dtype),
+                                                      self.effective_scale_num, self.memory_lean)
+            return L2NormGeluPattention.apply(x, keys, values, self.effective_scale_num,
+                                              self.memory_lean)
         scores = x @ self.key_param_tokens.T  # (..., n)
         weights = normalise(scores, self.norm_activation_type, self.effective_scale_num)
         return weights @ self.value_param_tokens  # (..., d_out)
