@@ -17,6 +17,7 @@ COMMANDS = {
     "generate": "tokenformer.generate",
     "grow": "tokenformer.scaling",
     "shrink": "tokenformer.scaling",
+    "train-vision": "tokenformer.train_vision",
 }
 
 

@@ -266,11 +266,12 @@ def batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, transfo
 
 def folder_batches(folder: ImageFolder, batch_size: int, transform: Transform,
                    shuffle: bool = False, generator: torch.Generator | None = None,
-                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                   drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Mini-batches of an `ImageFolder`; every image is transformed on its own (sizes differ)."""
     n = len(folder)
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-    for start in range(0, n, batch_size):
+    stop = n - n % batch_size if drop_last else n
+    for start in range(0, stop, batch_size):
         items = [folder[int(i)] for i in order[start:start + batch_size]]
         x = torch.cat([transform(image[None], generator) for image, _ in items])  # (B, C, size, size)
         yield x, torch.tensor([label for _, label in items])
