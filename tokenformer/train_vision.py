@@ -52,8 +52,8 @@ class VisionTrainConfig:
     mean: list[float] = _help("per-channel mean subtracted after scaling pixels to [0, 1]",
                               default_factory=lambda: [0.5])
     std: list[float] = _help("per-channel std divided by", default_factory=lambda: [0.5])
-    augment: str = _help("training augmentation: none, crop (random crop with padding), crop-flip "
-                         "(+ horizontal flip), inception (random resized crop + flip, for ImageNet)",
+    augment: str = _help("training augmentation: none, flip (horizontal), crop (random crop with "
+                         "padding), crop-flip (both), inception (random resized crop + flip, for ImageNet)",
                          default="crop-flip")
     crop_padding: int = _help("padding of the random crop (pixels)", default=2)
     label_smoothing: float = _help("label smoothing of the cross-entropy", default=0.0)
