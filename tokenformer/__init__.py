@@ -10,6 +10,7 @@ from tokenformer.errors import TokenFormerError
 from tokenformer.generate import generate_text, generate_tokens
 from tokenformer.model import KVCache, TokenFormer
 from tokenformer.pattention import Pattention
+from tokenformer.prepare import load_prepared, prepare
 from tokenformer.scaling import (freeze_old_tokens, grow, grow_optimizer_state, grow_pattention,
                                  old_slot_counts, shrink, shrink_pattention, token_scores)
 from tokenformer.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
@@ -22,5 +23,6 @@ __all__ = [
     "Tokenizer", "export_official", "generate_text", "generate_tokens", "load_official",
     "load_tokenizer", "weight_map", "grow", "shrink", "grow_pattention", "shrink_pattention",
     "grow_optimizer_state", "freeze_old_tokens", "old_slot_counts", "token_scores",
+    "prepare", "load_prepared",
     "VISION_PRESETS", "VisionConfig", "VisionTokenFormer",
 ]

@@ -56,7 +56,7 @@ def generate_tokens(model, prompt: list[int], max_new_tokens: int, temperature: 
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
     cache = model.allocate_cache(1, len(prompt) + max_new_tokens)
-    logits = model(torch.tensor([prompt], device=device), cache=cache)[:, -1]  # (1, V)
+    logits = model(torch.tensor([prompt], device=device), cache=cache, last_only=True)[:, -1]  # (1, V)
     for _ in range(max_new_tokens):
         if vocab_size is not None:
             logits[:, vocab_size:] = float("-inf")

@@ -96,7 +96,8 @@ class Attention(nn.Module):
         key_std = config.init_method_std
         value_std = 2.0 / config.num_layers / math.sqrt(h)  # "wang_init"
         common = dict(norm_activation_type=config.norm_activation_type, key_std=key_std,
-                      value_std=value_std, device=device, dtype=dtype)
+                      value_std=value_std, memory_lean=config.pattention_memory_lean,
+                      device=device, dtype=dtype)
         self.query = Pattention(h, h, config.qkv_slot_num, scale_num=config.qkv_scale_num, **common)
         self.key = Pattention(h, h, config.qkv_slot_num, scale_num=config.qkv_scale_num, **common)
         self.value = Pattention(h, h, config.qkv_slot_num, scale_num=config.qkv_scale_num, **common)
@@ -150,7 +151,7 @@ class Block(nn.Module):
             norm_activation_type=config.norm_activation_type, scale_num=config.ffn_scale_num,
             key_std=config.init_method_std,
             value_std=2.0 / config.num_layers / math.sqrt(config.hidden_size),
-            device=device, dtype=dtype)
+            memory_lean=config.pattention_memory_lean, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
                 cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
@@ -178,10 +179,13 @@ class TokenFormer(nn.Module):
 
     # ---- forward ----------------------------------------------------------------------------
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None,
+                last_only: bool = False) -> torch.Tensor:
         """Logits (B, T, padded_vocab_size) for token ids `idx` (B, T).
 
         With a `cache`, `idx` holds the positions after `cache.length`; the cache is advanced.
+        `last_only=True` returns the logits of the last position only, (B, 1, padded_vocab_size):
+        what generation needs after a prompt, without paying the vocabulary head for every position.
         """
         B, T = idx.shape
         start = 0 if cache is None else cache.length
@@ -200,6 +204,8 @@ class TokenFormer(nn.Module):
                 x = block(x, cos, sin, cache, i)
         if cache is not None:
             cache.length += T
+        if last_only:
+            x = x[:, -1:]  # (B, 1, h)
         x = self.final_norm(x)
         return x @ self.word_embeddings.weight.T  # (B, T, padded_vocab_size)
 

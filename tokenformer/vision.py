@@ -56,6 +56,7 @@ class VisionConfig:
     norm_activation_type: str = "l2_norm_gelu"
     layernorm_epsilon: float = 1e-5
     init_method_std: float = 0.02
+    pattention_memory_lean: bool = False  # as in Config: one saved score tensor per Pattention
     qkv_scale_num: int | None = None
     proj_scale_num: int | None = None
     ffn_scale_num: int | None = None
