@@ -836,13 +836,24 @@ def train(config: TrainConfig, model: nn.Module | None = None) -> dict[str, Any]
     env = init_distributed(config.device)
     try:
         return _train(config, model, env)
+    except Exception as error:
+        if not env.distributed:
+            raise
+        from tokenformer.distributed import describe_rank_failure
+
+        latest = CheckpointManager(config.save).latest() if config.save else None
+        described = describe_rank_failure(error, env, latest)
+        if described is None:
+            raise
+        raise described from error
     finally:
         if env.distributed and not was_initialised:
             shutdown()
 
 
 def _train(cfg: TrainConfig, model: nn.Module | None, env) -> dict[str, Any]:
-    from tokenformer.distributed import all_reduce_mean, barrier, gradient_sync, unwrap, wrap_model
+    from tokenformer.distributed import (all_reduce_mean, barrier, gradient_sync, maybe_fail, unwrap,
+                                         wrap_model)
 
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -963,6 +974,7 @@ def _train(cfg: TrainConfig, model: nn.Module | None, env) -> dict[str, Any]:
             else:
                 optimizer.step()
             step = iteration
+            maybe_fail(step, env)
             losses[step] = step_loss
             interval_tokens += tokens_per_step
             progress.update(1)
