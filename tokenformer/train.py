@@ -66,8 +66,16 @@ class TrainConfig:
     model: Any = _help("preset name (tiny, small, base-cpu, 150M, ...), a Config .json / official .yml "
                        "path, or a mapping of Config fields (with `name: PRESET` to start from a preset)",
                        default="small")
-    init_from: str | None = _help("start from this checkpoint directory's weights (e.g. a grown model) "
-                                  "with a fresh optimizer and schedule", default=None)
+    init_from: str | None = _help("start from this checkpoint directory's weights (e.g. a grown model); "
+                                  "see init_from_optimizer, init_from_schedule, freeze_old", default=None)
+    init_from_optimizer: bool = _help("carry init_from's AdamW state (a training checkpoint, or `tokenformer "
+                                      "grow` of one: new tokens start with zero moments) instead of a fresh "
+                                      "optimizer", default=False)
+    init_from_schedule: str = _help("restart: fresh warmup and decay over train_iters (official); continue: "
+                                    "step, lr schedule and data position go on from init_from's step "
+                                    "(train_iters counts the whole schedule)", default="restart")
+    freeze_old: bool = _help("train only the parameter tokens added by init_from's last growth",
+                             default=False)
     # data
     data_path: str | None = _help("directory written by `tokenformer prepare` (train/valid indexed files "
                                   "and tokenizer.json)", default=None)
@@ -811,8 +819,9 @@ def _full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
 def load_initial_model(cfg: TrainConfig, model: nn.Module | None = None) -> nn.Module:
     """The model a run starts from: the one passed in, `init_from`'s weights, or a fresh one.
 
-    `init_from` loads any checkpoint directory (e.g. a model grown by `tokenformer grow`); the
-    optimizer and schedule start fresh, as the official incremental-scaling runs do.
+    `init_from` loads any checkpoint directory (e.g. a model grown by `tokenformer grow`); by default
+    the optimizer and schedule start fresh, as the official incremental-scaling runs do
+    (`warm_start` carries them instead).
     """
     if model is not None:
         return model
@@ -923,13 +932,25 @@ def train(config: TrainConfig, model: nn.Module | None = None, task=None) -> dic
     env = init_distributed(config.device)
     try:
         return _train(config, model, env, task)
+    except Exception as error:
+        if not env.distributed:
+            raise
+        from tokenformer.distributed import describe_rank_failure
+
+        latest = CheckpointManager(config.save).latest() if config.save else None
+        described = describe_rank_failure(error, env, latest)
+        if described is None:
+            raise
+        raise described from error
     finally:
         if env.distributed and not was_initialised:
             shutdown()
 
 
 def _train(cfg: TrainConfig, model: nn.Module | None, env, task) -> dict[str, Any]:
-    from tokenformer.distributed import all_reduce_mean, barrier, gradient_sync, unwrap, wrap_model
+    from tokenformer import warm_start
+    from tokenformer.distributed import (all_reduce_mean, barrier, gradient_sync, maybe_fail, unwrap,
+                                         wrap_model)
 
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -946,12 +967,14 @@ def _train(cfg: TrainConfig, model: nn.Module | None, env, task) -> dict[str, An
     model.gradient_checkpointing = cfg.checkpoint_activations
     param_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision) \
         if env.device.type == "cuda" else None
+    warm = warm_start.prepare_model(cfg, model)  # init_from options; freezes before the optimizer sees it
     model = wrap_model(model, env, "fsdp" if sharded else "ddp", param_dtype=param_dtype if sharded else None)
     optimizer = build_optimizer(unwrap(model), cfg)  # names without DDP's `module.` prefix
+    warm = warm_start.start_optimizer(cfg, warm, optimizer, sharded=sharded)
     scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
 
     manager = CheckpointManager(cfg.save, cfg.keep_last_n, env) if cfg.save else None
-    step, consumed_samples, resumed_from = 0, 0, None
+    step, consumed_samples, resumed_from = warm.step, warm.consumed_samples, None
     if manager is not None:
         manager.remove_leftovers()
         barrier(env)
@@ -1045,6 +1068,7 @@ def _train(cfg: TrainConfig, model: nn.Module | None, env, task) -> dict[str, An
             else:
                 optimizer.step()
             step = iteration
+            maybe_fail(step, env)
             losses[step] = step_loss
             interval_tokens += units_per_step
             progress.update(1)
