@@ -23,15 +23,23 @@ test: $(STAMP)
 # The main job: prepare the Python standard library (embedded corpus, BPE 2048), train a small
 # TokenFormer on it (validation loss before -> after, checkpoint + loss_curve.png in
 # runs/demo/checkpoints), then generate from the trained checkpoint.
+# It installs only what it needs (the package and matplotlib), not the development extras.
 DEMO := runs/demo
+DEMO_STAMP := $(VENV)/.demo-stamp
 
-demo: $(STAMP) $(DEMO)/data/prepare.json
+$(DEMO_STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt torch==2.13.0
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[plot]"
+	touch $(DEMO_STAMP)
+
+demo: $(DEMO_STAMP) $(DEMO)/data/prepare.json
 	rm -rf $(DEMO)/checkpoints
 	$(VENV)/bin/tokenformer train configs/demo.yaml --data_path $(DEMO)/data --save $(DEMO)/checkpoints
 	$(VENV)/bin/tokenformer generate --checkpoint $(DEMO)/checkpoints/$$(cat $(DEMO)/checkpoints/latest) \
 		--prompt "def " --max-new-tokens 60 --temperature 0.8 --top-k 50 --seed 0
 
-$(DEMO)/data/prepare.json: $(STAMP)
+$(DEMO)/data/prepare.json: | $(DEMO_STAMP)
 	$(VENV)/bin/tokenformer prepare --out $(DEMO)/data --tokenizer bpe --vocab-size 2048
 
 # The benchmark suite (bench/compare.py) needs the `bench` extra (Hugging Face transformers).
