@@ -1012,7 +1012,7 @@ def _train(cfg: TrainConfig, model: nn.Module | None, env, task) -> dict[str, An
         record = task.validation_metrics(loss)
         logger.log({"step": at_step, **record})
         if env.is_main:
-            shown = ", ".join(f"{k.removeprefix('val_')} {v:.4f}" for k, v in record.items())
+            shown = ", ".join(f"{k.removeprefix('val_')} {v:.4g}" for k, v in record.items())
             _note(f"step {at_step}: validation {shown}", cfg.progress)
         return loss
 
