@@ -391,3 +391,11 @@ def test_a_custom_task_reuses_the_loop(corpus, tmp_path):
     records = T.read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [set(r) for r in records if "val_loss" in r] == [{"step", "val_loss"}] * 2
     assert summary["val_loss"] != train(tiny_config(corpus, train_iters=2))["val_loss"]
+
+
+def test_the_command_refuses_to_start_afresh_over_an_earlier_run(corpus, tmp_path, capsys):
+    train(tiny_config(corpus, tmp_path / "run", train_iters=1, eval_iters=0))
+    assert cli(["train", "--data_path", str(corpus), "--model", "tiny", "--save", str(tmp_path / "run"),
+                "--train_iters", "2", "--progress", "false"]) == 2
+    assert "already holds checkpoints" in capsys.readouterr().err
+    assert CheckpointManager(tmp_path / "run").latest().name == "step_00000001"

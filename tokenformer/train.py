@@ -1190,6 +1190,10 @@ def cli_main(args: argparse.Namespace) -> None:
     checkpoint there, with the same losses as an uninterrupted run. Under `torchrun` the same
     command trains with DDP or FSDP2 (`--parallelism`)."""
     cfg = config_from_args(args)
+    if cfg.save and not cfg.resume and CheckpointManager(cfg.save).checkpoints():
+        # a fresh run there would mix its checkpoints with the old run's, and prune the old ones
+        raise TokenFormerError(f"{cfg.save} already holds checkpoints of a run: pass --resume to continue it, "
+                               f"or choose another `save` directory")
     summary = train(cfg)
     if int(os.environ.get("RANK", "0")) != 0:
         return
