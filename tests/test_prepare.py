@@ -319,6 +319,7 @@ def test_bad_inputs_fail_in_one_sentence(tmp_path):
     cases = [
         (dict(inputs=[tmp_path / "nope.txt"]), r"input .*nope.txt does not exist"),
         (dict(inputs=[tmp_path / "empty.txt"]), r"the corpus is empty: .*empty.txt holds no non-empty documents"),
+        (dict(inputs=[tmp_path / "empty.txt"], tokenizer="bpe"), r"the corpus is empty"),
         (dict(inputs=[tmp_path / "empty"]), r"folder .*empty has no files matching"),
         (dict(inputs=[missing_field]), r"m.jsonl line 2 has no 'text' field \(it has: content, id\)"),
         (dict(inputs=[tmp_path / "broken.jsonl"]), r"broken.jsonl line 2 is not valid JSON"),
