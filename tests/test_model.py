@@ -188,3 +188,31 @@ def test_save_and_load_pretrained(tmp_path):
     assert loaded.config == model.config
     idx = torch.randint(0, 100, (1, 6))
     assert torch.equal(loaded(idx), model(idx))
+
+
+# ---- speed options: they must not change a single number ----------------------------------------
+
+def test_last_only_equals_last_position_of_full_forward():
+    model = TokenFormer(Config(**CFG)).eval().double()
+    idx = torch.randint(0, 100, (2, 9))
+    full = model(idx)
+    last = model(idx, last_only=True)
+    assert last.shape == (2, 1, model.config.padded_vocab_size)
+    torch.testing.assert_close(last, full[:, -1:], rtol=1e-12, atol=1e-12)
+    cache = model.allocate_cache(2, 9)
+    torch.testing.assert_close(model(idx, cache=cache, last_only=True), full[:, -1:], rtol=1e-10, atol=1e-10)
+
+
+def test_memory_lean_model_equals_default_in_logits_and_gradients():
+    default = TokenFormer(Config(**CFG))
+    lean = TokenFormer(Config(**CFG, pattention_memory_lean=True))
+    lean.load_state_dict(default.state_dict())
+    assert all(p.memory_lean for p in lean.pattentions().values())
+    assert not any(p.memory_lean for p in default.pattentions().values())
+    idx = torch.randint(0, 100, (2, 10))
+    for model in (default, lean):
+        model(idx).logsumexp(-1).sum().backward()
+    torch.testing.assert_close(lean(idx), default(idx), rtol=0, atol=0)
+    grads = dict(default.named_parameters())
+    for name, p in lean.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name].grad, rtol=0, atol=0)

@@ -81,3 +81,94 @@ def test_init_statistics():
     layer = Pattention(256, 256, 4096, key_std=0.02, value_std=0.005)
     assert abs(layer.key_param_tokens.std().item() - 0.02) < 0.001
     assert abs(layer.value_param_tokens.std().item() - 0.005) < 0.0003
+
+
+# ---- the custom autograd function of l2_norm_gelu -------------------------------------------------
+
+def plain_l2_norm_gelu(x, K, V, n):
+    """The guarded formula through plain autograd (what the custom backward must reproduce)."""
+    from tokenformer.pattention import normalise
+
+    return normalise(x @ K.T, "l2_norm_gelu", n) @ V
+
+
+@pytest.mark.parametrize("memory_lean", [False, True])
+@pytest.mark.parametrize("scale_num", [None, 5])
+def test_custom_function_passes_gradcheck(memory_lean, scale_num):
+    from tokenformer.pattention import L2NormGeluPattention
+
+    x = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
+    K = torch.randn(7, 6, dtype=torch.float64, requires_grad=True)
+    V = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
+    n = scale_num or 7
+    assert torch.autograd.gradcheck(lambda *a: L2NormGeluPattention.apply(*a, n, memory_lean), (x, K, V))
+
+
+@pytest.mark.parametrize("memory_lean", [False, True])
+@pytest.mark.parametrize("zero_row", [False, True])
+def test_custom_gradients_equal_plain_autograd(memory_lean, zero_row):
+    layer = Pattention(6, 5, 9, scale_num=4, memory_lean=memory_lean, dtype=torch.float64)
+    x = torch.randn(3, 4, 6, dtype=torch.float64)
+    if zero_row:
+        x[1, 2] = 0  # the guard: norm 0 replaced by 1
+    x.requires_grad_(True)
+    grad_out = torch.randn(3, 4, 5, dtype=torch.float64)
+    y = layer(x)
+    got = torch.autograd.grad(y, (x, layer.key_param_tokens, layer.value_param_tokens), grad_out)
+    x2 = x.detach().requires_grad_(True)
+    K2 = layer.key_param_tokens.detach().requires_grad_(True)
+    V2 = layer.value_param_tokens.detach().requires_grad_(True)
+    y2 = plain_l2_norm_gelu(x2, K2, V2, 4)
+    want = torch.autograd.grad(y2, (x2, K2, V2), grad_out)
+    torch.testing.assert_close(y, y2, rtol=1e-12, atol=1e-12)
+    for g, w in zip(got, want):
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+    if zero_row:  # the zero row's input gradient is sqrt(n) dw * gelu'(0) @ K = 2 * 0.5 * (grad_out @ V.T) @ K
+        expected = (grad_out[1, 2] @ V2.T.detach()) @ K2.detach()
+        torch.testing.assert_close(got[0][1, 2], expected)
+
+
+def test_lean_equals_default_and_keeps_less():
+    torch.manual_seed(1)
+    default = Pattention(16, 16, 64)
+    lean = Pattention(16, 16, 64, memory_lean=True)
+    lean.load_state_dict(default.state_dict())
+    x = torch.randn(4, 8, 16, requires_grad=True)
+
+    def run(layer):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            y = layer(x)
+        grads = torch.autograd.grad(y.square().sum(), (x, *layer.parameters()))
+        return y, grads, sum(t.numel() for t in saved if t.shape[-1] == 64 and t.dim() == 3)
+
+    y1, g1, kept1 = run(default)
+    y2, g2, kept2 = run(lean)
+    assert torch.equal(y1, y2)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert kept1 == 2 * 4 * 8 * 64 and kept2 == 4 * 8 * 64  # score-sized tensors kept for backward
+
+
+def test_only_needed_gradients_are_computed():
+    layer = Pattention(6, 5, 9)
+    layer.key_param_tokens.requires_grad_(False)
+    x = torch.randn(2, 6)  # no grad for x either: only the values learn
+    layer(x).sum().backward()
+    assert layer.key_param_tokens.grad is None and layer.value_param_tokens.grad is not None
+
+
+def test_custom_function_under_autocast():
+    layer = Pattention(16, 8, 32)
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    ref = layer(x)
+    ref_grads = torch.autograd.grad(ref.square().sum(), (x, layer.key_param_tokens))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    grads = torch.autograd.grad(y.float().square().sum(), (x, layer.key_param_tokens))
+    assert grads[0].dtype == torch.float32 and grads[1].dtype == torch.float32
+    torch.testing.assert_close(y.float(), ref, rtol=0.05, atol=0.02)
+    for g, r in zip(grads, ref_grads):
+        assert torch.nn.functional.cosine_similarity(g.flatten(), r.flatten(), dim=0) > 0.99

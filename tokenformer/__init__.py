@@ -14,6 +14,7 @@ from tokenformer.prepare import load_prepared, prepare
 from tokenformer.scaling import (freeze_old_tokens, grow, grow_optimizer_state, grow_pattention,
                                  old_slot_counts, shrink, shrink_pattention, token_scores)
 from tokenformer.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
+from tokenformer.vision import VISION_PRESETS, VisionConfig, VisionTokenFormer
 
 __version__ = "0.1.0"
 
@@ -23,4 +24,5 @@ __all__ = [
     "load_tokenizer", "weight_map", "grow", "shrink", "grow_pattention", "shrink_pattention",
     "grow_optimizer_state", "freeze_old_tokens", "old_slot_counts", "token_scores",
     "prepare", "load_prepared",
+    "VISION_PRESETS", "VisionConfig", "VisionTokenFormer",
 ]

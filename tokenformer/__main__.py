@@ -14,10 +14,13 @@ import sys
 # subcommand -> module holding cli_arguments / cli_main
 COMMANDS = {
     "convert": "tokenformer.convert",
+    "evaluate": "tokenformer.evaluate",
     "generate": "tokenformer.generate",
     "grow": "tokenformer.scaling",
     "shrink": "tokenformer.scaling",
     "prepare": "tokenformer.prepare",
+    "train": "tokenformer.train",
+    "train-vision": "tokenformer.train_vision",
 }
 
 

@@ -46,6 +46,9 @@ class Config:
     qkv_scale_num: int | None = None
     proj_scale_num: int | None = None
     ffn_scale_num: int | None = None
+    # Numerics-neutral: keep one score-sized tensor per Pattention for the backward instead of two
+    # (recomputes an element-wise GELU; see tokenformer.pattention.L2NormGeluPattention).
+    pattention_memory_lean: bool = False
     growth_history: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -92,6 +95,9 @@ class Config:
             raise TokenFormerError(
                 f"unknown norm_activation_type {self.norm_activation_type!r}: "
                 f"use one of {', '.join(NORM_ACTIVATION_TYPES)}")
+        if not isinstance(self.pattention_memory_lean, bool):
+            raise TokenFormerError(
+                f"config field pattention_memory_lean must be true or false, got {self.pattention_memory_lean!r}")
         if not 0.0 <= self.rotary_pct <= 1.0:
             raise TokenFormerError(f"rotary_pct must be in [0, 1], got {self.rotary_pct}")
         if self.rotary_dim % 2:

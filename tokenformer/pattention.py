@@ -7,6 +7,11 @@
 `theta` is one of the three official normalisations below. `scale_num` stands for `n` inside
 them; it is normally the token count, and is pinned to the old count when a model is grown so
 that the grown model computes the same function.
+
+Speed and memory: `l2_norm_gelu` (every released model) runs through `L2NormGeluPattention`, a
+custom autograd function that computes the same numbers as the plain formula with fewer
+kernels and fewer tensors kept for the backward (see its docstring). The other two
+normalisations use plain autograd.
 """
 
 from __future__ import annotations
@@ -40,16 +45,67 @@ def normalise(scores: torch.Tensor, norm_activation_type: str, scale_num: int) -
     raise TokenFormerError(f"unknown norm_activation_type {norm_activation_type!r}")
 
 
+class L2NormGeluPattention(torch.autograd.Function):
+    """`gelu(s / ||s|| * sqrt(n)) @ V` with `s = x @ K.T`, forward and backward written by hand.
+
+    Why: autograd on the plain formula keeps `s`, the norm, the scaled scores and the GELU output
+    for the backward (and runs one kernel per step). Here the backward needs only
+    `u = s * sqrt(n) / ||s||` and the per-row scale `c = sqrt(n) / ||s||`, because
+
+        du/ds = c (I - u u^T / n)   =>   ds = c (du - u (u . du) / n)
+
+    and both the GELU output `w = gelu(u)` (for dV) and `gelu'(u)` follow from `u`. The default
+    mode also keeps `w` (two activation tensors of the score size); `memory_lean=True` keeps only
+    `u` and recomputes `w` in the backward (one element-wise GELU: cheap next to the matmuls).
+    An all-zero score row gets norm 1 (so `u = 0`), exactly like `_l2_normalise`, and then
+    `ds = sqrt(n) du`, the gradient autograd gives for the guarded formula.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale_num: int,
+                memory_lean: bool) -> torch.Tensor:
+        scores = x @ keys.T  # (..., n)
+        norm = torch.linalg.vector_norm(scores, dim=-1, keepdim=True)  # (..., 1)
+        scale = math.sqrt(scale_num) / norm.masked_fill_(norm == 0, 1.0)  # (..., 1)
+        u = scores.mul_(scale)  # (..., n), in place: the raw scores are not needed again
+        w = F.gelu(u)  # (..., n)
+        ctx.scale_num = scale_num
+        ctx.memory_lean = memory_lean
+        ctx.save_for_backward(x, keys, values, u, scale, *(() if memory_lean else (w,)))
+        return w @ values  # (..., d_out)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        x, keys, values, u, scale, *kept = ctx.saved_tensors
+        need_x, need_keys, need_values = ctx.needs_input_grad[:3]
+        grad_x = grad_keys = grad_values = None
+        if need_values:
+            w = kept[0] if kept else F.gelu(u)  # (..., n)
+            grad_values = w.reshape(-1, w.shape[-1]).T @ grad_out.reshape(-1, grad_out.shape[-1])
+            del w
+        if need_x or need_keys:
+            grad_u = torch.ops.aten.gelu_backward(grad_out @ values.T, u)  # (..., n): dw * gelu'(u)
+            dot = (grad_u * u).sum(dim=-1, keepdim=True).div_(ctx.scale_num)  # (..., 1)
+            grad_s = grad_u.addcmul_(u, dot, value=-1.0).mul_(scale)  # (..., n)
+            if need_x:
+                grad_x = grad_s @ keys  # (..., d_in)
+            if need_keys:
+                grad_keys = grad_s.reshape(-1, grad_s.shape[-1]).T @ x.reshape(-1, x.shape[-1])
+        return grad_x, grad_keys, grad_values, None, None
+
+
 class Pattention(nn.Module):
     """Token-parameter attention with `num_tokens` key/value parameter tokens (no bias).
 
     Parameter names match the official checkpoints: `key_param_tokens` (n, d_in) and
-    `value_param_tokens` (n, d_out).
+    `value_param_tokens` (n, d_out). `memory_lean=True` keeps one score-sized tensor for the
+    backward instead of two (`l2_norm_gelu` only; the numbers are the same).
     """
 
     def __init__(self, in_features: int, out_features: int, num_tokens: int,
                  norm_activation_type: str = "l2_norm_gelu", scale_num: int | None = None,
-                 key_std: float = 0.02, value_std: float = 0.02,
+                 key_std: float = 0.02, value_std: float = 0.02, memory_lean: bool = False,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.in_features = in_features
@@ -58,6 +114,7 @@ class Pattention(nn.Module):
         self.scale_num = scale_num
         self.key_std = key_std
         self.value_std = value_std
+        self.memory_lean = memory_lean
         factory = dict(device=device, dtype=dtype)
         self.key_param_tokens = nn.Parameter(torch.empty(num_tokens, in_features, **factory))
         self.value_param_tokens = nn.Parameter(torch.empty(num_tokens, out_features, **factory))
@@ -78,11 +135,24 @@ class Pattention(nn.Module):
         nn.init.normal_(self.value_param_tokens, mean=0.0, std=self.value_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.norm_activation_type == "l2_norm_gelu":
+            keys, values = self.key_param_tokens, self.value_param_tokens
+            device = x.device.type
+            if torch.is_autocast_enabled(device):
+                # A custom function's backward runs outside autocast: cast here, where autograd
+                # sees the casts, as autocast would have cast the two matmuls.
+                dtype = torch.get_autocast_dtype(device)
+                with torch.autocast(device, enabled=False):
+                    return L2NormGeluPattention.apply(x.to(dtype), keys.to(dtype), values.to(dtype),
+                                                      self.effective_scale_num, self.memory_lean)
+            return L2NormGeluPattention.apply(x, keys, values, self.effective_scale_num,
+                                              self.memory_lean)
         scores = x @ self.key_param_tokens.T  # (..., n)
         weights = normalise(scores, self.norm_activation_type, self.effective_scale_num)
         return weights @ self.value_param_tokens  # (..., d_out)
 
     def extra_repr(self) -> str:
         scale = "" if self.scale_num is None else f", scale_num={self.scale_num}"
+        lean = ", memory_lean" if self.memory_lean else ""
         return (f"{self.in_features} -> {self.out_features}, num_tokens={self.num_tokens}, "
-                f"{self.norm_activation_type}{scale}")
+                f"{self.norm_activation_type}{scale}{lean}")

@@ -326,7 +326,12 @@ class FrozenOldTokens:
                 param.requires_grad_(False)
                 self._frozen_whole.append(param)
         if optimizer is not None:
-            self._handles.append(optimizer.register_step_post_hook(lambda *_: self.restore()))
+            self.attach(optimizer)
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> None:
+        """Restore the old rows after every step of `optimizer` (one built after freezing, which
+        then leaves out the tensors frozen whole)."""
+        self._handles.append(optimizer.register_step_post_hook(lambda *_: self.restore()))
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -597,17 +602,52 @@ def grow_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the new random rows (default 0)")
 
 
+def grow_checkpoint(checkpoint: str | Path, out: str | Path, **grow_kwargs: Any) -> tuple[nn.Module, nn.Module]:
+    """Grow the model of checkpoint directory `checkpoint` into `out` (weights, config, tokenizer);
+    returns (old model, grown model). `grow_kwargs` go to `grow`.
+
+    When `checkpoint` is a training checkpoint (`SAVE/step_N` with a `trainer.pt`), `out` gets a
+    `trainer.pt` too: the optimizer state mapped to the grown shapes (`grow_optimizer_state`: old
+    rows keep their moments, new rows start at zero), the step and the data position, so that
+    `train --init-from OUT` can carry the optimizer (`init_from_optimizer`) and continue the
+    schedule (`init_from_schedule continue`).
+    """
+    from tokenformer.checkpoint import atomic_path
+    from tokenformer.train import TRAINER_STATE_FILE
+    from tokenformer.warm_start import read_source_state
+
+    checkpoint, out = Path(checkpoint), Path(out)
+    model = load_checkpoint(checkpoint)
+    grown = grow(model, **grow_kwargs)
+    _save_with_tokenizer(grown, checkpoint, out)
+    state = read_source_state(checkpoint)
+    if state is not None:
+        carried = {key: state[key] for key in ("step", "consumed_samples", "scheduler", "train_config")
+                   if key in state}
+        optimizer = state.get("optimizer")  # None when written sharded under FSDP2
+        carried["optimizer"] = grow_optimizer_state(optimizer, model, grown) if optimizer is not None else None
+        carried["grown_from"] = str(checkpoint)
+        with atomic_path(out / TRAINER_STATE_FILE) as tmp:
+            torch.save(carried, tmp)
+    elif (out / TRAINER_STATE_FILE).is_file():  # a stale one from an earlier growth into the same folder
+        (out / TRAINER_STATE_FILE).unlink()
+    return model, grown
+
+
 def grow_cli_main(args: argparse.Namespace) -> None:
     """Grow a checkpoint by appending parameter tokens to every Pattention.
 
     `--mode exact` (default) keeps the model's function: new keys are zero and the normalisation's n
     stays at the old count. `--mode official` initialises the new rows randomly as the official
-    code does. The tokenizer is copied; the growth is recorded in config.json (growth_history)."""
-    model = load_checkpoint(args.checkpoint)
-    grown = grow(model, mode=args.mode, value_std=args.value_std, seed=args.seed, **_slot_kwargs(args))
-    _save_with_tokenizer(grown, args.checkpoint, args.out)
+    code does. The tokenizer is copied; the growth is recorded in config.json (growth_history).
+    A training checkpoint's optimizer state is mapped to the grown shapes (trainer.pt), for
+    `tokenformer train --init-from OUT --init-from-optimizer --init-from-schedule continue`."""
+    model, grown = grow_checkpoint(args.checkpoint, args.out, mode=args.mode, value_std=args.value_std,
+                                   seed=args.seed, **_slot_kwargs(args))
     print(f"old: {_describe(model)}")
     print(f"new: {_describe(grown)}  ({args.mode} growth, written to {args.out})")
+    if (Path(args.out) / "trainer.pt").is_file():
+        print("optimizer state and training step carried over (trainer.pt)")
 
 
 def shrink_cli_arguments(parser: argparse.ArgumentParser) -> None:
