@@ -118,6 +118,13 @@ def test_lone_surrogates_in_json_become_replacement_characters(tmp_path, tokeniz
     assert read_split(tmp_path / "out", "train")[0] == tok.encode("broken \ufffd pair") + [meta["eod_id"]]
 
 
+def test_compressed_text_file_is_one_document(tmp_path):
+    with gzip.open(tmp_path / "notes.txt.gz", "wt", encoding="utf-8") as f:
+        f.write(DOCS[2])
+    prepare([tmp_path / "notes.txt.gz"], tmp_path / "out", valid_fraction=0.0)
+    assert read_split(tmp_path / "out", "train") == [byte_ids(DOCS[2])]
+
+
 def test_jsonl_text_field_option_and_folder_of_shards(tmp_path):
     (tmp_path / "shards").mkdir()
     write_jsonl(tmp_path / "shards" / "01.jsonl", [{"content": DOCS[1]}])
