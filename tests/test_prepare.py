@@ -343,7 +343,7 @@ def test_bad_inputs_fail_in_one_sentence(tmp_path):
     assert (tmp_path / "user" / "notes.txt").read_text() == "mine"
 
 
-def test_command_line(tmp_path, capsys):
+def test_command_line(tmp_path, capsys, monkeypatch):
     path = write_jsonl(tmp_path / "d.jsonl", [{"text": d} for d in DOCS])
     assert main(["prepare", str(path), "--out", str(tmp_path / "out"), "--valid-fraction", "0.3", "--seed", "1"]) == 0
     assert "wrote" in capsys.readouterr().out
@@ -352,6 +352,10 @@ def test_command_line(tmp_path, capsys):
     assert main(["prepare", "--out", str(tmp_path / "std"), "--max-documents", "2", "--quiet"]) == 0
     assert capsys.readouterr().out == "" and len(read_split(tmp_path / "std", "train")) + \
         len(read_split(tmp_path / "std", "valid")) == 2
+    (tmp_path / "here").mkdir()  # `--out .` in an empty folder
+    monkeypatch.chdir(tmp_path / "here")
+    assert main(["prepare", str(path), "--out", ".", "--quiet"]) == 0
+    assert prep.load_prepared(tmp_path / "here")["documents"] == len(DOCS)
     assert main(["prepare", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert "error: input" in err and "missing.txt does not exist" in err and len(err.strip().splitlines()) == 1

@@ -328,7 +328,7 @@ def prepare(inputs: Iterable[str | Path] | None = None, out: str | Path = "data/
     `max_documents` keeps only the first documents. `progress`: a bar on stderr (default: if a TTY).
     """
     start = time.perf_counter()
-    out = Path(out)
+    out = Path(os.path.abspath(out))  # "." or "data/" must still have a name and a parent to rename within
     if isinstance(inputs, (str, Path)):  # one input given bare
         inputs = [inputs]
     inputs = [str(i) for i in inputs or []]
