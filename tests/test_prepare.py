@@ -118,6 +118,13 @@ def test_lone_surrogates_in_json_become_replacement_characters(tmp_path, tokeniz
     assert read_split(tmp_path / "out", "train")[0] == tok.encode("broken \ufffd pair") + [meta["eod_id"]]
 
 
+def test_byte_order_mark_and_bad_bytes(tmp_path):
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps({"text": "first"}).encode() + b"\n")
+    (tmp_path / "latin1.txt").write_bytes("caf\u00e9".encode("latin-1"))  # not UTF-8
+    prepare([tmp_path / "bom.jsonl", tmp_path / "latin1.txt"], tmp_path / "out", valid_fraction=0.0)
+    assert read_split(tmp_path / "out", "train") == [byte_ids("first"), byte_ids("caf\ufffd")]
+
+
 def test_compressed_text_file_is_one_document(tmp_path):
     with gzip.open(tmp_path / "notes.txt.gz", "wt", encoding="utf-8") as f:
         f.write(DOCS[2])
