@@ -492,6 +492,8 @@ def test_gpt_neox_tokenizer_requests_split_at_the_word_boundary(neox_tokenizer_p
 
 
 def test_evaluate_reads_what_tokenformer_prepare_writes(model, checkpoint, tmp_path, capsys):
+    from tokenformer.indexed_dataset import IndexedDataset
+
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
     meta = tf.prepare([corpus], tmp_path / "prepared", tokenizer="byte", valid_fraction=0.5, progress=False)
@@ -502,8 +504,6 @@ def test_evaluate_reads_what_tokenformer_prepare_writes(model, checkpoint, tmp_p
     valid = meta["splits"]["valid"]
     assert report["documents"] == valid["documents"] >= 1 and report["tokens"] == valid["tokens"]
     # The validation documents are some of TEXTS, each stored with an end-of-text token after it.
-    from tokenformer.indexed_dataset import IndexedDataset
-
     stored = IndexedDataset(tmp_path / "prepared" / "valid_text_document")
     docs = [[int(t) for t in stored[i]] for i in range(len(stored))]
     assert all(d[-1] == 256 and bytes(d[:-1]).decode() in TEXTS for d in docs)
