@@ -449,6 +449,11 @@ def test_model_args_win_over_lm_evals_own_defaults_and_unknown_ones_are_refused(
     lm = TokenFormerLM.create_from_arg_string(f"pretrained={checkpoint},batch_size=8,max_length=16",
                                               {"batch_size": 1, "device": "cpu", "max_batch_size": None})
     assert lm.batch_size == 8 and lm.max_length == 16 and lm.tokenizer.name == "byte"
+    assert lm.model.word_embeddings.weight.dtype == torch.float32
+    assert TokenFormerLM(pretrained=checkpoint, dtype="bfloat16").model.word_embeddings.weight.dtype == torch.bfloat16
+    half = tf.TokenFormer.from_pretrained(checkpoint, dtype=torch.bfloat16)
+    lm = TokenFormerLM(pretrained=half, tokenizer=tf.ByteTokenizer())  # a model object keeps its dtype
+    assert lm.model.word_embeddings.weight.dtype == torch.bfloat16
     with pytest.raises(tf.TokenFormerError, match="unknown model_args trust_remote_code"):
         TokenFormerLM.create_from_arg_string(f"pretrained={checkpoint},trust_remote_code=True")
     with pytest.raises(tf.TokenFormerError, match="pretrained=CHECKPOINT_DIR"):

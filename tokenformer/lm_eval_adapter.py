@@ -46,10 +46,11 @@ DEFAULT_MAX_GEN_TOKS = 256
 @register_model("tokenformer")
 class TokenFormerLM(TemplateLM):
     """lm-eval model arguments: `pretrained` (a checkpoint directory, or a loaded `TokenFormer`),
-    `dtype` (float32, bfloat16, float16), `batch_size`, `device`, `max_length` (default: the
+    `dtype` (float32, bfloat16, float16; default float32 for a directory, unchanged for a model
+    object), `batch_size`, `device`, `max_length` (default: the
     model's seq_length), `tokenizer` (default: the checkpoint's tokenizer.json)."""
 
-    def __init__(self, pretrained=None, dtype: str = "float32", batch_size: int | str = 8,
+    def __init__(self, pretrained=None, dtype: str | None = None, batch_size: int | str = 8,
                  device: str | None = "cpu", max_length: int | str | None = None, tokenizer=None,
                  max_batch_size: int | None = None, **unknown) -> None:
         # max_batch_size: lm-eval's command line passes it for batch_size=auto; unused here.
@@ -68,7 +69,7 @@ class TokenFormerLM(TemplateLM):
         if isinstance(pretrained, TokenFormer):
             model = pretrained.to(device) if dtype is None else pretrained.to(device, _torch_dtype(dtype))
         else:
-            model = TokenFormer.from_pretrained(pretrained, device=device, dtype=_torch_dtype(dtype))
+            model = TokenFormer.from_pretrained(pretrained, device=device, dtype=_torch_dtype(dtype or "float32"))
         self.model = model.eval()
         if tokenizer is None:
             if isinstance(pretrained, TokenFormer):
