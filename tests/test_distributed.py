@@ -319,3 +319,13 @@ def test_fail_at_step_spec_is_checked(monkeypatch):
     monkeypatch.setenv(D.FAIL_AT_STEP_ENV, "three")
     with pytest.raises(D.TokenFormerError, match="STEP:RANK"):
         D.maybe_fail(3, env)
+
+
+def test_resuming_with_another_global_batch_is_flagged():
+    state = {"world_size": 2, "train_config": json.dumps({"train_micro_batch_size_per_gpu": 2,
+                                                          "gradient_accumulation_steps": 2})}
+    assert D.resume_batch_note(state, 4, 2, 1) is None  # 4 x 2 x 1 = 2 x 2 x 2
+    note = D.resume_batch_note(state, 2, 2, 1)
+    assert "global batch of 4 windows" in note and "trained with 8" in note
+    assert "train_micro_batch_size_per_gpu to 4" in note
+    assert D.resume_batch_note({}, 2, 2, 1) is None  # an old checkpoint without the fields

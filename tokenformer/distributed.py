@@ -142,6 +142,29 @@ def barrier(env: DistEnv) -> None:
         dist.barrier()
 
 
+def resume_batch_note(trainer_state: dict[str, Any], micro_batch: int, accumulation: int,
+                      world_size: int) -> str | None:
+    """A warning when a run resumes with another global batch than the one its checkpoint was
+    trained with (another rank count without adjusting the micro batch), else None."""
+    import json
+
+    saved_world = trainer_state.get("world_size")
+    try:
+        saved = json.loads(trainer_state.get("train_config") or "{}")
+        saved_batch = saved["train_micro_batch_size_per_gpu"] * saved["gradient_accumulation_steps"] * saved_world
+    except (KeyError, TypeError, ValueError):
+        return None
+    batch = micro_batch * accumulation * world_size
+    if batch == saved_batch:
+        return None
+    note = (f"resuming with a global batch of {batch} windows ({world_size} ranks x micro batch {micro_batch} x "
+            f"accumulation {accumulation}) where the checkpoint trained with {saved_batch}: the data order "
+            f"continues, but this is no longer the same run")
+    if saved_batch % (accumulation * world_size) == 0:
+        note += f"; set train_micro_batch_size_per_gpu to {saved_batch // (accumulation * world_size)} to keep it"
+    return note
+
+
 class InjectedFailure(TokenFormerError):
     """The failure `TOKENFORMER_FAIL_AT_STEP` asked for."""
 
