@@ -962,7 +962,8 @@ def train(config: TrainConfig, model: nn.Module | None = None, task=None) -> dic
 
 def _train(cfg: TrainConfig, model: nn.Module | None, env, task) -> dict[str, Any]:
     from tokenformer import warm_start
-    from tokenformer.distributed import (all_reduce_mean, barrier, gradient_sync, maybe_fail, unwrap,
+    from tokenformer.distributed import (all_reduce_mean, barrier, gradient_sync, maybe_fail, resume_batch_note,
+                                         unwrap,
                                          wrap_model)
 
     if cfg.num_threads:
@@ -1000,6 +1001,10 @@ def _train(cfg: TrainConfig, model: nn.Module | None, env, task) -> dict[str, An
                 scaler.load_state_dict(state["scaler"])
             restore_rng(state["rng"])
             resumed_from = latest
+            note = resume_batch_note(state, cfg.train_micro_batch_size_per_gpu, cfg.gradient_accumulation_steps,
+                                     env.world_size)
+            if note and env.is_main:
+                print(f"warning: {note}", file=sys.stderr)
         elif cfg.resume and env.is_main:
             print(f"no checkpoint in {cfg.save}: starting from scratch", file=sys.stderr)
         if env.is_main:
