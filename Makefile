@@ -5,7 +5,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install test demo clean
+BENCH_STAMP := $(VENV)/.bench-stamp
+
+.PHONY: install test demo clean bench bench-quick
 
 install: $(STAMP)
 
@@ -38,6 +40,17 @@ demo: $(STAMP) $(DEMO)/data/prepare.json
 
 $(DEMO)/data/prepare.json: $(STAMP)
 	$(VENV)/bin/tokenformer prepare --out $(DEMO)/data --tokenizer bpe --vocab-size 2048
+
+# The benchmark suite (bench/compare.py) needs the `bench` extra (Hugging Face transformers).
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[bench]"
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(PY) -m bench.compare
+
+bench-quick: $(BENCH_STAMP)
+	$(PY) -m bench.compare --quick
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

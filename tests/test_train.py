@@ -327,3 +327,15 @@ def test_150M_config_is_the_official_recipe():
     assert (cfg.adam_beta1, cfg.adam_beta2, cfg.adam_eps, cfg.weight_decay, cfg.clip_grad) == \
         (0.9, 0.95, 1e-8, 0.1, 1.0)
     assert cfg.precision == "fp16" and cfg.checkpoint_activations
+
+
+@pytest.mark.parametrize("field, module, extra", [("tensorboard_dir", "torch.utils.tensorboard", "tensorboard"),
+                                                   ("wandb_project", "wandb", "wandb")])
+def test_missing_logging_extra_is_named(corpus, tmp_path, field, module, extra):
+    try:
+        __import__(module)
+        pytest.skip(f"{module} is installed")
+    except ImportError:
+        pass
+    with pytest.raises(TokenFormerError, match=rf"tokenformer\[{extra}\]"):
+        train(tiny_config(corpus, tmp_path / "run", **{field: str(tmp_path / "logs")}))

@@ -22,6 +22,8 @@ from torch import nn
 from tokenformer.errors import TokenFormerError
 
 PARALLELISMS = ("ddp", "fsdp")
+# fault injection for tests and failure drills: "STEP" or "STEP:RANK" (default rank: the last one)
+FAIL_AT_STEP_ENV = "TOKENFORMER_FAIL_AT_STEP"
 
 
 @dataclass
@@ -140,6 +142,58 @@ def barrier(env: DistEnv) -> None:
         dist.barrier()
 
 
+class InjectedFailure(TokenFormerError):
+    """The failure `TOKENFORMER_FAIL_AT_STEP` asked for."""
+
+
+def maybe_fail(step: int, env: DistEnv) -> None:
+    """Raise on one rank right after optimizer step `step` when `TOKENFORMER_FAIL_AT_STEP` says so.
+
+    `TOKENFORMER_FAIL_AT_STEP=3` fails the last rank after step 3, `=3:0` rank 0. It is how the tests
+    (and an operator's drill) check that a rank dying mid-run stops the whole job promptly, leaves
+    the last checkpoint intact, and that `--resume` continues with the same losses.
+    """
+    spec = os.environ.get(FAIL_AT_STEP_ENV)
+    if not spec:
+        return
+    at_step, _, at_rank = spec.partition(":")
+    try:
+        failing_step, failing_rank = int(at_step), int(at_rank) if at_rank else env.world_size - 1
+    except ValueError:
+        raise TokenFormerError(f"{FAIL_AT_STEP_ENV}={spec!r} is not STEP or STEP:RANK (integers)") from None
+    if step == failing_step and env.rank == failing_rank:
+        raise InjectedFailure(f"failed on purpose after step {step} ({FAIL_AT_STEP_ENV}={spec})")
+
+
+# what gloo, nccl and the c10d store say when the process at the other end is gone
+_PEER_GONE = ("connection closed by peer", "connection reset by peer", "remote worker", "broken pipe",
+              "timed out", "timeout", "nccl communicator was aborted", "socket", "recv", "send")
+
+
+def describe_rank_failure(error: BaseException, env: DistEnv, latest: str | Path | None) -> \
+        TokenFormerError | None:
+    """One clear sentence for an error that stopped this rank of a distributed run, or None (a bug:
+    keep its traceback).
+
+    A rank whose collective failed because a peer died says so and points at the checkpoint to
+    resume from, instead of printing a backend traceback; a rank's own error names the rank.
+    """
+    where = f"rank {env.rank} of {env.world_size}"
+    resume = f"the last complete checkpoint is {latest}: rerun with --resume to continue from it" \
+        if latest else "no checkpoint was written yet"
+    if isinstance(error, (TokenFormerError, FileNotFoundError, NotADirectoryError)):
+        return TokenFormerError(f"{where}: {error}; {resume}")
+    message = str(error).lower()
+    backend_errors = tuple(getattr(dist, name) for name in ("DistError", "DistBackendError", "DistNetworkError")
+                           if hasattr(dist, name))
+    if isinstance(error, backend_errors) or (isinstance(error, RuntimeError) and
+                                             any(s in message for s in _PEER_GONE)):
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return TokenFormerError(f"{where} stopped because another rank failed (see its error; the backend "
+                                f"said: {first_line[:120]}); {resume}")
+    return None
+
+
 # ---- sharded checkpoints (DCP) ------------------------------------------------------------------
 
 def save_sharded(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -164,7 +218,8 @@ def load_sharded(directory: str | Path, model: nn.Module, optimizer: torch.optim
     state: dict[str, Any] = {"model": model_state, **(extra or {})}
     if optimizer is not None:
         state["optim"] = optim_state
-    dcp.load(state, checkpoint_id=str(directory))
+    # no_dist: one process reads every shard itself (resuming an FSDP2 run on a single process)
+    dcp.load(state, checkpoint_id=str(directory), no_dist=not dist.is_initialized())
     if optimizer is not None:
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     else:

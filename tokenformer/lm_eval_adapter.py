@@ -27,7 +27,12 @@ import torch
 from tokenformer.errors import TokenFormerError
 from tokenformer.evaluate import require_lm_eval, score_windows
 
-require_lm_eval()
+try:
+    require_lm_eval()
+except TokenFormerError as e:
+    if __name__ != "__main__":
+        raise
+    sys.exit(f"python -m tokenformer.lm_eval_adapter: error: {e}")  # one line, not a traceback
 
 import lm_eval.models  # noqa: E402  (registers lm-eval's own models first: see `main`)
 from lm_eval.api.model import TemplateLM  # noqa: E402
@@ -44,13 +49,20 @@ class TokenFormerLM(TemplateLM):
     `dtype` (float32, bfloat16, float16), `batch_size`, `device`, `max_length` (default: the
     model's seq_length), `tokenizer` (default: the checkpoint's tokenizer.json)."""
 
-    def __init__(self, pretrained, dtype: str = "float32", batch_size: int | str = 8,
+    def __init__(self, pretrained=None, dtype: str = "float32", batch_size: int | str = 8,
                  device: str | None = "cpu", max_length: int | str | None = None, tokenizer=None,
-                 max_batch_size: int | None = None) -> None:
+                 max_batch_size: int | None = None, **unknown) -> None:
         # max_batch_size: lm-eval's command line passes it for batch_size=auto; unused here.
         super().__init__()
         from tokenformer.model import TokenFormer
         from tokenformer.tokenizer import load_tokenizer
+
+        if unknown:
+            raise TokenFormerError(
+                f"unknown model_args {', '.join(sorted(unknown))}: the tokenformer model takes "
+                f"pretrained, dtype, batch_size, device, max_length and tokenizer")
+        if pretrained is None:
+            raise TokenFormerError("the tokenformer model needs model_args pretrained=CHECKPOINT_DIR")
 
         device = _usable_device(device)
         if isinstance(pretrained, TokenFormer):

@@ -137,13 +137,12 @@ class Pattention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.norm_activation_type == "l2_norm_gelu":
             keys, values = self.key_param_tokens, self.value_param_tokens
-            device_type = x.device.type
-            if torch.is_autocast_enabled(device_type):
-                # The hand-written backward runs outside autocast, so it must see the tensors in
-                # the dtype its forward computed with: cast once here (autograd casts the
-                # gradients back to the parameters' dtype).
-                dtype = torch.get_autocast_dtype(device_type)
-                with torch.autocast(device_type, enabled=False):
+            device = x.device.type
+            if torch.is_autocast_enabled(device):
+                # A custom function's backward runs outside autocast: cast here, where autograd
+                # sees the casts, as autocast would have cast the two matmuls.
+                dtype = torch.get_autocast_dtype(device)
+                with torch.autocast(device, enabled=False):
                     return L2NormGeluPattention.apply(x.to(dtype), keys.to(dtype), values.to(dtype),
                                                       self.effective_scale_num, self.memory_lean)
             return L2NormGeluPattention.apply(x, keys, values, self.effective_scale_num,

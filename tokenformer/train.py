@@ -28,6 +28,7 @@ import random
 import shutil
 import sys
 import time
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -212,11 +213,10 @@ class TrainConfig:
 
 
 def _field_type(name: str) -> Any:
-    hints = typing.get_type_hints(TrainConfig)
-    hint = hints[name]
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if typing.get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType", None)) and args:
-        hint = args[0]
+    """The type of field `name`, with `X | None` reduced to `X`."""
+    hint = typing.get_type_hints(TrainConfig)[name]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
     return hint
 
 
@@ -757,19 +757,17 @@ class CheckpointManager:
 
         path = Path(path)
         state = torch_load_safe(path / TRAINER_STATE_FILE)
-        if sharded:
-            if not (path / "sharded").is_dir():
-                raise TokenFormerError(f"{path} was not written under FSDP2 (no sharded/ folder): resume it "
-                                       f"with parallelism ddp")
+        # DCP reshards on load: an FSDP2 checkpoint resumes on any number of ranks, or in one process
+        if (path / "sharded").is_dir() and (sharded or state.get("optimizer") is None):
             load_sharded(path / "sharded", model, optimizer)
             return state
+        if sharded:
+            raise TokenFormerError(f"{path} was not written under FSDP2 (no sharded/ folder): resume it "
+                                   f"with parallelism ddp")
         plain = unwrap(model)
         weights = load_file(str(path / WEIGHTS_FILE), device=str(next(plain.parameters()).device))
         plain.load_state_dict(weights)
         if optimizer is not None:
-            if state.get("optimizer") is None:
-                raise TokenFormerError(f"{path} holds its optimizer state sharded (FSDP2): resume it with "
-                                       f"parallelism fsdp2")
             optimizer.load_state_dict(state["optimizer"])
         return state
 
@@ -847,6 +845,16 @@ def train(config: TrainConfig, model: nn.Module | None = None) -> dict[str, Any]
     env = init_distributed(config.device)
     try:
         return _train(config, model, env)
+    except Exception as error:
+        if not env.distributed:
+            raise
+        from tokenformer.distributed import describe_rank_failure
+
+        latest = CheckpointManager(config.save).latest() if config.save else None
+        described = describe_rank_failure(error, env, latest)
+        if described is None:
+            raise
+        raise described from error
     finally:
         if env.distributed and not was_initialised:
             shutdown()
@@ -854,7 +862,8 @@ def train(config: TrainConfig, model: nn.Module | None = None) -> dict[str, Any]
 
 def _train(cfg: TrainConfig, model: nn.Module | None, env) -> dict[str, Any]:
     from tokenformer import warm_start
-    from tokenformer.distributed import all_reduce_mean, barrier, gradient_sync, wrap_model
+    from tokenformer.distributed import (all_reduce_mean, barrier, gradient_sync, maybe_fail, unwrap,
+                                         wrap_model)
 
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -878,7 +887,7 @@ def _train(cfg: TrainConfig, model: nn.Module | None, env) -> dict[str, Any]:
         if env.device.type == "cuda" else None
     warm = warm_start.prepare_model(cfg, model)  # init_from options; freezes before the optimizer sees it
     model = wrap_model(model, env, "fsdp" if sharded else "ddp", param_dtype=param_dtype if sharded else None)
-    optimizer = build_optimizer(model, cfg)
+    optimizer = build_optimizer(unwrap(model), cfg)  # names without DDP's `module.` prefix
     warm = warm_start.start_optimizer(cfg, warm, optimizer, sharded=sharded)
     scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
 
@@ -977,6 +986,7 @@ def _train(cfg: TrainConfig, model: nn.Module | None, env) -> dict[str, Any]:
             else:
                 optimizer.step()
             step = iteration
+            maybe_fail(step, env)
             losses[step] = step_loss
             interval_tokens += tokens_per_step
             progress.update(1)
