@@ -47,9 +47,9 @@ VOCAB = 50277  # GPT-NeoX-20B; both models pad to 50304
 # The benchmark shapes: the released models' proportions (slots qkv = proj = width, ffn = 4 x width)
 # at a size that 2 CPU cores run in minutes.
 SHAPES = {
-    "full": dict(hidden=512, layers=6, heads=8, seq=512, batch=2, reps=7,
-                 pattention_tokens=2048, prompt=480, new_tokens=32, gemm=2048),
-    "quick": dict(hidden=256, layers=4, heads=4, seq=256, batch=2, reps=7,
+    "full": dict(hidden=512, layers=4, heads=8, seq=256, batch=2, reps=7, bf16=True,
+                 pattention_tokens=2048, prompt=240, new_tokens=32, gemm=2048),
+    "quick": dict(hidden=256, layers=4, heads=4, seq=256, batch=2, reps=7, bf16=False,
                   pattention_tokens=1024, prompt=224, new_tokens=16, gemm=1024),
 }
 
@@ -312,7 +312,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller shapes: under 3 minutes")
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"JSON output (default {RESULTS})")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's, one per core). On a machine shared with "
+                             "other busy processes, 1 avoids OpenMP waiting for descheduled threads")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     s = SHAPES["quick" if args.quick else "full"]
     transformers = require_transformers()  # fail early, with the install hint
     started = time.perf_counter()
@@ -328,28 +333,36 @@ def main(argv: list[str] | None = None) -> dict:
           f"batch {s['batch']} x seq {s['seq']}, vocab 50304; {s['reps']} alternating repetitions; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu}", flush=True)
 
-    print("[1/6] Pattention forward+backward", flush=True)
+    phase_start = [time.perf_counter()]
+
+    def phase(title: str) -> None:
+        now = time.perf_counter()
+        print(f"  ({now - phase_start[0]:.0f} s)\n{title}", flush=True)
+        phase_start[0] = now
+
+    phase("[1/6] Pattention forward+backward")
     result.update(bench_pattention(s))
-    print("[3/6] GEMM peak", flush=True)
+    phase("[3/6] GEMM peak")
     peak = gemm_peak(s["gemm"], torch.float32, 5)
-    print("[2/6] training steps (fp32)", flush=True)
+    phase("[2/6] training steps (fp32)")
     fp32 = bench_training(s, torch.float32, peak)
     result.update({k: fp32[k] for k in ("step_flops_ratio", "body_flops_ratio")})
     result["mfu_fp32"], result["mfu_fp32_body"], result["mfu_fp32_hf"] = fp32["mfu"], fp32["mfu_body"], fp32["mfu_hf"]
     result["training_fp32"] = fp32
-    if bf16_supported():
-        print("[2/6] training steps (bf16 weights)", flush=True)
+    if s["bf16"] and bf16_supported():
+        phase("[2/6] training steps (bf16 weights)")
         peak16 = gemm_peak(s["gemm"], torch.bfloat16, 5)
         bf16 = bench_training(s, torch.bfloat16, peak16)
         result["training_bf16"] = bf16
         result["step_flops_ratio_bf16"], result["body_flops_ratio_bf16"] = bf16["step_flops_ratio"], bf16["body_flops_ratio"]
         result["mfu_bf16"] = bf16["mfu"]
-    print("[4/6] generation", flush=True)
+    phase("[4/6] generation")
     result.update(bench_generation(s))
-    print("[5/6] activation memory of a training step", flush=True)
+    phase("[5/6] activation memory of a training step")
     result.update(bench_activation_memory(s))
-    print("[6/6] data preparation", flush=True)
+    phase("[6/6] data preparation")
     result.update(bench_data_prep(args.quick))
+    phase("done")
     result["seconds"] = time.perf_counter() - started
 
     rows = [

@@ -172,3 +172,15 @@ def test_init_from_option_errors_are_one_sentence(corpus, source, tmp_path):
     code = cli(["train", "--model", "tiny", "--data_path", str(corpus), "--freeze-old", "--progress", "false",
                 "--train_iters", "1"])
     assert code == 2
+
+
+def test_grow_command_prints_the_loss_before_and_after(corpus, source, tmp_path, capsys):
+    assert cli(["grow", "--checkpoint", str(source["checkpoint"]), "--out", str(tmp_path / "g"),
+                "--ffn-slot-num", "256", "--data", str(corpus)]) == 0
+    line = [s for s in capsys.readouterr().out.splitlines() if s.startswith("validation loss")][0]
+    before, after = (float(part.split()[-1].rstrip(",")) for part in line.split(" (difference")[0].split(", after"))
+    assert after == pytest.approx(before, abs=1e-5) and math.isfinite(before)
+    assert cli(["grow", "--checkpoint", str(source["checkpoint"]), "--out", str(tmp_path / "o"),
+                "--ffn-slot-num", "256", "--mode", "official", "--data", str(corpus)]) == 0
+    line = [s for s in capsys.readouterr().out.splitlines() if s.startswith("validation loss")][0]
+    assert "difference +0.00e+00" not in line

@@ -600,6 +600,21 @@ def grow_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--value-std", type=float, default=None,
                         help="std of the new value tokens (default: the model's init std, 2/num_layers/sqrt(hidden))")
     parser.add_argument("--seed", type=int, default=0, help="seed of the new random rows (default 0)")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="also print the loss before and after growing on these documents: a `tokenformer "
+                             "prepare` directory (its valid split), an indexed dataset prefix or a .jsonl(.gz)")
+    parser.add_argument("--data-documents", type=int, default=16,
+                        help="score only the first N documents of --data (default 16)")
+
+
+def _loss_on(model: nn.Module, data: Path, checkpoint: Path, documents: int) -> float:
+    """Mean next-token loss of a language model on the first `documents` documents of `data`."""
+    from tokenformer.evaluate import load_documents, perplexity
+    from tokenformer.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(checkpoint)
+    docs = list(load_documents(data, tokenizer, limit=documents))
+    return perplexity(model.eval(), docs, tokenizer.eos_id, progress=False).loss
 
 
 def grow_checkpoint(checkpoint: str | Path, out: str | Path, **grow_kwargs: Any) -> tuple[nn.Module, nn.Module]:
@@ -648,6 +663,13 @@ def grow_cli_main(args: argparse.Namespace) -> None:
     print(f"new: {_describe(grown)}  ({args.mode} growth, written to {args.out})")
     if (Path(args.out) / "trainer.pt").is_file():
         print("optimizer state and training step carried over (trainer.pt)")
+    if args.data is not None:
+        if getattr(model, "model_type", "tokenformer") != "tokenformer":
+            raise TokenFormerError(f"grow --data scores a language model on text, not a {model.model_type!r} model")
+        before = _loss_on(model, args.data, args.checkpoint, args.data_documents)
+        after = _loss_on(grown, args.data, args.checkpoint, args.data_documents)
+        print(f"validation loss on {args.data} (first {args.data_documents} documents): before growing "
+              f"{before:.6f}, after {after:.6f} (difference {after - before:+.2e})")
 
 
 def shrink_cli_arguments(parser: argparse.ArgumentParser) -> None:

@@ -191,17 +191,7 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> "TrainConfig":
-        import yaml
-
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"train config {path} does not exist")
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise TokenFormerError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(values, dict):
-            raise TokenFormerError(f"{path} must hold a mapping of train config fields")
+        values = read_yaml_mapping(path, "train config")
         values.update(overrides or {})
         return cls.from_dict(values)
 
@@ -212,17 +202,34 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
-def _field_type(name: str) -> Any:
-    """The type of field `name`, with `X | None` reduced to `X`."""
-    hint = typing.get_type_hints(TrainConfig)[name]
+def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
+    """The mapping of fields in a YAML config file (`what` names it in errors)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise TokenFormerError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise TokenFormerError(f"{path} must hold a mapping of {what} fields")
+    return values
+
+
+def _field_type(name: str, config_class: type | None = None) -> Any:
+    """The type of field `name` of `config_class` (default TrainConfig), with `X | None` reduced to `X`."""
+    hint = typing.get_type_hints(config_class or TrainConfig)[name]
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
     return hint
 
 
-def _convert(name: str, value: Any) -> Any:
-    """Turn a YAML or command-line value into the type of field `name`."""
-    target = _field_type(name)
+def _convert(name: str, value: Any, config_class: type | None = None) -> Any:
+    """Turn a YAML or command-line value into the type of field `name` (of `TrainConfig`, or of
+    another config dataclass such as the vision trainer's)."""
+    target = _field_type(name, config_class)
     if value is None or target is Any:
         if isinstance(value, str) and name == "model" and value.lstrip().startswith("{"):
             import yaml
@@ -251,9 +258,15 @@ def _convert(name: str, value: Any) -> Any:
         if target is str:
             return None if isinstance(value, str) and value.lower() in ("none", "null") else str(value)
         if typing.get_origin(target) is list:
+            item = (typing.get_args(target) or (str,))[0]
             if isinstance(value, str):
-                return [part for part in value.split(",") if part]
-            return [str(v) for v in value]
+                text = value.strip()
+                if text.startswith("[") and text.endswith("]"):  # `--mean [0.5,0.5]`
+                    text = text[1:-1]
+                value = [part.strip() for part in text.split(",") if part.strip()]
+            elif not isinstance(value, (list, tuple)):
+                value = [value]
+            return [item(v) for v in value]
     except (TypeError, ValueError):
         raise TokenFormerError(f"train config field {name} expects {getattr(target, '__name__', target)}, "
                                f"got {value!r}") from None
@@ -949,7 +962,8 @@ def train(config: TrainConfig, model: nn.Module | None = None, task=None) -> dic
 
 def _train(cfg: TrainConfig, model: nn.Module | None, env, task) -> dict[str, Any]:
     from tokenformer import warm_start
-    from tokenformer.distributed import (all_reduce_mean, barrier, gradient_sync, maybe_fail, unwrap,
+    from tokenformer.distributed import (all_reduce_mean, barrier, gradient_sync, maybe_fail, resume_batch_note,
+                                         unwrap,
                                          wrap_model)
 
     if cfg.num_threads:
@@ -987,6 +1001,10 @@ def _train(cfg: TrainConfig, model: nn.Module | None, env, task) -> dict[str, An
                 scaler.load_state_dict(state["scaler"])
             restore_rng(state["rng"])
             resumed_from = latest
+            note = resume_batch_note(state, cfg.train_micro_batch_size_per_gpu, cfg.gradient_accumulation_steps,
+                                     env.world_size)
+            if note and env.is_main:
+                print(f"warning: {note}", file=sys.stderr)
         elif cfg.resume and env.is_main:
             print(f"no checkpoint in {cfg.save}: starting from scratch", file=sys.stderr)
         if env.is_main:
@@ -1115,13 +1133,13 @@ class _NoProgress:
     def close(self) -> None: ...
 
 
-def _progress_bar(cfg: TrainConfig, env, step: int):
+def _progress_bar(cfg: TrainConfig, env, step: int, total: int | None = None, desc: str = "train"):
     if not (cfg.progress and env.is_main):
         return _NoProgress()
     from tqdm.auto import tqdm
 
     # tqdm's rate is steps/s; its ETA is what the bar is for. tokens/s is in the postfix.
-    return tqdm(total=cfg.train_iters, initial=step, desc="train", unit="step", dynamic_ncols=True,
+    return tqdm(total=total or cfg.train_iters, initial=step, desc=desc, unit="step", dynamic_ncols=True,
                 mininterval=0.5)
 
 
