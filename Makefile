@@ -22,9 +22,9 @@ test: $(STAMP)
 
 # The main job: prepare the Python standard library (embedded corpus, BPE 2048), train a small
 # TokenFormer on it (validation loss before -> after, checkpoint + loss_curve.png in
-# runs/demo/checkpoints), grow it to twice the parameter tokens in exact mode (the validation loss
-# before and after growing is printed: the same), train the grown model on (optimizer state
-# carried, schedule continued; runs/demo/grown-checkpoints), then generate from it.
+# runs/demo/checkpoints), grow it to twice the parameter tokens in exact mode, train the grown
+# model on (optimizer state carried, schedule continued; runs/demo/grown-checkpoints: its first
+# validation, at step 500, equals the small model's last one), then generate from it.
 # It installs only what it needs (the package and matplotlib), not the development extras.
 DEMO := runs/demo
 DEMO_STAMP := $(VENV)/.demo-stamp
@@ -39,7 +39,7 @@ demo: $(DEMO_STAMP) $(DEMO)/data/prepare.json
 	rm -rf $(DEMO)/checkpoints $(DEMO)/grown $(DEMO)/grown-checkpoints
 	$(VENV)/bin/tokenformer train configs/demo.yaml --data_path $(DEMO)/data --save $(DEMO)/checkpoints
 	$(VENV)/bin/tokenformer grow --checkpoint $(DEMO)/checkpoints/$$(cat $(DEMO)/checkpoints/latest) \
-		--out $(DEMO)/grown --factor 2 --mode exact --data $(DEMO)/data
+		--out $(DEMO)/grown --factor 2 --mode exact
 	$(VENV)/bin/tokenformer train configs/demo.yaml --data_path $(DEMO)/data --save $(DEMO)/grown-checkpoints \
 		--init_from $(DEMO)/grown --init_from_optimizer true --init_from_schedule continue \
 		--train_iters 600 --lr_decay_iters 500 --eval_interval 50
