@@ -93,7 +93,7 @@ class L2NormGeluPattention(torch.autograd.Function):
             # One score-sized buffer for the whole chain: large fresh allocations cost page faults.
             grad_u = grad_out @ values.T  # (..., n): dw
             torch.ops.aten.gelu_backward.grad_input(grad_u, u, grad_input=grad_u)  # dw * gelu'(u)
-            dot = (grad_u.unsqueeze(-2) @ u.unsqueeze(-1)).squeeze(-1).div_(ctx.scale_num)  # (..., 1)
+            dot = (grad_u * u).sum(dim=-1, keepdim=True).div_(ctx.scale_num)  # (..., 1)
             grad_s = grad_u.addcmul_(u, dot, value=-1.0).mul_(scale)  # (..., n)
             if need_x:
                 grad_x = grad_s @ keys  # (..., d_in)
