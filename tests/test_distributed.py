@@ -169,6 +169,9 @@ def test_ddp_two_ranks_killed_and_resumed_match_single_process_losses(ddp_resume
     assert (ddp_resumed["save"] / "latest").read_text().strip() == "step_00000004"
     trainer = torch.load(ddp_resumed["save"] / "step_00000004" / "trainer.pt", weights_only=True)
     assert trainer["consumed_samples"] == STEPS * 8 and trainer["world_size"] == 2
+    # the optimizer names parameters as the plain model does, not DDP's "module." wrapper
+    names = [n for group in trainer["optimizer"]["param_groups"] for n in group["param_names"]]
+    assert "word_embeddings.weight" in names and not any(n.startswith("module.") for n in names)
 
 
 def test_gradient_accumulation_syncs_only_on_the_last_micro_step(reference):
@@ -329,3 +332,30 @@ def test_resuming_with_another_global_batch_is_flagged():
     assert "global batch of 4 windows" in note and "trained with 8" in note
     assert "train_micro_batch_size_per_gpu to 4" in note
     assert D.resume_batch_note({}, 2, 2, 1) is None  # an old checkpoint without the fields
+
+
+def test_one_process_checkpoint_resumes_under_fsdp2(one_rank_group, corpus, reference):
+    """A full-state checkpoint (one process or DDP) loads into FSDP2's shards: weights and AdamW state."""
+    from tokenformer.train import CheckpointManager, build_optimizer
+
+    checkpoint = reference["save"] / "step_00000002"
+    cfg = TrainConfig(**run_fields(corpus, None))
+    from torch.distributed.fsdp import fully_shard
+
+    model = TokenFormer.from_pretrained(checkpoint)
+    for block in model.layers:  # as wrap_model does, over the one-rank group
+        fully_shard(block)
+    fully_shard(model)
+    optimizer = build_optimizer(model, cfg)
+    state = CheckpointManager(reference["save"]).load(checkpoint, model, optimizer, sharded=True)
+    assert state["step"] == 2
+    saved = torch.load(checkpoint / "trainer.pt", weights_only=True)["optimizer"]
+    names = [n for g in saved["param_groups"] for n in g["param_names"]]
+    ids = [i for g in saved["param_groups"] for i in g["params"]]
+    params = dict(model.named_parameters())
+    for name, index in zip(names, ids):
+        loaded = optimizer.state[params[name]]
+        torch.testing.assert_close(loaded["exp_avg"].full_tensor(), saved["state"][index]["exp_avg"], rtol=0, atol=0)
+    reference_model = TokenFormer.from_pretrained(checkpoint)
+    for name, p in reference_model.named_parameters():
+        assert torch.equal(params[name].full_tensor(), p), name

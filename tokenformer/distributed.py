@@ -262,6 +262,38 @@ def load_sharded(directory: str | Path, model: nn.Module, optimizer: torch.optim
         set_state_dict(model, [], model_state_dict=state["model"], optim_state_dict={})
 
 
+def load_full_into_sharded(model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                           weights: dict[str, torch.Tensor], optimizer_state: dict[str, Any] | None,
+                           source: str = "the checkpoint") -> None:
+    """Load a full-state checkpoint (one process or DDP: weights and an ordinary optimizer state dict)
+    into an FSDP2 model and its optimizer; every rank reads it all and keeps its own shards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    if optimizer is not None and optimizer_state is None:
+        raise TokenFormerError(f"{source} holds no optimizer state to resume from")
+    options = StateDictOptions(full_state_dict=True)
+    if optimizer is None:
+        set_state_dict(model, [], model_state_dict=weights, optim_state_dict={}, options=options)
+        return
+    set_state_dict(model, optimizer, model_state_dict=weights,
+                   optim_state_dict=optimizer_state_by_name(optimizer_state, source), options=options)
+
+
+def optimizer_state_by_name(state: dict[str, Any], source: str = "the checkpoint") -> dict[str, Any]:
+    """`optimizer.state_dict()` (parameters numbered) keyed by parameter name instead, the form
+    `torch.distributed.checkpoint.state_dict` works with; names come from each group's `param_names`."""
+    names: dict[int, str] = {}
+    groups = []
+    for group in state["param_groups"]:
+        if "param_names" not in group:
+            raise TokenFormerError(f"{source} has an optimizer state without parameter names: resume it "
+                                   f"with parallelism ddp")
+        fqns = [name.removeprefix("module.") for name in group["param_names"]]
+        names.update(zip(group["params"], fqns))
+        groups.append({**group, "params": fqns, "param_names": fqns})
+    return {"state": {names[index]: value for index, value in state["state"].items()}, "param_groups": groups}
+
+
 def is_sharded_checkpoint(path: str | Path) -> bool:
     """A DCP folder (`.metadata` inside) or a training checkpoint holding one under `sharded/`."""
     path = Path(path)
