@@ -359,3 +359,14 @@ def test_one_process_checkpoint_resumes_under_fsdp2(one_rank_group, corpus, refe
     reference_model = TokenFormer.from_pretrained(checkpoint)
     for name, p in reference_model.named_parameters():
         assert torch.equal(params[name].full_tensor(), p), name
+
+
+def test_collective_timeout_comes_from_the_environment(monkeypatch):
+    monkeypatch.delenv(D.TIMEOUT_ENV, raising=False)
+    assert D.collective_timeout_minutes() == 30.0
+    monkeypatch.setenv(D.TIMEOUT_ENV, "2.5")
+    assert D.collective_timeout_minutes() == 2.5
+    for bad in ("0", "soon"):
+        monkeypatch.setenv(D.TIMEOUT_ENV, bad)
+        with pytest.raises(D.TokenFormerError, match=D.TIMEOUT_ENV):
+            D.collective_timeout_minutes()

@@ -24,6 +24,7 @@ from tokenformer.errors import TokenFormerError
 PARALLELISMS = ("ddp", "fsdp")
 # fault injection for tests and failure drills: "STEP" or "STEP:RANK" (default rank: the last one)
 FAIL_AT_STEP_ENV = "TOKENFORMER_FAIL_AT_STEP"
+TIMEOUT_ENV = "TOKENFORMER_DIST_TIMEOUT_MINUTES"
 
 
 @dataclass
@@ -56,11 +57,27 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
     return resolved
 
 
-def init_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> DistEnv:
+def collective_timeout_minutes(default: float = 30.0) -> float:
+    """How long a rank waits in a collective for a peer that neither answers nor dies before giving
+    up: `TOKENFORMER_DIST_TIMEOUT_MINUTES`, else `default`. (A peer that dies is noticed at once.)"""
+    value = os.environ.get(TIMEOUT_ENV)
+    if not value:
+        return default
+    try:
+        minutes = float(value)
+    except ValueError:
+        minutes = -1.0
+    if not minutes > 0:
+        raise TokenFormerError(f"{TIMEOUT_ENV}={value!r} must be a positive number of minutes")
+    return minutes
+
+
+def init_distributed(device: str = "auto", timeout_minutes: float | None = None) -> DistEnv:
     """Join the process group torchrun set up (gloo on CPU, nccl on GPU), or stay single-process."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return DistEnv(device=resolve_device(device))
+    timeout_minutes = timeout_minutes or collective_timeout_minutes()
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     resolved = resolve_device(device, local_rank)
     if resolved.type == "cuda":
