@@ -370,3 +370,21 @@ def test_collective_timeout_comes_from_the_environment(monkeypatch):
         monkeypatch.setenv(D.TIMEOUT_ENV, bad)
         with pytest.raises(D.TokenFormerError, match=D.TIMEOUT_ENV):
             D.collective_timeout_minutes()
+
+
+def test_fsdp2_checkpoint_of_two_ranks_resumes_under_ddp(one_rank_group, fsdp, corpus):
+    """DDP (here over a one-rank group) reads the 2-rank shards of weights and AdamW state."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from tokenformer.train import CheckpointManager, build_optimizer
+
+    checkpoint = fsdp["save"] / "step_00000002"
+    model = DistributedDataParallel(TokenFormer.from_pretrained(fsdp["save"] / "step_00000004"))
+    optimizer = build_optimizer(model, TrainConfig(**run_fields(corpus, None)))
+    state = CheckpointManager(fsdp["save"]).load(checkpoint, model, optimizer)
+    assert state["step"] == 2
+    gathered = TokenFormer.from_pretrained(checkpoint)  # the full weights rank 0 wrote beside the shards
+    for (name, p), q in zip(model.module.named_parameters(), gathered.parameters()):
+        assert torch.equal(p, q), name
+    steps = {float(s["step"]) for s in optimizer.state.values()}
+    assert steps == {2.0} and len(optimizer.state) == len(list(gathered.parameters()))
