@@ -186,9 +186,13 @@ def test_a_failing_rank_stops_the_job_with_one_clear_message(ddp_crash):
     assert result.returncode != 0
     out = result.stdout + result.stderr
     # the failing rank names itself, the cause, and the checkpoint to resume from, exactly once
-    own = [line for line in out.splitlines() if "rank 1 of 2: failed on purpose after step 3" in line]
+    own = [line for line in out.splitlines() if line.startswith("tokenformer train: error: rank 1 of 2: "
+                                                                 "failed on purpose after step 3")]
     assert len(own) == 1, out
     assert f"step_{SAVE_INTERVAL:08d}" in own[0] and "--resume" in own[0]
+    # torchrun's failure summary shows that sentence as the root cause (through its error file)
+    root_cause = out[out.index("Root Cause"):]
+    assert "rank      : 1" in root_cause and "rank 1 of 2: failed on purpose" in root_cause, out
     # the surviving rank never prints a backend traceback: either its own sentence or, when
     # torchrun's SIGTERM came first, nothing at all
     assert "[rank0]: Traceback" not in out and "[rank1]: Traceback" not in out, out
