@@ -71,8 +71,11 @@ def _tell_torchrun(message: str) -> None:
     if path:
         record = {"message": {"message": message, "extraInfo": {"py_callstack": message,
                                                                  "timestamp": str(int(time.time()))}}}
-        with open(path, "w") as f:
-            json.dump(record, f)
+        try:
+            with open(path, "w") as f:
+                json.dump(record, f)
+        except OSError:  # the message is on stderr already; the summary is a nicety
+            pass
 
 
 if __name__ == "__main__":
