@@ -1,27 +1,26 @@
 """Incremental scaling in miniature: does growing a small TokenFormer beat training the big one?
 
-    python experiments/growth.py                       # the README run (see the README for its wall time)
-    python experiments/growth.py --steps 40 --grow-at 20 --eval-interval 10 --out /tmp/g   # a smoke run
+    python experiments/growth.py            # the README run: writes experiments/results/growth.{json,png}
+    python experiments/growth.py --steps 40 --grow-at 20 --eval-interval 10 --out /tmp/g --work /tmp/g/work  # smoke
 
 On the State of the Union addresses (`../shared/data/sotu`, else this Python's standard library),
 byte-level tokens, every run through the trainer (`tokenformer.train.train`):
 
-  scratch                the large model (same depth/width, more parameter tokens) from scratch
-  small                  the small model, stopped at `--grow-at` of the same `--steps` schedule
-  then the small checkpoint is grown to the large shape (`tokenformer grow`) and trained on,
-  each variant its own curve, `--steps - --grow-at` more steps:
-  exact/fresh-restart    exact growth, fresh AdamW, re-warmed schedule (the official recipe)
-  exact/carry-restart    ... optimizer state carried (new tokens zero moments), re-warmed schedule
-  exact/fresh-continue   ... fresh AdamW, the small run's schedule continued (no re-warm)
-  exact/carry-continue   ... optimizer carried and schedule continued (a resume, grown)
-  exact/fresh-low-lr     ... fresh AdamW, re-warmed to a lower peak lr (`--low-lr`)
-  official/fresh-restart official growth (random new rows, n follows the count), official recipe
-  official/carry-continue official growth with carried optimizer and continued schedule
+  scratch                 the large model (same depth and width, more parameter tokens) from scratch
+  small                   the small model, stopped at `--grow-at` of the same `--steps` schedule
+  then the small checkpoint is grown to the large shape (`scaling.grow_checkpoint`, what
+  `tokenformer grow` runs) and trained `--steps - --grow-at` more steps, each variant a curve:
+  exact/fresh-restart     exact growth, fresh AdamW, re-warmed schedule (the official recipe)
+  exact/fresh-low-lr      ... fresh AdamW, re-warmed to a lower peak lr (`--low-lr`)
+  exact/fresh-continue    ... fresh AdamW, the small run's schedule continued (no re-warm)
+  exact/carry-continue    ... optimizer state carried (new tokens: zero moments), schedule continued
+  official/fresh-restart  official growth (random new rows, n follows the count), official recipe
+  and, with `--variants`, exact/carry-restart and official/carry-continue.
 
 Runs go `--jobs` at a time (one thread each). Cumulative training FLOPs are analytic matmul FLOPs
 (`tokenformer.flops`, forward + backward) and count the small model's training in the grown runs.
 Writes OUT/growth.json (every validation point, the table) and OUT/growth.png (loss vs FLOPs).
-Restarted runs read the data from a fresh order (seed + 1) so that they do not revisit exactly the
+Restarted runs read the data in a fresh order (seed + 1) so that they do not revisit exactly the
 windows the small model saw; continued runs go on from the small run's data position.
 """
 
