@@ -6,6 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
 BENCH_STAMP := $(VENV)/.bench-stamp
+BENCH_ARGS ?=
 
 .PHONY: install test demo clean bench bench-quick
 
@@ -55,10 +56,10 @@ $(BENCH_STAMP): $(STAMP)
 	touch $(BENCH_STAMP)
 
 bench: $(BENCH_STAMP)
-	$(PY) -m bench.compare
+	$(PY) -m bench.compare $(BENCH_ARGS)
 
 bench-quick: $(BENCH_STAMP)
-	$(PY) -m bench.compare --quick
+	$(PY) -m bench.compare --quick $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -90,6 +90,7 @@ def main() -> None:
     if args.steps < 2 * args.log_interval:
         raise SystemExit("--steps must be at least twice --log-interval (the first interval is warm-up)")
     global_batch = args.micro_batch * args.accumulation * args.nproc
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         corpus = write_corpus(tmp / "corpus", num_tokens=(args.steps + 1) * global_batch * (args.seq + 1))
@@ -100,11 +101,12 @@ def main() -> None:
                 for t in sorted({cores, 1}, reverse=True)]
         for parallelism in args.parallelism:
             rows.append(train_run(corpus, tmp / parallelism, args, args.nproc, parallelism))
+    load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     single = max(row["tokens_per_s"] for row in rows if row["processes"] == 1)
     for row in rows:
         row["speedup_vs_1_process"] = row["tokens_per_s"] / single
     print(f"{args.preset}, seq {args.seq}, global batch {global_batch} windows, {args.steps} steps, "
-          f"{os.cpu_count()} CPU cores, torch {torch.__version__}")
+          f"{os.cpu_count()} CPU cores, torch {torch.__version__}, load average {load_before:.1f} -> {load_after:.1f}")
     print(f"{'processes':>9}  {'parallelism':<11}{'threads':>8}{'tokens/s':>12}{'vs 1 process':>14}"
           f"{'final loss':>12}")
     for row in rows:
@@ -115,7 +117,8 @@ def main() -> None:
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({"runs": rows, "preset": args.preset, "seq": args.seq, "global_batch": global_batch,
                                "micro_batch_per_rank": args.micro_batch, "accumulation": args.accumulation,
-                               "steps": args.steps, "cpu_cores": os.cpu_count(), "torch": torch.__version__,
+                               "steps": args.steps, "cpu_cores": os.cpu_count(),
+                               "load_average_1min": [load_before, load_after], "torch": torch.__version__,
                                "cpu": platform.processor() or platform.machine()}, indent=2) + "\n")
     print(f"wrote {out}")
 

@@ -1,27 +1,26 @@
 """Incremental scaling in miniature: does growing a small TokenFormer beat training the big one?
 
-    python experiments/growth.py                       # the README run (see the README for its wall time)
-    python experiments/growth.py --steps 40 --grow-at 20 --eval-interval 10 --out /tmp/g   # a smoke run
+    python experiments/growth.py            # the README run: writes experiments/results/growth.{json,png}
+    python experiments/growth.py --steps 40 --grow-at 20 --eval-interval 10 --out /tmp/g --work /tmp/g/work  # smoke
 
 On the State of the Union addresses (`../shared/data/sotu`, else this Python's standard library),
 byte-level tokens, every run through the trainer (`tokenformer.train.train`):
 
-  scratch                the large model (same depth/width, more parameter tokens) from scratch
-  small                  the small model, stopped at `--grow-at` of the same `--steps` schedule
-  then the small checkpoint is grown to the large shape (`tokenformer grow`) and trained on,
-  each variant its own curve, `--steps - --grow-at` more steps:
-  exact/fresh-restart    exact growth, fresh AdamW, re-warmed schedule (the official recipe)
-  exact/carry-restart    ... optimizer state carried (new tokens zero moments), re-warmed schedule
-  exact/fresh-continue   ... fresh AdamW, the small run's schedule continued (no re-warm)
-  exact/carry-continue   ... optimizer carried and schedule continued (a resume, grown)
-  exact/fresh-low-lr     ... fresh AdamW, re-warmed to a lower peak lr (`--low-lr`)
-  official/fresh-restart official growth (random new rows, n follows the count), official recipe
-  official/carry-continue official growth with carried optimizer and continued schedule
+  scratch                 the large model (same depth and width, more parameter tokens) from scratch
+  small                   the small model, stopped at `--grow-at` of the same `--steps` schedule
+  then the small checkpoint is grown to the large shape (`scaling.grow_checkpoint`, what
+  `tokenformer grow` runs) and trained `--steps - --grow-at` more steps, each variant a curve:
+  exact/fresh-restart     exact growth, fresh AdamW, re-warmed schedule (the official recipe)
+  exact/fresh-low-lr      ... fresh AdamW, re-warmed to a lower peak lr (`--low-lr`)
+  exact/fresh-continue    ... fresh AdamW, the small run's schedule continued (no re-warm)
+  exact/carry-continue    ... optimizer state carried (new tokens: zero moments), schedule continued
+  official/fresh-restart  official growth (random new rows, n follows the count), official recipe
+  and, with `--variants`, exact/carry-restart and official/carry-continue.
 
 Runs go `--jobs` at a time (one thread each). Cumulative training FLOPs are analytic matmul FLOPs
 (`tokenformer.flops`, forward + backward) and count the small model's training in the grown runs.
 Writes OUT/growth.json (every validation point, the table) and OUT/growth.png (loss vs FLOPs).
-Restarted runs read the data from a fresh order (seed + 1) so that they do not revisit exactly the
+Restarted runs read the data in a fresh order (seed + 1) so that they do not revisit exactly the
 windows the small model saw; continued runs go on from the small run's data position.
 """
 
@@ -40,6 +39,7 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+OUTCOME_FILE = "outcome.json"
 SOTU = ROOT.parent / "shared" / "data" / "sotu" / "sotu.jsonl.gz"
 
 # name -> (growth mode, carry optimizer, continue schedule, low lr)
@@ -86,9 +86,32 @@ def run_training(name: str, values: dict[str, Any]) -> dict[str, Any]:
     start = time.perf_counter()
     summary = train(TrainConfig(**values))
     records = read_metrics(Path(values["save"]) / "metrics.jsonl")
-    return {"name": name, "wall_time_s": time.perf_counter() - start, "checkpoint": summary["checkpoint"],
+    outcome = {"name": name, "wall_time_s": time.perf_counter() - start, "checkpoint": summary["checkpoint"],
+               "val": [(r["step"], r["val_loss"]) for r in records if "val_loss" in r],
+               "tokens_per_s": summary["tokens_per_s"], "config": values}
+    (Path(values["save"]) / OUTCOME_FILE).write_text(json.dumps(outcome) + "\n")
+    return outcome
+
+
+def finished_run(name: str, values: dict[str, Any], earlier_results: Path) -> dict[str, Any] | None:
+    """An earlier run of `name` with exactly these settings (`--reuse`), finished, or None. Its
+    timing comes from its outcome.json, or from the earlier results file."""
+    from tokenformer.train import CheckpointManager, TrainConfig, read_metrics
+
+    save = Path(values["save"])
+    if not (save / "train_config.json").is_file() or not (save / "metrics.jsonl").is_file():
+        return None
+    if json.loads((save / "train_config.json").read_text()) != json.loads(json.dumps(TrainConfig(**values).to_dict())):
+        return None
+    latest = CheckpointManager(save).latest()
+    if latest is None or latest.name != CheckpointManager.name_of(values["train_iters"]):
+        return None
+    records = read_metrics(save / "metrics.jsonl")
+    timing = json.loads((save / OUTCOME_FILE).read_text()) if (save / OUTCOME_FILE).is_file() else \
+        json.loads(earlier_results.read_text())["runs"].get(name, {}) if earlier_results.is_file() else {}
+    return {"name": name, "checkpoint": str(latest), "reused": True,
             "val": [(r["step"], r["val_loss"]) for r in records if "val_loss" in r],
-            "tokens_per_s": summary["tokens_per_s"]}
+            "wall_time_s": timing.get("wall_time_s", float("nan")), "tokens_per_s": timing.get("tokens_per_s")}
 
 
 def flops_per_step(model: dict[str, Any], tokens_per_step: int) -> float:
@@ -159,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"comma-separated, from {', '.join(VARIANTS)} (default: the five of the README)")
     parser.add_argument("--jobs", type=int, default=3, help="runs at a time (one CPU thread each)")
     parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--reuse", action="store_true",
+                        help="reuse the runs in --work that finished with the same settings (e.g. to add a variant)")
     args = parser.parse_args(argv)
     variants = [v for v in args.variants.split(",") if v]
     unknown = [v for v in variants if v not in VARIANTS]
@@ -207,23 +232,34 @@ def main(argv: list[str] | None = None) -> int:
     growth_losses: dict[str, float] = {}
     context = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch thread pools
     with futures.ProcessPoolExecutor(max_workers=args.jobs, mp_context=context) as pool:
-        pending = {pool.submit(run_training, "small", configs["small"]): "small",
-                   pool.submit(run_training, "scratch", configs["scratch"]): "scratch"}
+        pending: dict[futures.Future, str] = {}
+
+        def launch(name: str) -> None:
+            earlier = finished_run(name, configs[name], args.out / "growth.json") if args.reuse else None
+            if earlier is not None:
+                done_with(name, earlier)
+            else:
+                pending[pool.submit(run_training, name, configs[name])] = name
+
+        def done_with(name: str, outcome: dict[str, Any]) -> None:
+            outcomes[name] = outcome
+            print(f"{name}: {'reused' if outcome.get('reused') else 'done'} ({outcome['wall_time_s']:.0f} s), "
+                  f"final validation loss {outcome['val'][-1][1]:.4f}", flush=True)
+            if name == "small":
+                for mode in sorted({VARIANTS[v][0] for v in variants}):
+                    old, new = grow_checkpoint(outcome["checkpoint"], args.work / f"grown-{mode}", mode=mode,
+                                               seed=args.seed, **args.large)
+                    print(f"grew the small model ({old.num_parameters():,} parameters) to "
+                          f"{new.num_parameters():,} ({mode})", flush=True)
+                for variant in variants:
+                    launch(variant)
+
+        launch("small")
+        launch("scratch")
         while pending:
             done, _ = futures.wait(pending, return_when=futures.FIRST_COMPLETED)
             for job in done:
-                name = pending.pop(job)
-                outcomes[name] = outcome = job.result()
-                print(f"{name}: done in {outcome['wall_time_s']:.0f} s, final validation loss "
-                      f"{outcome['val'][-1][1]:.4f}", flush=True)
-                if name == "small":
-                    for mode in sorted({VARIANTS[v][0] for v in variants}):
-                        old, new = grow_checkpoint(outcome["checkpoint"], args.work / f"grown-{mode}", mode=mode,
-                                                   seed=args.seed, **args.large)
-                        print(f"grew the small model ({old.num_parameters():,} parameters) to "
-                              f"{new.num_parameters():,} ({mode})", flush=True)
-                    for variant in variants:
-                        pending[pool.submit(run_training, variant, configs[variant])] = variant
+                done_with(pending.pop(job), job.result())
 
     # ---- curves, table ----
     def curve_of(name: str) -> list[dict[str, float]]:
@@ -249,10 +285,11 @@ def main(argv: list[str] | None = None) -> int:
         "growth_flops": args.grow_at * small_step, "runs": {},
     }
     small_final = outcomes["small"]["val"][-1][1]
-    for name in outcomes:
+    for name in ["scratch", "small"] + [v for v in VARIANTS if v in outcomes]:
         curve = curve_of(name)
         run = {"curve": curve, "final_val_loss": curve[-1]["val_loss"], "total_flops": curve[-1]["flops"],
-               "wall_time_s": outcomes[name]["wall_time_s"], "tokens_per_s": outcomes[name]["tokens_per_s"]}
+               "wall_time_s": outcomes[name]["wall_time_s"], "tokens_per_s": outcomes[name]["tokens_per_s"],
+               "reused_from_earlier_invocation": bool(outcomes[name].get("reused"))}
         if name not in ("scratch", "small"):
             run["val_loss_before_growth"] = small_final
             run["val_loss_right_after_growth"] = curve[0]["val_loss"]

@@ -169,6 +169,9 @@ def test_ddp_two_ranks_killed_and_resumed_match_single_process_losses(ddp_resume
     assert (ddp_resumed["save"] / "latest").read_text().strip() == "step_00000004"
     trainer = torch.load(ddp_resumed["save"] / "step_00000004" / "trainer.pt", weights_only=True)
     assert trainer["consumed_samples"] == STEPS * 8 and trainer["world_size"] == 2
+    # the optimizer names parameters as the plain model does, not DDP's "module." wrapper
+    names = [n for group in trainer["optimizer"]["param_groups"] for n in group["param_names"]]
+    assert "word_embeddings.weight" in names and not any(n.startswith("module.") for n in names)
 
 
 def test_gradient_accumulation_syncs_only_on_the_last_micro_step(reference):
@@ -183,9 +186,13 @@ def test_a_failing_rank_stops_the_job_with_one_clear_message(ddp_crash):
     assert result.returncode != 0
     out = result.stdout + result.stderr
     # the failing rank names itself, the cause, and the checkpoint to resume from, exactly once
-    own = [line for line in out.splitlines() if "rank 1 of 2: failed on purpose after step 3" in line]
+    own = [line for line in out.splitlines() if line.startswith("tokenformer train: error: rank 1 of 2: "
+                                                                 "failed on purpose after step 3")]
     assert len(own) == 1, out
     assert f"step_{SAVE_INTERVAL:08d}" in own[0] and "--resume" in own[0]
+    # torchrun's failure summary shows that sentence as the root cause (through its error file)
+    root_cause = out[out.index("Root Cause"):]
+    assert "rank      : 1" in root_cause and "rank 1 of 2: failed on purpose" in root_cause, out
     # the surviving rank never prints a backend traceback: either its own sentence or, when
     # torchrun's SIGTERM came first, nothing at all
     assert "[rank0]: Traceback" not in out and "[rank1]: Traceback" not in out, out
@@ -329,3 +336,59 @@ def test_resuming_with_another_global_batch_is_flagged():
     assert "global batch of 4 windows" in note and "trained with 8" in note
     assert "train_micro_batch_size_per_gpu to 4" in note
     assert D.resume_batch_note({}, 2, 2, 1) is None  # an old checkpoint without the fields
+
+
+def test_one_process_checkpoint_resumes_under_fsdp2(one_rank_group, corpus, reference):
+    """A full-state checkpoint (one process or DDP) loads into FSDP2's shards: weights and AdamW state."""
+    from tokenformer.train import CheckpointManager, build_optimizer
+
+    checkpoint = reference["save"] / "step_00000002"
+    cfg = TrainConfig(**run_fields(corpus, None))
+    from torch.distributed.fsdp import fully_shard
+
+    model = TokenFormer.from_pretrained(checkpoint)
+    for block in model.layers:  # as wrap_model does, over the one-rank group
+        fully_shard(block)
+    fully_shard(model)
+    optimizer = build_optimizer(model, cfg)
+    state = CheckpointManager(reference["save"]).load(checkpoint, model, optimizer, sharded=True)
+    assert state["step"] == 2
+    saved = torch.load(checkpoint / "trainer.pt", weights_only=True)["optimizer"]
+    names = [n for g in saved["param_groups"] for n in g["param_names"]]
+    ids = [i for g in saved["param_groups"] for i in g["params"]]
+    params = dict(model.named_parameters())
+    for name, index in zip(names, ids):
+        loaded = optimizer.state[params[name]]
+        torch.testing.assert_close(loaded["exp_avg"].full_tensor(), saved["state"][index]["exp_avg"], rtol=0, atol=0)
+    reference_model = TokenFormer.from_pretrained(checkpoint)
+    for name, p in reference_model.named_parameters():
+        assert torch.equal(params[name].full_tensor(), p), name
+
+
+def test_collective_timeout_comes_from_the_environment(monkeypatch):
+    monkeypatch.delenv(D.TIMEOUT_ENV, raising=False)
+    assert D.collective_timeout_minutes() == 30.0
+    monkeypatch.setenv(D.TIMEOUT_ENV, "2.5")
+    assert D.collective_timeout_minutes() == 2.5
+    for bad in ("0", "soon"):
+        monkeypatch.setenv(D.TIMEOUT_ENV, bad)
+        with pytest.raises(D.TokenFormerError, match=D.TIMEOUT_ENV):
+            D.collective_timeout_minutes()
+
+
+def test_fsdp2_checkpoint_of_two_ranks_resumes_under_ddp(one_rank_group, fsdp, corpus):
+    """DDP (here over a one-rank group) reads the 2-rank shards of weights and AdamW state."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from tokenformer.train import CheckpointManager, build_optimizer
+
+    checkpoint = fsdp["save"] / "step_00000002"
+    model = DistributedDataParallel(TokenFormer.from_pretrained(fsdp["save"] / "step_00000004"))
+    optimizer = build_optimizer(model, TrainConfig(**run_fields(corpus, None)))
+    state = CheckpointManager(fsdp["save"]).load(checkpoint, model, optimizer)
+    assert state["step"] == 2
+    gathered = TokenFormer.from_pretrained(checkpoint)  # the full weights rank 0 wrote beside the shards
+    for (name, p), q in zip(model.module.named_parameters(), gathered.parameters()):
+        assert torch.equal(p, q), name
+    steps = {float(s["step"]) for s in optimizer.state.values()}
+    assert steps == {2.0} and len(optimizer.state) == len(list(gathered.parameters()))

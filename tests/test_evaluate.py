@@ -515,3 +515,16 @@ def test_evaluate_reads_what_tokenformer_prepare_writes(model, checkpoint, tmp_p
     expected = perplexity(model, [(d, len(d) - 1) for d in docs], prefix_id=256, progress=False)
     assert report["loss"] == pytest.approx(expected.loss, rel=1e-6)
     assert report["bits_per_byte"] == pytest.approx(expected.bits_per_byte, rel=1e-6)
+
+
+def test_cli_perplexity_in_bfloat16_is_close_to_float32(checkpoint, tmp_path, capsys):
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    losses = {}
+    for dtype in ("float32", "bfloat16"):
+        code, _, _ = run_cli(["--checkpoint", checkpoint, "--data", jsonl, "--dtype", dtype,
+                              "--output", tmp_path / f"{dtype}.json"], capsys)
+        assert code == 0
+        losses[dtype] = json.loads((tmp_path / f"{dtype}.json").read_text())["loss"]
+    assert losses["bfloat16"] == pytest.approx(losses["float32"], abs=0.05)
+    assert losses["bfloat16"] != losses["float32"]  # it really ran in bfloat16

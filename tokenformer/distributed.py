@@ -24,6 +24,7 @@ from tokenformer.errors import TokenFormerError
 PARALLELISMS = ("ddp", "fsdp")
 # fault injection for tests and failure drills: "STEP" or "STEP:RANK" (default rank: the last one)
 FAIL_AT_STEP_ENV = "TOKENFORMER_FAIL_AT_STEP"
+TIMEOUT_ENV = "TOKENFORMER_DIST_TIMEOUT_MINUTES"
 
 
 @dataclass
@@ -56,11 +57,27 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
     return resolved
 
 
-def init_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> DistEnv:
+def collective_timeout_minutes(default: float = 30.0) -> float:
+    """How long a rank waits in a collective for a peer that neither answers nor dies before giving
+    up: `TOKENFORMER_DIST_TIMEOUT_MINUTES`, else `default`. (A peer that dies is noticed at once.)"""
+    value = os.environ.get(TIMEOUT_ENV)
+    if not value:
+        return default
+    try:
+        minutes = float(value)
+    except ValueError:
+        minutes = -1.0
+    if not minutes > 0:
+        raise TokenFormerError(f"{TIMEOUT_ENV}={value!r} must be a positive number of minutes")
+    return minutes
+
+
+def init_distributed(device: str = "auto", timeout_minutes: float | None = None) -> DistEnv:
     """Join the process group torchrun set up (gloo on CPU, nccl on GPU), or stay single-process."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return DistEnv(device=resolve_device(device))
+    timeout_minutes = timeout_minutes or collective_timeout_minutes()
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     resolved = resolve_device(device, local_rank)
     if resolved.type == "cuda":
@@ -260,6 +277,38 @@ def load_sharded(directory: str | Path, model: nn.Module, optimizer: torch.optim
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     else:
         set_state_dict(model, [], model_state_dict=state["model"], optim_state_dict={})
+
+
+def load_full_into_sharded(model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                           weights: dict[str, torch.Tensor], optimizer_state: dict[str, Any] | None,
+                           source: str = "the checkpoint") -> None:
+    """Load a full-state checkpoint (one process or DDP: weights and an ordinary optimizer state dict)
+    into an FSDP2 model and its optimizer; every rank reads it all and keeps its own shards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    if optimizer is not None and optimizer_state is None:
+        raise TokenFormerError(f"{source} holds no optimizer state to resume from")
+    options = StateDictOptions(full_state_dict=True)
+    if optimizer is None:
+        set_state_dict(model, [], model_state_dict=weights, optim_state_dict={}, options=options)
+        return
+    set_state_dict(model, optimizer, model_state_dict=weights,
+                   optim_state_dict=optimizer_state_by_name(optimizer_state, source), options=options)
+
+
+def optimizer_state_by_name(state: dict[str, Any], source: str = "the checkpoint") -> dict[str, Any]:
+    """`optimizer.state_dict()` (parameters numbered) keyed by parameter name instead, the form
+    `torch.distributed.checkpoint.state_dict` works with; names come from each group's `param_names`."""
+    names: dict[int, str] = {}
+    groups = []
+    for group in state["param_groups"]:
+        if "param_names" not in group:
+            raise TokenFormerError(f"{source} has an optimizer state without parameter names: resume it "
+                                   f"with parallelism ddp")
+        fqns = [name.removeprefix("module.") for name in group["param_names"]]
+        names.update(zip(group["params"], fqns))
+        groups.append({**group, "params": fqns, "param_names": fqns})
+    return {"state": {names[index]: value for index, value in state["state"].items()}, "param_groups": groups}
 
 
 def is_sharded_checkpoint(path: str | Path) -> bool:

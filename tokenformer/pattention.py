@@ -90,7 +90,9 @@ class L2NormGeluPattention(torch.autograd.Function):
             grad_values = w.reshape(-1, w.shape[-1]).T @ grad_out.reshape(-1, grad_out.shape[-1])
             del w
         if need_x or need_keys:
-            grad_u = torch.ops.aten.gelu_backward(grad_out @ values.T, u)  # (..., n): dw * gelu'(u)
+            # One score-sized buffer for the whole chain: large fresh allocations cost page faults.
+            grad_u = grad_out @ values.T  # (..., n): dw
+            torch.ops.aten.gelu_backward.grad_input(grad_u, u, grad_input=grad_u)  # dw * gelu'(u)
             dot = (grad_u * u).sum(dim=-1, keepdim=True).div_(ctx.scale_num)  # (..., 1)
             grad_s = grad_u.addcmul_(u, dot, value=-1.0).mul_(scale)  # (..., n)
             if need_x:

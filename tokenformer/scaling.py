@@ -603,18 +603,30 @@ def grow_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", type=Path, default=None,
                         help="also print the loss before and after growing on these documents: a `tokenformer "
                              "prepare` directory (its valid split), an indexed dataset prefix or a .jsonl(.gz)")
-    parser.add_argument("--data-documents", type=int, default=16,
-                        help="score only the first N documents of --data (default 16)")
+    parser.add_argument("--data-tokens", type=int, default=32768,
+                        help="score the first N tokens of --data (whole documents, the last one cut; default 32768)")
 
 
-def _loss_on(model: nn.Module, data: Path, checkpoint: Path, documents: int) -> float:
-    """Mean next-token loss of a language model on the first `documents` documents of `data`."""
-    from tokenformer.evaluate import load_documents, perplexity
-    from tokenformer.tokenizer import load_tokenizer
+def _first_tokens(data: Path, tokenizer, budget: int) -> list[tuple[list[int], int]]:
+    from tokenformer.evaluate import load_documents
 
-    tokenizer = load_tokenizer(checkpoint)
-    docs = list(load_documents(data, tokenizer, limit=documents))
-    return perplexity(model.eval(), docs, tokenizer.eos_id, progress=False).loss
+    if budget < 1:
+        raise TokenFormerError(f"--data-tokens must be a positive integer, got {budget}")
+    documents, total = [], 0
+    for ids, size in load_documents(data, tokenizer):
+        ids = list(ids)[:budget - total]
+        documents.append((ids, size))
+        total += len(ids)
+        if total >= budget:
+            break
+    return documents
+
+
+def _loss_on(model: nn.Module, documents: list[tuple[list[int], int]], eos_id: int) -> float:
+    """Mean next-token loss of a language model on `documents` (each scored on its own)."""
+    from tokenformer.evaluate import perplexity
+
+    return perplexity(model.eval(), documents, eos_id, progress=False).loss
 
 
 def grow_checkpoint(checkpoint: str | Path, out: str | Path, **grow_kwargs: Any) -> tuple[nn.Module, nn.Module]:
@@ -666,10 +678,14 @@ def grow_cli_main(args: argparse.Namespace) -> None:
     if args.data is not None:
         if getattr(model, "model_type", "tokenformer") != "tokenformer":
             raise TokenFormerError(f"grow --data scores a language model on text, not a {model.model_type!r} model")
-        before = _loss_on(model, args.data, args.checkpoint, args.data_documents)
-        after = _loss_on(grown, args.data, args.checkpoint, args.data_documents)
-        print(f"validation loss on {args.data} (first {args.data_documents} documents): before growing "
-              f"{before:.6f}, after {after:.6f} (difference {after - before:+.2e})")
+        from tokenformer.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(args.checkpoint)
+        documents = _first_tokens(args.data, tokenizer, args.data_tokens)
+        before, after = _loss_on(model, documents, tokenizer.eos_id), _loss_on(grown, documents, tokenizer.eos_id)
+        tokens = sum(len(ids) for ids, _ in documents)
+        print(f"validation loss on {args.data} ({tokens:,} tokens): before growing {before:.6f}, "
+              f"after {after:.6f} (difference {after - before:+.2e})")
 
 
 def shrink_cli_arguments(parser: argparse.ArgumentParser) -> None:

@@ -439,6 +439,7 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
+        name = name.removeprefix("module.")  # DDP's wrapper: the plain model's names everywhere
         (decay if p.ndim >= 2 else no_decay).append((name, p))
     groups = []
     for members, wd in ((decay, weight_decay), (no_decay, 0.0)):
@@ -789,13 +790,18 @@ class CheckpointManager:
 
         path = Path(path)
         state = torch_load_safe(path / TRAINER_STATE_FILE)
-        # DCP reshards on load: an FSDP2 checkpoint resumes on any number of ranks, or in one process
-        if (path / "sharded").is_dir() and (sharded or state.get("optimizer") is None):
+        if not sharded and optimizer is not None and state.get("optimizer") is None \
+                and (path / "sharded").is_dir():
+            sharded = True  # an FSDP2 checkpoint resumed by one process or DDP: DCP reshards it
+        if sharded and (path / "sharded").is_dir():
             load_sharded(path / "sharded", model, optimizer)
             return state
-        if sharded:
-            raise TokenFormerError(f"{path} was not written under FSDP2 (no sharded/ folder): resume it "
-                                   f"with parallelism ddp")
+        if sharded:  # a one-process or DDP checkpoint (full state) resumed under FSDP2
+            from tokenformer.distributed import load_full_into_sharded
+
+            weights = load_file(str(path / WEIGHTS_FILE))
+            load_full_into_sharded(model, optimizer, weights, state.get("optimizer"), source=str(path))
+            return state
         plain = unwrap(model)
         weights = load_file(str(path / WEIGHTS_FILE), device=str(next(plain.parameters()).device))
         try:
