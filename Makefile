@@ -6,6 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
 BENCH_STAMP := $(VENV)/.bench-stamp
+BENCH_ARGS ?=
 
 .PHONY: install test demo clean bench bench-quick
 
@@ -26,12 +27,20 @@ test: $(STAMP)
 # before and after growing is printed: the same), train the grown model 100 steps more (fresh
 # optimizer, re-warmed schedule: the default, which ended lowest in experiments/growth.py;
 # runs/demo/grown-checkpoints), then generate from it.
+# It installs only what it needs (the package and matplotlib), not the development extras.
 DEMO := runs/demo
+DEMO_STAMP := $(VENV)/.demo-stamp
 # Tiny models gain nothing from a second thread, and on a busy machine it mostly waits: measured
 # 5x slower (`grow --data` 75 s vs 16 s under load). Training sets num_threads in its config.
 ONE_THREAD := OMP_NUM_THREADS=1
 
-demo: $(STAMP) $(DEMO)/data/prepare.json
+$(DEMO_STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt torch==2.13.0
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[plot]"
+	touch $(DEMO_STAMP)
+
+demo: $(DEMO_STAMP) $(DEMO)/data/prepare.json
 	rm -rf $(DEMO)/checkpoints $(DEMO)/grown $(DEMO)/grown-checkpoints
 	$(VENV)/bin/tokenformer train configs/demo.yaml --data_path $(DEMO)/data --save $(DEMO)/checkpoints
 	$(ONE_THREAD) $(VENV)/bin/tokenformer grow --checkpoint $(DEMO)/checkpoints/$$(cat $(DEMO)/checkpoints/latest) \
@@ -41,7 +50,7 @@ demo: $(STAMP) $(DEMO)/data/prepare.json
 	$(ONE_THREAD) $(VENV)/bin/tokenformer generate --checkpoint $(DEMO)/grown-checkpoints/$$(cat $(DEMO)/grown-checkpoints/latest) \
 		--prompt "def " --max-new-tokens 60 --temperature 0.8 --top-k 50 --seed 0
 
-$(DEMO)/data/prepare.json: $(STAMP)
+$(DEMO)/data/prepare.json: | $(DEMO_STAMP)
 	$(VENV)/bin/tokenformer prepare --out $(DEMO)/data --tokenizer bpe --vocab-size 2048
 
 # The benchmark suite (bench/compare.py) needs the `bench` extra (Hugging Face transformers).
@@ -50,10 +59,10 @@ $(BENCH_STAMP): $(STAMP)
 	touch $(BENCH_STAMP)
 
 bench: $(BENCH_STAMP)
-	$(PY) -m bench.compare
+	$(PY) -m bench.compare $(BENCH_ARGS)
 
 bench-quick: $(BENCH_STAMP)
-	$(PY) -m bench.compare --quick
+	$(PY) -m bench.compare --quick $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import statistics
 import sys
@@ -47,9 +46,9 @@ VOCAB = 50277  # GPT-NeoX-20B; both models pad to 50304
 # The benchmark shapes: the released models' proportions (slots qkv = proj = width, ffn = 4 x width)
 # at a size that 2 CPU cores run in minutes.
 SHAPES = {
-    "full": dict(hidden=512, layers=6, heads=8, seq=512, batch=2, reps=7,
-                 pattention_tokens=2048, prompt=480, new_tokens=32, gemm=2048),
-    "quick": dict(hidden=256, layers=4, heads=4, seq=256, batch=2, reps=7,
+    "full": dict(hidden=512, layers=4, heads=8, seq=256, batch=2, reps=9, bf16=True,
+                 pattention_tokens=2048, prompt=240, new_tokens=32, gemm=2048),
+    "quick": dict(hidden=256, layers=4, heads=4, seq=256, batch=2, reps=7, bf16=False,
                   pattention_tokens=1024, prompt=224, new_tokens=16, gemm=1024),
 }
 
@@ -88,16 +87,10 @@ def saved_bytes(fn, exclude: list[torch.Tensor]) -> int:
     return sum(kept.values())
 
 
-def gemm_peak(n: int, dtype: torch.dtype, reps: int) -> float:
-    """Best FLOP/s of an (n x n) @ (n x n) product over `reps` runs."""
+def gemm(n: int, dtype: torch.dtype):
+    """An (n x n) @ (n x n) product (2 n^3 FLOPs): the GEMM peak that MFU is measured against."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    torch.mm(a, b)
-    best = math.inf
-    for _ in range(reps):
-        start = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - start)
-    return 2 * n ** 3 / best
+    return lambda: torch.mm(a, b)
 
 
 def bf16_supported() -> bool:
@@ -112,9 +105,15 @@ def bf16_supported() -> bool:
 
 def tokenformer_config(s: dict, **overrides) -> Config:
     h = s["hidden"]
-    return Config(name="bench", num_layers=s["layers"], hidden_size=h, num_attention_heads=s["heads"],
-                  qkv_slot_num=h, proj_slot_num=h, ffn_slot_num=4 * h, seq_length=s["seq"],
-                  vocab_size=VOCAB, **overrides)
+    values = dict(name="bench", num_layers=s["layers"], hidden_size=h, num_attention_heads=s["heads"],
+                  qkv_slot_num=h, proj_slot_num=h, ffn_slot_num=4 * h, seq_length=max_positions(s),
+                  vocab_size=VOCAB)
+    return Config(**{**values, **overrides})
+
+
+def max_positions(s: dict) -> int:
+    """Long enough for training windows and for the prompt plus the generated tokens."""
+    return max(s["seq"], s["prompt"] + s["new_tokens"] + 1)
 
 
 def require_transformers():
@@ -132,7 +131,7 @@ def hf_gpt_neox(s: dict):
     h = s["hidden"]
     config = GPTNeoXConfig(vocab_size=tokenformer_config(s).padded_vocab_size, hidden_size=h,
                            num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
-                           intermediate_size=4 * h, rotary_pct=0.25, max_position_embeddings=s["seq"],
+                           intermediate_size=4 * h, rotary_pct=0.25, max_position_embeddings=max_positions(s),
                            use_parallel_residual=False, attention_dropout=0.0, hidden_dropout=0.0,
                            tie_word_embeddings=False)
     config._attn_implementation = "sdpa"
@@ -208,8 +207,11 @@ def bench_pattention(s: dict) -> dict:
     }
 
 
-def bench_training(s: dict, dtype: torch.dtype, peak: float) -> dict:
-    """Items 2 and 3: training steps, whole and body, ours vs HF GPT-NeoX, as FLOP/s and MFU."""
+def bench_training(s: dict, dtype: torch.dtype) -> dict:
+    """Items 2 and 3: training steps, whole and body, ours vs HF GPT-NeoX, as FLOP/s and MFU.
+
+    The GEMM peak is timed in the same alternation as the steps (its median, like theirs), so that
+    the load of other processes weighs on both sides of the MFU fraction alike."""
     torch.manual_seed(0)
     B, T = s["batch"], s["seq"]
     config = tokenformer_config(s)
@@ -236,7 +238,8 @@ def bench_training(s: dict, dtype: torch.dtype, peak: float) -> dict:
         "ours_body": train_step(ours, tokenformer_body, idx, targets, adamw(body_ours), head=False),
         "hf_body": train_step(ref, hf_body, idx, targets, adamw(body_ref), head=False),
     }
-    t = alternate(steps, s["reps"])
+    t = alternate({**steps, "gemm": gemm(s["gemm"], dtype)}, s["reps"])
+    peak = 2 * s["gemm"] ** 3 / t["gemm"]
     tokens = B * T
     f_ours = tokenformer_flops(config, seq_length=T).training() * tokens
     f_ref = gpt_neox_flops(s["hidden"], s["layers"], 4 * s["hidden"], config.padded_vocab_size, T).training() * tokens
@@ -287,8 +290,15 @@ def bench_generation(s: dict) -> dict:
                   s["reps"])
     decode = {k: (N - 1) / (t[f"{k}_n"] - t[f"{k}_1"]) for k in ("ours", "hf")}
     prefill = {k: s["prompt"] / t[f"{k}_1"] for k in ("ours", "hf")}
+    # The prefill's matmul FLOPs (the head for the last position only, as both compute it):
+    # at equal width a TokenFormer layer does 4/3 the work of a standard one.
+    P, h = s["prompt"], s["hidden"]
+    config = tokenformer_config(s)
+    f_ours = tokenformer_flops(config, seq_length=P).body * P + 2 * h * config.padded_vocab_size
+    f_hf = gpt_neox_flops(h, s["layers"], 4 * h, config.padded_vocab_size, P).body * P + 2 * h * config.padded_vocab_size
     return {"generation_seconds": t, "prefill_tokens_per_s": prefill, "decode_tokens_per_s": decode,
             "prefill_speed_ratio": prefill["ours"] / prefill["hf"],
+            "prefill_flops_ratio": (f_ours / t["ours_1"]) / (f_hf / t["hf_1"]),
             "decode_speed_ratio": decode["ours"] / decode["hf"]}
 
 
@@ -312,7 +322,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller shapes: under 3 minutes")
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"JSON output (default {RESULTS})")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's, one per core). On a machine shared with "
+                             "other busy processes, 1 avoids OpenMP waiting for descheduled threads")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     s = SHAPES["quick" if args.quick else "full"]
     transformers = require_transformers()  # fail early, with the install hint
     started = time.perf_counter()
@@ -328,28 +343,34 @@ def main(argv: list[str] | None = None) -> dict:
           f"batch {s['batch']} x seq {s['seq']}, vocab 50304; {s['reps']} alternating repetitions; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu}", flush=True)
 
-    print("[1/6] Pattention forward+backward", flush=True)
+    phase_start = [time.perf_counter()]
+
+    def phase(title: str) -> None:
+        now = time.perf_counter()
+        print(f"  ({now - phase_start[0]:.0f} s)\n{title}", flush=True)
+        phase_start[0] = now
+
+    phase("[1/6] Pattention forward+backward")
     result.update(bench_pattention(s))
-    print("[3/6] GEMM peak", flush=True)
-    peak = gemm_peak(s["gemm"], torch.float32, 5)
-    print("[2/6] training steps (fp32)", flush=True)
-    fp32 = bench_training(s, torch.float32, peak)
+    phase("[2/6, 3/6] training steps and GEMM peak (fp32)")
+    fp32 = bench_training(s, torch.float32)
+    peak = fp32["gemm_peak_flops"]
     result.update({k: fp32[k] for k in ("step_flops_ratio", "body_flops_ratio")})
     result["mfu_fp32"], result["mfu_fp32_body"], result["mfu_fp32_hf"] = fp32["mfu"], fp32["mfu_body"], fp32["mfu_hf"]
     result["training_fp32"] = fp32
-    if bf16_supported():
-        print("[2/6] training steps (bf16 weights)", flush=True)
-        peak16 = gemm_peak(s["gemm"], torch.bfloat16, 5)
-        bf16 = bench_training(s, torch.bfloat16, peak16)
+    if s["bf16"] and bf16_supported():
+        phase("[2/6, 3/6] training steps and GEMM peak (bf16 weights)")
+        bf16 = bench_training(s, torch.bfloat16)
         result["training_bf16"] = bf16
         result["step_flops_ratio_bf16"], result["body_flops_ratio_bf16"] = bf16["step_flops_ratio"], bf16["body_flops_ratio"]
         result["mfu_bf16"] = bf16["mfu"]
-    print("[4/6] generation", flush=True)
+    phase("[4/6] generation")
     result.update(bench_generation(s))
-    print("[5/6] activation memory of a training step", flush=True)
+    phase("[5/6] activation memory of a training step")
     result.update(bench_activation_memory(s))
-    print("[6/6] data preparation", flush=True)
+    phase("[6/6] data preparation")
     result.update(bench_data_prep(args.quick))
+    phase("done")
     result["seconds"] = time.perf_counter() - started
 
     rows = [
@@ -370,6 +391,7 @@ def main(argv: list[str] | None = None) -> dict:
                  ("MFU bf16, whole step", result["mfu_bf16"], "of bf16 GEMM peak", "")]
     rows += [
         ("generation prefill tokens/s", result["prefill_speed_ratio"], "x HF generate", ""),
+        ("generation prefill FLOP/s", result["prefill_flops_ratio"], "x HF generate", ""),
         ("generation decode tokens/s", result["decode_speed_ratio"], "x HF generate", ">= 1.0"),
         ("training-step activation memory saving", result["step_memory_saving"], "x official bytes", ""),
         ("  the same, memory-lean", result["step_memory_saving_lean"], "x official bytes", ""),

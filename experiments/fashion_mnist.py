@@ -53,6 +53,8 @@ def main() -> None:
     parser.add_argument("--sequential", action="store_true",
                         help="train one model after the other instead of both at once on one thread each")
     parser.add_argument("--only", choices=MODELS, default=None, help="train only this model")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue both runs from their latest checkpoints in OUT (epoch ends)")
     args, rest = parser.parse_known_args()
     if len(rest) % 2 or any(not k.startswith("--") for k in rest[::2]):
         parser.error(f"overrides must be --field value pairs, got {rest}")
@@ -64,6 +66,7 @@ def main() -> None:
     overrides = {k[2:].replace("-", "_"): v for k, v in zip(rest[::2], rest[1::2])}
     values.update(VisionTrainConfig.from_dict({**values, **overrides}).to_dict())  # converted, checked
     values.pop("save", None)
+    values["resume"] = args.resume
     kinds = [args.only] if args.only else list(MODELS)
     load_before = os.getloadavg()
     start = time.perf_counter()

@@ -449,6 +449,11 @@ def test_model_args_win_over_lm_evals_own_defaults_and_unknown_ones_are_refused(
     lm = TokenFormerLM.create_from_arg_string(f"pretrained={checkpoint},batch_size=8,max_length=16",
                                               {"batch_size": 1, "device": "cpu", "max_batch_size": None})
     assert lm.batch_size == 8 and lm.max_length == 16 and lm.tokenizer.name == "byte"
+    assert lm.model.word_embeddings.weight.dtype == torch.float32
+    assert TokenFormerLM(pretrained=checkpoint, dtype="bfloat16").model.word_embeddings.weight.dtype == torch.bfloat16
+    half = tf.TokenFormer.from_pretrained(checkpoint, dtype=torch.bfloat16)
+    lm = TokenFormerLM(pretrained=half, tokenizer=tf.ByteTokenizer())  # a model object keeps its dtype
+    assert lm.model.word_embeddings.weight.dtype == torch.bfloat16
     with pytest.raises(tf.TokenFormerError, match="unknown model_args trust_remote_code"):
         TokenFormerLM.create_from_arg_string(f"pretrained={checkpoint},trust_remote_code=True")
     with pytest.raises(tf.TokenFormerError, match="pretrained=CHECKPOINT_DIR"):
@@ -489,3 +494,37 @@ def test_gpt_neox_tokenizer_requests_split_at_the_word_boundary(neox_tokenizer_p
                                       disable_tqdm=True)
     expected, _ = direct_log_likelihood(model, [12092], [1533])
     assert a == pytest.approx(expected, abs=1e-4) and b == pytest.approx(expected, abs=1e-4)
+
+
+def test_evaluate_reads_what_tokenformer_prepare_writes(model, checkpoint, tmp_path, capsys):
+    from tokenformer.indexed_dataset import IndexedDataset
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    meta = tf.prepare([corpus], tmp_path / "prepared", tokenizer="byte", valid_fraction=0.5, progress=False)
+    output = tmp_path / "ppl.json"
+    code, _, _ = run_cli(["--checkpoint", checkpoint, "--data", tmp_path / "prepared", "--output", output], capsys)
+    assert code == 0
+    report = json.loads(output.read_text())
+    valid = meta["splits"]["valid"]
+    assert report["documents"] == valid["documents"] >= 1 and report["tokens"] == valid["tokens"]
+    # The validation documents are some of TEXTS, each stored with an end-of-text token after it.
+    stored = IndexedDataset(tmp_path / "prepared" / "valid_text_document")
+    docs = [[int(t) for t in stored[i]] for i in range(len(stored))]
+    assert all(d[-1] == 256 and bytes(d[:-1]).decode() in TEXTS for d in docs)
+    expected = perplexity(model, [(d, len(d) - 1) for d in docs], prefix_id=256, progress=False)
+    assert report["loss"] == pytest.approx(expected.loss, rel=1e-6)
+    assert report["bits_per_byte"] == pytest.approx(expected.bits_per_byte, rel=1e-6)
+
+
+def test_cli_perplexity_in_bfloat16_is_close_to_float32(checkpoint, tmp_path, capsys):
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    losses = {}
+    for dtype in ("float32", "bfloat16"):
+        code, _, _ = run_cli(["--checkpoint", checkpoint, "--data", jsonl, "--dtype", dtype,
+                              "--output", tmp_path / f"{dtype}.json"], capsys)
+        assert code == 0
+        losses[dtype] = json.loads((tmp_path / f"{dtype}.json").read_text())["loss"]
+    assert losses["bfloat16"] == pytest.approx(losses["float32"], abs=0.05)
+    assert losses["bfloat16"] != losses["float32"]  # it really ran in bfloat16

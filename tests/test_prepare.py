@@ -118,6 +118,20 @@ def test_lone_surrogates_in_json_become_replacement_characters(tmp_path, tokeniz
     assert read_split(tmp_path / "out", "train")[0] == tok.encode("broken \ufffd pair") + [meta["eod_id"]]
 
 
+def test_byte_order_mark_and_bad_bytes(tmp_path):
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps({"text": "first"}).encode() + b"\n")
+    (tmp_path / "latin1.txt").write_bytes("caf\u00e9".encode("latin-1"))  # not UTF-8
+    prepare([tmp_path / "bom.jsonl", tmp_path / "latin1.txt"], tmp_path / "out", valid_fraction=0.0)
+    assert read_split(tmp_path / "out", "train") == [byte_ids("first"), byte_ids("caf\ufffd")]
+
+
+def test_compressed_text_file_is_one_document(tmp_path):
+    with gzip.open(tmp_path / "notes.txt.gz", "wt", encoding="utf-8") as f:
+        f.write(DOCS[2])
+    prepare([tmp_path / "notes.txt.gz"], tmp_path / "out", valid_fraction=0.0)
+    assert read_split(tmp_path / "out", "train") == [byte_ids(DOCS[2])]
+
+
 def test_jsonl_text_field_option_and_folder_of_shards(tmp_path):
     (tmp_path / "shards").mkdir()
     write_jsonl(tmp_path / "shards" / "01.jsonl", [{"content": DOCS[1]}])
@@ -319,6 +333,7 @@ def test_bad_inputs_fail_in_one_sentence(tmp_path):
     cases = [
         (dict(inputs=[tmp_path / "nope.txt"]), r"input .*nope.txt does not exist"),
         (dict(inputs=[tmp_path / "empty.txt"]), r"the corpus is empty: .*empty.txt holds no non-empty documents"),
+        (dict(inputs=[tmp_path / "empty.txt"], tokenizer="bpe"), r"the corpus is empty"),
         (dict(inputs=[tmp_path / "empty"]), r"folder .*empty has no files matching"),
         (dict(inputs=[missing_field]), r"m.jsonl line 2 has no 'text' field \(it has: content, id\)"),
         (dict(inputs=[tmp_path / "broken.jsonl"]), r"broken.jsonl line 2 is not valid JSON"),
@@ -335,7 +350,7 @@ def test_bad_inputs_fail_in_one_sentence(tmp_path):
     assert (tmp_path / "user" / "notes.txt").read_text() == "mine"
 
 
-def test_command_line(tmp_path, capsys):
+def test_command_line(tmp_path, capsys, monkeypatch):
     path = write_jsonl(tmp_path / "d.jsonl", [{"text": d} for d in DOCS])
     assert main(["prepare", str(path), "--out", str(tmp_path / "out"), "--valid-fraction", "0.3", "--seed", "1"]) == 0
     assert "wrote" in capsys.readouterr().out
@@ -344,6 +359,10 @@ def test_command_line(tmp_path, capsys):
     assert main(["prepare", "--out", str(tmp_path / "std"), "--max-documents", "2", "--quiet"]) == 0
     assert capsys.readouterr().out == "" and len(read_split(tmp_path / "std", "train")) + \
         len(read_split(tmp_path / "std", "valid")) == 2
+    (tmp_path / "here").mkdir()  # `--out .` in an empty folder
+    monkeypatch.chdir(tmp_path / "here")
+    assert main(["prepare", str(path), "--out", ".", "--quiet"]) == 0
+    assert prep.load_prepared(tmp_path / "here")["documents"] == len(DOCS)
     assert main(["prepare", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert "error: input" in err and "missing.txt does not exist" in err and len(err.strip().splitlines()) == 1

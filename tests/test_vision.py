@@ -125,6 +125,10 @@ def test_exact_growth_preserves_logits_and_leaves_patch_and_head_alone():
     assert grown.config.qkv_scale_num == 16 and len(grown.config.growth_history) == 1
     official = tf.grow(model, factor=2, mode="official", seed=0)
     assert (official(x) - model(x)).abs().max() > 1e-3
+    # shrinking back, calibrated on images, drops exactly the zero-key tokens the growth added
+    back = tf.shrink(grown, factor=0.5, calibration=[images(4)])
+    assert torch.equal(back.layers[0].mlp.key_param_tokens, model.layers[0].mlp.key_param_tokens)
+    assert (back(x) - model(x)).abs().max() <= 1e-5
 
 
 def test_save_load_round_trip(tmp_path):

@@ -53,9 +53,10 @@ LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 # ----------------------------------------------------------------------------- reading documents
 
 def _open_text(path: Path) -> io.TextIOBase:
-    """Open a text file, decompressing `.gz` / `.zst` by suffix; undecodable bytes become U+FFFD."""
+    """Open a text file, decompressing `.gz` / `.zst` by suffix; a leading byte-order mark is dropped
+    and undecodable bytes become U+FFFD."""
     if path.name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8", errors="replace")
+        return gzip.open(path, "rt", encoding="utf-8-sig", errors="replace")
     if path.name.endswith(".zst"):
         try:
             import zstandard
@@ -64,8 +65,8 @@ def _open_text(path: Path) -> io.TextIOBase:
                 f"reading {path} needs the zstandard package: pip install 'tokenformer[zstd]'") from None
         raw = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True,
                                                          read_across_frames=True)  # concatenated shards
-        return io.TextIOWrapper(raw, encoding="utf-8", errors="replace")
-    return open(path, encoding="utf-8", errors="replace")
+        return io.TextIOWrapper(raw, encoding="utf-8-sig", errors="replace")
+    return open(path, encoding="utf-8-sig", errors="replace")
 
 
 def _is_jsonl(path: Path) -> bool:
@@ -328,7 +329,7 @@ def prepare(inputs: Iterable[str | Path] | None = None, out: str | Path = "data/
     `max_documents` keeps only the first documents. `progress`: a bar on stderr (default: if a TTY).
     """
     start = time.perf_counter()
-    out = Path(out)
+    out = Path(os.path.abspath(out))  # "." or "data/" must still have a name and a parent to rename within
     if isinstance(inputs, (str, Path)):  # one input given bare
         inputs = [inputs]
     inputs = [str(i) for i in inputs or []]

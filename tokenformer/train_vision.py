@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import difflib
 import json
 import math
 import time
@@ -34,6 +35,8 @@ from tokenformer.errors import TokenFormerError
 from tokenformer import vision_data as vd
 
 ACCURACY_PLOT_FILE = "accuracy.png"
+LOSS_PLOT_FILE = "loss_curve.png"
+METRICS_FILE = "metrics.jsonl"
 FINAL_MODEL_DIR = "model"
 
 
@@ -109,53 +112,31 @@ class VisionTrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "VisionTrainConfig":
-        known = {f.name: f for f in dataclasses.fields(cls)}
+        """Build from a mapping (YAML, CLI) with the LM trainer's conversions (`-` counts as `_`)."""
+        from tokenformer.train import _convert
+
+        known = [f.name for f in dataclasses.fields(cls)]
         converted = {}
         for key, value in values.items():
             name = str(key).replace("-", "_")
             if name not in known:
-                raise TokenFormerError(f"unknown train-vision config field {key!r}; "
+                close = difflib.get_close_matches(name, known, n=1)
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                raise TokenFormerError(f"unknown train-vision config field {key!r}{hint}; "
                                        f"`tokenformer train-vision --help` lists the fields")
-            converted[name] = _convert(known[name], value)
+            converted[name] = _convert(name, value, cls)
         return cls(**converted)
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> "VisionTrainConfig":
-        import yaml
+        from tokenformer.train import read_yaml_mapping
 
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"train-vision config {path} does not exist")
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise TokenFormerError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(values, dict):
-            raise TokenFormerError(f"{path} must hold a mapping of train-vision config fields")
+        values = read_yaml_mapping(path, "train-vision config")
         values.update(overrides or {})
         return cls.from_dict(values)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def _convert(f: dataclasses.Field, value: Any) -> Any:
-    """A YAML or command-line value in the type of field `f`."""
-    import yaml
-
-    if not isinstance(value, str) or f.type in ("str", "str | None", "Any"):
-        if f.name == "model" and isinstance(value, str) and value.lstrip().startswith("{"):
-            return yaml.safe_load(value)
-        return value
-    parsed = yaml.safe_load(value)  # "1e-3" -> float, "true" -> bool, "[0.5]" -> list, "null" -> None
-    if f.type.startswith("list") and isinstance(parsed, (int, float)):
-        parsed = [parsed]
-    if f.type.startswith("float") and isinstance(parsed, (int, str)):
-        try:
-            parsed = float(parsed)
-        except ValueError:
-            raise TokenFormerError(f"train-vision config field {f.name} expects a number, got {value!r}") from None
-    return parsed
 
 
 # ---- the model and the data --------------------------------------------------------------------
@@ -265,8 +246,9 @@ class Schedule:
 def train_vision(cfg: VisionTrainConfig, model: nn.Module | None = None) -> dict[str, Any]:
     """Train `model` (default: a `VisionTokenFormer` of `cfg.model`) and return the results:
     final and per-epoch accuracy, wall time, parameter count."""
-    from tokenformer._train_pieces import (CheckpointManager, MetricsLogger, build_optimizer, capture_rng,
-                                           lr_at, restore_rng)
+    from tokenformer.distributed import DistEnv
+    from tokenformer.train import (CheckpointManager, MetricsLogger, _note, _progress_bar, build_optimizer,
+                                   capture_rng, lr_at, plot_loss_curve, restore_rng)
     from tokenformer.vision import VisionTokenFormer
 
     if cfg.num_threads:
@@ -312,19 +294,14 @@ def train_vision(cfg: VisionTrainConfig, model: nn.Module | None = None) -> dict
         if ema_model is not None:
             ema_model.load_state_dict(state["ema"])
         restore_rng(state["rng"])
-    metrics = MetricsLogger(save / "metrics.jsonl" if save else None,
+    metrics = MetricsLogger(save / METRICS_FILE if save else None,
                             resume_step=step if resume_from is not None else None)
     if save:
         from tokenformer.checkpoint import atomic_write_text
 
         atomic_write_text(save / "train_vision_config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
 
-    progress = None
-    if cfg.progress:
-        from tqdm import tqdm
-
-        progress = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True,
-                        desc=type(model).__name__)
+    progress = _progress_bar(cfg, DistEnv(), step, total=total_steps, desc=type(model).__name__)
     start = time.perf_counter()
     evaluated = ema_model if ema_model is not None else model
     try:
@@ -357,8 +334,8 @@ def train_vision(cfg: VisionTrainConfig, model: nn.Module | None = None) -> dict
                 if step % cfg.log_interval == 0:
                     metrics.log({"step": step, "epoch": epoch + seen / data.num_train, "loss": running / seen,
                                  "train_accuracy": correct / seen, "lr": lr})
-                if progress is not None:
-                    progress.update(1)
+                progress.update(1)
+                if step % cfg.log_interval == 0:
                     progress.set_postfix(epoch=epoch + 1, loss=f"{running / seen:.3f}",
                                          acc=f"{correct / seen:.3f}", refresh=False)
             last = epoch + 1 == cfg.epochs
@@ -370,17 +347,15 @@ def train_vision(cfg: VisionTrainConfig, model: nn.Module | None = None) -> dict
                           "elapsed": elapsed_before + time.perf_counter() - start}
                 history.append(record)
                 metrics.log(record)
-                if progress is not None:
-                    progress.write(f"epoch {epoch + 1}: test accuracy {result['val_accuracy']:.4f}, "
-                                   f"loss {result['val_loss']:.4f} ({record['elapsed']:.0f} s)")
+                _note(f"epoch {epoch + 1}: test accuracy {result['val_accuracy']:.4f}, "
+                      f"loss {result['val_loss']:.4f} ({record['elapsed']:.0f} s)", cfg.progress)
             if manager is not None and ((epoch + 1) % cfg.save_interval == 0 or last):
                 trainer_state = {"epoch": epoch + 1, "history": history, "rng": capture_rng(),
                                  "elapsed": elapsed_before + time.perf_counter() - start,
                                  "ema": ema_model.state_dict() if ema_model is not None else None}
                 manager.save(step, model, optimizer, trainer_state)
     finally:
-        if progress is not None:
-            progress.close()
+        progress.close()
         metrics.close()
     wall = elapsed_before + time.perf_counter() - start
     if save:
@@ -389,6 +364,7 @@ def train_vision(cfg: VisionTrainConfig, model: nn.Module | None = None) -> dict
         save_model_directory(evaluated, save / FINAL_MODEL_DIR)
         if cfg.plot:
             plot_accuracy({type(model).__name__: history}, save / ACCURACY_PLOT_FILE)
+            plot_loss_curve(save / METRICS_FILE, save / LOSS_PLOT_FILE)
     return {"test_accuracy": history[-1]["val_accuracy"] if history else None, "history": history,
             "wall_time_s": wall, "epochs": cfg.epochs, "steps": step,
             "num_parameters": sum(p.numel() for p in model.parameters())}
@@ -426,11 +402,14 @@ def plot_accuracy(histories: dict[str, list[dict[str, Any]]], png_path: str | Pa
 # ---- command line -------------------------------------------------------------------------------
 
 def cli_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", type=Path, nargs="?", default=None,
-                        help="YAML file of train-vision config fields (e.g. configs/fashion_mnist.yaml)")
+    parser.usage = "%(prog)s [CONFIG.yaml] [--field value ...]"
+    parser.add_argument("config", nargs="?", help="YAML file of train-vision config fields (configs/fashion_mnist.yaml)")
     for f in dataclasses.fields(VisionTrainConfig):
-        parser.add_argument(f"--{f.name}", dest=f"field_{f.name}", default=None, metavar="VALUE",
-                            help=f.metadata.get("help", ""))
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        parser.add_argument(f"--{f.name}", dest=f"field_{f.name}", default=argparse.SUPPRESS, metavar="VALUE",
+                            help=f"{f.metadata['help']} (default {default})")
+    # after CONFIG argparse stops: the LM trainer's parser reads the remaining --field value pairs
+    parser.add_argument("overrides", nargs=argparse.REMAINDER, help="more --field value overrides after CONFIG")
 
 
 def cli_main(args: argparse.Namespace) -> None:
@@ -438,7 +417,10 @@ def cli_main(args: argparse.Namespace) -> None:
 
     Fields come from the YAML CONFIG, then `--field value` overrides (every field below). The
     output directory `save` gets checkpoints, metrics.jsonl, accuracy.png and model/."""
-    overrides = {k[len("field_"):]: v for k, v in vars(args).items() if k.startswith("field_") and v is not None}
+    from tokenformer.train import parse_overrides
+
+    overrides = {k[len("field_"):]: v for k, v in vars(args).items() if k.startswith("field_")}
+    overrides.update(parse_overrides(args.overrides or []))
     cfg = (VisionTrainConfig.from_yaml(args.config, overrides) if args.config
            else VisionTrainConfig.from_dict(overrides))
     result = train_vision(cfg)
