@@ -298,18 +298,21 @@ def main(argv: list[str] | None = None) -> int:
     target = results["runs"]["scratch"]["final_val_loss"]
     scratch_flops = results["runs"]["scratch"]["total_flops"]
     scratch_curve = [(p["flops"], p["val_loss"]) for p in results["runs"]["scratch"]["curve"]]
-    rows = []
+    grown_names = [n for n in results["runs"] if n not in ("scratch", "small")]
+    # a level every grown run reaches, so that their compute can be compared with scratch's
+    common = max(results["runs"][n]["final_val_loss"] for n in grown_names) if grown_names else target
+    results["common_target"] = common
     for name, run in results["runs"].items():
-        reach = compute_to_reach([(p["flops"], p["val_loss"]) for p in run["curve"]], target)
-        run["flops_to_reach_scratch_final"] = reach
+        points = [(p["flops"], p["val_loss"]) for p in run["curve"]]
+        run["flops_to_reach_scratch_final"] = compute_to_reach(points, target)
+        run["flops_to_reach_common_target"] = compute_to_reach(points, common)
         # how the run compares with the from-scratch curve at the same compute, after the growth point
-        gaps = [p["val_loss"] - _interpolate(scratch_curve, p["flops"]) for p in run["curve"]
-                if name not in ("scratch", "small") and p["flops"] > results["growth_flops"]
-                and p["flops"] <= scratch_flops]
+        gaps = [loss - _interpolate(scratch_curve, flops) for flops, loss in points
+                if name in grown_names and results["growth_flops"] < flops <= scratch_flops]
         run["max_gap_to_scratch_after_growth"] = max(gaps) if gaps else None
-        rows.append((name, run, reach))
+        run["final_gap_to_scratch"] = gaps[-1] if gaps else None
     results["wall_time_s"] = time.perf_counter() - began
-    results["table"] = table(rows, target, scratch_flops)
+    results["table"] = table(results, target, common)
     (args.out / "growth.json").write_text(json.dumps(results, indent=1) + "\n")
     try:
         plot(results, args.out / "growth.png")
@@ -327,17 +330,24 @@ def _interpolate(curve: list[tuple[float, float]], x: float) -> float:
     return curve[-1][1] if x > curve[-1][0] else curve[0][1]
 
 
-def table(rows: list[tuple[str, dict[str, Any], float | None]], target: float, scratch_flops: float) -> str:
-    lines = [f"| run | final val loss | training FLOPs | FLOPs to reach {target:.3f} (scratch's final) | "
-             f"loss before -> right after -> peak after growth | worst gap to scratch at equal FLOPs |",
-             "| --- | --- | --- | --- | --- | --- |"]
-    for name, run, reach in rows:
-        reach_text = "not reached" if reach is None else f"{reach:.3g} ({reach / scratch_flops:.2f}x)"
+def table(results: dict[str, Any], target: float, common: float) -> str:
+    scratch = results["runs"]["scratch"]
+
+    def reach(flops: float | None) -> str:
+        return "not reached" if flops is None else f"{flops:.3g} ({flops / scratch['total_flops']:.2f}x)"
+
+    lines = [f"| run | final val loss | training FLOPs | FLOPs to reach {common:.3f} | FLOPs to reach {target:.3f} "
+             f"(scratch's final) | loss before -> right after -> peak after growth | gap to scratch at equal "
+             f"FLOPs: worst / at the end |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name, run in results["runs"].items():
         jump = "" if "val_loss_before_growth" not in run else (
             f"{run['val_loss_before_growth']:.3f} -> {run['val_loss_right_after_growth']:.3f} -> "
             f"{run['val_loss_peak_after_growth']:.3f}")
-        gap = "" if run["max_gap_to_scratch_after_growth"] is None else f"{run['max_gap_to_scratch_after_growth']:+.3f}"
-        lines.append(f"| {name} | {run['final_val_loss']:.3f} | {run['total_flops']:.3g} | {reach_text} | {jump} | {gap} |")
+        gap = "" if run["max_gap_to_scratch_after_growth"] is None else \
+            f"{run['max_gap_to_scratch_after_growth']:+.3f} / {run['final_gap_to_scratch']:+.3f}"
+        lines.append(f"| {name} | {run['final_val_loss']:.3f} | {run['total_flops']:.3g} | "
+                     f"{reach(run['flops_to_reach_common_target'])} | {reach(run['flops_to_reach_scratch_final'])} | "
+                     f"{jump} | {gap} |")
     return "\n".join(lines)
 
 

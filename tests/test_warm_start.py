@@ -147,11 +147,17 @@ def test_grow_command_reports_the_carried_state(source, tmp_path, capsys):
     assert cli(["grow", "--checkpoint", str(source["checkpoint"]), "--out", str(tmp_path / "g"), "--factor", "2"]) == 0
     assert "optimizer state" in capsys.readouterr().out
     assert read_source_state(tmp_path / "g")["optimizer"] is not None
-    # a plain model directory (no trainer.pt) grows without one
+    # growing a grown directory again maps its state once more; the history records both growths
     assert cli(["grow", "--checkpoint", str(tmp_path / "g"), "--out", str(tmp_path / "g2"), "--factor", "1.5"]) == 0
-    assert read_source_state(tmp_path / "g") is not None  # g was a grow of a training checkpoint
-    grown_config = json.loads((tmp_path / "g2" / "config.json").read_text())
-    assert len(grown_config["growth_history"]) == 2
+    state = read_source_state(tmp_path / "g2")
+    names = {n: state["optimizer"]["state"][i] for g in state["optimizer"]["param_groups"]
+             for i, n in zip(g["params"], g["param_names"])}
+    assert names["layers.0.mlp.key_param_tokens"]["exp_avg"].shape == (384, 64)  # 128 x 2 x 1.5
+    assert len(json.loads((tmp_path / "g2" / "config.json").read_text())["growth_history"]) == 2
+    # a plain model directory (no trainer.pt) grows without one
+    load_checkpoint(tmp_path / "g").save_pretrained(tmp_path / "plain")
+    assert cli(["grow", "--checkpoint", str(tmp_path / "plain"), "--out", str(tmp_path / "g3"), "--factor", "2"]) == 0
+    assert read_source_state(tmp_path / "g3") is None
 
 
 def test_init_from_option_errors_are_one_sentence(corpus, source, tmp_path):
