@@ -10,9 +10,11 @@ from tokenformer.errors import TokenFormerError
 from tokenformer.generate import generate_text, generate_tokens
 from tokenformer.model import KVCache, TokenFormer
 from tokenformer.pattention import Pattention
+from tokenformer.prepare import load_prepared, prepare
 from tokenformer.scaling import (freeze_old_tokens, grow, grow_optimizer_state, grow_pattention,
                                  old_slot_counts, shrink, shrink_pattention, token_scores)
 from tokenformer.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
+from tokenformer.vision import VISION_PRESETS, VisionConfig, VisionTokenFormer
 
 __version__ = "0.1.0"
 
@@ -21,4 +23,6 @@ __all__ = [
     "Tokenizer", "export_official", "generate_text", "generate_tokens", "load_official",
     "load_tokenizer", "weight_map", "grow", "shrink", "grow_pattention", "shrink_pattention",
     "grow_optimizer_state", "freeze_old_tokens", "old_slot_counts", "token_scores",
+    "prepare", "load_prepared",
+    "VISION_PRESETS", "VisionConfig", "VisionTokenFormer",
 ]

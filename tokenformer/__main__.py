@@ -14,9 +14,13 @@ import sys
 # subcommand -> module holding cli_arguments / cli_main
 COMMANDS = {
     "convert": "tokenformer.convert",
+    "evaluate": "tokenformer.evaluate",
     "generate": "tokenformer.generate",
     "grow": "tokenformer.scaling",
     "shrink": "tokenformer.scaling",
+    "prepare": "tokenformer.prepare",
+    "train": "tokenformer.train",
+    "train-vision": "tokenformer.train_vision",
 }
 
 
@@ -49,11 +53,30 @@ def main(argv: list[str] | None = None) -> int:
         args._run(args)
     except (TokenFormerError, FileNotFoundError, NotADirectoryError) as e:
         print(f"tokenformer {args.command}: error: {e}", file=sys.stderr)
+        _tell_torchrun(f"tokenformer {args.command}: {e}")
         return 2
     except KeyboardInterrupt:
         print(f"tokenformer {args.command}: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _tell_torchrun(message: str) -> None:
+    """Under torchrun, put the sentence in its error file so that its failure summary shows it
+    (instead of "To enable traceback see ...")."""
+    import json
+    import os
+    import time
+
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        record = {"message": {"message": message, "extraInfo": {"py_callstack": message,
+                                                                 "timestamp": str(int(time.time()))}}}
+        try:
+            with open(path, "w") as f:
+                json.dump(record, f)
+        except OSError:  # the message is on stderr already; the summary is a nicety
+            pass
 
 
 if __name__ == "__main__":

@@ -128,8 +128,10 @@ def download_official(repo_id: str) -> tuple[Path, Config]:
 
 def cli_arguments(parser) -> None:
     parser.add_argument("source", help="an official pytorch_model.bin (or a Hub name such as "
-                        "Haiyang-W/TokenFormer-150M), or one of our checkpoint directories")
-    parser.add_argument("output", help="our checkpoint directory (from official) or a .bin file (to official)")
+                        "Haiyang-W/TokenFormer-150M), or one of our checkpoint directories (a sharded FSDP2 "
+                        "training checkpoint step_N/ too)")
+    parser.add_argument("output", help="our checkpoint directory (from official or sharded) or a .bin file "
+                        "(to official)")
     parser.add_argument("--config", help="official .yml config (or a preset name: 150M, 450M, 900M, 1.5B) "
                         "for an official source; not needed for a Hub name")
     parser.add_argument("--tokenizer", default=None,
@@ -144,12 +146,20 @@ def cli_main(args) -> None:
 
     official -> ours: `tokenformer convert pytorch_model.bin OUT_DIR --config 150M_eval.yml
     --tokenizer tokenizer.json` writes config.json + model.safetensors (+ tokenizer.json).
-    ours -> official: `tokenformer convert CKPT_DIR pytorch_model.bin` writes the GPT-NeoX layout."""
+    ours -> official: `tokenformer convert CKPT_DIR pytorch_model.bin` writes the GPT-NeoX layout.
+    sharded -> ours: `tokenformer convert SAVE/step_N OUT_DIR` consolidates the FSDP2 shards
+    (`sharded/`, written by any number of ranks) into one ordinary checkpoint directory."""
     from tokenformer.config import PRESETS
     from tokenformer.model import TokenFormer
     from tokenformer.tokenizer import load_tokenizer
 
     source, output = Path(args.source), Path(args.output)
+    from tokenformer.distributed import export_sharded, is_sharded_checkpoint
+
+    if source.is_dir() and is_sharded_checkpoint(source) and output.suffix not in (".bin", ".pt"):
+        export_sharded(source, output)
+        print(f"wrote {output} (consolidated from the sharded checkpoint {source})")
+        return
     if source.is_dir():
         dtype = getattr(torch, args.dtype or "float16")
         model = TokenFormer.from_pretrained(source)

@@ -22,6 +22,9 @@ from torch import nn
 from tokenformer.errors import TokenFormerError
 
 PARALLELISMS = ("ddp", "fsdp")
+# fault injection for tests and failure drills: "STEP" or "STEP:RANK" (default rank: the last one)
+FAIL_AT_STEP_ENV = "TOKENFORMER_FAIL_AT_STEP"
+TIMEOUT_ENV = "TOKENFORMER_DIST_TIMEOUT_MINUTES"
 
 
 @dataclass
@@ -54,11 +57,27 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
     return resolved
 
 
-def init_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> DistEnv:
+def collective_timeout_minutes(default: float = 30.0) -> float:
+    """How long a rank waits in a collective for a peer that neither answers nor dies before giving
+    up: `TOKENFORMER_DIST_TIMEOUT_MINUTES`, else `default`. (A peer that dies is noticed at once.)"""
+    value = os.environ.get(TIMEOUT_ENV)
+    if not value:
+        return default
+    try:
+        minutes = float(value)
+    except ValueError:
+        minutes = -1.0
+    if not minutes > 0:
+        raise TokenFormerError(f"{TIMEOUT_ENV}={value!r} must be a positive number of minutes")
+    return minutes
+
+
+def init_distributed(device: str = "auto", timeout_minutes: float | None = None) -> DistEnv:
     """Join the process group torchrun set up (gloo on CPU, nccl on GPU), or stay single-process."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return DistEnv(device=resolve_device(device))
+    timeout_minutes = timeout_minutes or collective_timeout_minutes()
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     resolved = resolve_device(device, local_rank)
     if resolved.type == "cuda":
@@ -140,6 +159,81 @@ def barrier(env: DistEnv) -> None:
         dist.barrier()
 
 
+def resume_batch_note(trainer_state: dict[str, Any], micro_batch: int, accumulation: int,
+                      world_size: int) -> str | None:
+    """A warning when a run resumes with another global batch than the one its checkpoint was
+    trained with (another rank count without adjusting the micro batch), else None."""
+    import json
+
+    saved_world = trainer_state.get("world_size")
+    try:
+        saved = json.loads(trainer_state.get("train_config") or "{}")
+        saved_batch = saved["train_micro_batch_size_per_gpu"] * saved["gradient_accumulation_steps"] * saved_world
+    except (KeyError, TypeError, ValueError):
+        return None
+    batch = micro_batch * accumulation * world_size
+    if batch == saved_batch:
+        return None
+    note = (f"resuming with a global batch of {batch} windows ({world_size} ranks x micro batch {micro_batch} x "
+            f"accumulation {accumulation}) where the checkpoint trained with {saved_batch}: the data order "
+            f"continues, but this is no longer the same run")
+    if saved_batch % (accumulation * world_size) == 0:
+        note += f"; set train_micro_batch_size_per_gpu to {saved_batch // (accumulation * world_size)} to keep it"
+    return note
+
+
+class InjectedFailure(TokenFormerError):
+    """The failure `TOKENFORMER_FAIL_AT_STEP` asked for."""
+
+
+def maybe_fail(step: int, env: DistEnv) -> None:
+    """Raise on one rank right after optimizer step `step` when `TOKENFORMER_FAIL_AT_STEP` says so.
+
+    `TOKENFORMER_FAIL_AT_STEP=3` fails the last rank after step 3, `=3:0` rank 0. It is how the tests
+    (and an operator's drill) check that a rank dying mid-run stops the whole job promptly, leaves
+    the last checkpoint intact, and that `--resume` continues with the same losses.
+    """
+    spec = os.environ.get(FAIL_AT_STEP_ENV)
+    if not spec:
+        return
+    at_step, _, at_rank = spec.partition(":")
+    try:
+        failing_step, failing_rank = int(at_step), int(at_rank) if at_rank else env.world_size - 1
+    except ValueError:
+        raise TokenFormerError(f"{FAIL_AT_STEP_ENV}={spec!r} is not STEP or STEP:RANK (integers)") from None
+    if step == failing_step and env.rank == failing_rank:
+        raise InjectedFailure(f"failed on purpose after step {step} ({FAIL_AT_STEP_ENV}={spec})")
+
+
+# what gloo, nccl and the c10d store say when the process at the other end is gone
+_PEER_GONE = ("connection closed by peer", "connection reset by peer", "remote worker", "broken pipe",
+              "timed out", "timeout", "nccl communicator was aborted", "socket", "recv", "send")
+
+
+def describe_rank_failure(error: BaseException, env: DistEnv, latest: str | Path | None) -> \
+        TokenFormerError | None:
+    """One clear sentence for an error that stopped this rank of a distributed run, or None (a bug:
+    keep its traceback).
+
+    A rank whose collective failed because a peer died says so and points at the checkpoint to
+    resume from, instead of printing a backend traceback; a rank's own error names the rank.
+    """
+    where = f"rank {env.rank} of {env.world_size}"
+    resume = f"the last complete checkpoint is {latest}: rerun with --resume to continue from it" \
+        if latest else "no checkpoint was written yet"
+    if isinstance(error, (TokenFormerError, FileNotFoundError, NotADirectoryError)):
+        return TokenFormerError(f"{where}: {error}; {resume}")
+    message = str(error).lower()
+    backend_errors = tuple(getattr(dist, name) for name in ("DistError", "DistBackendError", "DistNetworkError")
+                           if hasattr(dist, name))
+    if isinstance(error, backend_errors) or (isinstance(error, RuntimeError) and
+                                             any(s in message for s in _PEER_GONE)):
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return TokenFormerError(f"{where} stopped because another rank failed (see its error; the backend "
+                                f"said: {first_line[:120]}); {resume}")
+    return None
+
+
 # ---- sharded checkpoints (DCP) ------------------------------------------------------------------
 
 def save_sharded(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -153,6 +247,20 @@ def save_sharded(directory: str | Path, model: nn.Module, optimizer: torch.optim
              checkpoint_id=str(directory))
 
 
+def _dcp_load(state: dict[str, Any], directory: str | Path) -> None:
+    """`dcp.load` in place; without a process group one process reads every shard itself (DCP warns
+    that it assumes so: that is the intent here, so the warning is silenced)."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    single = not (dist.is_available() and dist.is_initialized())
+    with warnings.catch_warnings():
+        if single:
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+        dcp.load(state, checkpoint_id=str(directory), no_dist=single)
+
+
 def load_sharded(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None,
                  extra: dict[str, Any] | None = None) -> None:
     """Load a DCP checkpoint written by any number of ranks into this run's sharding (in place)."""
@@ -164,28 +272,99 @@ def load_sharded(directory: str | Path, model: nn.Module, optimizer: torch.optim
     state: dict[str, Any] = {"model": model_state, **(extra or {})}
     if optimizer is not None:
         state["optim"] = optim_state
-    dcp.load(state, checkpoint_id=str(directory))
+    _dcp_load(state, directory)
     if optimizer is not None:
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     else:
         set_state_dict(model, [], model_state_dict=state["model"], optim_state_dict={})
 
 
+def load_full_into_sharded(model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                           weights: dict[str, torch.Tensor], optimizer_state: dict[str, Any] | None,
+                           source: str = "the checkpoint") -> None:
+    """Load a full-state checkpoint (one process or DDP: weights and an ordinary optimizer state dict)
+    into an FSDP2 model and its optimizer; every rank reads it all and keeps its own shards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    if optimizer is not None and optimizer_state is None:
+        raise TokenFormerError(f"{source} holds no optimizer state to resume from")
+    options = StateDictOptions(full_state_dict=True)
+    if optimizer is None:
+        set_state_dict(model, [], model_state_dict=weights, optim_state_dict={}, options=options)
+        return
+    set_state_dict(model, optimizer, model_state_dict=weights,
+                   optim_state_dict=optimizer_state_by_name(optimizer_state, source), options=options)
+
+
+def optimizer_state_by_name(state: dict[str, Any], source: str = "the checkpoint") -> dict[str, Any]:
+    """`optimizer.state_dict()` (parameters numbered) keyed by parameter name instead, the form
+    `torch.distributed.checkpoint.state_dict` works with; names come from each group's `param_names`."""
+    names: dict[int, str] = {}
+    groups = []
+    for group in state["param_groups"]:
+        if "param_names" not in group:
+            raise TokenFormerError(f"{source} has an optimizer state without parameter names: resume it "
+                                   f"with parallelism ddp")
+        fqns = [name.removeprefix("module.") for name in group["param_names"]]
+        names.update(zip(group["params"], fqns))
+        groups.append({**group, "params": fqns, "param_names": fqns})
+    return {"state": {names[index]: value for index, value in state["state"].items()}, "param_groups": groups}
+
+
+def is_sharded_checkpoint(path: str | Path) -> bool:
+    """A DCP folder (`.metadata` inside) or a training checkpoint holding one under `sharded/`."""
+    path = Path(path)
+    return (path / ".metadata").is_file() or (path / "sharded" / ".metadata").is_file()
+
+
 def consolidate_sharded(directory: str | Path) -> dict[str, torch.Tensor]:
-    """The full model state dict from a DCP checkpoint, read in ONE process (no process group)."""
-    import tempfile
+    """The full model state dict from a DCP checkpoint, read in ONE process (no process group).
 
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    from tokenformer.checkpoint import torch_load_safe
+    Only the model's tensors are read (not the optimizer's), each straight into a full-size tensor
+    built from the checkpoint's metadata, whatever number of ranks wrote the shards.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     directory = Path(directory)
+    if (directory / "sharded" / ".metadata").is_file():
+        directory = directory / "sharded"
     if not (directory / ".metadata").is_file():
         raise FileNotFoundError(f"{directory} is not a sharded (torch.distributed.checkpoint) checkpoint: "
                                 f"it has no .metadata file")
-    with tempfile.TemporaryDirectory() as tmp:
-        dcp_to_torch_save(str(directory), f"{tmp}/full.pt")
-        state = torch_load_safe(f"{tmp}/full.pt")
-    if "model" not in state:
+    metadata = dcp.FileSystemReader(str(directory)).read_metadata()
+    model = {key[len("model."):]: torch.empty(meta.size, dtype=meta.properties.dtype)
+             for key, meta in metadata.state_dict_metadata.items()
+             if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)}
+    if not model:
         raise TokenFormerError(f"{directory} holds no model state")
-    return {k: v for k, v in state["model"].items() if isinstance(v, torch.Tensor)}
+    state = {"model": model}
+    _dcp_load(state, directory)
+    return state["model"]
+
+
+def export_sharded(source: str | Path, output: str | Path) -> Path:
+    """Write an ordinary checkpoint directory (config.json, model.safetensors, tokenizer.json) from a
+    sharded one: a training checkpoint `step_N/` or its `step_N/sharded/` folder."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from tokenformer.checkpoint import atomic_path
+    from tokenformer.model import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE
+
+    source, output = Path(source), Path(output)
+    home = source if (source / "sharded").is_dir() else source.parent  # where config.json lives
+    if not (home / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"{home / CONFIG_FILE} does not exist: give the training checkpoint folder "
+                                f"(step_N/) that holds sharded/ and config.json")
+    if output.resolve() in (home.resolve(), source.resolve()):
+        raise TokenFormerError(f"write the consolidated checkpoint to a new directory, not into {output}")
+    state = consolidate_sharded(source)
+    output.mkdir(parents=True, exist_ok=True)
+    with atomic_path(output / WEIGHTS_FILE) as tmp:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"format": "pt"})
+    if (home / TOKENIZER_FILE).is_file():
+        shutil.copyfile(home / TOKENIZER_FILE, output / TOKENIZER_FILE)
+    shutil.copyfile(home / CONFIG_FILE, output / CONFIG_FILE)  # last: config.json never points at nothing
+    return output

@@ -82,10 +82,16 @@ def layer_norm_nonparametric(x: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    """Causal multi-head self-attention whose four projections are Pattentions."""
+    """Multi-head self-attention whose four projections are Pattentions.
 
-    def __init__(self, config: Config, device=None, dtype=None) -> None:
+    Causal for the language model; `causal=False` lets every position see every other (the vision
+    model). `config` needs only the shape fields (`hidden_size`, slot and scale counts, ...), so the
+    vision model's config serves as well.
+    """
+
+    def __init__(self, config: Config, device=None, dtype=None, causal: bool = True) -> None:
         super().__init__()
+        self.causal = causal
         h = config.hidden_size
         key_std = config.init_method_std
         value_std = 2.0 / config.num_layers / math.sqrt(h)  # "wang_init"
@@ -99,18 +105,22 @@ class Attention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.head_dim = config.head_dim
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    def forward(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
                 cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        """`cos`/`sin` None: no rotary (the vision model has learned position embeddings)."""
         B, T, _ = x.shape
         H, D = self.num_heads, self.head_dim
         q = self.query(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
         k = self.key(x).view(B, T, H, D).transpose(1, 2)    # (B, H, T, D)
         v = self.value(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-        q = apply_rotary(q, cos, sin)
-        k = apply_rotary(k, cos, sin)
+        if cos is not None:
+            q = apply_rotary(q, cos, sin)
+            k = apply_rotary(k, cos, sin)
 
+        if cache is not None and not self.causal:
+            raise TokenFormerError("a KV cache is for causal decoding; bidirectional attention takes no cache")
         if cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         else:
             start = cache.length
             cache.keys[layer][:, :, start:start + T] = k
@@ -132,10 +142,10 @@ class Attention(nn.Module):
 class Block(nn.Module):
     """Pre-LN sequential residual block: attention, then a single-Pattention feed-forward."""
 
-    def __init__(self, config: Config, device=None, dtype=None) -> None:
+    def __init__(self, config: Config, device=None, dtype=None, causal: bool = True) -> None:
         super().__init__()
         self.eps = config.layernorm_epsilon
-        self.attention = Attention(config, device=device, dtype=dtype)
+        self.attention = Attention(config, device=device, dtype=dtype, causal=causal)
         self.mlp = Pattention(
             config.hidden_size, config.hidden_size, config.ffn_slot_num,
             norm_activation_type=config.norm_activation_type, scale_num=config.ffn_scale_num,
@@ -143,7 +153,7 @@ class Block(nn.Module):
             value_std=2.0 / config.num_layers / math.sqrt(config.hidden_size),
             memory_lean=config.pattention_memory_lean, device=device, dtype=dtype)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    def forward(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
                 cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         x = x + self.attention(layer_norm_nonparametric(x, self.eps), cos, sin, cache, layer)
         return x + self.mlp(layer_norm_nonparametric(x, self.eps))

@@ -1,0 +1,394 @@
+"""Distributed training for real: `torchrun --nproc_per_node=2` on CPU (gloo) running the
+`tokenformer train` command, compared against a single-process run with the same global batch.
+
+Three torchrun launches serve every test (module-scoped fixtures):
+  - DDP, rank 1 failing on purpose after step 3 (TOKENFORMER_FAIL_AT_STEP), then `--resume`;
+  - FSDP2 to the end, writing sharded checkpoints.
+The reference is the same `train()` in this process: micro batch 4 x accumulation 2 x 1 rank
+against micro batch 2 x accumulation 2 x 2 ranks, i.e. the same 8 windows per optimizer step.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+import tokenformer.distributed as D
+from tokenformer import ByteTokenizer, TokenFormer
+from tokenformer.indexed_dataset import IndexedDatasetWriter
+from tokenformer.train import TrainConfig, read_metrics, train
+
+pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                reason="torch.distributed with the gloo backend is not available")
+
+REPO = Path(__file__).resolve().parents[1]
+# Per-step losses of 2 ranks vs 1 process differ only by float32 summation order (all-reduce of
+# gradients, losses averaged across ranks): measured ~1e-6 on this model; 1e-5 leaves room.
+LOSS_ATOL = 1e-5
+STEPS, SAVE_INTERVAL, FAIL_AT = 4, 2, 3
+LAUNCH_TIMEOUT_S = 240  # a hang (a rank waiting forever on a dead peer) fails the test instead
+
+
+def write_corpus(directory: Path) -> Path:
+    """A `tokenformer prepare`-shaped directory: indexed files, tokenizer.json, prepare.json."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = ByteTokenizer()
+    texts = [f"def function_{i}(x):\n    return x * {i} + {i % 7}\n" * (1 + i % 3) for i in range(60)]
+    for name, split in (("train", texts), ("valid", texts[::7])):
+        writer = IndexedDatasetWriter(directory / f"{name}_text_document", dtype=np.uint16)
+        for text in split:
+            writer.add_item(tokenizer.encode(text) + [tokenizer.eos_id])
+        writer.close()
+    tokenizer.save(directory / "tokenizer.json")
+    (directory / "prepare.json").write_text(json.dumps({"vocab_size": tokenizer.vocab_size,
+                                                        "eod_id": tokenizer.eos_id}))
+    return directory
+
+
+def run_fields(corpus: Path, save: Path, **changes) -> dict:
+    """Train config fields shared by every run; 2 ranks use micro batch 2, one process 4."""
+    fields = dict(model={"name": "tiny", "seq_length": 32}, data_path=str(corpus), train_iters=STEPS,
+                  train_micro_batch_size_per_gpu=2, gradient_accumulation_steps=2, eval_iters=2,
+                  eval_interval=100, save=str(save), save_interval=SAVE_INTERVAL, log_interval=1, lr=3e-3,
+                  warmup_iters=1, seed=7, device="cpu", progress=False, plot=False)
+    fields.update(changes)
+    return fields
+
+
+def torchrun(fields: dict, fail_at: str | None = None, nproc: int = 2) -> subprocess.CompletedProcess:
+    """`python -m torch.distributed.run --standalone --nproc_per_node=N -m tokenformer train --field value ...`"""
+    args = []
+    for key, value in fields.items():
+        args += [f"--{key}", json.dumps(value) if isinstance(value, dict) else str(value)]
+    env = {k: v for k, v in os.environ.items() if k not in (D.FAIL_AT_STEP_ENV, "WORLD_SIZE", "RANK")}
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    if fail_at is not None:
+        env[D.FAIL_AT_STEP_ENV] = fail_at
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "tokenformer", "train", *args]
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    try:
+        out, err = process.communicate(timeout=LAUNCH_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # its own session: torchrun and the ranks it started
+        out, err = process.communicate()
+        pytest.fail(f"torchrun did not finish within {LAUNCH_TIMEOUT_S} s (a hung rank?)\n{out}\n{err}")
+    return subprocess.CompletedProcess(command, process.returncode, out, err)
+
+
+def losses_of(save: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(save / "metrics.jsonl") if "loss" in r}
+
+
+def assert_same_losses(got: dict[int, float], expected: dict[int, float]) -> None:
+    assert sorted(got) == sorted(expected)
+    for step in expected:
+        assert abs(got[step] - expected[step]) <= LOSS_ATOL, (step, got[step], expected[step])
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="module")
+def reference(corpus, tmp_path_factory):
+    """One process, micro batch 4: the same global batch as 2 ranks x micro batch 2. Records the
+    `sync` flag of every micro-step's gradient_sync, to check accumulation skips the all-reduce."""
+    save = tmp_path_factory.mktemp("single")
+    flags, real = [], D.gradient_sync
+
+    def recording(model, sync):
+        flags.append(sync)
+        return real(model, sync)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(D, "gradient_sync", recording)
+            summary = train(TrainConfig(**run_fields(corpus, save, train_micro_batch_size_per_gpu=4)))
+    finally:
+        torch.set_num_threads(threads)
+    return {"save": save, "losses": summary["losses"], "sync_flags": flags}
+
+
+@pytest.fixture(scope="module")
+def ddp_crash(corpus, tmp_path_factory):
+    """2-rank DDP whose rank 1 fails after step 3 (the step-2 checkpoint is the last one)."""
+    save = tmp_path_factory.mktemp("ddp")
+    start = time.perf_counter()
+    result = torchrun(run_fields(corpus, save, parallelism="ddp"), fail_at=str(FAIL_AT))
+    return {"save": save, "result": result, "seconds": time.perf_counter() - start,
+            "losses": losses_of(save), "latest": (save / "latest").read_text().strip()}
+
+
+@pytest.fixture(scope="module")
+def ddp_resumed(corpus, ddp_crash):
+    result = torchrun(run_fields(corpus, ddp_crash["save"], parallelism="ddp", resume=True))
+    assert result.returncode == 0, result.stderr
+    return {"save": ddp_crash["save"], "result": result, "losses": losses_of(ddp_crash["save"])}
+
+
+@pytest.fixture(scope="module")
+def fsdp(corpus, tmp_path_factory):
+    save = tmp_path_factory.mktemp("fsdp")
+    result = torchrun(run_fields(corpus, save, parallelism="fsdp2"))
+    assert result.returncode == 0, result.stderr
+    return {"save": save, "result": result, "losses": losses_of(save)}
+
+
+# ---- the same losses as one process ------------------------------------------------------------
+
+def test_fsdp2_two_ranks_match_single_process_losses(fsdp, reference):
+    assert len(reference["losses"]) == STEPS
+    assert_same_losses(fsdp["losses"], reference["losses"])
+    # the run really was sharded: every checkpoint holds DCP shards from both ranks
+    shards = sorted(p.name for p in (fsdp["save"] / "step_00000004" / "sharded").glob("*.distcp"))
+    assert len(shards) == 2, shards
+
+
+def test_ddp_two_ranks_killed_and_resumed_match_single_process_losses(ddp_resumed, ddp_crash, reference):
+    """Steps 1-2 come from the run that failed at step 3, steps 3-4 from its `--resume`: together
+    they equal the uninterrupted single-process run."""
+    # rank 0 logged step 3 before rank 1 failed; the resume drops that line and redoes step 3
+    assert sorted(ddp_crash["losses"]) == [1, 2, 3]
+    assert "resumed" not in ddp_crash["result"].stdout
+    assert_same_losses(ddp_resumed["losses"], reference["losses"])
+    # the resume continued from step 2 and trained only steps 3 and 4
+    assert (ddp_resumed["save"] / "latest").read_text().strip() == "step_00000004"
+    trainer = torch.load(ddp_resumed["save"] / "step_00000004" / "trainer.pt", weights_only=True)
+    assert trainer["consumed_samples"] == STEPS * 8 and trainer["world_size"] == 2
+    # the optimizer names parameters as the plain model does, not DDP's "module." wrapper
+    names = [n for group in trainer["optimizer"]["param_groups"] for n in group["param_names"]]
+    assert "word_embeddings.weight" in names and not any(n.startswith("module.") for n in names)
+
+
+def test_gradient_accumulation_syncs_only_on_the_last_micro_step(reference):
+    # one process runs the same loop: every optimizer step asks for no sync, then sync
+    assert reference["sync_flags"] == [False, True] * STEPS
+
+
+# ---- a rank fails ------------------------------------------------------------------------------
+
+def test_a_failing_rank_stops_the_job_with_one_clear_message(ddp_crash):
+    result = ddp_crash["result"]
+    assert result.returncode != 0
+    out = result.stdout + result.stderr
+    # the failing rank names itself, the cause, and the checkpoint to resume from, exactly once
+    own = [line for line in out.splitlines() if line.startswith("tokenformer train: error: rank 1 of 2: "
+                                                                 "failed on purpose after step 3")]
+    assert len(own) == 1, out
+    assert f"step_{SAVE_INTERVAL:08d}" in own[0] and "--resume" in own[0]
+    # torchrun's failure summary shows that sentence as the root cause (through its error file)
+    root_cause = out[out.index("Root Cause"):]
+    assert "rank      : 1" in root_cause and "rank 1 of 2: failed on purpose" in root_cause, out
+    # the surviving rank never prints a backend traceback: either its own sentence or, when
+    # torchrun's SIGTERM came first, nothing at all
+    assert "[rank0]: Traceback" not in out and "[rank1]: Traceback" not in out, out
+    for line in out.splitlines():
+        if line.startswith("tokenformer train: error: rank 0"):
+            assert "stopped because another rank failed" in line
+    # the job ended promptly (torchrun stops the others), not after the process-group timeout
+    assert ddp_crash["seconds"] < LAUNCH_TIMEOUT_S
+    # the last checkpoint is intact and loads
+    assert ddp_crash["latest"] == f"step_{SAVE_INTERVAL:08d}"
+    assert not list(ddp_crash["save"].glob(".tmp-*"))
+    model = TokenFormer.from_pretrained(ddp_crash["save"] / ddp_crash["latest"])
+    assert model.config.num_layers == 2
+
+
+# ---- sharded checkpoints in one process --------------------------------------------------------
+
+def test_fsdp2_checkpoint_converts_to_one_directory_with_the_same_logits(fsdp, reference, tmp_path):
+    from tokenformer.__main__ import main as cli
+
+    checkpoint = fsdp["save"] / "step_00000004"
+    out = tmp_path / "consolidated"
+    assert cli(["convert", str(checkpoint), str(out)]) == 0
+    assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors", "tokenizer.json"}
+    consolidated = TokenFormer.from_pretrained(out).eval()
+    # independent of the shards: the full state rank 0 gathered at save time
+    gathered = TokenFormer.from_pretrained(checkpoint).eval()
+    single = TokenFormer.from_pretrained(reference["save"] / "step_00000004").eval()
+    tokens = torch.randint(0, 257, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = consolidated(tokens)
+        assert torch.equal(logits, gathered(tokens))
+        # the same training in one process: equal up to float32 summation order
+        torch.testing.assert_close(logits, single(tokens), rtol=0, atol=1e-4)
+
+
+def test_fsdp2_checkpoint_of_two_ranks_resumes_on_one_process(fsdp, reference, corpus, tmp_path):
+    save = tmp_path / "one"
+    shutil.copytree(fsdp["save"] / "step_00000002", save / "step_00000002")
+    (save / "latest").write_text("step_00000002\n")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        summary = train(TrainConfig(**run_fields(corpus, save, train_micro_batch_size_per_gpu=4, resume=True)))
+    finally:
+        torch.set_num_threads(threads)
+    assert summary["resumed_from"].endswith("step_00000002")
+    assert_same_losses(summary["losses"], {s: v for s, v in reference["losses"].items() if s > 2})
+
+
+def test_sharded_folder_without_config_is_a_clear_error(fsdp, tmp_path):
+    lonely = tmp_path / "sharded"
+    shutil.copytree(fsdp["save"] / "step_00000002" / "sharded", lonely)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        D.export_sharded(lonely, tmp_path / "out")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="not a sharded"):
+        D.consolidate_sharded(tmp_path / "empty")
+
+
+# ---- gradient sync, in this process on a one-rank group ------------------------------------------
+
+@pytest.fixture
+def one_rank_group():
+    store = dist.HashStore()
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _tiny_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+
+
+def test_ddp_no_sync_skips_the_all_reduce_until_the_last_micro_step(one_rank_group):
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = DistributedDataParallel(_tiny_model())
+    reduced = []
+
+    def counting_hook(state, bucket):
+        reduced.append(bucket.buffer().numel())
+        future = torch.futures.Future()
+        future.set_result(bucket.buffer())
+        return future
+
+    model.register_comm_hook(None, counting_hook)
+    batches = [torch.randn(4, 8, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    for i, x in enumerate(batches):
+        with D.gradient_sync(model, sync=i == len(batches) - 1):
+            model(x).pow(2).mean().backward()
+        assert len(reduced) == (0 if i < len(batches) - 1 else 1)  # one bucket, once
+    # the one all-reduce carried the gradients accumulated over all micro-steps
+    plain = _tiny_model()
+    for x in batches:
+        plain(x).pow(2).mean().backward()
+    for p, q in zip(model.module.parameters(), plain.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
+    assert reduced == [sum(p.numel() for p in plain.parameters())]
+
+
+def test_fsdp2_gradient_sync_off_keeps_gradients_unreduced(one_rank_group):
+    from torch.distributed.fsdp import fully_shard
+
+    model = fully_shard(_tiny_model())
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
+    with D.gradient_sync(model, sync=False):
+        model(x).pow(2).mean().backward()
+    # no reduce-scatter yet: the sharded parameters have no gradient
+    assert all(p.grad is None for p in model.parameters())
+    with D.gradient_sync(model, sync=True):
+        model(x).pow(2).mean().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    plain = _tiny_model()
+    for _ in range(2):
+        plain(x).pow(2).mean().backward()
+    for p, q in zip(model.parameters(), plain.parameters()):
+        torch.testing.assert_close(p.grad.full_tensor(), q.grad)
+
+
+def test_fail_at_step_spec_is_checked(monkeypatch):
+    env = D.DistEnv(rank=1, world_size=2)
+    monkeypatch.setenv(D.FAIL_AT_STEP_ENV, "3")
+    D.maybe_fail(2, env)  # another step: nothing
+    D.maybe_fail(3, D.DistEnv(rank=0, world_size=2))  # another rank: nothing
+    with pytest.raises(D.InjectedFailure, match="after step 3"):
+        D.maybe_fail(3, env)
+    monkeypatch.setenv(D.FAIL_AT_STEP_ENV, "three")
+    with pytest.raises(D.TokenFormerError, match="STEP:RANK"):
+        D.maybe_fail(3, env)
+
+
+def test_resuming_with_another_global_batch_is_flagged():
+    state = {"world_size": 2, "train_config": json.dumps({"train_micro_batch_size_per_gpu": 2,
+                                                          "gradient_accumulation_steps": 2})}
+    assert D.resume_batch_note(state, 4, 2, 1) is None  # 4 x 2 x 1 = 2 x 2 x 2
+    note = D.resume_batch_note(state, 2, 2, 1)
+    assert "global batch of 4 windows" in note and "trained with 8" in note
+    assert "train_micro_batch_size_per_gpu to 4" in note
+    assert D.resume_batch_note({}, 2, 2, 1) is None  # an old checkpoint without the fields
+
+
+def test_one_process_checkpoint_resumes_under_fsdp2(one_rank_group, corpus, reference):
+    """A full-state checkpoint (one process or DDP) loads into FSDP2's shards: weights and AdamW state."""
+    from tokenformer.train import CheckpointManager, build_optimizer
+
+    checkpoint = reference["save"] / "step_00000002"
+    cfg = TrainConfig(**run_fields(corpus, None))
+    from torch.distributed.fsdp import fully_shard
+
+    model = TokenFormer.from_pretrained(checkpoint)
+    for block in model.layers:  # as wrap_model does, over the one-rank group
+        fully_shard(block)
+    fully_shard(model)
+    optimizer = build_optimizer(model, cfg)
+    state = CheckpointManager(reference["save"]).load(checkpoint, model, optimizer, sharded=True)
+    assert state["step"] == 2
+    saved = torch.load(checkpoint / "trainer.pt", weights_only=True)["optimizer"]
+    names = [n for g in saved["param_groups"] for n in g["param_names"]]
+    ids = [i for g in saved["param_groups"] for i in g["params"]]
+    params = dict(model.named_parameters())
+    for name, index in zip(names, ids):
+        loaded = optimizer.state[params[name]]
+        torch.testing.assert_close(loaded["exp_avg"].full_tensor(), saved["state"][index]["exp_avg"], rtol=0, atol=0)
+    reference_model = TokenFormer.from_pretrained(checkpoint)
+    for name, p in reference_model.named_parameters():
+        assert torch.equal(params[name].full_tensor(), p), name
+
+
+def test_collective_timeout_comes_from_the_environment(monkeypatch):
+    monkeypatch.delenv(D.TIMEOUT_ENV, raising=False)
+    assert D.collective_timeout_minutes() == 30.0
+    monkeypatch.setenv(D.TIMEOUT_ENV, "2.5")
+    assert D.collective_timeout_minutes() == 2.5
+    for bad in ("0", "soon"):
+        monkeypatch.setenv(D.TIMEOUT_ENV, bad)
+        with pytest.raises(D.TokenFormerError, match=D.TIMEOUT_ENV):
+            D.collective_timeout_minutes()
+
+
+def test_fsdp2_checkpoint_of_two_ranks_resumes_under_ddp(one_rank_group, fsdp, corpus):
+    """DDP (here over a one-rank group) reads the 2-rank shards of weights and AdamW state."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from tokenformer.train import CheckpointManager, build_optimizer
+
+    checkpoint = fsdp["save"] / "step_00000002"
+    model = DistributedDataParallel(TokenFormer.from_pretrained(fsdp["save"] / "step_00000004"))
+    optimizer = build_optimizer(model, TrainConfig(**run_fields(corpus, None)))
+    state = CheckpointManager(fsdp["save"]).load(checkpoint, model, optimizer)
+    assert state["step"] == 2
+    gathered = TokenFormer.from_pretrained(checkpoint)  # the full weights rank 0 wrote beside the shards
+    for (name, p), q in zip(model.module.named_parameters(), gathered.parameters()):
+        assert torch.equal(p, q), name
+    steps = {float(s["step"]) for s in optimizer.state.values()}
+    assert steps == {2.0} and len(optimizer.state) == len(list(gathered.parameters()))

@@ -1,0 +1,332 @@
+"""The vision TokenFormer (tokenformer.vision) and its data (tokenformer.vision_data)."""
+
+import gzip
+import json
+import struct
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tokenformer as tf
+from tokenformer import vision_data as vd
+from tokenformer.model import Attention
+from tokenformer.scaling import load_checkpoint
+
+
+def tiny(**overrides) -> tf.VisionTokenFormer:
+    return tf.VisionTokenFormer(tf.VisionConfig.from_name("tiny-28", **overrides)).eval()
+
+
+def images(batch: int = 3) -> torch.Tensor:
+    return torch.randn(batch, 1, 28, 28)
+
+
+# ---- the model ----------------------------------------------------------------------------------
+
+def test_shapes_and_patch_order():
+    model = tiny()
+    assert model(images(3)).shape == (3, 10)
+    assert model.features(images(2)).shape == (2, 32)
+    # patch (row 1, col 2) of a 28x28 image with 7x7 patches is pixels [7:14, 14:21], row-major
+    x = torch.arange(28 * 28, dtype=torch.float32).view(1, 1, 28, 28)
+    patches = model.patchify(x)  # (1, 16, 49)
+    assert patches.shape == (1, 16, 49)
+    assert torch.equal(patches[0, 1 * 4 + 2], x[0, 0, 7:14, 14:21].reshape(-1))
+    with pytest.raises(tf.TokenFormerError, match="do not fit this model"):
+        model(torch.randn(1, 3, 28, 28))
+
+
+def test_config_checks():
+    with pytest.raises(tf.TokenFormerError, match="not divisible by patch_size"):
+        tf.VisionConfig.from_name("tiny-28", patch_size=5)
+    with pytest.raises(tf.TokenFormerError, match="unknown vision preset"):
+        tf.VisionConfig.from_name("H/14")
+    with pytest.raises(tf.TokenFormerError, match="unknown vision config field"):
+        tf.VisionConfig.from_dict({"hidden": 3})
+
+
+@pytest.mark.parametrize("name, expected, paper", [("B/16", 116_347_456, 109e6), ("L/16", 406_716_992, 407e6)])
+def test_paper_sized_parameter_counts_on_meta(name, expected, paper):
+    config = tf.VisionConfig.from_name(name)
+    with torch.device("meta"):
+        model = tf.VisionTokenFormer(config)
+    h, L, n = config.hidden_size, config.num_layers, config.qkv_slot_num
+    # by hand: patch Pattention 768 -> h, cls + 197 positions, L blocks of q/k/v/proj (n tokens,
+    # 2*h*n each) and ffn (4n tokens, 2*h*4n), final LayerNorm, head Pattention h -> 1000
+    by_hand = n * (768 + h) + h + 197 * h + L * (4 * 2 * h * n + 2 * h * 4 * n) + 2 * h + 1000 * (h + 1000)
+    assert model.num_parameters() == config.num_parameters == by_hand == expected
+    assert abs(expected - paper) / paper < 0.07
+
+
+def test_attention_is_bidirectional_in_vision_and_causal_in_the_language_model():
+    model = tiny()
+    x = images(1)
+    changed = x.clone()
+    changed[..., 21:, 21:] += 1.0  # the last patch only
+    assert (model.features(changed) - model.features(x)).abs().max() > 1e-4
+    assert all(not block.attention.causal for block in model.layers)
+
+    # the language model is causal by default: the first position ignores later tokens
+    lm = tf.TokenFormer(tf.Config.from_name("tiny")).eval()
+    assert all(block.attention.causal for block in lm.layers)
+    ids = torch.randint(0, 257, (1, 8))
+    later = ids.clone()
+    later[0, 5:] = (later[0, 5:] + 1) % 257
+    assert torch.equal(lm(ids)[0, :5], lm(later)[0, :5])
+
+
+def test_bidirectional_attention_matches_a_hand_computation():
+    config = tf.Config.from_name("tiny")
+    attention = Attention(config, causal=False)
+    x = torch.randn(2, 5, config.hidden_size)
+    B, T, H, D = 2, 5, config.num_attention_heads, config.head_dim
+    q, k, v = (layer(x).view(B, T, H, D).transpose(1, 2) for layer in
+               (attention.query, attention.key, attention.value))  # (B, H, T, D)
+    weights = torch.softmax(q @ k.transpose(-1, -2) / D ** 0.5, dim=-1)  # no mask, no rotary
+    expected = attention.proj((weights @ v).transpose(1, 2).reshape(B, T, H * D))
+    assert torch.allclose(attention(x, None, None), expected, atol=1e-6)
+
+
+@pytest.fixture
+def one_thread():
+    # A tiny model's small matmuls run faster on one thread than split over two busy cores.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_tiny_model_overfits_a_batch(one_thread):
+    torch.manual_seed(0)
+    model = tiny().train()
+    x, y = images(16), torch.arange(16) % 10
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    initial = F.cross_entropy(model(x), y).item()
+    for _ in range(100):
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    assert initial > 2.0 and loss.item() < 0.3  # from chance (ln 10 = 2.3) to memorised
+    assert torch.equal(model(x).argmax(-1), y)
+
+
+def test_exact_growth_preserves_logits_and_leaves_patch_and_head_alone():
+    model = tiny()
+    grown = tf.grow(model, factor=2, seed=0)
+    x = images(4)
+    assert (grown(x) - model(x)).abs().max() <= 1e-5
+    assert grown.layers[0].attention.query.num_tokens == 32 and grown.layers[1].mlp.num_tokens == 128
+    assert grown.patch_embed.num_tokens == 16 and grown.head.num_tokens == 16
+    assert torch.equal(grown.head.key_param_tokens, model.head.key_param_tokens)
+    assert grown.config.qkv_scale_num == 16 and len(grown.config.growth_history) == 1
+    official = tf.grow(model, factor=2, mode="official", seed=0)
+    assert (official(x) - model(x)).abs().max() > 1e-3
+    # shrinking back, calibrated on images, drops exactly the zero-key tokens the growth added
+    back = tf.shrink(grown, factor=0.5, calibration=[images(4)])
+    assert torch.equal(back.layers[0].mlp.key_param_tokens, model.layers[0].mlp.key_param_tokens)
+    assert (back(x) - model(x)).abs().max() <= 1e-5
+
+
+def test_save_load_round_trip(tmp_path):
+    model = tf.grow(tiny(), factor=2, seed=0)
+    model.save_pretrained(tmp_path / "ckpt")
+    assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["model_type"] == "vision_tokenformer"
+    loaded = tf.VisionTokenFormer.from_pretrained(tmp_path / "ckpt")
+    x = images(2)
+    assert torch.equal(loaded(x), model(x))
+    assert loaded.config == model.config
+    assert isinstance(load_checkpoint(tmp_path / "ckpt"), tf.VisionTokenFormer)  # grow/shrink CLI entry
+    with pytest.raises(tf.TokenFormerError, match="not a TokenFormer language model"):
+        tf.TokenFormer.from_pretrained(tmp_path / "ckpt")
+    tf.TokenFormer(tf.Config.from_name("tiny")).save_pretrained(tmp_path / "lm")
+    with pytest.raises(tf.TokenFormerError, match="not a vision TokenFormer"):
+        tf.VisionTokenFormer.from_pretrained(tmp_path / "lm")
+
+
+# ---- data -----------------------------------------------------------------------------------------
+
+def idx_bytes(array: np.ndarray, code: int) -> bytes:
+    """The IDX layout written independently: 0, 0, dtype code, ndim, big-endian dims, big-endian data."""
+    header = struct.pack(">BBBB", 0, 0, code, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    return header + array.astype(array.dtype.newbyteorder(">")).tobytes()
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_idx_reader(tmp_path, gz):
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (5, 28, 28), dtype=np.uint8)
+    labels = np.array([3, 1, 4, 1, 5], dtype=np.uint8)
+    floats = rng.standard_normal((2, 3)).astype(np.float32)
+    opener = gzip.open if gz else open
+    suffix = ".gz" if gz else ""
+    for name, array, code in (("train-images-idx3-ubyte", pixels, 0x08),
+                              ("train-labels-idx1-ubyte", labels, 0x08), ("floats", floats, 0x0D)):
+        with opener(tmp_path / f"{name}{suffix}", "wb") as f:
+            f.write(idx_bytes(array, code))
+    assert np.array_equal(vd.read_idx(tmp_path / f"train-images-idx3-ubyte{suffix}"), pixels)
+    assert np.array_equal(vd.read_idx(tmp_path / f"floats{suffix}"), floats)
+    x, y = vd.load_mnist(tmp_path, "train")
+    assert x.shape == (5, 1, 28, 28) and x.dtype == torch.uint8 and torch.equal(x[:, 0], torch.from_numpy(pixels))
+    assert y.tolist() == [3, 1, 4, 1, 5] and y.dtype == torch.int64
+    vd.write_idx(tmp_path / f"again{suffix}", floats)
+    assert np.array_equal(vd.read_idx(tmp_path / f"again{suffix}"), floats)
+
+
+def test_idx_reader_errors(tmp_path):
+    (tmp_path / "bad").write_bytes(b"\x01\x02\x08\x01" + b"\x00" * 8)
+    with pytest.raises(tf.TokenFormerError, match="not an IDX file"):
+        vd.read_idx(tmp_path / "bad")
+    (tmp_path / "short").write_bytes(idx_bytes(np.zeros((4, 4), np.uint8), 0x08)[:-3])
+    with pytest.raises(tf.TokenFormerError, match="truncated"):
+        vd.read_idx(tmp_path / "short")
+    with pytest.raises(FileNotFoundError, match="t10k-images-idx3-ubyte"):
+        vd.load_mnist(tmp_path, "test")
+
+
+def test_image_folder_of_generated_pngs(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    written = {}
+    for cls, sizes in (("cat", [(10, 12), (9, 9)]), ("ant", [(16, 8)])):
+        (tmp_path / cls).mkdir()
+        for i, (h, w) in enumerate(sizes):
+            array = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+            Image.fromarray(array).save(tmp_path / cls / f"{i}.png")
+            written[(cls, i)] = array
+    (tmp_path / "cat" / "notes.txt").write_text("not an image")
+    folder = vd.ImageFolder(tmp_path)
+    assert folder.classes == ["ant", "cat"] and len(folder) == 3
+    image, label = folder[1]  # cat/0.png
+    assert label == 1 and image.shape == (3, 10, 12) and image.dtype == torch.uint8
+    assert torch.equal(image.permute(1, 2, 0), torch.from_numpy(written[("cat", 0)]))  # PNG is lossless
+    grey, _ = vd.ImageFolder(tmp_path, channels=1)[0]
+    assert grey.shape == (1, 16, 8)
+    transform = vd.make_transform(train=True, augment="inception", mean=(0.5,) * 3, std=(0.5,) * 3, image_size=8)
+    x, y = next(vd.folder_batches(folder, 3, transform, shuffle=True, generator=torch.Generator().manual_seed(0)))
+    assert x.shape == (3, 3, 8, 8) and sorted(y.tolist()) == [0, 1, 1]
+    assert x.min() >= -1 - 1e-6 and x.max() <= 1 + 1e-6
+    with pytest.raises(tf.TokenFormerError, match="no images"):
+        (tmp_path / "empty" / "a").mkdir(parents=True)
+        vd.ImageFolder(tmp_path / "empty")
+
+
+def test_transforms_shapes_and_ranges():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(6, 3, 20, 30)
+    crop = vd.random_resized_crop(x, 16, generator=g)
+    assert crop.shape == (6, 3, 16, 16)
+    assert crop.min() >= x.min() - 1e-6 and crop.max() <= x.max() + 1e-6  # bilinear stays in the hull
+    # the whole image at aspect 1 is a plain resize
+    square = torch.rand(2, 1, 16, 16)
+    whole = vd.random_resized_crop(square, 16, scale=(1.0, 1.0), ratio=(1.0, 1.0), generator=g)
+    assert torch.allclose(whole, square, atol=1e-5)
+    assert vd.resize_center_crop(x, 16).shape == (6, 3, 16, 16)
+    assert torch.equal(vd.random_flip(x, g, p=1.0), x.flip(-1))
+    # a padded random crop is a shift: every output row is a window of the zero-padded input
+    small = torch.rand(8, 1, 6, 6) + 1  # > 0 so that padding is recognisable
+    shifted = vd.random_crop(small, 2, g)
+    padded = F.pad(small, (2,) * 4)
+    for b in range(8):
+        assert any(torch.equal(shifted[b], padded[b, :, i:i + 6, j:j + 6]) for i in range(5) for j in range(5))
+    normalised = vd.normalize(torch.full((1, 3, 2, 2), 0.5), (0.25, 0.5, 0.75), (0.5, 0.5, 0.25))
+    assert normalised[0, :, 0, 0].tolist() == [0.5, 0.0, -1.0]
+    transform = vd.make_transform(train=True, augment="crop-flip", mean=(0.5,), std=(0.5,))
+    out = transform(torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8), g)
+    assert out.shape == (4, 1, 28, 28) and out.dtype == torch.float32 and out.min() >= -1 and out.max() <= 1
+    with pytest.raises(tf.TokenFormerError, match="unknown augment"):
+        vd.make_transform(train=True, augment="mixup")
+
+
+def test_batches_cover_the_dataset_once():
+    x = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 1, 2, 2).contiguous()
+    y = torch.arange(10)
+    seen = [(xb, yb) for xb, yb in vd.batches(x, y, 4, shuffle=True, generator=torch.Generator().manual_seed(1))]
+    assert [len(yb) for _, yb in seen] == [4, 4, 2]
+    assert sorted(torch.cat([yb for _, yb in seen]).tolist()) == list(range(10))
+    for xb, yb in seen:  # images stay with their labels
+        assert torch.allclose(xb[:, 0, 0, 0] * 255, yb.float())
+    assert [len(yb) for _, yb in vd.batches(x, y, 4, drop_last=True)] == [4, 4]
+
+
+# ---- train-vision ---------------------------------------------------------------------------------
+
+def write_toy_mnist(directory, n_train: int = 64, n_test: int = 32) -> None:
+    """An MNIST-style folder of easy classes: vertical stripes, horizontal stripes, a checkerboard,
+    noise. (Not brightness: a Pattention normalises its scores, so it cannot see a patch's scale.)"""
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = rng.integers(0, 4, n).astype(np.uint8)
+        r, c = np.indices((28, 28))
+        patterns = np.stack([c % 2, r % 2, (r + c) % 2, np.zeros((28, 28), int)]) * 180  # (4, 28, 28)
+        pixels = (rng.integers(0, 60, (n, 28, 28)) + patterns[labels]).astype(np.uint8)
+        vd.write_idx(directory / f"{prefix}-images-idx3-ubyte.gz", pixels)
+        vd.write_idx(directory / f"{prefix}-labels-idx1-ubyte.gz", labels)
+
+
+def run_train_vision(tmp_path, save, *extra):
+    from tokenformer.__main__ import main
+
+    return main(["train-vision", "--model", "tiny-28", "--data", str(tmp_path / "data"), "--epochs", "3",
+                 "--batch_size", "16", "--lr", "3e-3", "--save", str(save), "--progress", "false",
+                 "--num_threads", "1", "--log_interval", "2", "--keep_last_n", "3", *extra])
+
+
+def test_train_vision_learns_writes_outputs_and_resumes_exactly(tmp_path, one_thread, capsys):
+    from safetensors.torch import load_file
+
+    (tmp_path / "data").mkdir()
+    write_toy_mnist(tmp_path / "data")
+    assert run_train_vision(tmp_path, tmp_path / "run", "--ema", "0.9", "--tta_flip", "true") == 0
+    assert "test accuracy" in capsys.readouterr().out
+    run = tmp_path / "run"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "val_accuracy" in r]
+    assert [r["epoch"] for r in evals] == [1, 2, 3] and evals[-1]["val_accuracy"] >= 0.9
+    assert any("loss" in r and "lr" in r for r in records)
+    assert (run / "accuracy.png").stat().st_size > 0
+    final = tf.VisionTokenFormer.from_pretrained(run / "model")  # the EMA weights
+    checkpoints = sorted(run.glob("step_*"))
+    assert [p.name for p in checkpoints] == ["step_00000004", "step_00000008", "step_00000012"]
+
+    # lose the last epoch, resume: the same weights as the uninterrupted run
+    import shutil
+
+    last = load_file(str(checkpoints[-1] / "model.safetensors"))
+    shutil.rmtree(checkpoints[-1])
+    (run / "latest").unlink(missing_ok=True)
+    assert run_train_vision(tmp_path, run, "--ema", "0.9", "--tta_flip", "true", "--resume", "true") == 0
+    resumed = load_file(str(run / "step_00000012" / "model.safetensors"))
+    assert all(torch.equal(resumed[k], last[k]) for k in last)
+    again = tf.VisionTokenFormer.from_pretrained(run / "model")
+    assert all(torch.equal(a, b) for a, b in zip(again.parameters(), final.parameters()))
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines if "val_accuracy" in r] == [1, 2, 3]  # no duplicated epoch
+
+
+def test_train_vision_on_an_image_folder_and_bad_input(tmp_path, one_thread, capsys):
+    from PIL import Image
+
+    from tokenformer.__main__ import main
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 8), ("val", 4)):
+        for c, colour in enumerate(((255, 0, 0), (0, 0, 255))):
+            (tmp_path / "folder" / split / f"class{c}").mkdir(parents=True)
+            for i in range(n):
+                array = rng.integers(0, 60, (20 + i, 24, 3), dtype=np.uint8) + np.array(colour, np.uint8) // 2
+                Image.fromarray(array.astype(np.uint8)).save(tmp_path / "folder" / split / f"class{c}" / f"{i}.png")
+    model = json.dumps(dict(name="tiny-28", image_size=16, patch_size=8, num_channels=3, num_classes=2))
+    args = ["train-vision", "--model", model, "--data", str(tmp_path / "folder"), "--epochs", "2",
+            "--batch_size", "4", "--augment", "inception", "--mean", "[0.5, 0.5, 0.5]", "--std", "[0.5, 0.5, 0.5]",
+            "--progress", "false", "--num_threads", "1"]
+    assert main(args) == 0
+    assert "test accuracy" in capsys.readouterr().out
+    assert main(args + ["--augment", "mixup"]) == 2
+    assert "unknown augment 'mixup'" in capsys.readouterr().err
+    assert main(args + ["--data", str(tmp_path / "nowhere")]) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -1,0 +1,257 @@
+"""The vision TokenFormer: a ViT whose every linear layer is a Pattention (paper, section 7).
+
+    patches (B, N, p*p*C) --patch_embed--> (B, N, h)      a Pattention over flattened patches
+    [cls; patches] + learned position embeddings           (B, 1+N, h)
+    blocks: the language model's `Block`, bidirectional, no rotary
+    final LayerNorm (weight and bias) on the class token --head--> (B, num_classes)   a Pattention
+
+The paper gives no code, only shapes and results (ImageNet-1K top-1 82.5 for B/16 with 109M
+parameters, 83.1 for L/16 with 407M). The blocks are the language model's, so growth
+(`tokenformer.grow`) and shrinking act on the same qkv / proj / ffn slot groups; the patch
+embedding and the head keep their own token counts (`patch_slot_num`, `head_slot_num`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from tokenformer.config import NORM_ACTIVATION_TYPES
+from tokenformer.errors import TokenFormerError
+from tokenformer.model import CONFIG_FILE, WEIGHTS_FILE, Block
+from tokenformer.pattention import Pattention
+
+MODEL_TYPE = "vision_tokenformer"
+
+
+@dataclass
+class VisionConfig:
+    """Shape and numerics of a vision TokenFormer (field names as in the language model's Config).
+
+    `patch_slot_num` / `head_slot_num` are the token counts of the patch embedding and of the
+    classification head; `*_scale_num` pin the n of the block Pattentions' normalisation after an
+    exact growth, as in `Config`.
+    """
+
+    name: str = "custom"
+    image_size: int = 224
+    patch_size: int = 16
+    num_channels: int = 3
+    num_classes: int = 1000
+    num_layers: int = 12
+    hidden_size: int = 768
+    num_attention_heads: int = 12
+    qkv_slot_num: int = 768
+    proj_slot_num: int = 768
+    ffn_slot_num: int = 3072
+    patch_slot_num: int = 768
+    head_slot_num: int = 1000
+    norm_activation_type: str = "l2_norm_gelu"
+    layernorm_epsilon: float = 1e-5
+    init_method_std: float = 0.02
+    pattention_memory_lean: bool = False  # as in Config: one saved score tensor per Pattention
+    qkv_scale_num: int | None = None
+    proj_scale_num: int | None = None
+    ffn_scale_num: int | None = None
+    growth_history: list[dict[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ---- derived fields -------------------------------------------------------------------
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def patch_dim(self) -> int:
+        """Length of one flattened patch: patch_size * patch_size * num_channels."""
+        return self.patch_size * self.patch_size * self.num_channels
+
+    @property
+    def num_parameters(self) -> int:
+        """Parameter count computed from the shapes alone."""
+        h = self.hidden_size
+        per_layer = 2 * h * (3 * self.qkv_slot_num + self.proj_slot_num + self.ffn_slot_num)
+        patch = self.patch_slot_num * (self.patch_dim + h)
+        head = self.head_slot_num * (h + self.num_classes)
+        cls_and_positions = h + (1 + self.num_patches) * h
+        return patch + cls_and_positions + self.num_layers * per_layer + 2 * h + head
+
+    # ---- checks -----------------------------------------------------------------------------
+
+    def validate(self) -> None:
+        """Raise `TokenFormerError` with one clear sentence if the configuration cannot work."""
+        for name in ("image_size", "patch_size", "num_channels", "num_classes", "num_layers",
+                     "hidden_size", "num_attention_heads", "qkv_slot_num", "proj_slot_num",
+                     "ffn_slot_num", "patch_slot_num", "head_slot_num"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise TokenFormerError(f"vision config field {name} must be a positive integer, got {value!r}")
+        if self.image_size % self.patch_size:
+            raise TokenFormerError(
+                f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}: "
+                f"choose a patch size that divides it")
+        if self.hidden_size % self.num_attention_heads:
+            raise TokenFormerError(
+                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
+                f"{self.num_attention_heads}: choose a head count that divides it")
+        if self.norm_activation_type not in NORM_ACTIVATION_TYPES:
+            raise TokenFormerError(
+                f"unknown norm_activation_type {self.norm_activation_type!r}: "
+                f"use one of {', '.join(NORM_ACTIVATION_TYPES)}")
+
+    # ---- constructors -----------------------------------------------------------------------
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> "VisionConfig":
+        """A named preset (see `VISION_PRESETS`), with optional field overrides."""
+        if name not in VISION_PRESETS:
+            raise TokenFormerError(
+                f"unknown vision preset {name!r}: valid presets are {', '.join(VISION_PRESETS)}")
+        values = dict(VISION_PRESETS[name], name=name)
+        values.update(overrides)
+        return cls.from_dict(values)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "VisionConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise TokenFormerError(
+                f"unknown vision config field(s) {', '.join(unknown)}: valid fields are {', '.join(sorted(known))}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ImageNet shapes of ViT-B/16 and ViT-L/16 (the paper's two models), then 28x28 grey ones
+# (MNIST / Fashion-MNIST) small enough to train on a CPU.
+VISION_PRESETS: dict[str, dict[str, Any]] = {
+    "B/16": dict(image_size=224, patch_size=16, num_layers=12, hidden_size=768, num_attention_heads=12,
+                 qkv_slot_num=768, proj_slot_num=768, ffn_slot_num=3072, patch_slot_num=768,
+                 head_slot_num=1000),
+    "L/16": dict(image_size=224, patch_size=16, num_layers=24, hidden_size=1024, num_attention_heads=16,
+                 qkv_slot_num=1024, proj_slot_num=1024, ffn_slot_num=4096, patch_slot_num=1024,
+                 head_slot_num=1000),
+    "tiny-28": dict(image_size=28, patch_size=7, num_channels=1, num_classes=10, num_layers=2,
+                    hidden_size=32, num_attention_heads=4, qkv_slot_num=16, proj_slot_num=16,
+                    ffn_slot_num=64, patch_slot_num=16, head_slot_num=16),
+    "fmnist-28": dict(image_size=28, patch_size=7, num_channels=1, num_classes=10, num_layers=4,
+                      hidden_size=64, num_attention_heads=4, qkv_slot_num=64, proj_slot_num=64,
+                      ffn_slot_num=256, patch_slot_num=64, head_slot_num=32),
+    "small-28": dict(image_size=28, patch_size=4, num_channels=1, num_classes=10, num_layers=4,
+                     hidden_size=96, num_attention_heads=4, qkv_slot_num=96, proj_slot_num=96,
+                     ffn_slot_num=384, patch_slot_num=96, head_slot_num=64),
+}
+
+
+class VisionTokenFormer(nn.Module):
+    """Image classifier: `model(images)` with images (B, C, H, W) returns logits (B, num_classes)."""
+
+    model_type = MODEL_TYPE
+
+    def __init__(self, config: VisionConfig, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        h = config.hidden_size
+        factory = dict(device=device, dtype=dtype)
+        value_std = 2.0 / config.num_layers / math.sqrt(h)  # the blocks' "wang_init"
+        common = dict(norm_activation_type=config.norm_activation_type,
+                      key_std=config.init_method_std, **factory)
+        self.patch_embed = Pattention(config.patch_dim, h, config.patch_slot_num,
+                                      value_std=config.init_method_std, **common)
+        self.cls_token = nn.Parameter(torch.empty(1, 1, h, **factory))
+        self.position_embeddings = nn.Parameter(torch.empty(1, 1 + config.num_patches, h, **factory))
+        self.layers = nn.ModuleList(Block(config, causal=False, **factory) for _ in range(config.num_layers))
+        self.final_norm = nn.LayerNorm(h, eps=config.layernorm_epsilon, **factory)
+        self.head = Pattention(h, config.num_classes, config.head_slot_num, value_std=value_std, **common)
+        if self.cls_token.device.type != "meta":
+            nn.init.normal_(self.cls_token, std=config.init_method_std)
+            nn.init.normal_(self.position_embeddings, std=config.init_method_std)
+
+    def patchify(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, N, p*p*C), patches in row-major order, each flattened (p, p, C)."""
+        c = self.config
+        B, C, H, W = images.shape
+        if (C, H, W) != (c.num_channels, c.image_size, c.image_size):
+            raise TokenFormerError(
+                f"images of shape (C, H, W) = {(C, H, W)} do not fit this model, which takes "
+                f"{(c.num_channels, c.image_size, c.image_size)}: resize/crop them (see tokenformer.vision_data)")
+        p, g = c.patch_size, c.image_size // c.patch_size
+        x = images.view(B, C, g, p, g, p)        # (B, C, gy, py, gx, px)
+        x = x.permute(0, 2, 4, 3, 5, 1)          # (B, gy, gx, py, px, C)
+        return x.reshape(B, g * g, p * p * C)    # (B, N, patch_dim)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """The final-normed class token (B, h)."""
+        x = self.patch_embed(self.patchify(images))                     # (B, N, h)
+        cls = self.cls_token.expand(x.shape[0], -1, -1)                 # (B, 1, h)
+        x = torch.cat([cls, x], dim=1) + self.position_embeddings       # (B, 1+N, h)
+        for block in self.layers:
+            x = block(x, None, None)
+        return self.final_norm(x[:, 0])                                  # (B, h)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(images))  # (B, num_classes)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def pattentions(self) -> dict[str, Pattention]:
+        """Every Pattention of the model by module name (e.g. `layers.0.attention.query`, `head`)."""
+        return {name: m for name, m in self.named_modules() if isinstance(m, Pattention)}
+
+    # ---- checkpoints ------------------------------------------------------------------------
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write `config.json` (with `"model_type": "vision_tokenformer"`) and `model.safetensors`."""
+        from tokenformer.checkpoint import save_model_directory
+
+        return save_model_directory(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: torch.device | str = "cpu",
+                        dtype: torch.dtype | None = None) -> "VisionTokenFormer":
+        """Load a directory written by `save_pretrained` (safetensors only: no code runs)."""
+        from safetensors.torch import load_file
+
+        from tokenformer.convert import check_state_dict
+
+        directory = Path(directory)
+        config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+        for path in (config_path, weights_path):
+            if not path.is_file():
+                raise FileNotFoundError(
+                    f"{path} does not exist: is {directory} a checkpoint directory written by "
+                    f"VisionTokenFormer.save_pretrained or `tokenformer train-vision`?")
+        values = json.loads(config_path.read_text())
+        model_type = values.pop("model_type", "tokenformer")
+        if model_type != MODEL_TYPE:
+            raise TokenFormerError(
+                f"{directory} holds a {model_type!r} model, not a vision TokenFormer: load it with "
+                f"TokenFormer.from_pretrained")
+        config = VisionConfig.from_dict(values)
+        state = load_file(str(weights_path), device=str(device))
+        with torch.device("meta"):
+            model = cls(config)
+        check_state_dict(state, model.state_dict(), source=str(weights_path))
+        if dtype is not None:
+            state = {k: v.to(dtype) for k, v in state.items()}
+        model.load_state_dict(state, assign=True)
+        return model.eval()
