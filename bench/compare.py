@@ -190,7 +190,7 @@ def bench_pattention(s: dict) -> dict:
     run(compiled)()
     compile_s = time.perf_counter() - start
     t = alternate({"official": run(ours, True), "ours": run(ours), "lean": run(lean),
-                   "compiled": run(compiled)}, s["reps"])
+                   "compiled": run(compiled)}, max(15, s["reps"]))  # cheap: more repetitions
     excl = [x, *ours.parameters(), *lean.parameters()]
     with official_pattentions():
         mem_official = saved_bytes(lambda: ours(x), excl)
@@ -411,8 +411,11 @@ def main(argv: list[str] | None = None) -> dict:
     d, p = result["decode_tokens_per_s"], result["prefill_tokens_per_s"]
     print(f"generation tokens/s: prefill ours {p['ours']:.0f} / HF {p['hf']:.0f}; "
           f"decode ours {d['ours']:.1f} / HF {d['hf']:.1f}")
-    if isinstance(result["data_prep"], dict):
-        print(f"data preparation: {result['data_prep']}")
+    prep = result["data_prep"]
+    if isinstance(prep, dict):
+        rates = {name: r.get("tokens_per_s") for name, r in prep.get("tokenizers", {}).items()}
+        print("data preparation tokens/s: " + (", ".join(f"{k} {v:,.0f}" for k, v in rates.items()
+                                                         if isinstance(v, (int, float))) or str(prep)))
     print(f"took {result['seconds']:.0f} s; wrote {args.out}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")

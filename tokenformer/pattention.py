@@ -75,7 +75,6 @@ class L2NormGeluPattention(torch.autograd.Function):
         u, scale = _scaled_scores(x, keys, scale_num)
         w = F.gelu(u)  # (..., n)
         ctx.scale_num = scale_num
-        ctx.memory_lean = memory_lean
         ctx.save_for_backward(x, keys, values, u, scale, *(() if memory_lean else (w,)))
         return w @ values  # (..., d_out)
 
