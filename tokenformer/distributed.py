@@ -72,6 +72,13 @@ def collective_timeout_minutes(default: float = 30.0) -> float:
     return minutes
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (a slurm or container CPU set, not the whole machine)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
 def init_distributed(device: str = "auto", timeout_minutes: float | None = None) -> DistEnv:
     """Join the process group torchrun set up (gloo on CPU, nccl on GPU), or stay single-process."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -85,7 +92,7 @@ def init_distributed(device: str = "auto", timeout_minutes: float | None = None)
     else:
         # torchrun sets OMP_NUM_THREADS=1; share the cores of this node between its ranks instead.
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        torch.set_num_threads(max(1, usable_cores() // local_world))
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if resolved.type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(minutes=timeout_minutes),
