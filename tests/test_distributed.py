@@ -1,8 +1,9 @@
 """Distributed training for real: `torchrun --nproc_per_node=2` on CPU (gloo) running the
 `tokenformer train` command, compared against a single-process run with the same global batch.
 
-Three torchrun launches serve every test (module-scoped fixtures):
+Four torchrun launches serve every test (module-scoped fixtures):
   - DDP, rank 1 failing on purpose after step 3 (TOKENFORMER_FAIL_AT_STEP), then `--resume`;
+  - DDP, rank 1 SIGKILLed after step 2 (a lost node);
   - FSDP2 to the end, writing sharded checkpoints.
 The reference is the same `train()` in this process: micro batch 4 x accumulation 2 x 1 rank
 against micro batch 2 x accumulation 2 x 2 ranks, i.e. the same 8 windows per optimizer step.
@@ -141,6 +142,16 @@ def ddp_resumed(corpus, ddp_crash):
 
 
 @pytest.fixture(scope="module")
+def ddp_killed(corpus, tmp_path_factory):
+    """2-rank DDP whose rank 1 is SIGKILLed after step 2 (no message, no cleanup: a lost node)."""
+    save = tmp_path_factory.mktemp("killed")
+    start = time.perf_counter()
+    result = torchrun(run_fields(corpus, save, parallelism="ddp", train_iters=3, save_interval=1),
+                      fail_at="2:1:kill")
+    return {"save": save, "result": result, "seconds": time.perf_counter() - start}
+
+
+@pytest.fixture(scope="module")
 def fsdp(corpus, tmp_path_factory):
     save = tmp_path_factory.mktemp("fsdp")
     result = torchrun(run_fields(corpus, save, parallelism="fsdp2"))
@@ -206,6 +217,20 @@ def test_a_failing_rank_stops_the_job_with_one_clear_message(ddp_crash):
     assert not list(ddp_crash["save"].glob(".tmp-*"))
     model = TokenFormer.from_pretrained(ddp_crash["save"] / ddp_crash["latest"])
     assert model.config.num_layers == 2
+
+
+def test_a_killed_rank_stops_the_job_without_a_hang(ddp_killed):
+    result, save = ddp_killed["result"], ddp_killed["save"]
+    out = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "Signal 9 (SIGKILL)" in out  # torchrun's summary names the killed rank's fate
+    assert "[rank0]: Traceback" not in out, out
+    for line in out.splitlines():
+        if line.startswith("tokenformer train: error: rank 0"):
+            assert "stopped because another rank failed" in line and "step_00000001" in line
+    assert ddp_killed["seconds"] < LAUNCH_TIMEOUT_S
+    assert (save / "latest").read_text().strip() == "step_00000001"
+    assert TokenFormer.from_pretrained(save / "step_00000001").config.num_layers == 2
 
 
 # ---- sharded checkpoints in one process --------------------------------------------------------
@@ -324,7 +349,7 @@ def test_fail_at_step_spec_is_checked(monkeypatch):
     with pytest.raises(D.InjectedFailure, match="after step 3"):
         D.maybe_fail(3, env)
     monkeypatch.setenv(D.FAIL_AT_STEP_ENV, "three")
-    with pytest.raises(D.TokenFormerError, match="STEP:RANK"):
+    with pytest.raises(D.TokenFormerError, match="STEP:RANK:kill"):
         D.maybe_fail(3, env)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -194,22 +195,32 @@ class InjectedFailure(TokenFormerError):
 
 
 def maybe_fail(step: int, env: DistEnv) -> None:
-    """Raise on one rank right after optimizer step `step` when `TOKENFORMER_FAIL_AT_STEP` says so.
+    """Fail one rank right after optimizer step `step` when `TOKENFORMER_FAIL_AT_STEP` says so.
 
-    `TOKENFORMER_FAIL_AT_STEP=3` fails the last rank after step 3, `=3:0` rank 0. It is how the tests
-    (and an operator's drill) check that a rank dying mid-run stops the whole job promptly, leaves
-    the last checkpoint intact, and that `--resume` continues with the same losses.
+    `TOKENFORMER_FAIL_AT_STEP=3` makes the last rank raise after step 3, `=3:0` rank 0, and
+    `=3:1:kill` kills rank 1 outright (SIGKILL, as the OOM killer or a lost node would: no message,
+    no cleanup). It is how the tests (and an operator's drill) check that a rank dying mid-run stops
+    the whole job promptly, leaves the last checkpoint intact, and that `--resume` continues with
+    the same losses.
     """
     spec = os.environ.get(FAIL_AT_STEP_ENV)
     if not spec:
         return
-    at_step, _, at_rank = spec.partition(":")
+    parts = spec.split(":")
     try:
-        failing_step, failing_rank = int(at_step), int(at_rank) if at_rank else env.world_size - 1
+        if len(parts) > 3 or (len(parts) == 3 and parts[2] != "kill"):
+            raise ValueError(spec)
+        failing_step = int(parts[0])
+        failing_rank = int(parts[1]) if len(parts) > 1 and parts[1] else env.world_size - 1
     except ValueError:
-        raise TokenFormerError(f"{FAIL_AT_STEP_ENV}={spec!r} is not STEP or STEP:RANK (integers)") from None
-    if step == failing_step and env.rank == failing_rank:
-        raise InjectedFailure(f"failed on purpose after step {step} ({FAIL_AT_STEP_ENV}={spec})")
+        raise TokenFormerError(f"{FAIL_AT_STEP_ENV}={spec!r} is not STEP, STEP:RANK or STEP:RANK:kill") from None
+    if step != failing_step or env.rank != failing_rank:
+        return
+    if parts[-1] == "kill":
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+    raise InjectedFailure(f"failed on purpose after step {step} ({FAIL_AT_STEP_ENV}={spec})")
 
 
 # what gloo, nccl and the c10d store say when the process at the other end is gone
@@ -236,6 +247,7 @@ def describe_rank_failure(error: BaseException, env: DistEnv, latest: str | Path
     if isinstance(error, backend_errors) or (isinstance(error, RuntimeError) and
                                              any(s in message for s in _PEER_GONE)):
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        first_line = re.sub(r"^\[[^\]]*\]\s*", "", first_line)  # gloo's "[source/file.cc:553] " prefix
         return TokenFormerError(f"{where} stopped because another rank failed (see its error; the backend "
                                 f"said: {first_line[:120]}); {resume}")
     return None
