@@ -5,7 +5,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install test demo clean
+BENCH_STAMP := $(VENV)/.bench-stamp
+BENCH_ARGS ?=
+
+.PHONY: install test demo clean bench bench-quick
 
 install: $(STAMP)
 
@@ -20,17 +23,43 @@ test: $(STAMP)
 
 # The main job: prepare the Python standard library (embedded corpus, BPE 2048), train a small
 # TokenFormer on it (validation loss before -> after, checkpoint + loss_curve.png in
-# runs/demo/checkpoints), then generate from the trained checkpoint.
+# runs/demo/checkpoints), grow it to twice the parameter tokens in exact mode (the validation loss
+# before and after growing is printed: the same), train the grown model on (optimizer state
+# carried, schedule continued; runs/demo/grown-checkpoints), then generate from it.
+# It installs only what it needs (the package and matplotlib), not the development extras.
 DEMO := runs/demo
+DEMO_STAMP := $(VENV)/.demo-stamp
 
-demo: $(STAMP) $(DEMO)/data/prepare.json
-	rm -rf $(DEMO)/checkpoints
+$(DEMO_STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt torch==2.13.0
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[plot]"
+	touch $(DEMO_STAMP)
+
+demo: $(DEMO_STAMP) $(DEMO)/data/prepare.json
+	rm -rf $(DEMO)/checkpoints $(DEMO)/grown $(DEMO)/grown-checkpoints
 	$(VENV)/bin/tokenformer train configs/demo.yaml --data_path $(DEMO)/data --save $(DEMO)/checkpoints
-	$(VENV)/bin/tokenformer generate --checkpoint $(DEMO)/checkpoints/$$(cat $(DEMO)/checkpoints/latest) \
+	$(VENV)/bin/tokenformer grow --checkpoint $(DEMO)/checkpoints/$$(cat $(DEMO)/checkpoints/latest) \
+		--out $(DEMO)/grown --factor 2 --mode exact --data $(DEMO)/data
+	$(VENV)/bin/tokenformer train configs/demo.yaml --data_path $(DEMO)/data --save $(DEMO)/grown-checkpoints \
+		--init_from $(DEMO)/grown --init_from_optimizer true --init_from_schedule continue \
+		--train_iters 600 --lr_decay_iters 500 --eval_interval 50
+	$(VENV)/bin/tokenformer generate --checkpoint $(DEMO)/grown-checkpoints/$$(cat $(DEMO)/grown-checkpoints/latest) \
 		--prompt "def " --max-new-tokens 60 --temperature 0.8 --top-k 50 --seed 0
 
-$(DEMO)/data/prepare.json: $(STAMP)
+$(DEMO)/data/prepare.json: | $(DEMO_STAMP)
 	$(VENV)/bin/tokenformer prepare --out $(DEMO)/data --tokenizer bpe --vocab-size 2048
+
+# The benchmark suite (bench/compare.py) needs the `bench` extra (Hugging Face transformers).
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[bench]"
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(PY) -m bench.compare $(BENCH_ARGS)
+
+bench-quick: $(BENCH_STAMP)
+	$(PY) -m bench.compare --quick $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,19 +1,18 @@
 """Evaluation: sliding-window perplexity, the lm-eval adapter against direct computations from the
 model's logits, the harness end to end on task files written here (offline), and the CLI."""
 
+import atexit
 import json
 import math
 import os
 import shutil
 import tempfile
-import atexit
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import tokenformer as tf
-from tokenformer.evaluate import (comparison_table, load_documents, nearest_published, perplexity,
+from tokenformer.evaluate import (comparison_table, nearest_published, perplexity,
                                   sliding_windows, task_scores)
 
 # The harness must never reach the network here: local JSON files only, in a private cache.
@@ -296,3 +295,236 @@ def test_comparison_table_puts_our_scores_beside_the_published_ones():
     assert "| arc_challenge | acc_norm | 24.9 | 24.9 | 23.6 |" in lines
     assert lines[-2] == "| average | acc | 44.7 | 44.7 | 40.1 |"  # the published average is reproduced
     assert lines[-1] == "| mine | acc | 50.0 | - | - |"
+
+
+# ---- the command line -----------------------------------------------------------------------------
+
+def run_cli(argv, capsys):
+    from tokenformer.__main__ import main
+
+    code = main(["evaluate", *map(str, argv)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_perplexity_on_jsonl_indexed_prefix_and_prepared_directory(model, checkpoint, tmp_path, capsys):
+    from tokenformer.indexed_dataset import IndexedDatasetWriter
+
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text("".join(json.dumps({"body": t}) + "\n" for t in TEXTS))
+    output = tmp_path / "ppl.json"
+    code, out, _ = run_cli(["--checkpoint", checkpoint, "--data", jsonl, "--text-field", "body",
+                            "--stride", 16, "--output", output], capsys)
+    assert code == 0 and "bits per byte" in out
+    report = json.loads(output.read_text())
+    docs = [(list(t.encode()), len(t.encode())) for t in TEXTS]
+    expected = perplexity(model, docs, prefix_id=256, stride=16, progress=False)
+    assert report["loss"] == pytest.approx(expected.loss, rel=1e-6)
+    assert report["bits_per_byte"] == pytest.approx(expected.bits_per_byte, rel=1e-6)
+    assert report["tokens"] == sum(len(t) for t in TEXTS) and report["documents"] == len(TEXTS)
+
+    text_file = tmp_path / "one.txt"
+    text_file.write_text(TEXTS[0])
+    code, _, _ = run_cli(["--checkpoint", checkpoint, "--data", text_file, "--output", output], capsys)
+    assert code == 0
+    one = perplexity(model, docs[:1], prefix_id=256, progress=False)
+    assert json.loads(output.read_text())["loss"] == pytest.approx(one.loss, rel=1e-6)
+
+    # The same texts as `tokenformer prepare` writes them: one item per document, ending with end-of-text.
+    prepared = tmp_path / "prepared"
+    with IndexedDatasetWriter(prepared / "valid_text_document") as writer:
+        for text in TEXTS:
+            writer.add_item(list(text.encode()) + [256])
+    tf.ByteTokenizer().save(prepared / "tokenizer.json")
+    with_eod = perplexity(model, [(ids + [256], n) for ids, n in docs], prefix_id=256, progress=False)
+    for data in (prepared, prepared / "valid", prepared / "valid_text_document", prepared / "valid_text_document.bin"):
+        code, _, _ = run_cli(["--checkpoint", checkpoint, "--data", data, "--output", output], capsys)
+        assert code == 0
+        report = json.loads(output.read_text())
+        assert report["tokens"] == with_eod.tokens and report["bytes"] == with_eod.bytes
+        assert report["loss"] == pytest.approx(with_eod.loss, rel=1e-6)
+
+
+def test_cli_refuses_data_tokenized_with_another_tokenizer(checkpoint, tmp_path, capsys):
+    from tokenformer.indexed_dataset import IndexedDatasetWriter
+    from tokenizers import Tokenizer, models
+
+    with IndexedDatasetWriter(tmp_path / "valid_text_document") as writer:
+        writer.add_item([1, 2, 3])
+    other = Tokenizer(models.WordLevel({"a": 0, "b": 1}, unk_token="a"))
+    other.add_special_tokens(["<|endoftext|>"])
+    other.save(str(tmp_path / "tokenizer.json"))
+    code, _, err = run_cli(["--checkpoint", checkpoint, "--data", tmp_path, "--output", tmp_path / "o.json"], capsys)
+    assert code == 2 and "another tokenizer" in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_tasks_print_the_table_and_write_the_results(checkpoint, task_folder, tmp_path, capsys):
+    output = tmp_path / "results.json"
+    code, out, _ = run_cli(["--checkpoint", checkpoint, "--tasks", "tiny_choice,tiny_lambada",
+                            "--include-path", task_folder, "--no-builtin-tasks", "--batch-size", 2,
+                            "--limit", 2, "--output", output], capsys)
+    assert code == 0
+    assert "| task | metric | ours (" in out and "| TokenFormer-150M | Pythia-160M |" in out
+    assert "| tiny_choice | acc |" in out
+    report = json.loads(output.read_text())
+    assert set(report["scores"]) == {"tiny_choice", "tiny_lambada"}
+    assert 0.0 <= report["scores"]["tiny_choice"]["acc"] <= 1.0
+    assert report["lm_eval"]["results"]["tiny_lambada"]["acc,none"] == report["scores"]["tiny_lambada"]["acc"]
+    assert report["limit"] == 2 and report["num_fewshot"] == 0
+
+
+@pytest.mark.parametrize("case", ["missing checkpoint", "not a checkpoint", "unknown task", "missing task folder",
+                                  "missing data", "bad stride"])
+def test_cli_bad_input_ends_in_one_clear_sentence(case, checkpoint, task_folder, tmp_path, capsys):
+    argv = {
+        "missing checkpoint": ["--checkpoint", tmp_path / "nope"],
+        "not a checkpoint": ["--checkpoint", tmp_path],
+        "unknown task": ["--checkpoint", checkpoint, "--tasks", "tiny_choice,no_such_task",
+                         "--include-path", task_folder, "--no-builtin-tasks"],
+        "missing task folder": ["--checkpoint", checkpoint, "--include-path", tmp_path / "no-tasks"],
+        "missing data": ["--checkpoint", checkpoint, "--data", tmp_path / "none.jsonl"],
+        "bad stride": ["--checkpoint", checkpoint, "--data", tmp_path / "none.jsonl", "--stride", 0],
+    }[case]
+    code, _, err = run_cli(argv + ["--output", tmp_path / "o.json"], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("tokenformer evaluate: error: ")
+    expected = {"missing checkpoint": "does not exist", "not a checkpoint": "config.json",
+                "unknown task": "unknown task no_such_task", "missing task folder": "no-tasks",
+                "missing data": "none.jsonl", "bad stride": "--stride"}[case]
+    assert expected in lines[0]
+    assert not (tmp_path / "o.json").exists()
+
+
+def test_missing_lm_eval_names_the_extra(checkpoint, tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # what an environment without lm-eval sees
+    code, _, err = run_cli(["--checkpoint", checkpoint, "--output", tmp_path / "o.json"], capsys)
+    assert code == 2 and 'pip install "tokenformer[eval]"' in err and len(err.strip().splitlines()) == 1
+
+
+def test_tokenformer_lm_eval_without_lm_eval_names_the_extra(capsys, monkeypatch):
+    import sys
+
+    from tokenformer.evaluate import lm_eval_cli
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)
+    with pytest.raises(SystemExit) as e:
+        lm_eval_cli()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and 'pip install "tokenformer[eval]"' in err[0]
+
+
+def test_tokenformer_lm_eval_runs_lm_evals_own_command_line(checkpoint, task_folder, tmp_path, capsys, monkeypatch):
+    import functools
+    import sys
+
+    import lm_eval.__main__
+    import lm_eval.tasks
+
+    from tokenformer.lm_eval_adapter import main
+
+    # Only to save the ~10 s of indexing lm-eval's own tasks: the command line is lm-eval's.
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", functools.partial(lm_eval.tasks.TaskManager,
+                                                                        include_defaults=False))
+    monkeypatch.setattr(lm_eval.__main__, "setup_logging", lambda: None)  # leave logging as it was
+    monkeypatch.setattr(sys, "argv", ["tokenformer-lm-eval"])  # main() rewrites it for lm-eval's parser
+    output = tmp_path / "lm-eval-out"
+    main(["--model", "tokenformer", "--model_args", f"pretrained={checkpoint},dtype=float32,batch_size=3",
+          "--tasks", "tiny_lambada", "--include_path", str(task_folder), "--device", "cpu",
+          "--output_path", str(output)])
+    out = capsys.readouterr().out
+    assert "tiny_lambada" in out and "tokenformer (" in out
+    written = list(output.rglob("results_*.json"))
+    assert len(written) == 1
+    results = json.loads(written[0].read_text())
+    assert 0.0 <= results["results"]["tiny_lambada"]["acc,none"] <= 1.0
+    assert results["config"]["model_num_parameters"] == tf.TokenFormer.from_pretrained(checkpoint).num_parameters()
+
+
+def test_model_args_win_over_lm_evals_own_defaults_and_unknown_ones_are_refused(checkpoint):
+    from tokenformer.lm_eval_adapter import TokenFormerLM
+
+    # lm-eval's command line always adds its --batch_size (default 1) and --device (default cuda:0).
+    lm = TokenFormerLM.create_from_arg_string(f"pretrained={checkpoint},batch_size=8,max_length=16",
+                                              {"batch_size": 1, "device": "cpu", "max_batch_size": None})
+    assert lm.batch_size == 8 and lm.max_length == 16 and lm.tokenizer.name == "byte"
+    assert lm.model.word_embeddings.weight.dtype == torch.float32
+    assert TokenFormerLM(pretrained=checkpoint, dtype="bfloat16").model.word_embeddings.weight.dtype == torch.bfloat16
+    half = tf.TokenFormer.from_pretrained(checkpoint, dtype=torch.bfloat16)
+    lm = TokenFormerLM(pretrained=half, tokenizer=tf.ByteTokenizer())  # a model object keeps its dtype
+    assert lm.model.word_embeddings.weight.dtype == torch.bfloat16
+    with pytest.raises(tf.TokenFormerError, match="unknown model_args trust_remote_code"):
+        TokenFormerLM.create_from_arg_string(f"pretrained={checkpoint},trust_remote_code=True")
+    with pytest.raises(tf.TokenFormerError, match="pretrained=CHECKPOINT_DIR"):
+        TokenFormerLM.create_from_arg_string("batch_size=2")
+    with pytest.raises(tf.TokenFormerError, match="max_length"):
+        TokenFormerLM.create_from_arg_string(f"pretrained={checkpoint},max_length={SEQ + 1}")
+
+
+@pytest.mark.parametrize("task, folder", [("lambada_openai", "lambada"), ("hellaswag", "hellaswag"), ("piqa", "piqa"),
+                                          ("arc_easy", "arc"), ("arc_challenge", "arc"), ("winogrande", "winogrande")])
+def test_the_official_tasks_exist_in_the_pinned_lm_eval_with_the_published_metric(task, folder):
+    from pathlib import Path
+
+    from lm_eval.tasks import TaskManager
+
+    from tokenformer.evaluate import OFFICIAL_TASKS, TABLE_METRICS
+
+    assert task in OFFICIAL_TASKS
+    folder = Path(lm_eval.__file__).parent / "tasks" / folder
+    assert task in TaskManager(include_path=str(folder), include_defaults=False).all_tasks
+    config, = [p.read_text() for p in folder.glob("*.yaml") if f"\ntask: {task}\n" in "\n" + p.read_text()]
+    for line in config.splitlines():  # `include: other.yaml` brings in the metrics of the other file
+        if line.startswith("include: "):
+            config += (folder / line.split(": ", 1)[1].strip()).read_text()
+    assert f"metric: {TABLE_METRICS[task]}\n" in config
+    if task == "lambada_openai":
+        assert "metric: perplexity\n" in config
+
+
+def test_gpt_neox_tokenizer_requests_split_at_the_word_boundary(neox_tokenizer_path):
+    from tokenformer.lm_eval_adapter import TokenFormerLM
+
+    model = tf.TokenFormer(tf.Config.from_name("tiny", seq_length=SEQ, vocab_size=50277)).eval()
+    lm = TokenFormerLM(pretrained=model, tokenizer=tf.load_tokenizer(neox_tokenizer_path), batch_size=2)
+    assert lm.tok_encode("Hello world") == [12092, 1533] and lm.eot_token_id == 0
+    # A trailing space of the context moves to the continuation, as lm-eval does for every model.
+    (a, _), (b, _) = lm.loglikelihood(requests("loglikelihood", [("Hello", " world"), ("Hello ", "world")]),
+                                      disable_tqdm=True)
+    expected, _ = direct_log_likelihood(model, [12092], [1533])
+    assert a == pytest.approx(expected, abs=1e-4) and b == pytest.approx(expected, abs=1e-4)
+
+
+def test_evaluate_reads_what_tokenformer_prepare_writes(model, checkpoint, tmp_path, capsys):
+    from tokenformer.indexed_dataset import IndexedDataset
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    meta = tf.prepare([corpus], tmp_path / "prepared", tokenizer="byte", valid_fraction=0.5, progress=False)
+    output = tmp_path / "ppl.json"
+    code, _, _ = run_cli(["--checkpoint", checkpoint, "--data", tmp_path / "prepared", "--output", output], capsys)
+    assert code == 0
+    report = json.loads(output.read_text())
+    valid = meta["splits"]["valid"]
+    assert report["documents"] == valid["documents"] >= 1 and report["tokens"] == valid["tokens"]
+    # The validation documents are some of TEXTS, each stored with an end-of-text token after it.
+    stored = IndexedDataset(tmp_path / "prepared" / "valid_text_document")
+    docs = [[int(t) for t in stored[i]] for i in range(len(stored))]
+    assert all(d[-1] == 256 and bytes(d[:-1]).decode() in TEXTS for d in docs)
+    expected = perplexity(model, [(d, len(d) - 1) for d in docs], prefix_id=256, progress=False)
+    assert report["loss"] == pytest.approx(expected.loss, rel=1e-6)
+    assert report["bits_per_byte"] == pytest.approx(expected.bits_per_byte, rel=1e-6)
+
+
+def test_cli_perplexity_in_bfloat16_is_close_to_float32(checkpoint, tmp_path, capsys):
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    losses = {}
+    for dtype in ("float32", "bfloat16"):
+        code, _, _ = run_cli(["--checkpoint", checkpoint, "--data", jsonl, "--dtype", dtype,
+                              "--output", tmp_path / f"{dtype}.json"], capsys)
+        assert code == 0
+        losses[dtype] = json.loads((tmp_path / f"{dtype}.json").read_text())["loss"]
+    assert losses["bfloat16"] == pytest.approx(losses["float32"], abs=0.05)
+    assert losses["bfloat16"] != losses["float32"]  # it really ran in bfloat16

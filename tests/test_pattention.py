@@ -157,3 +157,18 @@ def test_only_needed_gradients_are_computed():
     x = torch.randn(2, 6)  # no grad for x either: only the values learn
     layer(x).sum().backward()
     assert layer.key_param_tokens.grad is None and layer.value_param_tokens.grad is not None
+
+
+def test_custom_function_under_autocast():
+    layer = Pattention(16, 8, 32)
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    ref = layer(x)
+    ref_grads = torch.autograd.grad(ref.square().sum(), (x, layer.key_param_tokens))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    grads = torch.autograd.grad(y.float().square().sum(), (x, layer.key_param_tokens))
+    assert grads[0].dtype == torch.float32 and grads[1].dtype == torch.float32
+    torch.testing.assert_close(y.float(), ref, rtol=0.05, atol=0.02)
+    for g, r in zip(grads, ref_grads):
+        assert torch.nn.functional.cosine_similarity(g.flatten(), r.flatten(), dim=0) > 0.99

@@ -4,12 +4,14 @@ import gzip
 import hashlib
 import importlib
 import json
+import sys
 import sysconfig
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests.conftest import shared_file
 from tokenformer import ByteTokenizer, TokenFormerError, load_tokenizer, prepare
 from tokenformer.__main__ import main
 from tokenformer.indexed_dataset import IndexedDataset
@@ -85,6 +87,9 @@ def test_glob_option_selects_files(tmp_path):
     (tmp_path / "c" / "b.log").write_text("beta")
     prepare([tmp_path / "c"], tmp_path / "out", glob="*.log", valid_fraction=0.0)
     assert read_split(tmp_path / "out", "train") == [byte_ids("beta")]
+    # the Python API takes one bare input and a Tokenizer object too
+    meta = prepare(str(tmp_path / "c" / "a.txt"), tmp_path / "one", tokenizer=ByteTokenizer(), valid_fraction=0.0)
+    assert read_split(tmp_path / "one", "train") == [byte_ids("alpha")] and meta["tokenizer"] == "byte"
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz", ".jsonl.zst"])
@@ -97,10 +102,34 @@ def test_jsonl_inputs(tmp_path, suffix):
         write_jsonl(path, records, gzip.open)
     else:
         zstandard = pytest.importorskip("zstandard", reason="zstandard is in the dev extra; install tokenformer[zstd]")
-        raw = "".join(json.dumps(r) + "\n" for r in records) + "\n"  # with a blank line at the end
-        path.write_bytes(zstandard.ZstdCompressor().compress(raw.encode()))
+        raw = ("".join(json.dumps(r) + "\n" for r in records) + "\n").encode()  # a blank line at the end
+        frames = [zstandard.ZstdCompressor().compress(part) for part in (raw[:100], raw[100:])]
+        path.write_bytes(b"".join(frames))  # two frames, as concatenated shards have
     prepare([path], tmp_path / "out", valid_fraction=0.0)
     assert read_split(tmp_path / "out", "train") == [byte_ids(d) for d in DOCS]
+
+
+@pytest.mark.parametrize("tokenizer", ["byte", "bpe"])
+def test_lone_surrogates_in_json_become_replacement_characters(tmp_path, tokenizer):
+    path = tmp_path / "s.jsonl"
+    path.write_text('{"text": "broken \\ud800 pair"}\n{"text": "fine"}\n')
+    meta = prepare([path], tmp_path / "out", tokenizer=tokenizer, vocab_size=260, valid_fraction=0.0)
+    tok = load_tokenizer(tmp_path / "out")
+    assert read_split(tmp_path / "out", "train")[0] == tok.encode("broken \ufffd pair") + [meta["eod_id"]]
+
+
+def test_byte_order_mark_and_bad_bytes(tmp_path):
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps({"text": "first"}).encode() + b"\n")
+    (tmp_path / "latin1.txt").write_bytes("caf\u00e9".encode("latin-1"))  # not UTF-8
+    prepare([tmp_path / "bom.jsonl", tmp_path / "latin1.txt"], tmp_path / "out", valid_fraction=0.0)
+    assert read_split(tmp_path / "out", "train") == [byte_ids("first"), byte_ids("caf\ufffd")]
+
+
+def test_compressed_text_file_is_one_document(tmp_path):
+    with gzip.open(tmp_path / "notes.txt.gz", "wt", encoding="utf-8") as f:
+        f.write(DOCS[2])
+    prepare([tmp_path / "notes.txt.gz"], tmp_path / "out", valid_fraction=0.0)
+    assert read_split(tmp_path / "out", "train") == [byte_ids(DOCS[2])]
 
 
 def test_jsonl_text_field_option_and_folder_of_shards(tmp_path):
@@ -123,12 +152,18 @@ def test_local_hugging_face_datasets(tmp_path):
     meta = prepare(None, tmp_path / "b", hf_dataset=str(tmp_path / "dd"), hf_split="validation",
                    text_field="body", valid_fraction=0.0)
     assert read_split(tmp_path / "b", "train") == [byte_ids(d) for d in DOCS[2:]]
-    assert meta["inputs"] == [] and meta["hf_dataset"] == {"name": str(tmp_path / "dd"), "split": "validation"}
+    assert meta["inputs"] == [] and meta["hf_dataset"] == {"name": str(tmp_path / "dd"), "config": None,
+                                                           "split": "validation"}
 
     with pytest.raises(TokenFormerError, match="has no split 'test'.*train, validation"):
         prepare(None, tmp_path / "c", hf_dataset=str(tmp_path / "dd"), hf_split="test")
     with pytest.raises(TokenFormerError, match="has no 'text' column.*body"):
         prepare(None, tmp_path / "c", hf_dataset=str(tmp_path / "dd"))
+    with pytest.raises(TokenFormerError, match="Hugging Face dataset directory .*nope does not exist"):
+        prepare(None, tmp_path / "c", hf_dataset=str(tmp_path / "nope"))
+    (tmp_path / "no-data").mkdir()
+    with pytest.raises(TokenFormerError, match="could not load Hugging Face dataset .*no-data"):
+        prepare(None, tmp_path / "c", hf_dataset=str(tmp_path / "no-data"))
 
 
 def test_hugging_face_load_dataset_on_a_data_folder(tmp_path, monkeypatch):
@@ -138,6 +173,14 @@ def test_hugging_face_load_dataset_on_a_data_folder(tmp_path, monkeypatch):
     write_jsonl(tmp_path / "raw" / "train.jsonl", [{"text": d} for d in DOCS[:3]])
     prepare(None, tmp_path / "out", hf_dataset=str(tmp_path / "raw"), valid_fraction=0.0)
     assert read_split(tmp_path / "out", "train") == [byte_ids(d) for d in DOCS[:3]]
+    # a Hub dataset: name, configuration and split go to load_dataset, streamed (no download of it all)
+    datasets, asked = sys.modules["datasets"], []
+    real = datasets.Dataset.from_dict({"text": ["from the hub"]})
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: asked.append((a, k)) or real)
+    main(["prepare", "--hf-dataset", "Salesforce/wikitext", "--hf-config", "wikitext-2-raw-v1", "--hf-split", "test",
+          "--out", str(tmp_path / "hub"), "--quiet"])
+    assert asked == [(("Salesforce/wikitext", "wikitext-2-raw-v1"), {"split": "test", "streaming": True})]
+    assert read_split(tmp_path / "hub", "train") == [byte_ids("from the hub")]
 
 
 def test_stdlib_is_the_default_corpus(tmp_path):
@@ -177,8 +220,21 @@ def test_trained_bpe_is_saved_loadable_and_round_trips(tmp_path):
         assert tok.decode(tok.encode(text)) == text
     train, valid = read_back(tmp_path / "out")
     assert sorted(train + valid) == sorted(tok.encode(t) + [tok.eos_id] for t in corpus)
+    # an earlier dataset's folder is a tokenizer too: the same ids again, without training
+    again = prepare([tmp_path / "c"], tmp_path / "again", tokenizer=str(tmp_path / "out"), valid_fraction=0.1)
+    assert read_back(tmp_path / "again") == (train, valid) and again["tokenizer"] == "file"
     # merges were learned: far fewer tokens than bytes
     assert meta["tokens"] < 0.6 * sum(len(t.encode()) for t in corpus)
+
+
+def test_hub_names_go_to_load_tokenizer(tmp_path, monkeypatch):
+    asked = []
+    monkeypatch.setattr(prep, "load_tokenizer", lambda spec: asked.append(spec) or ByteTokenizer())
+    (tmp_path / "a.txt").write_text("hub")
+    meta = prepare([tmp_path / "a.txt"], tmp_path / "out", tokenizer="EleutherAI/gpt-neox-20b")
+    assert asked == ["EleutherAI/gpt-neox-20b"] and meta["tokenizer"] == "hub"
+    with pytest.raises(TokenFormerError, match="unknown tokenizer 'missing/tokenizer.json'"):
+        prepare([tmp_path / "a.txt"], tmp_path / "out2", tokenizer="missing/tokenizer.json")
 
 
 def test_gpt_neox_tokenizer_file(tmp_path, neox_tokenizer_path):
@@ -221,6 +277,13 @@ def test_at_least_one_validation_document(tmp_path):
     assert read_back(tmp_path / "b") == ([byte_ids(DOCS[0])], []) and meta["splits"]["valid"]["tokens"] == 0
     prepare([path], tmp_path / "c", valid_fraction=0.0)
     assert read_split(tmp_path / "c", "valid") == []
+    # the hash sends every document to validation: the last one trains instead
+    high = 1 - 1e-9
+    assert all(hand_score(d, 0) < high for d in DOCS[:3])
+    prepare([path], tmp_path / "d", valid_fraction=high)
+    assert read_back(tmp_path / "d") == ([byte_ids(DOCS[2])], [byte_ids(d) for d in DOCS[:2]])
+    prepare([one], tmp_path / "e", valid_fraction=high)
+    assert read_back(tmp_path / "e") == ([byte_ids(DOCS[0])], [])
 
 
 # ----------------------------------------------------------------------------- crashes and errors
@@ -240,6 +303,26 @@ def test_output_is_replaced_only_when_complete(tmp_path):
         prep.load_prepared(tmp_path)
 
 
+def test_interrupt_mid_write_keeps_the_previous_dataset(tmp_path, monkeypatch):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": d} for d in DOCS * 4])
+    prepare([path], tmp_path / "out", valid_fraction=0.0)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    monkeypatch.setattr(prep, "CHUNK_DOCUMENTS", 4)
+    calls, encode = [], prep._encode_chunk
+
+    def interrupted(tokenizer, texts):
+        calls.append(len(texts))
+        if len(calls) == 3:  # two chunks are on disk by now
+            raise KeyboardInterrupt
+        return encode(tokenizer, texts)
+
+    monkeypatch.setattr(prep, "_encode_chunk", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare([path], tmp_path / "out", tokenizer="byte", valid_fraction=0.5)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl", "out"]
+
+
 def test_bad_inputs_fail_in_one_sentence(tmp_path):
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "empty").mkdir()
@@ -250,6 +333,7 @@ def test_bad_inputs_fail_in_one_sentence(tmp_path):
     cases = [
         (dict(inputs=[tmp_path / "nope.txt"]), r"input .*nope.txt does not exist"),
         (dict(inputs=[tmp_path / "empty.txt"]), r"the corpus is empty: .*empty.txt holds no non-empty documents"),
+        (dict(inputs=[tmp_path / "empty.txt"], tokenizer="bpe"), r"the corpus is empty"),
         (dict(inputs=[tmp_path / "empty"]), r"folder .*empty has no files matching"),
         (dict(inputs=[missing_field]), r"m.jsonl line 2 has no 'text' field \(it has: content, id\)"),
         (dict(inputs=[tmp_path / "broken.jsonl"]), r"broken.jsonl line 2 is not valid JSON"),
@@ -266,7 +350,7 @@ def test_bad_inputs_fail_in_one_sentence(tmp_path):
     assert (tmp_path / "user" / "notes.txt").read_text() == "mine"
 
 
-def test_command_line(tmp_path, capsys):
+def test_command_line(tmp_path, capsys, monkeypatch):
     path = write_jsonl(tmp_path / "d.jsonl", [{"text": d} for d in DOCS])
     assert main(["prepare", str(path), "--out", str(tmp_path / "out"), "--valid-fraction", "0.3", "--seed", "1"]) == 0
     assert "wrote" in capsys.readouterr().out
@@ -275,6 +359,10 @@ def test_command_line(tmp_path, capsys):
     assert main(["prepare", "--out", str(tmp_path / "std"), "--max-documents", "2", "--quiet"]) == 0
     assert capsys.readouterr().out == "" and len(read_split(tmp_path / "std", "train")) + \
         len(read_split(tmp_path / "std", "valid")) == 2
+    (tmp_path / "here").mkdir()  # `--out .` in an empty folder
+    monkeypatch.chdir(tmp_path / "here")
+    assert main(["prepare", str(path), "--out", ".", "--quiet"]) == 0
+    assert prep.load_prepared(tmp_path / "here")["documents"] == len(DOCS)
     assert main(["prepare", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert "error: input" in err and "missing.txt does not exist" in err and len(err.strip().splitlines()) == 1
@@ -285,3 +373,24 @@ def test_tokens_fit_the_dtype_and_file_is_uint16(tmp_path):
     prepare([path], tmp_path / "out", valid_fraction=0.0)
     ds = IndexedDataset(tmp_path / "out" / "train_text_document")
     assert ds.dtype == np.uint16 and ds.num_tokens == sum(len(byte_ids(d)) for d in DOCS)
+
+
+def test_missing_optional_packages_name_the_extra(tmp_path, monkeypatch):
+    (tmp_path / "d.jsonl.zst").write_bytes(b"")
+    monkeypatch.setitem(sys.modules, "zstandard", None)  # import fails as if not installed
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(TokenFormerError, match=r"needs the zstandard package: pip install 'tokenformer\[zstd\]'"):
+        prepare([tmp_path / "d.jsonl.zst"], tmp_path / "out")
+    with pytest.raises(TokenFormerError, match=r"needs the datasets package: pip install 'tokenformer\[hf\]'"):
+        prepare(None, tmp_path / "out", hf_dataset="some/dataset")
+
+
+def test_real_pile_shaped_jsonl_with_gpt_neox(tmp_path, neox_tokenizer_path):
+    sotu = shared_file("sotu/sotu.jsonl.gz")
+    with gzip.open(sotu, "rt") as f:
+        speeches = [json.loads(next(f))["text"] for _ in range(4)]
+    meta = prepare([sotu], tmp_path / "out", tokenizer=str(neox_tokenizer_path), max_documents=4, valid_fraction=0.3)
+    tok = load_tokenizer(neox_tokenizer_path)
+    train, valid = read_back(tmp_path / "out")
+    assert sorted(train + valid) == sorted(tok.encode(s) + [0] for s in speeches) and len(valid) >= 1
+    assert meta["tokens"] == sum(len(t) for t in train + valid) and meta["documents"] == 4

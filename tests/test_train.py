@@ -327,3 +327,75 @@ def test_150M_config_is_the_official_recipe():
     assert (cfg.adam_beta1, cfg.adam_beta2, cfg.adam_eps, cfg.weight_decay, cfg.clip_grad) == \
         (0.9, 0.95, 1e-8, 0.1, 1.0)
     assert cfg.precision == "fp16" and cfg.checkpoint_activations
+
+
+@pytest.mark.parametrize("field, module, extra", [("tensorboard_dir", "torch.utils.tensorboard", "tensorboard"),
+                                                   ("wandb_project", "wandb", "wandb")])
+def test_missing_logging_extra_is_named(corpus, tmp_path, field, module, extra):
+    try:
+        __import__(module)
+        pytest.skip(f"{module} is installed")
+    except ImportError:
+        pass
+    with pytest.raises(TokenFormerError, match=rf"tokenformer\[{extra}\]"):
+        train(tiny_config(corpus, tmp_path / "run", **{field: str(tmp_path / "logs")}))
+
+
+def test_resume_with_another_model_shape_is_refused(corpus, tmp_path):
+    train(tiny_config(corpus, tmp_path / "run", train_iters=2))
+    with pytest.raises(TokenFormerError, match="another shape"):
+        train(tiny_config(corpus, tmp_path / "run", resume=True,
+                          model={"name": "tiny", "seq_length": 32, "ffn_slot_num": 64}))
+    with pytest.raises(TokenFormerError, match="seq_length"):
+        train(tiny_config(corpus, tmp_path / "run", resume=True, seq_length=16))
+
+
+def test_several_prefixes_are_one_stream(tmp_path):
+    first = write_corpus(tmp_path / "a", [[1, 2, 3, 4, 5]])
+    second = write_corpus(tmp_path / "b", [[6, 7, 8, 9, 10]])
+    data = WindowDataset([str(first / "train_text_document"), str(second / "train_text_document")],
+                         seq_length=3, shuffle=False)
+    assert [data.window(i).tolist() for i in range(data.windows_per_epoch)] == [[1, 2, 3, 4], [4, 5, 6, 7],
+                                                                                [7, 8, 9, 10]]
+    cfg = tiny_config(None, data_path=None, train_data_paths=[str(first / "train_text_document.bin")],
+                      model={"name": "tiny", "seq_length": 4}, train_iters=1, eval_iters=0)
+    assert train(cfg)["tokens_seen"] == 2 * 4
+
+
+def test_evaluate_loss_is_the_token_weighted_mean_cross_entropy():
+    model = TokenFormer(Config.from_name("tiny"))
+    batches = [torch.randint(0, 257, (2, 9)), torch.randint(0, 257, (1, 9))]
+    by_hand = []
+    with torch.no_grad():
+        for batch in batches:
+            logits = model(batch[:, :-1])  # (B, 8, V)
+            log_probs = torch.log_softmax(logits.double(), dim=-1)
+            by_hand += (-log_probs.gather(-1, batch[:, 1:, None])).flatten().tolist()
+    assert T.evaluate_loss(model, batches) == pytest.approx(sum(by_hand) / len(by_hand), abs=1e-5)
+    assert model.training  # restored
+
+
+def test_a_custom_task_reuses_the_loop(corpus, tmp_path):
+    """Another trainer brings its own data and loss (here: predict only the last token of a window)."""
+
+    class LastTokenTask(T.LanguageModelTask):
+        def loss(self, model, batch):
+            logits = model(batch[:, :-1])[:, -1]  # (B, V)
+            return torch.nn.functional.cross_entropy(logits.float(), batch[:, -1]), batch.shape[0]
+
+        def validation_metrics(self, loss):
+            return {"val_loss": loss}
+
+    cfg = tiny_config(corpus, tmp_path / "run", train_iters=2)
+    summary = train(cfg, task=LastTokenTask(cfg))
+    records = T.read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [set(r) for r in records if "val_loss" in r] == [{"step", "val_loss"}] * 2
+    assert summary["val_loss"] != train(tiny_config(corpus, train_iters=2))["val_loss"]
+
+
+def test_the_command_refuses_to_start_afresh_over_an_earlier_run(corpus, tmp_path, capsys):
+    train(tiny_config(corpus, tmp_path / "run", train_iters=1, eval_iters=0))
+    assert cli(["train", "--data_path", str(corpus), "--model", "tiny", "--save", str(tmp_path / "run"),
+                "--train_iters", "2", "--progress", "false"]) == 2
+    assert "already holds checkpoints" in capsys.readouterr().err
+    assert CheckpointManager(tmp_path / "run").latest().name == "step_00000001"

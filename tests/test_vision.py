@@ -125,6 +125,10 @@ def test_exact_growth_preserves_logits_and_leaves_patch_and_head_alone():
     assert grown.config.qkv_scale_num == 16 and len(grown.config.growth_history) == 1
     official = tf.grow(model, factor=2, mode="official", seed=0)
     assert (official(x) - model(x)).abs().max() > 1e-3
+    # shrinking back, calibrated on images, drops exactly the zero-key tokens the growth added
+    back = tf.shrink(grown, factor=0.5, calibration=[images(4)])
+    assert torch.equal(back.layers[0].mlp.key_param_tokens, model.layers[0].mlp.key_param_tokens)
+    assert (back(x) - model(x)).abs().max() <= 1e-5
 
 
 def test_save_load_round_trip(tmp_path):
@@ -247,3 +251,82 @@ def test_batches_cover_the_dataset_once():
     for xb, yb in seen:  # images stay with their labels
         assert torch.allclose(xb[:, 0, 0, 0] * 255, yb.float())
     assert [len(yb) for _, yb in vd.batches(x, y, 4, drop_last=True)] == [4, 4]
+
+
+# ---- train-vision ---------------------------------------------------------------------------------
+
+def write_toy_mnist(directory, n_train: int = 64, n_test: int = 32) -> None:
+    """An MNIST-style folder of easy classes: vertical stripes, horizontal stripes, a checkerboard,
+    noise. (Not brightness: a Pattention normalises its scores, so it cannot see a patch's scale.)"""
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = rng.integers(0, 4, n).astype(np.uint8)
+        r, c = np.indices((28, 28))
+        patterns = np.stack([c % 2, r % 2, (r + c) % 2, np.zeros((28, 28), int)]) * 180  # (4, 28, 28)
+        pixels = (rng.integers(0, 60, (n, 28, 28)) + patterns[labels]).astype(np.uint8)
+        vd.write_idx(directory / f"{prefix}-images-idx3-ubyte.gz", pixels)
+        vd.write_idx(directory / f"{prefix}-labels-idx1-ubyte.gz", labels)
+
+
+def run_train_vision(tmp_path, save, *extra):
+    from tokenformer.__main__ import main
+
+    return main(["train-vision", "--model", "tiny-28", "--data", str(tmp_path / "data"), "--epochs", "3",
+                 "--batch_size", "16", "--lr", "3e-3", "--save", str(save), "--progress", "false",
+                 "--num_threads", "1", "--log_interval", "2", "--keep_last_n", "3", *extra])
+
+
+def test_train_vision_learns_writes_outputs_and_resumes_exactly(tmp_path, one_thread, capsys):
+    from safetensors.torch import load_file
+
+    (tmp_path / "data").mkdir()
+    write_toy_mnist(tmp_path / "data")
+    assert run_train_vision(tmp_path, tmp_path / "run", "--ema", "0.9", "--tta_flip", "true") == 0
+    assert "test accuracy" in capsys.readouterr().out
+    run = tmp_path / "run"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "val_accuracy" in r]
+    assert [r["epoch"] for r in evals] == [1, 2, 3] and evals[-1]["val_accuracy"] >= 0.9
+    assert any("loss" in r and "lr" in r for r in records)
+    assert (run / "accuracy.png").stat().st_size > 0
+    final = tf.VisionTokenFormer.from_pretrained(run / "model")  # the EMA weights
+    checkpoints = sorted(run.glob("step_*"))
+    assert [p.name for p in checkpoints] == ["step_00000004", "step_00000008", "step_00000012"]
+
+    # lose the last epoch, resume: the same weights as the uninterrupted run
+    import shutil
+
+    last = load_file(str(checkpoints[-1] / "model.safetensors"))
+    shutil.rmtree(checkpoints[-1])
+    (run / "latest").unlink(missing_ok=True)
+    assert run_train_vision(tmp_path, run, "--ema", "0.9", "--tta_flip", "true", "--resume", "true") == 0
+    resumed = load_file(str(run / "step_00000012" / "model.safetensors"))
+    assert all(torch.equal(resumed[k], last[k]) for k in last)
+    again = tf.VisionTokenFormer.from_pretrained(run / "model")
+    assert all(torch.equal(a, b) for a, b in zip(again.parameters(), final.parameters()))
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines if "val_accuracy" in r] == [1, 2, 3]  # no duplicated epoch
+
+
+def test_train_vision_on_an_image_folder_and_bad_input(tmp_path, one_thread, capsys):
+    from PIL import Image
+
+    from tokenformer.__main__ import main
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 8), ("val", 4)):
+        for c, colour in enumerate(((255, 0, 0), (0, 0, 255))):
+            (tmp_path / "folder" / split / f"class{c}").mkdir(parents=True)
+            for i in range(n):
+                array = rng.integers(0, 60, (20 + i, 24, 3), dtype=np.uint8) + np.array(colour, np.uint8) // 2
+                Image.fromarray(array.astype(np.uint8)).save(tmp_path / "folder" / split / f"class{c}" / f"{i}.png")
+    model = json.dumps(dict(name="tiny-28", image_size=16, patch_size=8, num_channels=3, num_classes=2))
+    args = ["train-vision", "--model", model, "--data", str(tmp_path / "folder"), "--epochs", "2",
+            "--batch_size", "4", "--augment", "inception", "--mean", "[0.5, 0.5, 0.5]", "--std", "[0.5, 0.5, 0.5]",
+            "--progress", "false", "--num_threads", "1"]
+    assert main(args) == 0
+    assert "test accuracy" in capsys.readouterr().out
+    assert main(args + ["--augment", "mixup"]) == 2
+    assert "unknown augment 'mixup'" in capsys.readouterr().err
+    assert main(args + ["--data", str(tmp_path / "nowhere")]) == 2
+    assert "does not exist" in capsys.readouterr().err

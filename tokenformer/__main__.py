@@ -20,6 +20,7 @@ COMMANDS = {
     "shrink": "tokenformer.scaling",
     "prepare": "tokenformer.prepare",
     "train": "tokenformer.train",
+    "train-vision": "tokenformer.train_vision",
 }
 
 

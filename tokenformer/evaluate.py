@@ -98,7 +98,7 @@ def score_windows(model, windows: Sequence[tuple[Sequence[int], Sequence[int]]],
             n, k = len(inputs[i]), len(targets[i])
             log_probs = F.log_softmax(logits[row, n - k:n].float(), dim=-1)  # (k, padded_vocab)
             target = torch.tensor(targets[i], device=device)
-            total = log_probs.gather(-1, target[:, None]).sum().item()
+            total = log_probs.gather(-1, target[:, None]).double().sum().item()
             greedy = bool((log_probs.argmax(dim=-1) == target).all())
             results[i] = (total, greedy)
         bar.update(len(batch))
@@ -153,11 +153,12 @@ class Perplexity:
 
 def perplexity(model, documents: Iterable[tuple[Sequence[int], int]], prefix_id: int,
                context: int | None = None, stride: int | None = None, batch_size: int = 8,
-               progress: bool = True, documents_per_group: int = 256) -> Perplexity:
+               progress: bool = True) -> Perplexity:
     """Score `documents`, each `(token ids, UTF-8 byte count of its text)`, one by one.
 
     Each document is scored on its own with `sliding_windows` (so no document sees another).
-    Windows are gathered over groups of documents so that batches stay full.
+    Windows of consecutive documents are gathered a few batches at a time, so that batches of
+    short documents stay full and the progress bar moves.
     """
     from tqdm import tqdm
 
@@ -182,7 +183,7 @@ def perplexity(model, documents: Iterable[tuple[Sequence[int], int]], prefix_id:
         tokens += len(ids)
         n_bytes += size
         n_docs += 1
-        if n_docs % documents_per_group == 0:
+        if len(group) >= 4 * batch_size:
             flush()
     if group:
         flush()
@@ -190,7 +191,7 @@ def perplexity(model, documents: Iterable[tuple[Sequence[int], int]], prefix_id:
     if tokens == 0:
         raise TokenFormerError("the data holds no tokens to score")
     loss = -total / tokens
-    return Perplexity(loss=loss, perplexity=math.exp(loss),
+    return Perplexity(loss=loss, perplexity=math.exp(min(loss, 700.0)),  # exp(700) ~ 1e304: no overflow
                       bits_per_byte=-total / math.log(2) / n_bytes if n_bytes else float("nan"),
                       tokens=tokens, bytes=n_bytes, documents=n_docs, total_log_likelihood=total)
 
@@ -232,37 +233,50 @@ def resolve_indexed_prefix(path: Path) -> str | None:
 
 def load_documents(path: str | Path, tokenizer, text_field: str = "text",
                    limit: int | None = None) -> Iterator[tuple[list[int], int]]:
-    """`(token ids, UTF-8 bytes of the text)` per document of a JSONL file or an indexed dataset.
+    """`(token ids, UTF-8 bytes of the text)` per document of a JSONL file, a text file (one
+    document) or an indexed dataset.
 
-    JSONL texts are encoded with `tokenizer`. Indexed documents are used as stored (a trailing
+    JSONL and text files are encoded with `tokenizer`. Indexed documents are used as stored (a trailing
     end-of-text token, as GPT-NeoX's preprocessing appends, is scored too); their byte count is
-    that of the decoded text without end-of-text tokens.
+    that of the decoded text without end-of-text tokens. The path is checked at once; the
+    documents are read as they are consumed.
     """
     path = Path(path)
     if path.name.endswith((".jsonl", ".jsonl.gz", ".json", ".json.gz")):
         if not path.is_file():
             raise FileNotFoundError(f"data file {path} does not exist")
-        texts = read_jsonl_texts(path, text_field)
-        for i, text in enumerate(texts):
-            if limit is not None and i >= limit:
-                return
-            yield tokenizer.encode(text), len(text.encode("utf-8"))
-        return
+        return _jsonl_documents(path, tokenizer, text_field, limit)
+    if path.name.endswith((".txt", ".txt.gz")):
+        if not path.is_file():
+            raise FileNotFoundError(f"data file {path} does not exist")
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rt", encoding="utf-8") as f:
+            text = f.read()
+        return iter([(tokenizer.encode(text), len(text.encode("utf-8")))])
     prefix = resolve_indexed_prefix(path)
     if prefix is None:
         raise FileNotFoundError(
-            f"{path} is neither a JSONL file, an indexed dataset prefix (PREFIX.bin + PREFIX.idx) "
+            f"{path} is neither a .jsonl or .txt file, an indexed dataset prefix (PREFIX.bin + PREFIX.idx) "
             f"nor a directory written by `tokenformer prepare`")
     from tokenformer.indexed_dataset import IndexedDataset
 
     _check_data_tokenizer(Path(prefix).parent, tokenizer)
-    dataset = IndexedDataset(prefix)
-    doc_starts = dataset.doc_idx
+    return _indexed_documents(IndexedDataset(prefix), tokenizer, limit)
+
+
+def _jsonl_documents(path: Path, tokenizer, text_field: str, limit: int | None):
+    for i, text in enumerate(read_jsonl_texts(path, text_field)):
+        if limit is not None and i >= limit:
+            return
+        yield tokenizer.encode(text), len(text.encode("utf-8"))
+
+
+def _indexed_documents(dataset, tokenizer, limit: int | None):
+    doc_starts = dataset.doc_idx  # document d is items doc_starts[d] .. doc_starts[d + 1]
     for d in range(len(doc_starts) - 1):
         if limit is not None and d >= limit:
             return
-        items = [dataset[i] for i in range(int(doc_starts[d]), int(doc_starts[d + 1]))]
-        ids = [int(t) for item in items for t in item]
+        ids = [int(t) for i in range(int(doc_starts[d]), int(doc_starts[d + 1])) for t in dataset[i]]
         text = tokenizer.decode(t for t in ids if t != tokenizer.eos_id)
         yield ids, len(text.encode("utf-8"))
 
@@ -351,34 +365,38 @@ def require_lm_eval():
     return lm_eval
 
 
-def run_tasks(lm, tasks: Sequence[str], include_path: Sequence[str | Path] = (),
-              builtin_tasks: bool = True, limit: int | float | None = None, num_fewshot: int = 0,
-              batch_size: int | None = None) -> dict:
-    """Run lm-eval `tasks` on an adapter `lm` (a `TokenFormerLM`); lm-eval's results dict, no samples.
+def task_manager(tasks: Sequence[str], include_path: Sequence[str | Path] = (), builtin_tasks: bool = True):
+    """lm-eval's `TaskManager` over its own tasks and the `include_path` folders, after checking
+    that every folder exists and every task is known.
 
-    `include_path` adds local task folders; `builtin_tasks=False` skips indexing lm-eval's own
-    task tree (about 10 s), for runs that use only local tasks.
+    `builtin_tasks=False` skips indexing lm-eval's own task tree (about 10 s), for runs that use
+    only local tasks.
     """
     require_lm_eval()
-    from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
     for folder in include_path:
         if not Path(folder).is_dir():
             raise FileNotFoundError(f"task folder {folder} (--include-path) does not exist")
-    manager = TaskManager(include_path=[str(p) for p in include_path] or None,
-                          include_defaults=builtin_tasks)
+    manager = TaskManager(include_path=[str(p) for p in include_path] or None, include_defaults=builtin_tasks)
     known = set(manager.all_tasks)
     unknown = [t for t in tasks if t not in known]
     if unknown:
         where = "in lm-eval or --include-path" if builtin_tasks else "in --include-path"
         raise TokenFormerError(
-            f"unknown task {', '.join(unknown)}: no task of that name {where} "
-            f"(`lm_eval ls tasks` lists lm-eval's tasks)")
-    results = simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
-                              batch_size=batch_size, task_manager=manager, log_samples=False,
-                              bootstrap_iters=0)
-    return results
+            f"unknown task {', '.join(unknown)}: there is no task of that name {where} "
+            f"(`lm_eval ls tasks` lists lm-eval's own)")
+    return manager
+
+
+def run_tasks(lm, tasks: Sequence[str], manager, limit: int | float | None = None,
+              num_fewshot: int = 0) -> dict:
+    """Run lm-eval `tasks` (from `manager`, see `task_manager`) on an adapter `lm` (a
+    `TokenFormerLM`); lm-eval's results dict, without per-sample logs."""
+    from lm_eval import simple_evaluate
+
+    return simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
+                           task_manager=manager, log_samples=False, bootstrap_iters=0)
 
 
 # ---- command line ---------------------------------------------------------------------------------
@@ -396,7 +414,7 @@ def cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=None,
                         help="only the first N examples of each task (or N documents of --data): for quick checks")
     parser.add_argument("--data", type=Path, default=None,
-                        help="perplexity mode: a .jsonl(.gz) file, an indexed dataset prefix, "
+                        help="perplexity mode: a .jsonl(.gz) file, a .txt file (one document), an indexed dataset prefix, "
                              "or a directory from `tokenformer prepare` (its valid split)")
     parser.add_argument("--text-field", default="text", help="JSON field holding the text in --data (default text)")
     parser.add_argument("--stride", type=int, default=None,
@@ -429,17 +447,22 @@ def cli_main(args: argparse.Namespace) -> None:
     checkpoint = Path(args.checkpoint)
     if not checkpoint.is_dir():
         raise FileNotFoundError(f"checkpoint directory {checkpoint} does not exist")
+    if not (checkpoint / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{checkpoint} has no config.json: give a directory written by save_pretrained or `tokenformer convert`")
     for name, value in (("--batch-size", args.batch_size), ("--limit", args.limit), ("--stride", args.stride),
                         ("--context", args.context)):
         if value is not None and value < 1:
             raise TokenFormerError(f"{name} must be a positive integer, got {value}")
     if args.num_fewshot < 0:
         raise TokenFormerError(f"--num-fewshot must be 0 or more, got {args.num_fewshot}")
-    if args.data is None:
-        require_lm_eval()
-        for folder in args.include_path:
-            if not Path(folder).is_dir():
-                raise FileNotFoundError(f"task folder {folder} (--include-path) does not exist")
+    if args.data is None:  # check the tasks before spending time on loading the model
+        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        if not tasks:
+            raise TokenFormerError("--tasks is empty: name at least one lm-eval task")
+        manager = task_manager(tasks, args.include_path, builtin_tasks=not args.no_builtin_tasks)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise TokenFormerError(f"--device {args.device} asked for, but CUDA is not available here: use --device cpu")
     model = TokenFormer.from_pretrained(checkpoint, device=args.device, dtype=getattr(torch, args.dtype))
     tokenizer = load_tokenizer(checkpoint)
     parameters = model.num_parameters()
@@ -461,12 +484,8 @@ def cli_main(args: argparse.Namespace) -> None:
 
     from tokenformer.lm_eval_adapter import TokenFormerLM
 
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    if not tasks:
-        raise TokenFormerError("--tasks is empty: name at least one lm-eval task")
     lm = TokenFormerLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size)
-    results = run_tasks(lm, tasks, args.include_path, builtin_tasks=not args.no_builtin_tasks,
-                        limit=args.limit, num_fewshot=args.num_fewshot)
+    results = run_tasks(lm, tasks, manager, limit=args.limit, num_fewshot=args.num_fewshot)
     scores = task_scores(results["results"])
     table = comparison_table(scores, parameters)
     report = dict(checkpoint=str(checkpoint), parameters=parameters, tasks=tasks, num_fewshot=args.num_fewshot,
@@ -476,6 +495,19 @@ def cli_main(args: argparse.Namespace) -> None:
     _write_json(args.output, report)
     sys.stdout.write(table)
     print(f"wrote {args.output}")
+
+
+def lm_eval_cli() -> None:
+    """`tokenformer-lm-eval`: lm-eval's command line with the `tokenformer` model registered
+    (see `tokenformer.lm_eval_adapter`); without lm-eval, one line naming the extra to install."""
+    try:
+        require_lm_eval()
+    except TokenFormerError as e:
+        print(f"tokenformer-lm-eval: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    from tokenformer.lm_eval_adapter import main
+
+    main()
 
 
 def _plain(results: dict) -> dict:

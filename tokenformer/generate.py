@@ -57,7 +57,7 @@ def generate_tokens(model, prompt: list[int], max_new_tokens: int, temperature: 
         generator = torch.Generator(device=device).manual_seed(seed)
     cache = model.allocate_cache(1, len(prompt) + max_new_tokens)
     logits = model(torch.tensor([prompt], device=device), cache=cache, last_only=True)[:, -1]  # (1, V)
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
         if vocab_size is not None:
             logits[:, vocab_size:] = float("-inf")
         token = sample_next(logits, temperature, top_k, top_p, generator)  # (1,)
@@ -65,7 +65,8 @@ def generate_tokens(model, prompt: list[int], max_new_tokens: int, temperature: 
         if eos_id is not None and token_id == eos_id:
             return
         yield token_id
-        logits = model(token[:, None], cache=cache)[:, -1]
+        if step + 1 < max_new_tokens:  # the last token needs no forward pass of its own
+            logits = model(token[:, None], cache=cache)[:, -1]
 
 
 def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 100,

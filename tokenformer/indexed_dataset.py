@@ -9,6 +9,7 @@ written here are byte-compatible with GPT-NeoX's tools and the Pile as they dist
 from __future__ import annotations
 
 import struct
+from array import array
 from pathlib import Path
 from typing import Iterable
 
@@ -52,7 +53,7 @@ class IndexedDatasetWriter:
         Path(self.prefix).parent.mkdir(parents=True, exist_ok=True)
         self._bin_tmp = Path(self.prefix + ".bin.tmp")
         self._bin = open(self._bin_tmp, "wb")
-        self.sizes: list[int] = []
+        self.sizes = array("i")  # 4 bytes per item, not a Python int: the Pile has ~200M documents
         self.num_tokens = 0
 
     def add_item(self, ids: Iterable[int] | np.ndarray) -> None:

@@ -27,7 +27,12 @@ import torch
 from tokenformer.errors import TokenFormerError
 from tokenformer.evaluate import require_lm_eval, score_windows
 
-require_lm_eval()
+try:
+    require_lm_eval()
+except TokenFormerError as e:
+    if __name__ != "__main__":
+        raise
+    sys.exit(f"python -m tokenformer.lm_eval_adapter: error: {e}")  # one line, not a traceback
 
 import lm_eval.models  # noqa: E402  (registers lm-eval's own models first: see `main`)
 from lm_eval.api.model import TemplateLM  # noqa: E402
@@ -41,22 +46,31 @@ DEFAULT_MAX_GEN_TOKS = 256
 @register_model("tokenformer")
 class TokenFormerLM(TemplateLM):
     """lm-eval model arguments: `pretrained` (a checkpoint directory, or a loaded `TokenFormer`),
-    `dtype` (float32, bfloat16, float16), `batch_size`, `device`, `max_length` (default: the
-    model's seq_length), `tokenizer` (default: the checkpoint's tokenizer.json)."""
+    `dtype` (float32, bfloat16, float16; default float32), `batch_size`, `device` (default cpu),
+    `max_length` (default: the model's seq_length), `tokenizer` (default: the checkpoint's
+    tokenizer.json). A model object stays on its device and in its dtype unless these are given."""
 
-    def __init__(self, pretrained, dtype: str = "float32", batch_size: int | str = 8,
-                 device: str | None = "cpu", max_length: int | str | None = None, tokenizer=None,
-                 max_batch_size: int | None = None) -> None:
+    def __init__(self, pretrained=None, dtype: str | None = None, batch_size: int | str = 8,
+                 device: str | None = None, max_length: int | str | None = None, tokenizer=None,
+                 max_batch_size: int | None = None, **unknown) -> None:
         # max_batch_size: lm-eval's command line passes it for batch_size=auto; unused here.
         super().__init__()
         from tokenformer.model import TokenFormer
         from tokenformer.tokenizer import load_tokenizer
 
-        device = _usable_device(device)
-        if isinstance(pretrained, TokenFormer):
-            model = pretrained.to(device) if dtype is None else pretrained.to(device, _torch_dtype(dtype))
+        if unknown:
+            raise TokenFormerError(
+                f"unknown model_args {', '.join(sorted(unknown))}: the tokenformer model takes "
+                f"pretrained, dtype, batch_size, device, max_length and tokenizer")
+        if pretrained is None:
+            raise TokenFormerError("the tokenformer model needs model_args pretrained=CHECKPOINT_DIR")
+
+        if isinstance(pretrained, TokenFormer):  # used where it is, as it is, unless told otherwise
+            model = pretrained if device is None else pretrained.to(_usable_device(device))
+            model = model if dtype is None else model.to(_torch_dtype(dtype))
         else:
-            model = TokenFormer.from_pretrained(pretrained, device=device, dtype=_torch_dtype(dtype))
+            model = TokenFormer.from_pretrained(pretrained, device=_usable_device(device),
+                                                dtype=_torch_dtype(dtype or "float32"))
         self.model = model.eval()
         if tokenizer is None:
             if isinstance(pretrained, TokenFormer):
@@ -73,7 +87,7 @@ class TokenFormerLM(TemplateLM):
             raise TokenFormerError(
                 f"max_length must be between 1 and the model's seq_length {self.model.config.seq_length}, "
                 f"got {self._max_length}")
-        self._device = torch.device(device)
+        self._device = model.word_embeddings.weight.device
         self.pretrained_name = str(pretrained) if not isinstance(pretrained, TokenFormer) else "TokenFormer"
 
     @classmethod

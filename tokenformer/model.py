@@ -176,6 +176,7 @@ class TokenFormer(nn.Module):
         self.final_norm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon,
                                        device=device, dtype=dtype)
         self.gradient_checkpointing = False
+        self._rotary: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (device, dtype) -> cos, sin
 
     # ---- forward ----------------------------------------------------------------------------
 
@@ -194,9 +195,7 @@ class TokenFormer(nn.Module):
                 f"KV cache holds {cache.max_length} positions but {start + T} are needed: "
                 f"allocate a longer cache")
         x = self.word_embeddings(idx)  # (B, T, h)
-        positions = torch.arange(start, start + T, device=idx.device)
-        cos, sin = rotary_cos_sin(positions, self.config.rotary_dim, self.config.rotary_emb_base,
-                                  x.dtype)  # (T, rotary_dim) each
+        cos, sin = self.rotary_tables(start, T, x.device, x.dtype)  # (T, rotary_dim) each
         for i, block in enumerate(self.layers):
             if self.gradient_checkpointing and self.training and cache is None:
                 x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, use_reentrant=False)
@@ -208,6 +207,20 @@ class TokenFormer(nn.Module):
             x = x[:, -1:]  # (B, 1, h)
         x = self.final_norm(x)
         return x @ self.word_embeddings.weight.T  # (B, T, padded_vocab_size)
+
+    def rotary_tables(self, start: int, length: int, device: torch.device,
+                      dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (length, rotary_dim) of positions start..start+length-1.
+
+        Kept per device and dtype (the values `rotary_cos_sin` gives), so that a decoding step
+        does not recompute its tables: a dozen small ops per generated token.
+        """
+        table = self._rotary.get((device, dtype))
+        if table is None or table[0].shape[0] < start + length:
+            positions = torch.arange(max(start + length, self.config.seq_length), device=device)
+            table = rotary_cos_sin(positions, self.config.rotary_dim, self.config.rotary_emb_base, dtype)
+            self._rotary[(device, dtype)] = table
+        return table[0][start:start + length], table[1][start:start + length]
 
     def allocate_cache(self, batch_size: int, max_length: int | None = None) -> KVCache:
         weight = self.word_embeddings.weight

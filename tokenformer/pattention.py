@@ -45,6 +45,14 @@ def normalise(scores: torch.Tensor, norm_activation_type: str, scale_num: int) -
     raise TokenFormerError(f"unknown norm_activation_type {norm_activation_type!r}")
 
 
+def _scaled_scores(x: torch.Tensor, keys: torch.Tensor, scale_num: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`u = s * sqrt(n) / ||s||` (..., n) with `s = x @ K.T`, and the per-row scale (..., 1)."""
+    scores = x @ keys.T  # (..., n)
+    norm = torch.linalg.vector_norm(scores, dim=-1, keepdim=True)  # (..., 1)
+    scale = math.sqrt(scale_num) / norm.masked_fill_(norm == 0, 1.0)  # (..., 1)
+    return scores.mul_(scale), scale  # in place: the raw scores are not needed again
+
+
 class L2NormGeluPattention(torch.autograd.Function):
     """`gelu(s / ||s|| * sqrt(n)) @ V` with `s = x @ K.T`, forward and backward written by hand.
 
@@ -64,10 +72,7 @@ class L2NormGeluPattention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale_num: int,
                 memory_lean: bool) -> torch.Tensor:
-        scores = x @ keys.T  # (..., n)
-        norm = torch.linalg.vector_norm(scores, dim=-1, keepdim=True)  # (..., 1)
-        scale = math.sqrt(scale_num) / norm.masked_fill_(norm == 0, 1.0)  # (..., 1)
-        u = scores.mul_(scale)  # (..., n), in place: the raw scores are not needed again
+        u, scale = _scaled_scores(x, keys, scale_num)
         w = F.gelu(u)  # (..., n)
         ctx.scale_num = scale_num
         ctx.memory_lean = memory_lean
@@ -85,7 +90,9 @@ class L2NormGeluPattention(torch.autograd.Function):
             grad_values = w.reshape(-1, w.shape[-1]).T @ grad_out.reshape(-1, grad_out.shape[-1])
             del w
         if need_x or need_keys:
-            grad_u = torch.ops.aten.gelu_backward(grad_out @ values.T, u)  # (..., n): dw * gelu'(u)
+            # One score-sized buffer for the whole chain: large fresh allocations cost page faults.
+            grad_u = grad_out @ values.T  # (..., n): dw
+            torch.ops.aten.gelu_backward.grad_input(grad_u, u, grad_input=grad_u)  # dw * gelu'(u)
             dot = (grad_u * u).sum(dim=-1, keepdim=True).div_(ctx.scale_num)  # (..., 1)
             grad_s = grad_u.addcmul_(u, dot, value=-1.0).mul_(scale)  # (..., n)
             if need_x:
@@ -137,15 +144,18 @@ class Pattention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.norm_activation_type == "l2_norm_gelu":
             keys, values = self.key_param_tokens, self.value_param_tokens
-            device_type = x.device.type
-            if torch.is_autocast_enabled(device_type):
-                # The hand-written backward runs outside autocast, so it must see the tensors in
-                # the dtype its forward computed with: cast once here (autograd casts the
-                # gradients back to the parameters' dtype).
-                dtype = torch.get_autocast_dtype(device_type)
-                with torch.autocast(device_type, enabled=False):
+            device = x.device.type
+            if torch.is_autocast_enabled(device):
+                # A custom function's backward runs outside autocast: cast here, where autograd
+                # sees the casts, as autocast would have cast the two matmuls.
+                dtype = torch.get_autocast_dtype(device)
+                with torch.autocast(device, enabled=False):
                     return L2NormGeluPattention.apply(x.to(dtype), keys.to(dtype), values.to(dtype),
                                                       self.effective_scale_num, self.memory_lean)
+            if not (torch.is_grad_enabled() and (x.requires_grad or keys.requires_grad
+                                                 or values.requires_grad)):
+                # Inference (generation): the same numbers without the autograd machinery.
+                return F.gelu(_scaled_scores(x, keys, self.effective_scale_num)[0]) @ values
             return L2NormGeluPattention.apply(x, keys, values, self.effective_scale_num,
                                               self.memory_lean)
         scores = x @ self.key_param_tokens.T  # (..., n)

@@ -24,6 +24,7 @@ import io
 import itertools
 import json
 import os
+import re
 import shutil
 import sys
 import sysconfig
@@ -46,23 +47,26 @@ DEFAULT_GLOB = "*.txt,*.md,*.rst,*.py,*.jsonl,*.jsonl.gz,*.jsonl.zst"
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
 CHUNK_DOCUMENTS = 1024          # documents per encode_batch call ...
 CHUNK_CHARACTERS = 8_000_000    # ... or fewer, so that a chunk stays a few tens of MB
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 # ----------------------------------------------------------------------------- reading documents
 
 def _open_text(path: Path) -> io.TextIOBase:
-    """Open a text file, decompressing `.gz` / `.zst` by suffix; undecodable bytes become U+FFFD."""
+    """Open a text file, decompressing `.gz` / `.zst` by suffix; a leading byte-order mark is dropped
+    and undecodable bytes become U+FFFD."""
     if path.name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8", errors="replace")
+        return gzip.open(path, "rt", encoding="utf-8-sig", errors="replace")
     if path.name.endswith(".zst"):
         try:
             import zstandard
         except ImportError:
             raise TokenFormerError(
                 f"reading {path} needs the zstandard package: pip install 'tokenformer[zstd]'") from None
-        raw = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)
-        return io.TextIOWrapper(raw, encoding="utf-8", errors="replace")
-    return open(path, encoding="utf-8", errors="replace")
+        raw = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True,
+                                                         read_across_frames=True)  # concatenated shards
+        return io.TextIOWrapper(raw, encoding="utf-8-sig", errors="replace")
+    return open(path, encoding="utf-8-sig", errors="replace")
 
 
 def _is_jsonl(path: Path) -> bool:
@@ -144,15 +148,19 @@ def stdlib_documents() -> Iterator[str]:
         yield text
 
 
-def hf_documents(name: str, split: str = "train", text_field: str = "text") -> Iterator[str]:
+def hf_documents(name: str, split: str = "train", text_field: str = "text",
+                 config: str | None = None) -> Iterator[str]:
     """The `text_field` column of a Hugging Face dataset: a directory written by `save_to_disk`, or
-    anything `datasets.load_dataset` accepts (a Hub name, a folder of data files), streamed."""
+    anything `datasets.load_dataset` accepts (a Hub name with its `config`, a folder of data
+    files), streamed."""
     try:
         import datasets
     except ImportError:
         raise TokenFormerError(
             "reading a Hugging Face dataset needs the datasets package: pip install 'tokenformer[hf]'") from None
     path = Path(name)
+    if not path.exists() and name.startswith(("/", ".", "~")):
+        raise TokenFormerError(f"Hugging Face dataset directory {name} does not exist")
     try:
         if path.is_dir() and any((path / f).is_file() for f in ("dataset_dict.json", "state.json")):
             dataset = datasets.load_from_disk(str(path))
@@ -163,7 +171,7 @@ def hf_documents(name: str, split: str = "train", text_field: str = "text") -> I
                         f"choose one with --hf-split")
                 dataset = dataset[split]
         else:
-            dataset = datasets.load_dataset(name, split=split, streaming=True)
+            dataset = datasets.load_dataset(name, config, split=split, streaming=True)
     except TokenFormerError:
         raise
     except Exception as e:  # datasets raises many types (FileNotFoundError, ValueError, hub errors ...)
@@ -180,17 +188,22 @@ def hf_documents(name: str, split: str = "train", text_field: str = "text") -> I
 
 def iter_documents(inputs: Iterable[str | Path] | None = None, *, text_field: str = "text",
                    glob: str = DEFAULT_GLOB, hf_dataset: str | None = None,
-                   hf_split: str = "train") -> Iterator[str]:
+                   hf_split: str = "train", hf_config: str | None = None) -> Iterator[str]:
     """Every non-empty document of the inputs in a fixed order; the stdlib corpus when there are none."""
     files = resolve_inputs(inputs or [], glob)
     sources: list[Iterable[str]] = [file_documents(p, text_field) for p in files]
     if hf_dataset is not None:
-        sources.append(hf_documents(hf_dataset, hf_split, text_field))
+        sources.append(hf_documents(hf_dataset, hf_split, text_field, hf_config))
     if not files and hf_dataset is None:
         sources.append(stdlib_documents())
     for text in itertools.chain.from_iterable(sources):
-        if text:
-            yield text
+        if not text:
+            continue
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates (JSON can hold them) are no valid UTF-8: replace them
+            text = LONE_SURROGATE.sub("\ufffd", text)
+        yield text
 
 
 # ----------------------------------------------------------------------------- tokenizers
@@ -220,8 +233,11 @@ def _batched(items: Iterable, size: int) -> Iterator[list]:
         yield batch
 
 
-def _resolve_tokenizer(spec: str) -> tuple[str, Tokenizer | None]:
+def _resolve_tokenizer(spec: str | Tokenizer) -> tuple[str, Tokenizer | None]:
     """(kind, tokenizer) for a `--tokenizer` value; the BPE is trained later, on the corpus."""
+    if isinstance(spec, Tokenizer):
+        return ("byte" if isinstance(spec, ByteTokenizer) else "object"), spec
+    spec = str(spec)
     if spec == "bpe":
         return "bpe", None
     if spec == "byte":
@@ -230,22 +246,19 @@ def _resolve_tokenizer(spec: str) -> tuple[str, Tokenizer | None]:
     if path.exists():
         tokenizer = load_tokenizer(path)
         return ("byte" if isinstance(tokenizer, ByteTokenizer) else "file"), tokenizer
+    if spec.count("/") == 1 and not path.suffix and not spec.startswith((".", "/", "~")):
+        return "hub", load_tokenizer(spec)  # e.g. EleutherAI/gpt-neox-20b: needs internet
     raise TokenFormerError(
-        f"unknown tokenizer {spec!r}: give 'byte', 'bpe' (train one on the corpus) or the path of a "
-        f"tokenizer.json (or of a folder holding one)")
+        f"unknown tokenizer {spec!r}: give 'byte', 'bpe' (train one on the corpus), the path of a "
+        f"tokenizer.json (or of a folder holding one) or a Hugging Face Hub name")
 
 
 def _encode_chunk(tokenizer: Tokenizer, texts: list[str]) -> list[np.ndarray]:
     """Token ids of every text (no end-of-text yet), one array each."""
     if isinstance(tokenizer, ByteTokenizer):  # the ids are the UTF-8 bytes: no tokenizer needed
-        return [np.frombuffer(t.encode("utf-8", errors="replace"), dtype=np.uint8) for t in texts]
+        return [np.frombuffer(t.encode("utf-8"), dtype=np.uint8) for t in texts]
     encode = getattr(tokenizer.backend, "encode_batch_fast", tokenizer.backend.encode_batch)  # no offsets
-    try:
-        encodings = encode(texts, add_special_tokens=False)
-    except (TypeError, UnicodeEncodeError):  # lone surrogates (possible in JSON) are not valid UTF-8
-        texts = [t.encode("utf-8", errors="replace").decode("utf-8") for t in texts]
-        encodings = encode(texts, add_special_tokens=False)
-    return [np.asarray(e.ids, dtype=np.int64) for e in encodings]
+    return [np.asarray(e.ids, dtype=np.int64) for e in encode(texts, add_special_tokens=False)]
 
 
 # ----------------------------------------------------------------------------- the split
@@ -254,7 +267,7 @@ def validation_score(text: str, seed: int = 0) -> float:
     """A number in [0, 1) fixed by the document's content and the seed; documents scoring below
     the validation fraction go to validation. Identical documents always land in the same split,
     so a duplicated document cannot leak from training into validation."""
-    digest = hashlib.blake2b(text.encode("utf-8", errors="replace"), digest_size=8,
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8,
                              key=int(seed).to_bytes(8, "little", signed=True)).digest()
     return int.from_bytes(digest, "little") / 2.0 ** 64
 
@@ -301,20 +314,24 @@ def _publish(tmp: Path, out: Path) -> None:
 
 
 def prepare(inputs: Iterable[str | Path] | None = None, out: str | Path = "data/prepared", *,
-            tokenizer: str = "byte", vocab_size: int = 2048, text_field: str = "text",
+            tokenizer: str | Tokenizer = "byte", vocab_size: int = 2048, text_field: str = "text",
             valid_fraction: float = 0.01, hf_dataset: str | None = None, hf_split: str = "train",
+            hf_config: str | None = None,
             glob: str = DEFAULT_GLOB, seed: int = 0, max_documents: int | None = None,
             progress: bool | None = None) -> dict:
     """Tokenize a corpus into `out` (the layout in the module docstring) and return its metadata.
 
     `inputs`: text/JSONL files and folders (none and no `hf_dataset`: the stdlib source).
-    `tokenizer`: "byte", "bpe" (trained on the training documents, `vocab_size` tokens) or a
-    tokenizer.json path. A document goes to validation when `validation_score(text, seed)` is below
-    `valid_fraction`; if that picks none among two or more documents, the last document does.
+    `tokenizer`: "byte", "bpe" (trained on the training documents, `vocab_size` tokens), a
+    tokenizer.json path (or a folder holding one) or a `Tokenizer`. A document goes to validation when `validation_score(text, seed)` is below
+    `valid_fraction`; if that picks none among two or more documents, the last document does, and
+    if it picks them all, the last one goes to training instead.
     `max_documents` keeps only the first documents. `progress`: a bar on stderr (default: if a TTY).
     """
     start = time.perf_counter()
-    out = Path(out)
+    out = Path(os.path.abspath(out))  # "." or "data/" must still have a name and a parent to rename within
+    if isinstance(inputs, (str, Path)):  # one input given bare
+        inputs = [inputs]
     inputs = [str(i) for i in inputs or []]
     if not 0.0 <= valid_fraction < 1.0:
         raise TokenFormerError(f"--valid-fraction must be in [0, 1), got {valid_fraction}")
@@ -322,12 +339,13 @@ def prepare(inputs: Iterable[str | Path] | None = None, out: str | Path = "data/
         raise TokenFormerError(f"--max-documents must be at least 1, got {max_documents}")
     if progress is None:
         progress = sys.stderr.isatty()
-    kind, tok = _resolve_tokenizer(str(tokenizer))
+    kind, tok = _resolve_tokenizer(tokenizer)
     _check_output(out)
     resolve_inputs(inputs, glob)  # fail on a missing input now, not after training a tokenizer
 
     def documents() -> Iterator[str]:
-        docs = iter_documents(inputs, text_field=text_field, glob=glob, hf_dataset=hf_dataset, hf_split=hf_split)
+        docs = iter_documents(inputs, text_field=text_field, glob=glob, hf_dataset=hf_dataset,
+                              hf_split=hf_split, hf_config=hf_config)
         return itertools.islice(docs, max_documents) if max_documents else docs
 
     if tok is None:
@@ -351,7 +369,7 @@ def prepare(inputs: Iterable[str | Path] | None = None, out: str | Path = "data/
         seconds = time.perf_counter() - start
         metadata = {
             "tokenizer": kind,
-            "tokenizer_source": str(tokenizer),
+            "tokenizer_source": tokenizer.name if isinstance(tokenizer, Tokenizer) else str(tokenizer),
             "vocab_size": tok.vocab_size,
             "eod_id": tok.eos_id,
             "dtype": dtype.name,
@@ -359,7 +377,8 @@ def prepare(inputs: Iterable[str | Path] | None = None, out: str | Path = "data/
             "documents": total_documents,
             "tokens": total_tokens,
             "inputs": inputs or ([] if hf_dataset else [f"stdlib:{sysconfig.get_paths()['stdlib']}"]),
-            "hf_dataset": None if hf_dataset is None else {"name": hf_dataset, "split": hf_split},
+            "hf_dataset": None if hf_dataset is None else {"name": hf_dataset, "config": hf_config,
+                                                           "split": hf_split},
             "text_field": text_field,
             "valid_fraction": valid_fraction,
             "seed": seed,
@@ -389,8 +408,9 @@ def _write_splits(documents: Iterator[str], tok: Tokenizer, directory: Path, dty
         counts[split]["documents"] += 1
         counts[split]["tokens"] += int(ids.size)
 
-    # The last training document is held back: if the hash sends no document to validation, it goes there.
-    pending: np.ndarray | None = None
+    # The last document of each split is held back until the end, so that a split the hash left
+    # empty can still get one: validation when there are two or more documents, training always.
+    held: dict[str, np.ndarray | None] = {"train": None, "valid": None}
     bar = tqdm(desc="prepare", unit=" docs", disable=not progress, dynamic_ncols=True)
     start, tokens = time.perf_counter(), 0
     try:
@@ -399,17 +419,21 @@ def _write_splits(documents: Iterator[str], tok: Tokenizer, directory: Path, dty
             for ids, to_valid in zip(_encode_chunk(tok, chunk), flags):
                 ids = np.concatenate([ids.astype(np.int64, copy=False), eod])
                 tokens += ids.size
-                if to_valid:
-                    add("valid", ids)
-                    continue
-                if pending is not None:
-                    add("train", pending)
-                pending = ids
+                split = "valid" if to_valid else "train"
+                if held[split] is not None:
+                    add(split, held[split])
+                held[split] = ids
             bar.update(len(chunk))
             bar.set_postfix_str(f"{tokens / (time.perf_counter() - start):,.0f} tokens/s", refresh=False)
-        if pending is not None:
-            steal = valid_fraction > 0 and counts["valid"]["documents"] == 0 and counts["train"]["documents"] >= 1
-            add("valid" if steal else "train", pending)
+        valid_empty = counts["valid"]["documents"] == 0 and held["valid"] is None
+        train_empty = counts["train"]["documents"] == 0 and held["train"] is None
+        if valid_empty and valid_fraction > 0 and counts["train"]["documents"] >= 1:
+            held["valid"], held["train"] = held["train"], None
+        elif train_empty:
+            held["train"], held["valid"] = held["valid"], None
+        for split, ids in held.items():
+            if ids is not None:
+                add(split, ids)
     except BaseException:
         for writer in writers.values():
             writer.__exit__(*sys.exc_info())
@@ -429,8 +453,8 @@ def cli_arguments(parser) -> None:
                         "none (and no --hf-dataset): the Python standard-library source")
     parser.add_argument("--out", required=True, help="output directory (replaced if it holds an earlier prepared dataset)")
     parser.add_argument("--tokenizer", default="byte",
-                        help="'byte' (default), 'bpe' to train a byte-level BPE on the corpus, or a tokenizer.json "
-                        "path such as the GPT-NeoX-20B one")
+                        help="'byte' (default), 'bpe' to train a byte-level BPE on the corpus, a tokenizer.json "
+                        "path such as the GPT-NeoX-20B one (or a folder holding one), or a Hub name")
     parser.add_argument("--vocab-size", type=int, default=2048, help="vocabulary of the trained BPE (with --tokenizer bpe)")
     parser.add_argument("--text-field", default="text", help="the JSONL field / dataset column holding the text")
     parser.add_argument("--glob", default=DEFAULT_GLOB,
@@ -439,6 +463,8 @@ def cli_arguments(parser) -> None:
                         help="a Hugging Face dataset: a save_to_disk directory, a data folder or a Hub name "
                         "(needs the hf extra)")
     parser.add_argument("--hf-split", default="train", help="the split of --hf-dataset")
+    parser.add_argument("--hf-config", default=None,
+                        help="the configuration of a Hub dataset that has several (e.g. wikitext-2-raw-v1)")
     parser.add_argument("--valid-fraction", type=float, default=0.01,
                         help="share of documents for validation (at least one when there are two or more)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the train/validation assignment")
@@ -456,7 +482,8 @@ def cli_main(args) -> None:
     Tokenizers: byte (default), bpe (trained on the corpus, --vocab-size) or a tokenizer.json."""
     metadata = prepare(args.inputs, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
                        text_field=args.text_field, valid_fraction=args.valid_fraction,
-                       hf_dataset=args.hf_dataset, hf_split=args.hf_split, glob=args.glob, seed=args.seed,
+                       hf_dataset=args.hf_dataset, hf_split=args.hf_split, hf_config=args.hf_config,
+                       glob=args.glob, seed=args.seed,
                        max_documents=args.max_documents, progress=False if args.quiet else None)
     if not args.quiet:
         train, valid = metadata["splits"]["train"], metadata["splits"]["valid"]

@@ -326,7 +326,12 @@ class FrozenOldTokens:
                 param.requires_grad_(False)
                 self._frozen_whole.append(param)
         if optimizer is not None:
-            self._handles.append(optimizer.register_step_post_hook(lambda *_: self.restore()))
+            self.attach(optimizer)
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> None:
+        """Restore the old rows after every step of `optimizer` (one built after freezing, which
+        then leaves out the tensors frozen whole)."""
+        self._handles.append(optimizer.register_step_post_hook(lambda *_: self.restore()))
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -595,6 +600,65 @@ def grow_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--value-std", type=float, default=None,
                         help="std of the new value tokens (default: the model's init std, 2/num_layers/sqrt(hidden))")
     parser.add_argument("--seed", type=int, default=0, help="seed of the new random rows (default 0)")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="also print the loss before and after growing on these documents: a `tokenformer "
+                             "prepare` directory (its valid split), an indexed dataset prefix or a .jsonl(.gz)")
+    parser.add_argument("--data-tokens", type=int, default=32768,
+                        help="score the first N tokens of --data (whole documents, the last one cut; default 32768)")
+
+
+def _first_tokens(data: Path, tokenizer, budget: int) -> list[tuple[list[int], int]]:
+    from tokenformer.evaluate import load_documents
+
+    if budget < 1:
+        raise TokenFormerError(f"--data-tokens must be a positive integer, got {budget}")
+    documents, total = [], 0
+    for ids, size in load_documents(data, tokenizer):
+        ids = list(ids)[:budget - total]
+        documents.append((ids, size))
+        total += len(ids)
+        if total >= budget:
+            break
+    return documents
+
+
+def _loss_on(model: nn.Module, documents: list[tuple[list[int], int]], eos_id: int) -> float:
+    """Mean next-token loss of a language model on `documents` (each scored on its own)."""
+    from tokenformer.evaluate import perplexity
+
+    return perplexity(model.eval(), documents, eos_id, progress=False).loss
+
+
+def grow_checkpoint(checkpoint: str | Path, out: str | Path, **grow_kwargs: Any) -> tuple[nn.Module, nn.Module]:
+    """Grow the model of checkpoint directory `checkpoint` into `out` (weights, config, tokenizer);
+    returns (old model, grown model). `grow_kwargs` go to `grow`.
+
+    When `checkpoint` is a training checkpoint (`SAVE/step_N` with a `trainer.pt`), `out` gets a
+    `trainer.pt` too: the optimizer state mapped to the grown shapes (`grow_optimizer_state`: old
+    rows keep their moments, new rows start at zero), the step and the data position, so that
+    `train --init-from OUT` can carry the optimizer (`init_from_optimizer`) and continue the
+    schedule (`init_from_schedule continue`).
+    """
+    from tokenformer.checkpoint import atomic_path
+    from tokenformer.train import TRAINER_STATE_FILE
+    from tokenformer.warm_start import read_source_state
+
+    checkpoint, out = Path(checkpoint), Path(out)
+    model = load_checkpoint(checkpoint)
+    grown = grow(model, **grow_kwargs)
+    _save_with_tokenizer(grown, checkpoint, out)
+    state = read_source_state(checkpoint)
+    if state is not None:
+        carried = {key: state[key] for key in ("step", "consumed_samples", "scheduler", "train_config")
+                   if key in state}
+        optimizer = state.get("optimizer")  # None when written sharded under FSDP2
+        carried["optimizer"] = grow_optimizer_state(optimizer, model, grown) if optimizer is not None else None
+        carried["grown_from"] = str(checkpoint)
+        with atomic_path(out / TRAINER_STATE_FILE) as tmp:
+            torch.save(carried, tmp)
+    elif (out / TRAINER_STATE_FILE).is_file():  # a stale one from an earlier growth into the same folder
+        (out / TRAINER_STATE_FILE).unlink()
+    return model, grown
 
 
 def grow_cli_main(args: argparse.Namespace) -> None:
@@ -602,12 +666,26 @@ def grow_cli_main(args: argparse.Namespace) -> None:
 
     `--mode exact` (default) keeps the model's function: new keys are zero and the normalisation's n
     stays at the old count. `--mode official` initialises the new rows randomly as the official
-    code does. The tokenizer is copied; the growth is recorded in config.json (growth_history)."""
-    model = load_checkpoint(args.checkpoint)
-    grown = grow(model, mode=args.mode, value_std=args.value_std, seed=args.seed, **_slot_kwargs(args))
-    _save_with_tokenizer(grown, args.checkpoint, args.out)
+    code does. The tokenizer is copied; the growth is recorded in config.json (growth_history).
+    A training checkpoint's optimizer state is mapped to the grown shapes (trainer.pt), for
+    `tokenformer train --init-from OUT --init-from-optimizer --init-from-schedule continue`."""
+    model, grown = grow_checkpoint(args.checkpoint, args.out, mode=args.mode, value_std=args.value_std,
+                                   seed=args.seed, **_slot_kwargs(args))
     print(f"old: {_describe(model)}")
     print(f"new: {_describe(grown)}  ({args.mode} growth, written to {args.out})")
+    if (Path(args.out) / "trainer.pt").is_file():
+        print("optimizer state and training step carried over (trainer.pt)")
+    if args.data is not None:
+        if getattr(model, "model_type", "tokenformer") != "tokenformer":
+            raise TokenFormerError(f"grow --data scores a language model on text, not a {model.model_type!r} model")
+        from tokenformer.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(args.checkpoint)
+        documents = _first_tokens(args.data, tokenizer, args.data_tokens)
+        before, after = _loss_on(model, documents, tokenizer.eos_id), _loss_on(grown, documents, tokenizer.eos_id)
+        tokens = sum(len(ids) for ids, _ in documents)
+        print(f"validation loss on {args.data} ({tokens:,} tokens): before growing {before:.6f}, "
+              f"after {after:.6f} (difference {after - before:+.2e})")
 
 
 def shrink_cli_arguments(parser: argparse.ArgumentParser) -> None:

@@ -28,10 +28,11 @@ import random
 import shutil
 import sys
 import time
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -65,8 +66,16 @@ class TrainConfig:
     model: Any = _help("preset name (tiny, small, base-cpu, 150M, ...), a Config .json / official .yml "
                        "path, or a mapping of Config fields (with `name: PRESET` to start from a preset)",
                        default="small")
-    init_from: str | None = _help("start from this checkpoint directory's weights (e.g. a grown model) "
-                                  "with a fresh optimizer and schedule", default=None)
+    init_from: str | None = _help("start from this checkpoint directory's weights (e.g. a grown model); "
+                                  "see init_from_optimizer, init_from_schedule, freeze_old", default=None)
+    init_from_optimizer: bool = _help("carry init_from's AdamW state (a training checkpoint, or `tokenformer "
+                                      "grow` of one: new tokens start with zero moments) instead of a fresh "
+                                      "optimizer", default=False)
+    init_from_schedule: str = _help("restart: fresh warmup and decay over train_iters (official); continue: "
+                                    "step, lr schedule and data position go on from init_from's step "
+                                    "(train_iters counts the whole schedule)", default="restart")
+    freeze_old: bool = _help("train only the parameter tokens added by init_from's last growth",
+                             default=False)
     # data
     data_path: str | None = _help("directory written by `tokenformer prepare` (train/valid indexed files "
                                   "and tokenizer.json)", default=None)
@@ -182,17 +191,7 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> "TrainConfig":
-        import yaml
-
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"train config {path} does not exist")
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise TokenFormerError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(values, dict):
-            raise TokenFormerError(f"{path} must hold a mapping of train config fields")
+        values = read_yaml_mapping(path, "train config")
         values.update(overrides or {})
         return cls.from_dict(values)
 
@@ -203,18 +202,34 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
-def _field_type(name: str) -> Any:
-    hints = typing.get_type_hints(TrainConfig)
-    hint = hints[name]
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if typing.get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType", None)) and args:
-        hint = args[0]
+def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
+    """The mapping of fields in a YAML config file (`what` names it in errors)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise TokenFormerError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise TokenFormerError(f"{path} must hold a mapping of {what} fields")
+    return values
+
+
+def _field_type(name: str, config_class: type | None = None) -> Any:
+    """The type of field `name` of `config_class` (default TrainConfig), with `X | None` reduced to `X`."""
+    hint = typing.get_type_hints(config_class or TrainConfig)[name]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
     return hint
 
 
-def _convert(name: str, value: Any) -> Any:
-    """Turn a YAML or command-line value into the type of field `name`."""
-    target = _field_type(name)
+def _convert(name: str, value: Any, config_class: type | None = None) -> Any:
+    """Turn a YAML or command-line value into the type of field `name` (of `TrainConfig`, or of
+    another config dataclass such as the vision trainer's)."""
+    target = _field_type(name, config_class)
     if value is None or target is Any:
         if isinstance(value, str) and name == "model" and value.lstrip().startswith("{"):
             import yaml
@@ -243,9 +258,15 @@ def _convert(name: str, value: Any) -> Any:
         if target is str:
             return None if isinstance(value, str) and value.lower() in ("none", "null") else str(value)
         if typing.get_origin(target) is list:
+            item = (typing.get_args(target) or (str,))[0]
             if isinstance(value, str):
-                return [part for part in value.split(",") if part]
-            return [str(v) for v in value]
+                text = value.strip()
+                if text.startswith("[") and text.endswith("]"):  # `--mean [0.5,0.5]`
+                    text = text[1:-1]
+                value = [part.strip() for part in text.split(",") if part.strip()]
+            elif not isinstance(value, (list, tuple)):
+                value = [value]
+            return [item(v) for v in value]
     except (TypeError, ValueError):
         raise TokenFormerError(f"train config field {name} expects {getattr(target, '__name__', target)}, "
                                f"got {value!r}") from None
@@ -338,15 +359,12 @@ class WindowDataset:
         self.seq_length = seq_length
         self.seed = seed
         self.shuffle = shuffle
-        # every document as (dataset, item), with its size
-        self._doc_dataset = np.concatenate([np.full(len(d), i, dtype=np.int64)
-                                            for i, d in enumerate(self.datasets)]) if self.datasets else \
-            np.zeros(0, dtype=np.int64)
-        self._doc_item = np.concatenate([np.arange(len(d), dtype=np.int64) for d in self.datasets]) \
-            if self.datasets else np.zeros(0, dtype=np.int64)
-        self._doc_size = np.concatenate([np.asarray(d.sizes, dtype=np.int64) for d in self.datasets]) \
-            if self.datasets else np.zeros(0, dtype=np.int64)
-        self.num_tokens = int(self._doc_size.sum())
+        # documents are numbered across datasets; dataset i holds numbers first[i] .. first[i+1]-1
+        self._first_doc = np.cumsum([0] + [len(d) for d in self.datasets])
+        # sizes stay int32 (memory-mapped when there is one dataset): the Pile has ~200M documents
+        self._doc_size = self.datasets[0].sizes if len(self.datasets) == 1 else \
+            np.concatenate([d.sizes for d in self.datasets]) if self.datasets else np.zeros(0, dtype=np.int32)
+        self.num_tokens = int(self._doc_size.sum(dtype=np.int64))
         if self.num_tokens == 0:
             raise TokenFormerError(f"the {name} data {', '.join(prefixes)} hold no tokens: the corpus is empty")
         # overlapping by one token: n windows need n * seq_length + 1 tokens
@@ -363,13 +381,13 @@ class WindowDataset:
             num_docs = len(self._doc_size)
             if self.shuffle:
                 rng = np.random.default_rng([self.seed, epoch])
-                doc_order = rng.permutation(num_docs)
-                window_order = rng.permutation(self.windows_per_epoch)
+                doc_order = _compact(rng.permutation(num_docs))
+                window_order = _compact(rng.permutation(self.windows_per_epoch))
             else:
                 doc_order = np.arange(num_docs)
                 window_order = np.arange(self.windows_per_epoch)
             offsets = np.zeros(num_docs + 1, dtype=np.int64)
-            np.cumsum(self._doc_size[doc_order], out=offsets[1:])
+            np.cumsum(self._doc_size[doc_order], out=offsets[1:], dtype=np.int64)
             self._epoch_cache = {epoch: (doc_order, offsets, window_order)}  # one epoch at a time
         return self._epoch_cache[epoch]
 
@@ -384,7 +402,8 @@ class WindowDataset:
         position = int(np.searchsorted(offsets, start, side="right")) - 1
         while filled < out.size:
             doc = int(doc_order[position])
-            tokens = self.datasets[self._doc_dataset[doc]][int(self._doc_item[doc])]
+            dataset = int(np.searchsorted(self._first_doc, doc, side="right")) - 1
+            tokens = self.datasets[dataset][doc - int(self._first_doc[dataset])]
             lo = start + filled - int(offsets[position])
             piece = tokens[lo:lo + (end - start - filled)]
             out[filled:filled + len(piece)] = piece
@@ -395,6 +414,11 @@ class WindowDataset:
     def batch(self, first: int, size: int) -> torch.Tensor:
         """Samples `first .. first + size - 1` as a (size, seq_length + 1) int64 tensor."""
         return torch.from_numpy(np.stack([self.window(first + i) for i in range(size)]))
+
+
+def _compact(indices: np.ndarray) -> np.ndarray:
+    """int32 when the values fit: halves the per-epoch orders of a Pile-sized corpus."""
+    return indices.astype(np.int32) if indices.size < 2**31 else indices
 
 
 def micro_batch_start(consumed_samples: int, micro_step: int, rank: int, world_size: int,
@@ -433,10 +457,10 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
 
 
 def lr_at(iteration: int, cfg: TrainConfig) -> float:
-    """Learning rate of optimizer step `iteration` (1-based), as GPT-NeoX/Megatron computes it:
-    `lr * iteration / warmup` during warmup, then decay from lr to min_lr over the remaining
-    `lr_decay_iters - warmup` steps (cosine: `min + (lr - min) * (1 + cos(pi * progress)) / 2`),
-    then min_lr."""
+    """Learning rate of optimizer step `iteration` (1-based), the GPT-NeoX/Megatron schedule shape:
+    `lr * iteration / warmup` during warmup (the first step already learns), then decay from lr to
+    min_lr over the remaining `lr_decay_iters - warmup` steps (cosine:
+    `min + (lr - min) * (1 + cos(pi * progress)) / 2`, or linear), then min_lr."""
     warmup, decay = cfg.num_warmup_iters, cfg.decay_iters
     if warmup > 0 and iteration <= warmup:
         return cfg.lr * iteration / warmup
@@ -464,11 +488,18 @@ def language_model_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Te
 
 # ---- evaluation ---------------------------------------------------------------------------------
 
-@torch.no_grad()
-def evaluate_loss(model: nn.Module, batches: Iterable[torch.Tensor], precision: str = "fp32",
-                  env=None, weights: Sequence[float] | None = None) -> float:
-    """Mean next-token loss over `batches` of (B, T + 1) token windows (inputs, then shifted targets).
+def language_model_batch_loss(model: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Mean next-token loss of (B, T + 1) windows and the number of predicted tokens."""
+    logits = model(batch[:, :-1])  # (B, T, V)
+    return language_model_loss(logits, batch[:, 1:]), batch[:, 1:].numel()
 
+
+@torch.no_grad()
+def evaluate_loss(model: nn.Module, batches: Iterable[Any], precision: str = "fp32", env=None,
+                  weights: Sequence[float] | None = None, loss_fn=language_model_batch_loss) -> float:
+    """Mean loss over `batches`, weighted by what each predicts (tokens for a language model).
+
+    `loss_fn(model, batch) -> (mean loss, count)`; the default takes (B, T + 1) token windows.
     Under torchrun every rank passes its own batches (the same number on each: FSDP2 forwards are
     collective; give a repeated batch `weight` 0 to even them out) and all get the global mean.
     """
@@ -478,21 +509,30 @@ def evaluate_loss(model: nn.Module, batches: Iterable[torch.Tensor], precision: 
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    total = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, token count
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, count
     for i, batch in enumerate(batches):
         weight = 1.0 if weights is None else float(weights[i])
-        batch = batch.to(device)
         with autocast_context(precision, device):
-            logits = model(batch[:, :-1])  # (B, T, V)
-        loss = language_model_loss(logits, batch[:, 1:])
-        count = batch[:, 1:].numel() * weight
-        total += torch.stack([loss.double() * count, torch.tensor(count, dtype=torch.float64, device=device)])
+            loss, count = loss_fn(model, to_device(batch, device))
+        total += torch.stack([loss.double() * count * weight,
+                              torch.tensor(count * weight, dtype=torch.float64, device=device)])
     model.train(was_training)
     # the mean of sums over the mean of counts is the global ratio
     total = all_reduce_mean(total, env)
     if total[1] == 0:
-        raise TokenFormerError("no validation windows to evaluate")
+        raise TokenFormerError("no validation samples to evaluate")
     return float(total[0] / total[1])
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """A tensor, or a tuple/list/dict of tensors, moved to `device`."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
 
 
 def validation_batches(dataset: WindowDataset, eval_iters: int, micro_batch_size: int, env) -> \
@@ -764,11 +804,14 @@ class CheckpointManager:
             return state
         plain = unwrap(model)
         weights = load_file(str(path / WEIGHTS_FILE), device=str(next(plain.parameters()).device))
-        plain.load_state_dict(weights)
+        try:
+            plain.load_state_dict(weights)
+        except RuntimeError as e:
+            lines = str(e).splitlines()
+            detail = lines[1].strip() if len(lines) > 1 else lines[0]
+            raise TokenFormerError(f"{path} holds a model of another shape than this run's ({detail}): resume "
+                                   f"with the same model config, or use a new `save` directory") from None
         if optimizer is not None:
-            if state.get("optimizer") is None:
-                raise TokenFormerError(f"{path} holds its optimizer state sharded (FSDP2): resume it with "
-                                       f"parallelism fsdp2")
             optimizer.load_state_dict(state["optimizer"])
         return state
 
@@ -795,8 +838,9 @@ def _full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
 def load_initial_model(cfg: TrainConfig, model: nn.Module | None = None) -> nn.Module:
     """The model a run starts from: the one passed in, `init_from`'s weights, or a fresh one.
 
-    `init_from` loads any checkpoint directory (e.g. a model grown by `tokenformer grow`); the
-    optimizer and schedule start fresh, as the official incremental-scaling runs do.
+    `init_from` loads any checkpoint directory (e.g. a model grown by `tokenformer grow`); by default
+    the optimizer and schedule start fresh, as the official incremental-scaling runs do
+    (`warm_start` carries them instead).
     """
     if model is not None:
         return model
@@ -830,21 +874,83 @@ def _check_vocab(model: nn.Module, tokenizer, sources: DataSources) -> None:
                                f"holds {padded}: set the model's vocab_size to at least {data_vocab}")
 
 
+class LanguageModelTask:
+    """What `train` needs to know about the data and the loss of language modelling.
+
+    `train(cfg, model, task=...)` accepts any object with these members, so another trainer (images
+    and a classification loss) reuses the loop, checkpoints, resume, metrics and torchrun support:
+
+    - `prepare(model)`: load data and check them against the model (called once, after seeding);
+    - `train_batch(first, size)`: global samples `first .. first + size - 1` (a deterministic function
+      of the index: this is what makes resume and any number of ranks exact);
+    - `validation_batches(micro_batch_size, env)`: this rank's fixed validation batches and weights;
+    - `loss(model, batch) -> (mean loss, count)`; `units_per_sample` (tokens here) for throughput;
+    - `validation_metrics(loss)`: the record logged after each validation;
+    - `state()` saved in every checkpoint, `check_resume(state)` before continuing from one;
+    - `tokenizer`: written into every checkpoint directory (or None).
+    """
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.sources = resolve_data(cfg)  # fail on missing data before building a model
+        self.tokenizer = None
+        self.seq_length = 0
+
+    def prepare(self, model: nn.Module) -> None:
+        cfg = self.cfg
+        self.tokenizer = _load_tokenizer(self.sources.tokenizer, cfg)
+        _check_vocab(model, self.tokenizer, self.sources)
+        self.seq_length = cfg.seq_length or model.config.seq_length
+        self.train_data = WindowDataset(self.sources.train_prefixes, self.seq_length, seed=cfg.seed,
+                                        name="training")
+        self.valid_data = WindowDataset(self.sources.valid_prefixes, self.seq_length, shuffle=False,
+                                        name="validation") if self.sources.valid_prefixes and cfg.eval_iters else None
+
+    @property
+    def units_per_sample(self) -> int:
+        return self.seq_length
+
+    def train_batch(self, first: int, size: int) -> torch.Tensor:
+        return self.train_data.batch(first, size)  # (size, T + 1)
+
+    def validation_batches(self, micro_batch_size: int, env) -> tuple[list[torch.Tensor], list[float]]:
+        if self.valid_data is None:
+            return [], []
+        return validation_batches(self.valid_data, self.cfg.eval_iters, micro_batch_size, env)
+
+    def loss(self, model: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, int]:
+        return language_model_batch_loss(model, batch)
+
+    def validation_metrics(self, loss: float) -> dict[str, float]:
+        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+
+    def state(self) -> dict[str, Any]:
+        return {"seq_length": self.seq_length}
+
+    def check_resume(self, state: dict[str, Any], path: Path) -> None:
+        if state.get("seq_length", self.seq_length) != self.seq_length:
+            raise TokenFormerError(f"{path} was trained with seq_length {state['seq_length']}, this run asks "
+                                   f"for {self.seq_length}: the data position would not carry over; keep "
+                                   f"seq_length or use a new `save` directory")
+
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
-def train(config: TrainConfig, model: nn.Module | None = None) -> dict[str, Any]:
+def train(config: TrainConfig, model: nn.Module | None = None, task=None) -> dict[str, Any]:
     """Train `model` (or the one `config` describes) and return a summary: steps, final train and
-    validation loss, tokens seen, last checkpoint, metrics and plot paths, per-step losses."""
+    validation loss, tokens seen, last checkpoint, metrics and plot paths, per-step losses.
+
+    `task` supplies data and loss (default `LanguageModelTask(config)`; see it for the interface)."""
     from tokenformer.distributed import init_distributed, shutdown
 
     was_initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
     env = init_distributed(config.device)
     try:
-        return _train(config, model, env)
+        return _train(config, model, env, task)
     except Exception as error:
         if not env.distributed:
             raise
@@ -860,8 +966,10 @@ def train(config: TrainConfig, model: nn.Module | None = None) -> dict[str, Any]
             shutdown()
 
 
-def _train(cfg: TrainConfig, model: nn.Module | None, env) -> dict[str, Any]:
+def _train(cfg: TrainConfig, model: nn.Module | None, env, task) -> dict[str, Any]:
+    from tokenformer import warm_start
     from tokenformer.distributed import (all_reduce_mean, barrier, gradient_sync, maybe_fail, resume_batch_note,
+                                         unwrap,
                                          wrap_model)
 
     if cfg.num_threads:
@@ -870,32 +978,30 @@ def _train(cfg: TrainConfig, model: nn.Module | None, env) -> dict[str, Any]:
         raise TokenFormerError("precision fp16 needs a CUDA GPU (its loss scaling is a GPU feature): "
                                "use bf16 or fp32 on the CPU")
     sharded = env.distributed and cfg.parallelism in ("fsdp2", "fsdp")
-    sources = resolve_data(cfg)
+    task = task or LanguageModelTask(cfg)
     _seed_everything(cfg.seed)
     model = load_initial_model(cfg, model)
-    tokenizer = _load_tokenizer(sources.tokenizer, cfg)
-    _check_vocab(model, tokenizer, sources)
-    seq_length = cfg.seq_length or model.config.seq_length
-    train_data = WindowDataset(sources.train_prefixes, seq_length, seed=cfg.seed, name="training")
-    valid_data = WindowDataset(sources.valid_prefixes, seq_length, shuffle=False, name="validation") \
-        if sources.valid_prefixes and cfg.eval_iters > 0 else None
+    task.prepare(model)
 
     model.to(env.device).train()
     model.gradient_checkpointing = cfg.checkpoint_activations
     param_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision) \
         if env.device.type == "cuda" else None
+    warm = warm_start.prepare_model(cfg, model)  # init_from options; freezes before the optimizer sees it
     model = wrap_model(model, env, "fsdp" if sharded else "ddp", param_dtype=param_dtype if sharded else None)
-    optimizer = build_optimizer(model, cfg)
+    optimizer = build_optimizer(unwrap(model), cfg)  # names without DDP's `module.` prefix
+    warm = warm_start.start_optimizer(cfg, warm, optimizer, sharded=sharded)
     scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
 
     manager = CheckpointManager(cfg.save, cfg.keep_last_n, env) if cfg.save else None
-    step, consumed_samples, resumed_from = 0, 0, None
+    step, consumed_samples, resumed_from = warm.step, warm.consumed_samples, None
     if manager is not None:
         manager.remove_leftovers()
         barrier(env)
         latest = manager.latest() if cfg.resume else None
         if latest is not None:
             state = manager.load(latest, model, optimizer, sharded=sharded)
+            task.check_resume(state.get("task", {}), latest)
             step, consumed_samples = int(state["step"]), int(state["consumed_samples"])
             if scaler is not None and state.get("scaler"):
                 scaler.load_state_dict(state["scaler"])
@@ -920,28 +1026,28 @@ def _train(cfg: TrainConfig, model: nn.Module | None, env) -> dict[str, Any]:
                            run_config=cfg.to_dict())
 
     micro, accumulation, world = cfg.train_micro_batch_size_per_gpu, cfg.gradient_accumulation_steps, env.world_size
-    tokens_per_step = micro * accumulation * world * seq_length
-    valid_batches, valid_weights = validation_batches(valid_data, cfg.eval_iters, micro, env) \
-        if valid_data is not None else ([], [])
+    units_per_step = micro * accumulation * world * task.units_per_sample
+    valid_batches, valid_weights = task.validation_batches(micro, env)
 
     def validate(at_step: int) -> float | None:
-        if valid_data is None:
+        if not valid_batches:
             return None
-        loss = evaluate_loss(model, valid_batches, cfg.precision, env, valid_weights)
-        logger.log({"step": at_step, "val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))})
+        loss = evaluate_loss(model, valid_batches, cfg.precision, env, valid_weights, loss_fn=task.loss)
+        record = task.validation_metrics(loss)
+        logger.log({"step": at_step, **record})
         if env.is_main:
-            _note(f"step {at_step}: validation loss {loss:.4f}, perplexity {math.exp(min(loss, 50.0)):.2f}",
-                  cfg.progress)
+            shown = ", ".join(f"{k.removeprefix('val_')} {v:.4g}" for k, v in record.items())
+            _note(f"step {at_step}: validation {shown}", cfg.progress)
         return loss
 
     def save_checkpoint(at_step: int) -> Path | None:
         if manager is None:
             return None
-        state = {"consumed_samples": consumed_samples, "rng": capture_rng(),
+        state = {"consumed_samples": consumed_samples, "task": task.state(), "rng": capture_rng(),
                  "scheduler": {"iteration": at_step, "lr": lr_at(max(at_step, 1), cfg)},
                  "scaler": scaler.state_dict() if scaler is not None else None,
                  "train_config": json.dumps(cfg.to_dict()), "world_size": world}
-        path = manager.save(at_step, model, optimizer, state, tokenizer=tokenizer, sharded=sharded)
+        path = manager.save(at_step, model, optimizer, state, tokenizer=task.tokenizer, sharded=sharded)
         if env.is_main and cfg.plot and metrics_path is not None:
             plot_loss_curve(metrics_path, Path(cfg.save) / PLOT_FILE)
         return path
@@ -963,11 +1069,10 @@ def _train(cfg: TrainConfig, model: nn.Module | None, env) -> dict[str, Any]:
             loss_sum = torch.zeros((), device=env.device)
             for micro_step in range(accumulation):
                 first = micro_batch_start(consumed_samples, micro_step, env.rank, world, micro)
-                batch = train_data.batch(first, micro).to(env.device)  # (B, T + 1)
+                batch = to_device(task.train_batch(first, micro), env.device)
                 with gradient_sync(model, sync=micro_step == accumulation - 1):
                     with autocast_context(cfg.precision, env.device):
-                        logits = model(batch[:, :-1])  # (B, T, V)
-                    loss = language_model_loss(logits, batch[:, 1:])
+                        loss, _ = task.loss(model, batch)
                     scaled = loss / accumulation
                     (scaler.scale(scaled) if scaler is not None else scaled).backward()
                 loss_sum += loss.detach()
@@ -989,14 +1094,14 @@ def _train(cfg: TrainConfig, model: nn.Module | None, env) -> dict[str, Any]:
             step = iteration
             maybe_fail(step, env)
             losses[step] = step_loss
-            interval_tokens += tokens_per_step
+            interval_tokens += units_per_step
             progress.update(1)
             if step % cfg.log_interval == 0 or step == cfg.train_iters:
                 now = time.perf_counter()
                 tokens_per_s = interval_tokens / max(now - interval_time, 1e-9)
                 interval_time, interval_tokens = now, 0
                 logger.log({"step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
-                            "tokens": consumed_samples * seq_length, "tokens_per_s": tokens_per_s})
+                            "tokens": consumed_samples * task.units_per_sample, "tokens_per_s": tokens_per_s})
                 progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}",
                                      refresh=False)
             if step % cfg.eval_interval == 0 or step == cfg.train_iters:
@@ -1010,10 +1115,10 @@ def _train(cfg: TrainConfig, model: nn.Module | None, env) -> dict[str, Any]:
     plot_path = Path(cfg.save) / PLOT_FILE if cfg.save and (Path(cfg.save) / PLOT_FILE).is_file() else None
     return {"step": step, "train_loss": losses.get(step), "val_loss_initial": first_val, "val_loss": last_val,
             "val_ppl": math.exp(min(last_val, 50.0)) if last_val is not None else None,
-            "tokens_seen": consumed_samples * seq_length, "checkpoint": str(last_checkpoint) if last_checkpoint
+            "tokens_seen": consumed_samples * task.units_per_sample, "checkpoint": str(last_checkpoint) if last_checkpoint
             else None, "metrics": str(metrics_path) if metrics_path else None,
             "plot": str(plot_path) if plot_path else None, "losses": losses, "wall_time_s": elapsed,
-            "tokens_per_s": (step - start_step) * tokens_per_step / max(elapsed, 1e-9),
+            "tokens_per_s": (step - start_step) * units_per_step / max(elapsed, 1e-9),
             "resumed_from": str(resumed_from) if resumed_from else None}
 
 
@@ -1034,13 +1139,14 @@ class _NoProgress:
     def close(self) -> None: ...
 
 
-def _progress_bar(cfg: TrainConfig, env, step: int):
+def _progress_bar(cfg: TrainConfig, env, step: int, total: int | None = None, desc: str = "train"):
     if not (cfg.progress and env.is_main):
         return _NoProgress()
     from tqdm.auto import tqdm
 
     # tqdm's rate is steps/s; its ETA is what the bar is for. tokens/s is in the postfix.
-    return tqdm(total=cfg.train_iters, initial=step, desc="train", unit="step", dynamic_ncols=True)
+    return tqdm(total=total or cfg.train_iters, initial=step, desc=desc, unit="step", dynamic_ncols=True,
+                mininterval=0.5)
 
 
 def _note(message: str, progress: bool) -> None:
@@ -1108,6 +1214,10 @@ def cli_main(args: argparse.Namespace) -> None:
     checkpoint there, with the same losses as an uninterrupted run. Under `torchrun` the same
     command trains with DDP or FSDP2 (`--parallelism`)."""
     cfg = config_from_args(args)
+    if cfg.save and not cfg.resume and CheckpointManager(cfg.save).checkpoints():
+        # a fresh run there would mix its checkpoints with the old run's, and prune the old ones
+        raise TokenFormerError(f"{cfg.save} already holds checkpoints of a run: pass --resume to continue it, "
+                               f"or choose another `save` directory")
     summary = train(cfg)
     if int(os.environ.get("RANK", "0")) != 0:
         return

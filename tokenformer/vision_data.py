@@ -224,8 +224,8 @@ def make_transform(train: bool, augment: str = "none", mean: Sequence[float] = (
                    crop_padding: int = 2) -> Transform:
     """A batch transform uint8/float (B, C, H, W) -> normalised float (B, C, size, size).
 
-    `augment` (training only): `none`; `crop-flip` (random crop with `crop_padding` + flip, for
-    small images); `crop` (random crop only: for digits, whose mirror images are not digits);
+    `augment` (training only): `none`; `flip` (horizontal flip only); `crop-flip` (random crop
+    with `crop_padding` + flip, for small images); `crop` (random crop only: for digits, whose mirror images are not digits);
     `inception` (random resized crop to `image_size` + flip, for ImageNet). Evaluation resizes and
     centre-crops to `image_size` when the images have another size.
     """
@@ -241,14 +241,14 @@ def make_transform(train: bool, augment: str = "none", mean: Sequence[float] = (
                 x = resize_center_crop(x, image_size)
             if train and augment in ("crop", "crop-flip"):
                 x = random_crop(x, crop_padding, generator)
-            if train and augment == "crop-flip":
+            if train and augment in ("flip", "crop-flip"):
                 x = random_flip(x, generator)
         return normalize(x, mean, std)
 
     return transform
 
 
-AUGMENTATIONS = ("none", "crop", "crop-flip", "inception")
+AUGMENTATIONS = ("none", "flip", "crop", "crop-flip", "inception")
 
 
 def batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, transform: Transform | None = None,
@@ -266,11 +266,12 @@ def batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, transfo
 
 def folder_batches(folder: ImageFolder, batch_size: int, transform: Transform,
                    shuffle: bool = False, generator: torch.Generator | None = None,
-                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                   drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Mini-batches of an `ImageFolder`; every image is transformed on its own (sizes differ)."""
     n = len(folder)
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-    for start in range(0, n, batch_size):
+    stop = n - n % batch_size if drop_last else n
+    for start in range(0, stop, batch_size):
         items = [folder[int(i)] for i in order[start:start + batch_size]]
         x = torch.cat([transform(image[None], generator) for image, _ in items])  # (B, C, size, size)
         yield x, torch.tensor([label for _, label in items])
