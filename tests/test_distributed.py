@@ -417,3 +417,17 @@ def test_fsdp2_checkpoint_of_two_ranks_resumes_under_ddp(one_rank_group, fsdp, c
         assert torch.equal(p, q), name
     steps = {float(s["step"]) for s in optimizer.state.values()}
     assert steps == {2.0} and len(optimizer.state) == len(list(gathered.parameters()))
+
+
+def test_rank_failures_are_described_and_bugs_keep_their_traceback():
+    env = D.DistEnv(rank=0, world_size=4)
+    peer = RuntimeError("[../gloo/transport/tcp/pair.cc:553] Connection closed by peer [10.0.0.2]:4242")
+    text = str(D.describe_rank_failure(peer, env, "runs/x/step_00000100"))
+    assert text.startswith("rank 0 of 4 stopped because another rank failed")
+    assert "Connection closed by peer [10.0.0.2]:4242" in text and "pair.cc" not in text
+    assert "runs/x/step_00000100" in text and "--resume" in text
+    own = D.describe_rank_failure(FileNotFoundError("data/x.bin does not exist"), env, None)
+    assert str(own) == "rank 0 of 4: data/x.bin does not exist; no checkpoint was written yet"
+    # an ordinary bug is not dressed up as a peer failure: the caller re-raises it with its traceback
+    assert D.describe_rank_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied"), env, None) is None
+    assert D.describe_rank_failure(ValueError("bad"), env, None) is None

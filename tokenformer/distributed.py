@@ -225,7 +225,7 @@ def maybe_fail(step: int, env: DistEnv) -> None:
 
 # what gloo, nccl and the c10d store say when the process at the other end is gone
 _PEER_GONE = ("connection closed by peer", "connection reset by peer", "remote worker", "broken pipe",
-              "timed out", "timeout", "nccl communicator was aborted", "socket", "recv", "send")
+              "timed out", "collective operation timeout", "nccl communicator was aborted")
 
 
 def describe_rank_failure(error: BaseException, env: DistEnv, latest: str | Path | None) -> \
@@ -248,8 +248,8 @@ def describe_rank_failure(error: BaseException, env: DistEnv, latest: str | Path
                                              any(s in message for s in _PEER_GONE)):
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         first_line = re.sub(r"^\[[^\]]*\]\s*", "", first_line)  # gloo's "[source/file.cc:553] " prefix
-        return TokenFormerError(f"{where} stopped because another rank failed (see its error; the backend "
-                                f"said: {first_line[:120]}); {resume}")
+        return TokenFormerError(f"{where} stopped because another rank failed or stopped answering (see its "
+                                f"error; the backend said: {first_line[:120]}); {resume}")
     return None
 
 
@@ -283,7 +283,6 @@ def _dcp_load(state: dict[str, Any], directory: str | Path) -> None:
 def load_sharded(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None,
                  extra: dict[str, Any] | None = None) -> None:
     """Load a DCP checkpoint written by any number of ranks into this run's sharding (in place)."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     model_state, optim_state = get_state_dict(model, optimizer) if optimizer is not None else \
