@@ -169,7 +169,7 @@ def test_fsdp2_two_ranks_match_single_process_losses(fsdp, reference):
     assert len(shards) == 2, shards
 
 
-def test_ddp_two_ranks_killed_and_resumed_match_single_process_losses(ddp_resumed, ddp_crash, reference):
+def test_ddp_two_ranks_failed_and_resumed_match_single_process_losses(ddp_resumed, ddp_crash, reference):
     """Steps 1-2 come from the run that failed at step 3, steps 3-4 from its `--resume`: together
     they equal the uninterrupted single-process run."""
     # rank 0 logged step 3 before rank 1 failed; the resume drops that line and redoes step 3
