@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tokenformer.distributed import usable_cores
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -72,7 +74,7 @@ def train_run(corpus: Path, save: Path, args, nproc: int, parallelism: str, thre
     rates = [r["tokens_per_s"] for r in records if "tokens_per_s" in r][1:]  # drop the warm-up interval
     losses = {r["step"]: r["loss"] for r in records if "loss" in r}
     return {"processes": nproc, "parallelism": parallelism if nproc > 1 else "none",
-            "threads_per_process": threads or max(1, (os.cpu_count() or 1) // nproc),
+            "threads_per_process": threads or max(1, usable_cores() // nproc),
             "tokens_per_s": statistics.median(rates), "intervals": len(rates), "final_loss": losses[max(losses)]}
 
 
@@ -96,7 +98,7 @@ def main() -> None:
         corpus = write_corpus(tmp / "corpus", num_tokens=(args.steps + 1) * global_batch * (args.seq + 1))
         # one process with every core, and with one thread: on a busy machine intra-op threads
         # can lose badly to contention, so the faster of the two is the baseline
-        cores = os.cpu_count() or 1
+        cores = usable_cores()
         rows = [train_run(corpus, tmp / f"single-{t}", args, 1, "ddp", threads=t)
                 for t in sorted({cores, 1}, reverse=True)]
         for parallelism in args.parallelism:
@@ -106,7 +108,7 @@ def main() -> None:
     for row in rows:
         row["speedup_vs_1_process"] = row["tokens_per_s"] / single
     print(f"{args.preset}, seq {args.seq}, global batch {global_batch} windows, {args.steps} steps, "
-          f"{os.cpu_count()} CPU cores, torch {torch.__version__}, load average {load_before:.1f} -> {load_after:.1f}")
+          f"{usable_cores()} CPU cores, torch {torch.__version__}, load average {load_before:.1f} -> {load_after:.1f}")
     print(f"{'processes':>9}  {'parallelism':<11}{'threads':>8}{'tokens/s':>12}{'vs 1 process':>14}"
           f"{'final loss':>12}")
     for row in rows:
@@ -117,7 +119,7 @@ def main() -> None:
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({"runs": rows, "preset": args.preset, "seq": args.seq, "global_batch": global_batch,
                                "micro_batch_per_rank": args.micro_batch, "accumulation": args.accumulation,
-                               "steps": args.steps, "cpu_cores": os.cpu_count(),
+                               "steps": args.steps, "cpu_cores": usable_cores(),
                                "load_average_1min": [load_before, load_after], "torch": torch.__version__,
                                "cpu": platform.processor() or platform.machine()}, indent=2) + "\n")
     print(f"wrote {out}")

@@ -1,8 +1,9 @@
 """Distributed training for real: `torchrun --nproc_per_node=2` on CPU (gloo) running the
 `tokenformer train` command, compared against a single-process run with the same global batch.
 
-Three torchrun launches serve every test (module-scoped fixtures):
+Four torchrun launches serve every test (module-scoped fixtures):
   - DDP, rank 1 failing on purpose after step 3 (TOKENFORMER_FAIL_AT_STEP), then `--resume`;
+  - DDP, rank 1 SIGKILLed after step 2 (a lost node);
   - FSDP2 to the end, writing sharded checkpoints.
 The reference is the same `train()` in this process: micro batch 4 x accumulation 2 x 1 rank
 against micro batch 2 x accumulation 2 x 2 ranks, i.e. the same 8 windows per optimizer step.
@@ -141,6 +142,16 @@ def ddp_resumed(corpus, ddp_crash):
 
 
 @pytest.fixture(scope="module")
+def ddp_killed(corpus, tmp_path_factory):
+    """2-rank DDP whose rank 1 is SIGKILLed after step 2 (no message, no cleanup: a lost node)."""
+    save = tmp_path_factory.mktemp("killed")
+    start = time.perf_counter()
+    result = torchrun(run_fields(corpus, save, parallelism="ddp", train_iters=3, save_interval=1),
+                      fail_at="2:1:kill")
+    return {"save": save, "result": result, "seconds": time.perf_counter() - start}
+
+
+@pytest.fixture(scope="module")
 def fsdp(corpus, tmp_path_factory):
     save = tmp_path_factory.mktemp("fsdp")
     result = torchrun(run_fields(corpus, save, parallelism="fsdp2"))
@@ -158,7 +169,7 @@ def test_fsdp2_two_ranks_match_single_process_losses(fsdp, reference):
     assert len(shards) == 2, shards
 
 
-def test_ddp_two_ranks_killed_and_resumed_match_single_process_losses(ddp_resumed, ddp_crash, reference):
+def test_ddp_two_ranks_failed_and_resumed_match_single_process_losses(ddp_resumed, ddp_crash, reference):
     """Steps 1-2 come from the run that failed at step 3, steps 3-4 from its `--resume`: together
     they equal the uninterrupted single-process run."""
     # rank 0 logged step 3 before rank 1 failed; the resume drops that line and redoes step 3
@@ -206,6 +217,20 @@ def test_a_failing_rank_stops_the_job_with_one_clear_message(ddp_crash):
     assert not list(ddp_crash["save"].glob(".tmp-*"))
     model = TokenFormer.from_pretrained(ddp_crash["save"] / ddp_crash["latest"])
     assert model.config.num_layers == 2
+
+
+def test_a_killed_rank_stops_the_job_without_a_hang(ddp_killed):
+    result, save = ddp_killed["result"], ddp_killed["save"]
+    out = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "Signal 9 (SIGKILL)" in out  # torchrun's summary names the killed rank's fate
+    assert "[rank0]: Traceback" not in out, out
+    for line in out.splitlines():
+        if line.startswith("tokenformer train: error: rank 0"):
+            assert "stopped because another rank failed" in line and "step_00000001" in line
+    assert ddp_killed["seconds"] < LAUNCH_TIMEOUT_S
+    assert (save / "latest").read_text().strip() == "step_00000001"
+    assert TokenFormer.from_pretrained(save / "step_00000001").config.num_layers == 2
 
 
 # ---- sharded checkpoints in one process --------------------------------------------------------
@@ -324,7 +349,7 @@ def test_fail_at_step_spec_is_checked(monkeypatch):
     with pytest.raises(D.InjectedFailure, match="after step 3"):
         D.maybe_fail(3, env)
     monkeypatch.setenv(D.FAIL_AT_STEP_ENV, "three")
-    with pytest.raises(D.TokenFormerError, match="STEP:RANK"):
+    with pytest.raises(D.TokenFormerError, match="STEP:RANK:kill"):
         D.maybe_fail(3, env)
 
 
@@ -392,3 +417,17 @@ def test_fsdp2_checkpoint_of_two_ranks_resumes_under_ddp(one_rank_group, fsdp, c
         assert torch.equal(p, q), name
     steps = {float(s["step"]) for s in optimizer.state.values()}
     assert steps == {2.0} and len(optimizer.state) == len(list(gathered.parameters()))
+
+
+def test_rank_failures_are_described_and_bugs_keep_their_traceback():
+    env = D.DistEnv(rank=0, world_size=4)
+    peer = RuntimeError("[../gloo/transport/tcp/pair.cc:553] Connection closed by peer [10.0.0.2]:4242")
+    text = str(D.describe_rank_failure(peer, env, "runs/x/step_00000100"))
+    assert text.startswith("rank 0 of 4 stopped because another rank failed")
+    assert "Connection closed by peer [10.0.0.2]:4242" in text and "pair.cc" not in text
+    assert "runs/x/step_00000100" in text and "--resume" in text
+    own = D.describe_rank_failure(FileNotFoundError("data/x.bin does not exist"), env, None)
+    assert str(own) == "rank 0 of 4: data/x.bin does not exist; no checkpoint was written yet"
+    # an ordinary bug is not dressed up as a peer failure: the caller re-raises it with its traceback
+    assert D.describe_rank_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied"), env, None) is None
+    assert D.describe_rank_failure(ValueError("bad"), env, None) is None

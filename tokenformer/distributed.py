@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -72,6 +73,13 @@ def collective_timeout_minutes(default: float = 30.0) -> float:
     return minutes
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (a slurm or container CPU set, not the whole machine)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
 def init_distributed(device: str = "auto", timeout_minutes: float | None = None) -> DistEnv:
     """Join the process group torchrun set up (gloo on CPU, nccl on GPU), or stay single-process."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -85,7 +93,7 @@ def init_distributed(device: str = "auto", timeout_minutes: float | None = None)
     else:
         # torchrun sets OMP_NUM_THREADS=1; share the cores of this node between its ranks instead.
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        torch.set_num_threads(max(1, usable_cores() // local_world))
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if resolved.type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(minutes=timeout_minutes),
@@ -187,27 +195,37 @@ class InjectedFailure(TokenFormerError):
 
 
 def maybe_fail(step: int, env: DistEnv) -> None:
-    """Raise on one rank right after optimizer step `step` when `TOKENFORMER_FAIL_AT_STEP` says so.
+    """Fail one rank right after optimizer step `step` when `TOKENFORMER_FAIL_AT_STEP` says so.
 
-    `TOKENFORMER_FAIL_AT_STEP=3` fails the last rank after step 3, `=3:0` rank 0. It is how the tests
-    (and an operator's drill) check that a rank dying mid-run stops the whole job promptly, leaves
-    the last checkpoint intact, and that `--resume` continues with the same losses.
+    `TOKENFORMER_FAIL_AT_STEP=3` makes the last rank raise after step 3, `=3:0` rank 0, and
+    `=3:1:kill` kills rank 1 outright (SIGKILL, as the OOM killer or a lost node would: no message,
+    no cleanup). It is how the tests (and an operator's drill) check that a rank dying mid-run stops
+    the whole job promptly, leaves the last checkpoint intact, and that `--resume` continues with
+    the same losses.
     """
     spec = os.environ.get(FAIL_AT_STEP_ENV)
     if not spec:
         return
-    at_step, _, at_rank = spec.partition(":")
+    parts = spec.split(":")
     try:
-        failing_step, failing_rank = int(at_step), int(at_rank) if at_rank else env.world_size - 1
+        if len(parts) > 3 or (len(parts) == 3 and parts[2] != "kill"):
+            raise ValueError(spec)
+        failing_step = int(parts[0])
+        failing_rank = int(parts[1]) if len(parts) > 1 and parts[1] else env.world_size - 1
     except ValueError:
-        raise TokenFormerError(f"{FAIL_AT_STEP_ENV}={spec!r} is not STEP or STEP:RANK (integers)") from None
-    if step == failing_step and env.rank == failing_rank:
-        raise InjectedFailure(f"failed on purpose after step {step} ({FAIL_AT_STEP_ENV}={spec})")
+        raise TokenFormerError(f"{FAIL_AT_STEP_ENV}={spec!r} is not STEP, STEP:RANK or STEP:RANK:kill") from None
+    if step != failing_step or env.rank != failing_rank:
+        return
+    if parts[-1] == "kill":
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+    raise InjectedFailure(f"failed on purpose after step {step} ({FAIL_AT_STEP_ENV}={spec})")
 
 
 # what gloo, nccl and the c10d store say when the process at the other end is gone
 _PEER_GONE = ("connection closed by peer", "connection reset by peer", "remote worker", "broken pipe",
-              "timed out", "timeout", "nccl communicator was aborted", "socket", "recv", "send")
+              "timed out", "collective operation timeout", "nccl communicator was aborted")
 
 
 def describe_rank_failure(error: BaseException, env: DistEnv, latest: str | Path | None) -> \
@@ -229,8 +247,9 @@ def describe_rank_failure(error: BaseException, env: DistEnv, latest: str | Path
     if isinstance(error, backend_errors) or (isinstance(error, RuntimeError) and
                                              any(s in message for s in _PEER_GONE)):
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        return TokenFormerError(f"{where} stopped because another rank failed (see its error; the backend "
-                                f"said: {first_line[:120]}); {resume}")
+        first_line = re.sub(r"^\[[^\]]*\]\s*", "", first_line)  # gloo's "[source/file.cc:553] " prefix
+        return TokenFormerError(f"{where} stopped because another rank failed or stopped answering (see its "
+                                f"error; the backend said: {first_line[:120]}); {resume}")
     return None
 
 
@@ -264,7 +283,6 @@ def _dcp_load(state: dict[str, Any], directory: str | Path) -> None:
 def load_sharded(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None,
                  extra: dict[str, Any] | None = None) -> None:
     """Load a DCP checkpoint written by any number of ranks into this run's sharding (in place)."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     model_state, optim_state = get_state_dict(model, optimizer) if optimizer is not None else \
