@@ -399,3 +399,23 @@ def test_the_command_refuses_to_start_afresh_over_an_earlier_run(corpus, tmp_pat
                 "--train_iters", "2", "--progress", "false"]) == 2
     assert "already holds checkpoints" in capsys.readouterr().err
     assert CheckpointManager(tmp_path / "run").latest().name == "step_00000001"
+
+
+def test_compiled_blocks_train_like_eager_and_save_plain_names(corpus, tmp_path, monkeypatch):
+    # aot_eager traces like inductor but skips code generation (seconds instead of half a minute);
+    # tests/test_model.py compares the compiled model with the eager one.
+    compile_module, compiled_blocks = torch.nn.Module.compile, []
+
+    def compile_with_aot_eager(module, **kwargs):
+        compiled_blocks.append(type(module).__name__)
+        compile_module(module, backend="aot_eager")
+
+    monkeypatch.setattr(torch.nn.Module, "compile", compile_with_aot_eager)
+    eager = train(tiny_config(corpus, train_iters=2, eval_iters=1))
+    compiled = train(tiny_config(corpus, train_iters=2, eval_iters=1, compile=True,
+                                 save=str(tmp_path / "run")))
+    for step, loss in eager["losses"].items():
+        assert compiled["losses"][step] == pytest.approx(loss, abs=1e-4)
+    assert compiled_blocks == ["Block", "Block"]  # the tiny preset's two blocks
+    names = TokenFormer.from_pretrained(tmp_path / "run" / (tmp_path / "run" / "latest").read_text().strip())
+    assert all("_orig_mod" not in name for name in names.state_dict())

@@ -110,6 +110,8 @@ class TrainConfig:
                            default="fp32")
     checkpoint_activations: bool = _help("recompute each block in the backward pass to save memory",
                                          default=False)
+    compile: bool = _help("compile each block with torch.compile (in place: checkpoints keep their names)",
+                          default=False)
     seed: int = _help("seed of the initialisation and of the data order", default=1234)
     # evaluation, checkpoints, logging
     eval_interval: int = _help("validate every this many steps (and at the start and the end)", default=100)
@@ -985,6 +987,11 @@ def _train(cfg: TrainConfig, model: nn.Module | None, env, task) -> dict[str, An
 
     model.to(env.device).train()
     model.gradient_checkpointing = cfg.checkpoint_activations
+    if cfg.compile:
+        # Block by block and in place (nn.Module.compile): parameter names stay those of the
+        # checkpoints, and FSDP2 can still shard each block afterwards.
+        for block in getattr(model, "layers", []):
+            block.compile()
     param_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision) \
         if env.device.type == "cuda" else None
     warm = warm_start.prepare_model(cfg, model)  # init_from options; freezes before the optimizer sees it
