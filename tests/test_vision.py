@@ -326,6 +326,10 @@ def test_train_vision_on_an_image_folder_and_bad_input(tmp_path, one_thread, cap
             "--progress", "false", "--num_threads", "1"]
     assert main(args) == 0
     assert "test accuracy" in capsys.readouterr().out
+    from tokenformer.train_vision import VisionTrainConfig
+
+    assert VisionTrainConfig.from_dict({"augment": "none", "mean": "[0.1, 0.2]", "std": "0.3,0.4"}).augment == "none"
+    assert VisionTrainConfig.from_dict({"mean": "[0.1, 0.2]", "std": "0.3,0.4"}).std == [0.3, 0.4]
     assert main(args + ["--augment", "mixup"]) == 2
     assert "unknown augment 'mixup'" in capsys.readouterr().err
     assert main(args + ["--data", str(tmp_path / "nowhere")]) == 2

@@ -91,6 +91,8 @@ class VisionTrainConfig:
     device: str = _help("auto, cpu, cuda, ...", default="auto")
 
     def __post_init__(self) -> None:
+        if self.augment is None:  # the shared CLI conversion reads `--augment none` as null
+            self.augment = "none"
         self.validate()
 
     def validate(self) -> None:
