@@ -13,14 +13,14 @@ import sys
 
 # subcommand -> module holding cli_arguments / cli_main
 COMMANDS = {
-    "convert": "tokenformer.convert",
+    "prepare": "tokenformer.prepare",
+    "train": "tokenformer.train",
+    "train-vision": "tokenformer.train_vision",
     "evaluate": "tokenformer.evaluate",
     "generate": "tokenformer.generate",
     "grow": "tokenformer.scaling",
     "shrink": "tokenformer.scaling",
-    "prepare": "tokenformer.prepare",
-    "train": "tokenformer.train",
-    "train-vision": "tokenformer.train_vision",
+    "convert": "tokenformer.convert",
 }
 
 
