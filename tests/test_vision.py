@@ -140,10 +140,10 @@ def test_save_load_round_trip(tmp_path):
     assert torch.equal(loaded(x), model(x))
     assert loaded.config == model.config
     assert isinstance(load_checkpoint(tmp_path / "ckpt"), tf.VisionTokenFormer)  # grow/shrink CLI entry
-    with pytest.raises(tf.TokenFormerError, match="not a TokenFormer language model"):
+    with pytest.raises(tf.TokenFormerError, match="holds a 'vision_tokenformer' model, not a 'tokenformer' model"):
         tf.TokenFormer.from_pretrained(tmp_path / "ckpt")
     tf.TokenFormer(tf.Config.from_name("tiny")).save_pretrained(tmp_path / "lm")
-    with pytest.raises(tf.TokenFormerError, match="not a vision TokenFormer"):
+    with pytest.raises(tf.TokenFormerError, match="holds a 'tokenformer' model, not a 'vision_tokenformer' model"):
         tf.VisionTokenFormer.from_pretrained(tmp_path / "lm")
 
 

@@ -61,6 +61,42 @@ def save_model_directory(model, directory: str | Path, tokenizer=None) -> Path:
     return directory
 
 
+def load_model_directory(model_class, config_class, directory: str | Path, model_type: str,
+                         device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+                         written_by: str = "save_pretrained"):
+    """Build `model_class` from a checkpoint directory (safetensors only: no code runs).
+
+    The model is built on the meta device and takes the loaded tensors as they are (`assign`), so
+    loading costs one copy of the weights. `model_type` must match the one in `config.json`.
+    """
+    from safetensors.torch import load_file
+
+    from tokenformer.convert import check_state_dict
+    from tokenformer.errors import TokenFormerError
+    from tokenformer.model import CONFIG_FILE, WEIGHTS_FILE
+
+    directory = Path(directory)
+    config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist: is {directory} a checkpoint directory "
+                                    f"(written by {written_by})?")
+    values = json.loads(config_path.read_text())
+    found = values.pop("model_type", "tokenformer")
+    if found != model_type:
+        raise TokenFormerError(f"{directory} holds a {found!r} model, not a {model_type!r} model: load it "
+                               f"with the class that wrote it ({model_class.__name__} cannot)")
+    config = config_class.from_dict(values)
+    state = load_file(str(weights_path), device=str(device))
+    with torch.device("meta"):
+        model = model_class(config)
+    check_state_dict(state, model.state_dict(), source=str(weights_path))
+    if dtype is not None:
+        state = {k: v.to(dtype) for k, v in state.items()}
+    model.load_state_dict(state, assign=True)
+    return model.eval()
+
+
 def torch_load_safe(path: str | Path, map_location: str | torch.device = "cpu"):
     """`torch.load` that never executes pickled code (tensors and plain containers only)."""
     path = Path(path)

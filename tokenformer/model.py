@@ -10,7 +10,6 @@ map (see `tokenformer.convert`) is a renaming of prefixes only.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -246,28 +245,7 @@ class TokenFormer(nn.Module):
     def from_pretrained(cls, directory: str | Path, device: torch.device | str = "cpu",
                         dtype: torch.dtype | None = None) -> "TokenFormer":
         """Load a directory written by `save_pretrained` (safetensors only: no code runs)."""
-        from safetensors.torch import load_file
+        from tokenformer.checkpoint import load_model_directory
 
-        directory = Path(directory)
-        config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
-        for path in (config_path, weights_path):
-            if not path.is_file():
-                raise FileNotFoundError(
-                    f"{path} does not exist: is {directory} a TokenFormer checkpoint directory "
-                    f"(written by save_pretrained or `tokenformer convert`)?")
-        values = json.loads(config_path.read_text())
-        if values.get("model_type", "tokenformer") != "tokenformer":
-            raise TokenFormerError(
-                f"{directory} holds a {values['model_type']!r} model, not a TokenFormer language model")
-        values.pop("model_type", None)
-        config = Config.from_dict(values)
-        state = load_file(str(weights_path), device=str(device))
-        with torch.device("meta"):
-            model = cls(config)
-        from tokenformer.convert import check_state_dict
-
-        check_state_dict(state, model.state_dict(), source=str(weights_path))
-        if dtype is not None:
-            state = {k: v.to(dtype) for k, v in state.items()}
-        model.load_state_dict(state, assign=True)
-        return model.eval()
+        return load_model_directory(cls, Config, directory, "tokenformer", device, dtype,
+                                    written_by="save_pretrained or `tokenformer convert`")

@@ -14,7 +14,6 @@ embedding and the head keep their own token counts (`patch_slot_num`, `head_slot
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,7 @@ from torch import nn
 
 from tokenformer.config import NORM_ACTIVATION_TYPES
 from tokenformer.errors import TokenFormerError
-from tokenformer.model import CONFIG_FILE, WEIGHTS_FILE, Block
+from tokenformer.model import Block
 from tokenformer.pattention import Pattention
 
 MODEL_TYPE = "vision_tokenformer"
@@ -229,29 +228,7 @@ class VisionTokenFormer(nn.Module):
     def from_pretrained(cls, directory: str | Path, device: torch.device | str = "cpu",
                         dtype: torch.dtype | None = None) -> "VisionTokenFormer":
         """Load a directory written by `save_pretrained` (safetensors only: no code runs)."""
-        from safetensors.torch import load_file
+        from tokenformer.checkpoint import load_model_directory
 
-        from tokenformer.convert import check_state_dict
-
-        directory = Path(directory)
-        config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
-        for path in (config_path, weights_path):
-            if not path.is_file():
-                raise FileNotFoundError(
-                    f"{path} does not exist: is {directory} a checkpoint directory written by "
-                    f"VisionTokenFormer.save_pretrained or `tokenformer train-vision`?")
-        values = json.loads(config_path.read_text())
-        model_type = values.pop("model_type", "tokenformer")
-        if model_type != MODEL_TYPE:
-            raise TokenFormerError(
-                f"{directory} holds a {model_type!r} model, not a vision TokenFormer: load it with "
-                f"TokenFormer.from_pretrained")
-        config = VisionConfig.from_dict(values)
-        state = load_file(str(weights_path), device=str(device))
-        with torch.device("meta"):
-            model = cls(config)
-        check_state_dict(state, model.state_dict(), source=str(weights_path))
-        if dtype is not None:
-            state = {k: v.to(dtype) for k, v in state.items()}
-        model.load_state_dict(state, assign=True)
-        return model.eval()
+        return load_model_directory(cls, VisionConfig, directory, MODEL_TYPE, device, dtype,
+                                    written_by="save_pretrained or `tokenformer train-vision`")
