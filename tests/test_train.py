@@ -17,12 +17,7 @@ from tokenformer.train import (CheckpointManager, TrainConfig, WindowDataset, bu
                                micro_batch_start, train)
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_corpus(directory: Path, train_docs, valid_docs=None) -> Path:

@@ -89,15 +89,6 @@ def test_bidirectional_attention_matches_a_hand_computation():
     assert torch.allclose(attention(x, None, None), expected, atol=1e-6)
 
 
-@pytest.fixture
-def one_thread():
-    # A tiny model's small matmuls run faster on one thread than split over two busy cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_tiny_model_overfits_a_batch(one_thread):
     torch.manual_seed(0)
     model = tiny().train()

@@ -20,12 +20,7 @@ from tests.test_train import corpus, tiny_config  # noqa: F401  (the module-scop
 GROWN = dict(qkv_slot_num=48, proj_slot_num=40, ffn_slot_num=160)  # tiny is 32/32/128
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ import difflib
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -31,17 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenformer.errors import TokenFormerError
 from tokenformer import vision_data as vd
+from tokenformer.errors import TokenFormerError
+from tokenformer.train import METRICS_FILE, PLOT_FILE as LOSS_PLOT_FILE, _help
 
 ACCURACY_PLOT_FILE = "accuracy.png"
-LOSS_PLOT_FILE = "loss_curve.png"
-METRICS_FILE = "metrics.jsonl"
 FINAL_MODEL_DIR = "model"
-
-
-def _help(text: str, **kwargs: Any) -> Any:
-    return field(metadata={"help": text}, **kwargs)
 
 
 @dataclass
