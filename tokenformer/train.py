@@ -179,17 +179,7 @@ class TrainConfig:
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
         """Build from a mapping (YAML, CLI); `-` in keys counts as `_`; values are converted to the
         field's type (YAML reads `6e-4` as a string); an unknown key is an error naming the nearest."""
-        known = [f.name for f in dataclasses.fields(cls)]
-        converted = {}
-        for key, value in values.items():
-            name = str(key).replace("-", "_")
-            if name not in known:
-                close = difflib.get_close_matches(name, known, n=1)
-                hint = f" (did you mean {close[0]}?)" if close else ""
-                raise TokenFormerError(f"unknown train config field {key!r}{hint}; "
-                                       f"`tokenformer train --help` lists the fields")
-            converted[name] = _convert(name, value)
-        return cls(**converted)
+        return config_from_mapping(cls, values, "train")
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> "TrainConfig":
@@ -202,6 +192,23 @@ class TrainConfig:
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
+
+
+def config_from_mapping(config_class: type, values: dict[str, Any], command: str) -> Any:
+    """`config_class(**values)` for a run config read from YAML or the command line of `command`:
+    `-` in keys counts as `_`, values are converted to the field's type, and an unknown key is an
+    error naming the nearest field."""
+    known = [f.name for f in dataclasses.fields(config_class)]
+    converted = {}
+    for key, value in values.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise TokenFormerError(f"unknown {command} config field {key!r}{hint}; "
+                                   f"`tokenformer {command} --help` lists the fields")
+        converted[name] = _convert(name, value, config_class)
+    return config_class(**converted)
 
 
 def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import difflib
 import json
 import math
 import time
@@ -110,19 +109,9 @@ class VisionTrainConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "VisionTrainConfig":
         """Build from a mapping (YAML, CLI) with the LM trainer's conversions (`-` counts as `_`)."""
-        from tokenformer.train import _convert
+        from tokenformer.train import config_from_mapping
 
-        known = [f.name for f in dataclasses.fields(cls)]
-        converted = {}
-        for key, value in values.items():
-            name = str(key).replace("-", "_")
-            if name not in known:
-                close = difflib.get_close_matches(name, known, n=1)
-                hint = f" (did you mean {close[0]}?)" if close else ""
-                raise TokenFormerError(f"unknown train-vision config field {key!r}{hint}; "
-                                       f"`tokenformer train-vision --help` lists the fields")
-            converted[name] = _convert(name, value, cls)
-        return cls(**converted)
+        return config_from_mapping(cls, values, "train-vision")
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> "VisionTrainConfig":
