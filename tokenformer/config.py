@@ -19,6 +19,23 @@ from tokenformer.errors import TokenFormerError
 NORM_ACTIVATION_TYPES = ("l2_norm_gelu", "gelu_l2_norm", "softmax")
 
 
+def check_block_fields(config: Any, positive: tuple[str, ...], what: str) -> None:
+    """The checks every config of TokenFormer blocks needs (language or vision): the `positive`
+    fields are positive integers, the heads divide the width, the normalisation is known."""
+    for name in positive:
+        value = getattr(config, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise TokenFormerError(f"{what} field {name} must be a positive integer, got {value!r}")
+    if config.hidden_size % config.num_attention_heads:
+        raise TokenFormerError(
+            f"hidden_size {config.hidden_size} is not divisible by num_attention_heads "
+            f"{config.num_attention_heads}: choose a head count that divides it")
+    if config.norm_activation_type not in NORM_ACTIVATION_TYPES:
+        raise TokenFormerError(
+            f"unknown norm_activation_type {config.norm_activation_type!r}: "
+            f"use one of {', '.join(NORM_ACTIVATION_TYPES)}")
+
+
 @dataclass
 class Config:
     """Shape and numerics of a TokenFormer language model.
@@ -81,20 +98,9 @@ class Config:
 
     def validate(self) -> None:
         """Raise `TokenFormerError` with one clear sentence if the configuration cannot work."""
-        for name in ("num_layers", "hidden_size", "num_attention_heads", "qkv_slot_num",
-                     "proj_slot_num", "ffn_slot_num", "seq_length", "vocab_size",
-                     "make_vocab_size_divisible_by"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise TokenFormerError(f"config field {name} must be a positive integer, got {value!r}")
-        if self.hidden_size % self.num_attention_heads:
-            raise TokenFormerError(
-                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
-                f"{self.num_attention_heads}: choose a head count that divides it")
-        if self.norm_activation_type not in NORM_ACTIVATION_TYPES:
-            raise TokenFormerError(
-                f"unknown norm_activation_type {self.norm_activation_type!r}: "
-                f"use one of {', '.join(NORM_ACTIVATION_TYPES)}")
+        check_block_fields(self, ("num_layers", "hidden_size", "num_attention_heads", "qkv_slot_num",
+                                  "proj_slot_num", "ffn_slot_num", "seq_length", "vocab_size",
+                                  "make_vocab_size_divisible_by"), "config")
         if not isinstance(self.pattention_memory_lean, bool):
             raise TokenFormerError(
                 f"config field pattention_memory_lean must be true or false, got {self.pattention_memory_lean!r}")

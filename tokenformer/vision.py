@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tokenformer.config import NORM_ACTIVATION_TYPES
+from tokenformer.config import check_block_fields
 from tokenformer.errors import TokenFormerError
 from tokenformer.model import Block
 from tokenformer.pattention import Pattention
@@ -93,24 +93,13 @@ class VisionConfig:
 
     def validate(self) -> None:
         """Raise `TokenFormerError` with one clear sentence if the configuration cannot work."""
-        for name in ("image_size", "patch_size", "num_channels", "num_classes", "num_layers",
-                     "hidden_size", "num_attention_heads", "qkv_slot_num", "proj_slot_num",
-                     "ffn_slot_num", "patch_slot_num", "head_slot_num"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise TokenFormerError(f"vision config field {name} must be a positive integer, got {value!r}")
+        check_block_fields(self, ("image_size", "patch_size", "num_channels", "num_classes", "num_layers",
+                                  "hidden_size", "num_attention_heads", "qkv_slot_num", "proj_slot_num",
+                                  "ffn_slot_num", "patch_slot_num", "head_slot_num"), "vision config")
         if self.image_size % self.patch_size:
             raise TokenFormerError(
                 f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}: "
                 f"choose a patch size that divides it")
-        if self.hidden_size % self.num_attention_heads:
-            raise TokenFormerError(
-                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
-                f"{self.num_attention_heads}: choose a head count that divides it")
-        if self.norm_activation_type not in NORM_ACTIVATION_TYPES:
-            raise TokenFormerError(
-                f"unknown norm_activation_type {self.norm_activation_type!r}: "
-                f"use one of {', '.join(NORM_ACTIVATION_TYPES)}")
 
     # ---- constructors -----------------------------------------------------------------------
 
