@@ -251,15 +251,20 @@ def make_transform(train: bool, augment: str = "none", mean: Sequence[float] = (
 AUGMENTATIONS = ("none", "flip", "crop", "crop-flip", "inception")
 
 
+def batch_indices(n: int, batch_size: int, shuffle: bool, generator: torch.Generator | None,
+                  drop_last: bool) -> Iterator[torch.Tensor]:
+    """The item indices of each mini-batch of one pass over `n` items (shuffled with `generator`)."""
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    stop = n - n % batch_size if drop_last else n
+    for start in range(0, stop, batch_size):
+        yield order[start:start + batch_size]
+
+
 def batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, transform: Transform | None = None,
             shuffle: bool = False, generator: torch.Generator | None = None,
             drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Mini-batches `(transform(images[i]), labels[i])` of an in-memory dataset, one pass."""
-    n = len(images)
-    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-    stop = n - n % batch_size if drop_last else n
-    for start in range(0, stop, batch_size):
-        index = order[start:start + batch_size]
+    for index in batch_indices(len(images), batch_size, shuffle, generator, drop_last):
         x = images[index]
         yield (transform(x, generator) if transform is not None else to_float(x)), labels[index]
 
@@ -268,10 +273,7 @@ def folder_batches(folder: ImageFolder, batch_size: int, transform: Transform,
                    shuffle: bool = False, generator: torch.Generator | None = None,
                    drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Mini-batches of an `ImageFolder`; every image is transformed on its own (sizes differ)."""
-    n = len(folder)
-    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-    stop = n - n % batch_size if drop_last else n
-    for start in range(0, stop, batch_size):
-        items = [folder[int(i)] for i in order[start:start + batch_size]]
+    for index in batch_indices(len(folder), batch_size, shuffle, generator, drop_last):
+        items = [folder[int(i)] for i in index]
         x = torch.cat([transform(image[None], generator) for image, _ in items])  # (B, C, size, size)
         yield x, torch.tensor([label for _, label in items])
