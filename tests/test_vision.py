@@ -38,6 +38,29 @@ def test_shapes_and_patch_order():
         model(torch.randn(1, 3, 28, 28))
 
 
+def test_patch_bias_lets_the_embedding_see_brightness():
+    """l2_norm_gelu divides out the scale of its input: without the constant input a patch and the
+    same patch twice as bright embed alike; with it they do not, and the keys have one more column."""
+    x = torch.rand(1, 1, 28, 28) + 0.1
+    plain, biased = tiny(), tiny(patch_bias=True)
+    brighter = x.clone()
+    brighter[..., :7, :7] *= 2.0  # the first patch only
+    assert torch.allclose(plain.patch_embed(plain.patchify(brighter)), plain.patch_embed(plain.patchify(x)),
+                          atol=1e-6)
+    assert not torch.allclose(biased.features(brighter), biased.features(x), atol=1e-4)
+    assert biased.patch_embed.key_param_tokens.shape == (16, 49 + 1)
+    # by hand: the biased embedding is the Pattention of the patch with a 1 appended
+    patch = torch.cat([biased.patchify(x)[0, 0], torch.ones(1)])  # (50,)
+    s = patch @ biased.patch_embed.key_param_tokens.T             # (16,)
+    by_hand = F.gelu(s / s.norm() * 16 ** 0.5) @ biased.patch_embed.value_param_tokens
+    seen = []
+    biased.patch_embed.register_forward_hook(lambda module, inputs, output: seen.append(output))
+    biased.features(x)
+    assert torch.allclose(seen[0][0, 0], by_hand, atol=1e-5)
+    assert sum(p.numel() for p in biased.parameters()) == biased.config.num_parameters
+    assert biased.config.num_parameters == plain.config.num_parameters + 16
+
+
 def test_config_checks():
     with pytest.raises(tf.TokenFormerError, match="not divisible by patch_size"):
         tf.VisionConfig.from_name("tiny-28", patch_size=5)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from tokenformer.config import check_block_fields
@@ -36,7 +37,10 @@ class VisionConfig:
 
     `patch_slot_num` / `head_slot_num` are the token counts of the patch embedding and of the
     classification head; `*_scale_num` pin the n of the block Pattentions' normalisation after an
-    exact growth, as in `Config`.
+    exact growth, as in `Config`. `patch_bias` appends a constant 1 to every flattened patch before
+    the patch embedding: a Pattention's normalisation divides out the scale of its input, so without
+    it a patch and the same patch made brighter or darker (e.g. dark cloth and background) embed
+    alike; with it the keys carry one more column, the way a linear layer's bias folds into its weight.
     """
 
     name: str = "custom"
@@ -52,6 +56,7 @@ class VisionConfig:
     ffn_slot_num: int = 3072
     patch_slot_num: int = 768
     head_slot_num: int = 1000
+    patch_bias: bool = False
     norm_activation_type: str = "l2_norm_gelu"
     layernorm_epsilon: float = 1e-5
     init_method_std: float = 0.02
@@ -80,11 +85,16 @@ class VisionConfig:
         return self.patch_size * self.patch_size * self.num_channels
 
     @property
+    def patch_input_dim(self) -> int:
+        """Input width of the patch embedding: `patch_dim`, plus 1 with `patch_bias`."""
+        return self.patch_dim + int(self.patch_bias)
+
+    @property
     def num_parameters(self) -> int:
         """Parameter count computed from the shapes alone."""
         h = self.hidden_size
         per_layer = 2 * h * (3 * self.qkv_slot_num + self.proj_slot_num + self.ffn_slot_num)
-        patch = self.patch_slot_num * (self.patch_dim + h)
+        patch = self.patch_slot_num * (self.patch_input_dim + h)
         head = self.head_slot_num * (h + self.num_classes)
         cls_and_positions = h + (1 + self.num_patches) * h
         return patch + cls_and_positions + self.num_layers * per_layer + 2 * h + head
@@ -162,7 +172,7 @@ class VisionTokenFormer(nn.Module):
         value_std = 2.0 / config.num_layers / math.sqrt(h)  # the blocks' "wang_init"
         common = dict(norm_activation_type=config.norm_activation_type,
                       key_std=config.init_method_std, **factory)
-        self.patch_embed = Pattention(config.patch_dim, h, config.patch_slot_num,
+        self.patch_embed = Pattention(config.patch_input_dim, h, config.patch_slot_num,
                                       value_std=config.init_method_std, **common)
         self.cls_token = nn.Parameter(torch.empty(1, 1, h, **factory))
         self.position_embeddings = nn.Parameter(torch.empty(1, 1 + config.num_patches, h, **factory))
@@ -188,7 +198,10 @@ class VisionTokenFormer(nn.Module):
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """The final-normed class token (B, h)."""
-        x = self.patch_embed(self.patchify(images))                     # (B, N, h)
+        patches = self.patchify(images)                                  # (B, N, patch_dim)
+        if self.config.patch_bias:
+            patches = F.pad(patches, (0, 1), value=1.0)                  # (B, N, patch_dim + 1)
+        x = self.patch_embed(patches)                                    # (B, N, h)
         cls = self.cls_token.expand(x.shape[0], -1, -1)                 # (B, 1, h)
         x = torch.cat([cls, x], dim=1) + self.position_embeddings       # (B, 1+N, h)
         for block in self.layers:
