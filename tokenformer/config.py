@@ -12,7 +12,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 from tokenformer.errors import TokenFormerError
 
@@ -36,8 +36,53 @@ def check_block_fields(config: Any, positive: tuple[str, ...], what: str) -> Non
             f"use one of {', '.join(NORM_ACTIVATION_TYPES)}")
 
 
+PresetConfigT = TypeVar("PresetConfigT", bound="PresetConfig")
+
+
+class PresetConfig:
+    """`from_name` and `from_dict` for a config dataclass with named presets (`Config`,
+    `VisionConfig`). The preset lookup, the unknown-field check and the construction are the same
+    for every such config, so they live here once; a subclass states only what differs: its preset
+    table, what its error messages call it and which derived values it reads back."""
+
+    # What errors call this kind of config and its presets: "unknown {config_label} field(s) ...",
+    # "unknown {preset_label} '42M' ...".
+    config_label: ClassVar[str]
+    preset_label: ClassVar[str]
+    # Values `to_dict` writes although they follow from the fields (the LM's `padded_vocab_size`):
+    # `from_dict` accepts and drops them, so that a saved config reads back; the class recomputes them.
+    derived_fields: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def presets(cls) -> dict[str, dict[str, Any]]:
+        """The preset table. A method, not an attribute, because the table is written below the
+        class whose fields it names."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_name(cls: type[PresetConfigT], name: str, **overrides: Any) -> PresetConfigT:
+        """A named preset (see `presets()`), with optional field overrides."""
+        presets = cls.presets()
+        if name not in presets:
+            raise TokenFormerError(
+                f"unknown {cls.preset_label} {name!r}: valid presets are {', '.join(presets)}")
+        return cls.from_dict({**presets[name], "name": name, **overrides})
+
+    @classmethod
+    def from_dict(cls: type[PresetConfigT], values: dict[str, Any]) -> PresetConfigT:
+        """Build from a mapping of fields (a preset, a JSON file); an unknown key is an error that
+        lists the valid fields, so a typo is not silently dropped."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known - set(cls.derived_fields))
+        if unknown:
+            raise TokenFormerError(
+                f"unknown {cls.config_label} field(s) {', '.join(unknown)}: "
+                f"valid fields are {', '.join(sorted(known))}")
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
 @dataclass
-class Config:
+class Config(PresetConfig):
     """Shape and numerics of a TokenFormer language model.
 
     `*_scale_num` replace the slot count `n` inside the normalisation (`sqrt(n)` or `* n`) of the
@@ -113,30 +158,14 @@ class Config:
 
     # ---- constructors -----------------------------------------------------------------------
 
-    @classmethod
-    def from_name(cls, name: str, **overrides: Any) -> "Config":
-        """A named preset (see `PRESETS`), with optional field overrides."""
-        if name not in PRESETS:
-            raise TokenFormerError(
-                f"unknown preset {name!r}: valid presets are {', '.join(PRESETS)}")
-        values = dict(PRESETS[name], name=name)
-        values.update(overrides)
-        return cls.from_dict(values)
+    # `from_name` and `from_dict` come from PresetConfig; these are what it needs to know.
+    config_label = "config"
+    preset_label = "preset"
+    derived_fields = ("padded_vocab_size",)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "Config":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known - {"padded_vocab_size"})
-        if unknown:
-            raise TokenFormerError(
-                f"unknown config field(s) {', '.join(unknown)}: valid fields are {', '.join(sorted(known))}")
-        values = {k: v for k, v in values.items() if k in known}
-        config = cls(**values)
-        if "padded_vocab_size" in values and values["padded_vocab_size"] != config.padded_vocab_size:
-            raise TokenFormerError(
-                f"padded_vocab_size {values['padded_vocab_size']} does not follow from vocab_size "
-                f"{config.vocab_size} and make_vocab_size_divisible_by {config.make_vocab_size_divisible_by}")
-        return config
+    def presets(cls) -> dict[str, dict[str, Any]]:
+        return PRESETS
 
     def to_dict(self) -> dict[str, Any]:
         values = dataclasses.asdict(self)

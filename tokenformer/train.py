@@ -32,7 +32,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, ClassVar, Iterable, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -58,9 +58,40 @@ def _help(text: str, **kwargs: Any) -> Any:
 
 # ---- configuration ------------------------------------------------------------------------------
 
+RunConfigT = TypeVar("RunConfigT", bound="RunConfig")
+
+
+class RunConfig:
+    """Reading a run config (`TrainConfig`, `VisionTrainConfig`) from YAML and the command line.
+    One implementation, so that `tokenformer train` and `tokenformer train-vision` accept the same
+    spellings and convert values alike; a subclass states only its `command`, which names it in
+    errors ("unknown train-vision config field ...")."""
+
+    command: ClassVar[str]
+
+    @classmethod
+    def from_dict(cls: type[RunConfigT], values: dict[str, Any]) -> RunConfigT:
+        """Build from a mapping (YAML, CLI); `-` in keys counts as `_`; values are converted to the
+        field's type (YAML reads `6e-4` as a string); an unknown key is an error naming the nearest."""
+        return config_from_mapping(cls, values, cls.command)
+
+    @classmethod
+    def from_yaml(cls: type[RunConfigT], path: str | Path,
+                  overrides: dict[str, Any] | None = None) -> RunConfigT:
+        """Read the fields in a YAML file; `overrides` (the command line's `--field value`) win."""
+        values = read_yaml_mapping(path, f"{cls.command} config")
+        values.update(overrides or {})
+        return cls.from_dict(values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
 @dataclass
-class TrainConfig:
+class TrainConfig(RunConfig):
     """Everything a training run needs. Field names are GPT-NeoX's where GPT-NeoX has the field."""
+
+    command = "train"
 
     # model
     model: Any = _help("preset name (tiny, small, base-cpu, 150M, ...), a Config .json / official .yml "
@@ -174,21 +205,6 @@ class TrainConfig:
         return int(round(self.warmup * self.decay_iters))
 
     # ---- reading and writing ----------------------------------------------------------------
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
-        """Build from a mapping (YAML, CLI); `-` in keys counts as `_`; values are converted to the
-        field's type (YAML reads `6e-4` as a string); an unknown key is an error naming the nearest."""
-        return config_from_mapping(cls, values, "train")
-
-    @classmethod
-    def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> "TrainConfig":
-        values = read_yaml_mapping(path, "train config")
-        values.update(overrides or {})
-        return cls.from_dict(values)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return dataclasses.replace(self, **changes)

@@ -32,15 +32,17 @@ from torch import nn
 
 from tokenformer import vision_data as vd
 from tokenformer.errors import TokenFormerError
-from tokenformer.train import METRICS_FILE, PLOT_FILE as LOSS_PLOT_FILE, _help
+from tokenformer.train import METRICS_FILE, PLOT_FILE as LOSS_PLOT_FILE, RunConfig, _help
 
 ACCURACY_PLOT_FILE = "accuracy.png"
 FINAL_MODEL_DIR = "model"
 
 
 @dataclass
-class VisionTrainConfig:
+class VisionTrainConfig(RunConfig):
     """Everything an image-classification run needs (optimizer field names as in the LM trainer)."""
+
+    command = "train-vision"
 
     model: Any = _help("vision preset name (tiny-28, small-28, fmnist-28, B/16, L/16) or a mapping of "
                        "VisionConfig fields (with `name: PRESET` to start from a preset)", default="fmnist-28")
@@ -105,24 +107,6 @@ class VisionTrainConfig:
             raise TokenFormerError(f"mean {self.mean} and std {self.std} need one value per channel each")
         if self.resume and not self.save:
             raise TokenFormerError("resume needs `save`: the directory whose latest checkpoint to continue")
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "VisionTrainConfig":
-        """Build from a mapping (YAML, CLI) with the LM trainer's conversions (`-` counts as `_`)."""
-        from tokenformer.train import config_from_mapping
-
-        return config_from_mapping(cls, values, "train-vision")
-
-    @classmethod
-    def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> "VisionTrainConfig":
-        from tokenformer.train import read_yaml_mapping
-
-        values = read_yaml_mapping(path, "train-vision config")
-        values.update(overrides or {})
-        return cls.from_dict(values)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 # ---- the model and the data --------------------------------------------------------------------

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenformer.config import check_block_fields
+from tokenformer.config import PresetConfig, check_block_fields
 from tokenformer.errors import TokenFormerError
 from tokenformer.model import Block
 from tokenformer.pattention import Pattention
@@ -32,7 +32,7 @@ MODEL_TYPE = "vision_tokenformer"
 
 
 @dataclass
-class VisionConfig:
+class VisionConfig(PresetConfig):
     """Shape and numerics of a vision TokenFormer (field names as in the language model's Config).
 
     `patch_slot_num` / `head_slot_num` are the token counts of the patch embedding and of the
@@ -113,24 +113,13 @@ class VisionConfig:
 
     # ---- constructors -----------------------------------------------------------------------
 
-    @classmethod
-    def from_name(cls, name: str, **overrides: Any) -> "VisionConfig":
-        """A named preset (see `VISION_PRESETS`), with optional field overrides."""
-        if name not in VISION_PRESETS:
-            raise TokenFormerError(
-                f"unknown vision preset {name!r}: valid presets are {', '.join(VISION_PRESETS)}")
-        values = dict(VISION_PRESETS[name], name=name)
-        values.update(overrides)
-        return cls.from_dict(values)
+    # `from_name` and `from_dict` come from PresetConfig; these are what it needs to know.
+    config_label = "vision config"
+    preset_label = "vision preset"
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "VisionConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise TokenFormerError(
-                f"unknown vision config field(s) {', '.join(unknown)}: valid fields are {', '.join(sorted(known))}")
-        return cls(**values)
+    def presets(cls) -> dict[str, dict[str, Any]]:
+        return VISION_PRESETS
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
