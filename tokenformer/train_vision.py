@@ -372,6 +372,7 @@ def _train_vision(cfg: VisionTrainConfig, model: nn.Module | None, env) -> dict[
         for epoch in range(start_epoch, cfg.epochs):
             generator, augment_generator = epoch_generators(cfg.seed, epoch, env.rank)
             running, batches_done = RunningStats(), 0
+            interval_start, interval_images = time.perf_counter(), 0  # throughput since the last log line
             for x, y in data.train_batches(cfg.batch_size, train_transform, generator, shard, augment_generator):
                 step += 1
                 batches_done += 1
@@ -395,11 +396,16 @@ def _train_vision(cfg: VisionTrainConfig, model: nn.Module | None, env) -> dict[
                     raise TokenFormerError(f"the loss became {loss.item()} at step {step}: lower lr or "
                                            f"turn clip_grad on")
                 running.add(loss.item(), logits, y)
+                interval_images += cfg.batch_size
                 progress.update(1)
                 if step % cfg.log_interval == 0:
                     train_loss, train_accuracy = running.read(env)
+                    now = time.perf_counter()
+                    images_per_s = interval_images / max(now - interval_start, 1e-9)  # over all ranks
+                    interval_start, interval_images = now, 0
                     metrics.log({"step": step, "epoch": epoch + batches_done * cfg.batch_size / data.num_train,
-                                 "loss": train_loss, "train_accuracy": train_accuracy, "lr": lr})
+                                 "loss": train_loss, "train_accuracy": train_accuracy, "lr": lr,
+                                 "images_per_s": images_per_s})
                     progress.set_postfix(epoch=epoch + 1, loss=f"{train_loss:.3f}", acc=f"{train_accuracy:.3f}",
                                          refresh=False)
             last = epoch + 1 == cfg.epochs
