@@ -301,6 +301,40 @@ def train_vision(cfg: VisionTrainConfig, model: nn.Module | None = None) -> dict
     return run_distributed(cfg.device, cfg.save, lambda env: _train_vision(cfg, model, env))
 
 
+def _images_for(cfg: VisionTrainConfig, vision_config) -> tuple[ImageData, vd.Transform, vd.Transform]:
+    """The images and the train and test transforms for a model of `vision_config`, checked against it."""
+    channels = vision_config.num_channels
+    if len(cfg.mean) not in (1, channels):
+        raise TokenFormerError(f"mean/std give {len(cfg.mean)} values for {channels}-channel images")
+    mean = cfg.mean * channels if len(cfg.mean) == 1 else cfg.mean
+    std = cfg.std * channels if len(cfg.std) == 1 else cfg.std
+    data = load_image_data(cfg, channels)
+    if data.num_classes > vision_config.num_classes:
+        raise TokenFormerError(f"{cfg.data} has {data.num_classes} classes but the model predicts "
+                               f"{vision_config.num_classes}: set num_classes in the model config")
+    size = vision_config.image_size
+    train_transform = vd.make_transform(True, cfg.augment, mean, std, size, cfg.crop_padding)
+    test_transform = vd.make_transform(False, "none", mean, std, size)
+    return data, train_transform, test_transform
+
+
+def _optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+                    lr: float, cfg: VisionTrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """One AdamW step at `lr` on this rank's images; returns the loss and the logits."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    logits = model(x)
+    # the mean over this rank's slice; DDP averages the gradients over the ranks, which makes them
+    # those of the mean over the global batch (the slices are equal in size)
+    loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.clip_grad > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+    optimizer.step()
+    return loss, logits
+
+
 def _train_vision(cfg: VisionTrainConfig, model: nn.Module | None, env) -> dict[str, Any]:
     from tokenformer.distributed import barrier, wrap_model
     from tokenformer.train import (CheckpointManager, MetricsLogger, _note, _progress_bar, build_optimizer,
@@ -317,19 +351,7 @@ def _train_vision(cfg: VisionTrainConfig, model: nn.Module | None, env) -> dict[
     if model is None:
         model = VisionTokenFormer(resolve_vision_config(cfg.model))
     model = model.to(device).train()
-    vision_config = model.config
-    channels = vision_config.num_channels
-    if len(cfg.mean) not in (1, channels):
-        raise TokenFormerError(f"mean/std give {len(cfg.mean)} values for {channels}-channel images")
-    mean = cfg.mean * channels if len(cfg.mean) == 1 else cfg.mean
-    std = cfg.std * channels if len(cfg.std) == 1 else cfg.std
-    data = load_image_data(cfg, channels)
-    if data.num_classes > vision_config.num_classes:
-        raise TokenFormerError(f"{cfg.data} has {data.num_classes} classes but the model predicts "
-                               f"{vision_config.num_classes}: set num_classes in the model config")
-    size = vision_config.image_size
-    train_transform = vd.make_transform(True, cfg.augment, mean, std, size, cfg.crop_padding)
-    test_transform = vd.make_transform(False, "none", mean, std, size)
+    data, train_transform, test_transform = _images_for(cfg, model.config)
     steps_per_epoch = data.num_train // cfg.batch_size
     if steps_per_epoch == 0:
         raise TokenFormerError(f"{data.num_train} training images make no batch of {cfg.batch_size}")
@@ -377,18 +399,8 @@ def _train_vision(cfg: VisionTrainConfig, model: nn.Module | None, env) -> dict[
                 step += 1
                 batches_done += 1
                 lr = lr_at(step, schedule)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
                 x, y = x.to(device), y.to(device)
-                logits = model(x)
-                # the mean over this rank's slice; DDP averages the gradients over the ranks, which
-                # makes them those of the mean over the global batch
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.clip_grad > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-                optimizer.step()
+                loss, logits = _optimizer_step(model, optimizer, x, y, lr, cfg)
                 if ema_model is not None:
                     # warm the average up like timm/MoCo: early on it follows the weights closely
                     update_ema(ema_model, plain, min(cfg.ema, (1 + step) / (10 + step)))
