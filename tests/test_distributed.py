@@ -1,12 +1,15 @@
 """Distributed training for real: `torchrun --nproc_per_node=2` on CPU (gloo) running the
-`tokenformer train` command, compared against a single-process run with the same global batch.
+`tokenformer train` and `tokenformer train-vision` commands, compared against a single-process run
+with the same global batch.
 
-Four torchrun launches serve every test (module-scoped fixtures):
+Six torchrun launches serve every test (module-scoped fixtures):
   - DDP, rank 1 failing on purpose after step 3 (TOKENFORMER_FAIL_AT_STEP), then `--resume`;
   - DDP, rank 1 SIGKILLed after step 2 (a lost node);
-  - FSDP2 to the end, writing sharded checkpoints.
+  - FSDP2 to the end, writing sharded checkpoints;
+  - train-vision with DDP, then `--resume` of a copy of it that lost its last epoch.
 The reference is the same `train()` in this process: micro batch 4 x accumulation 2 x 1 rank
-against micro batch 2 x accumulation 2 x 2 ranks, i.e. the same 8 windows per optimizer step.
+against micro batch 2 x accumulation 2 x 2 ranks, i.e. the same 8 windows per optimizer step; for
+train-vision, `train_vision()` on the same global batch of 16 images (8 per rank under torchrun).
 """
 
 import json
@@ -65,18 +68,21 @@ def run_fields(corpus: Path, save: Path, **changes) -> dict:
     return fields
 
 
-def torchrun(fields: dict, fail_at: str | None = None, nproc: int = 2) -> subprocess.CompletedProcess:
-    """`python -m torch.distributed.run --standalone --nproc_per_node=N -m tokenformer train --field value ...`"""
+def torchrun(fields: dict, fail_at: str | None = None, nproc: int = 2,
+             command: str = "train") -> subprocess.CompletedProcess:
+    """`python -m torch.distributed.run --standalone --nproc_per_node=N -m tokenformer COMMAND --field value ...`
+    (COMMAND: train or train-vision), one thread per rank."""
     args = []
     for key, value in fields.items():
         args += [f"--{key}", json.dumps(value) if isinstance(value, dict) else str(value)]
     env = {k: v for k, v in os.environ.items() if k not in (D.FAIL_AT_STEP_ENV, "WORLD_SIZE", "RANK")}
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
     if fail_at is not None:
         env[D.FAIL_AT_STEP_ENV] = fail_at
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "tokenformer", "train", *args]
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+              "-m", "tokenformer", command, *args]
+    process = subprocess.Popen(launch, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, start_new_session=True)
     try:
         out, err = process.communicate(timeout=LAUNCH_TIMEOUT_S)
@@ -84,7 +90,7 @@ def torchrun(fields: dict, fail_at: str | None = None, nproc: int = 2) -> subpro
         os.killpg(process.pid, signal.SIGKILL)  # its own session: torchrun and the ranks it started
         out, err = process.communicate()
         pytest.fail(f"torchrun did not finish within {LAUNCH_TIMEOUT_S} s (a hung rank?)\n{out}\n{err}")
-    return subprocess.CompletedProcess(command, process.returncode, out, err)
+    return subprocess.CompletedProcess(launch, process.returncode, out, err)
 
 
 def losses_of(save: Path) -> dict[int, float]:
@@ -276,6 +282,106 @@ def test_sharded_folder_without_config_is_a_clear_error(fsdp, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="not a sharded"):
         D.consolidate_sharded(tmp_path / "empty")
+
+
+# ---- train-vision under torchrun ------------------------------------------------------------------
+
+# Final weights of 2 DDP ranks vs 1 process after 8 AdamW steps differ by float32 summation order
+# (gradients averaged over two half-batches instead of summed over one): measured ~5e-7.
+VISION_ATOL = 1e-5
+
+
+def vision_fields(data: Path, save: Path, **changes) -> dict:
+    """train-vision fields shared by every run: 64 images, a global batch of 16, 2 epochs = 8 steps,
+    no augmentation (so that 2 ranks and 1 process see the same pixels), EMA on."""
+    fields = dict(model="tiny-28", data=str(data), epochs=2, batch_size=16, lr=3e-3, augment="none", ema=0.9,
+                  save=str(save), keep_last_n=3, log_interval=1, seed=3, num_threads=1, device="cpu",
+                  progress=False, plot=False)
+    fields.update(changes)
+    return fields
+
+
+def vision_weights(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(directory / "model.safetensors"))
+
+
+def assert_close_weights(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], atol: float) -> None:
+    assert sorted(got) == sorted(expected)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=atol, msg=name)
+
+
+@pytest.fixture(scope="module")
+def toy_images(tmp_path_factory) -> Path:
+    from tests.test_vision import write_toy_mnist
+
+    directory = tmp_path_factory.mktemp("toy_mnist")
+    write_toy_mnist(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def vision_reference(toy_images, tmp_path_factory):
+    from tokenformer.train_vision import VisionTrainConfig, train_vision
+
+    save = tmp_path_factory.mktemp("vision_single")
+    threads = torch.get_num_threads()
+    try:
+        summary = train_vision(VisionTrainConfig(**vision_fields(toy_images, save)))
+    finally:
+        torch.set_num_threads(threads)
+    return {"save": save, "summary": summary}
+
+
+@pytest.fixture(scope="module")
+def vision_ddp(toy_images, tmp_path_factory):
+    save = tmp_path_factory.mktemp("vision_ddp")
+    result = torchrun(vision_fields(toy_images, save), command="train-vision")
+    assert result.returncode == 0, result.stderr
+    return {"save": save, "result": result}
+
+
+def test_train_vision_two_ranks_match_one_process_on_the_same_global_batch(vision_ddp, vision_reference):
+    """DDP averages the gradients of two half-batch mean losses: the gradient of the full-batch mean."""
+    ddp, single = vision_ddp["save"], vision_reference["save"]
+    for checkpoint in ("step_00000004", "step_00000008", "model"):  # model/: the EMA weights
+        assert_close_weights(vision_weights(ddp / checkpoint), vision_weights(single / checkpoint), VISION_ATOL)
+    # rank 0 alone wrote the metrics: one line per step, each the mean over both halves of the batch
+    got, expected = read_metrics(ddp / "metrics.jsonl"), read_metrics(single / "metrics.jsonl")
+    assert [r["step"] for r in got] == [r["step"] for r in expected]
+    for mine, theirs in zip(got, expected):
+        for key in ("loss", "train_accuracy", "val_accuracy", "val_loss"):
+            if key in theirs:
+                assert abs(mine[key] - theirs[key]) <= LOSS_ATOL, (mine, theirs)
+    # each rank evaluated half the test images: val_loss above (a mean over the whole test set, which
+    # half of it would miss by far more than LOSS_ATOL) came from the sums of both halves
+    out = vision_ddp["result"].stdout
+    assert out.count("epoch 2: test accuracy") == 1 and out.count("after 2 epochs") == 1  # rank 0 only
+
+
+def test_train_vision_resumes_under_torchrun(vision_ddp, toy_images, tmp_path):
+    """A copy of the 2-rank run that lost its last epoch resumes (both ranks read rank 0's step-4
+    checkpoint, EMA included) to the weights of the uninterrupted run."""
+    save = tmp_path / "resumed"
+    shutil.copytree(vision_ddp["save"], save)
+    shutil.rmtree(save / "step_00000008")
+    (save / "latest").write_text("step_00000004\n")
+    result = torchrun(vision_fields(toy_images, save, resume=True), command="train-vision")
+    assert result.returncode == 0, result.stderr
+    for checkpoint in ("step_00000008", "model"):
+        assert_close_weights(vision_weights(save / checkpoint), vision_weights(vision_ddp["save"] / checkpoint), 0)
+    epochs = [r["epoch"] for r in read_metrics(save / "metrics.jsonl") if "val_accuracy" in r]
+    assert epochs == [1, 2]
+
+
+def test_train_vision_global_batch_must_split_over_the_ranks(toy_images, tmp_path):
+    from tokenformer.train_vision import VisionTrainConfig, _train_vision
+
+    cfg = VisionTrainConfig(**vision_fields(toy_images, tmp_path, batch_size=16))
+    with pytest.raises(D.TokenFormerError, match="batch_size 16 .* does not split evenly over 3 ranks"):
+        _train_vision(cfg, None, D.DistEnv(rank=0, world_size=3))
 
 
 # ---- gradient sync, in this process on a one-rank group ------------------------------------------

@@ -267,6 +267,29 @@ def test_batches_cover_the_dataset_once():
     assert [len(yb) for _, yb in vd.batches(x, y, 4, drop_last=True)] == [4, 4]
 
 
+def test_rank_shards_split_every_global_batch_and_augment_differently():
+    from tokenformer.train_vision import epoch_generators
+
+    def pass_of(rank: int, world_size: int, n: int = 10, batch_size: int = 4, drop_last: bool = True):
+        order, _ = epoch_generators(5, 2, rank)
+        return list(vd.batch_indices(n, batch_size, True, order, drop_last, shard=(rank, world_size)))
+
+    whole = pass_of(0, 1)
+    halves = [pass_of(rank, 2) for rank in (0, 1)]
+    assert [len(b) for b in halves[0]] == [2, 2]
+    for full, first, second in zip(whole, *halves):  # rank 0 the first half of each batch, rank 1 the rest
+        assert torch.equal(torch.cat([first, second]), full)
+    # evaluation keeps the short last batch: 10 items over 4 ranks in batches of 4 leave rank 3 one item
+    assert [b.tolist() for b in vd.batch_indices(10, 4, False, None, False, shard=(3, 4))] == [[3], [7]]
+    # rank 0 augments with the order's generator (one process unchanged), rank 1 with its own, reproducibly
+    order, augment = epoch_generators(5, 2, 0)
+    assert augment is order
+    draws = [torch.rand(3, generator=epoch_generators(5, 2, 1)[1]) for _ in range(2)]
+    assert torch.equal(draws[0], draws[1])
+    assert not torch.equal(draws[0], torch.rand(3, generator=epoch_generators(5, 2, 0)[1]))
+    assert not torch.equal(draws[0], torch.rand(3, generator=epoch_generators(5, 3, 1)[1]))
+
+
 # ---- train-vision ---------------------------------------------------------------------------------
 
 def write_toy_mnist(directory, n_train: int = 64, n_test: int = 32) -> None:

@@ -32,7 +32,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, Sequence, TypeVar
+from typing import Any, Callable, ClassVar, Iterable, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -970,18 +970,24 @@ def train(config: TrainConfig, model: nn.Module | None = None, task=None) -> dic
     validation loss, tokens seen, last checkpoint, metrics and plot paths, per-step losses.
 
     `task` supplies data and loss (default `LanguageModelTask(config)`; see it for the interface)."""
-    from tokenformer.distributed import init_distributed, shutdown
+    return run_distributed(config.device, config.save, lambda env: _train(config, model, env, task))
+
+
+def run_distributed(device: str, save: str | None, body: Callable[[Any], Any]) -> Any:
+    """`body(env)` inside the process group torchrun set up (or alone outside torchrun): the shell
+    every trainer runs in. A rank's error becomes one sentence naming the rank and the checkpoint in
+    `save` to resume from (a bug keeps its traceback); the group is left at the end unless the caller
+    had joined it already."""
+    from tokenformer.distributed import describe_rank_failure, init_distributed, shutdown
 
     was_initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
-    env = init_distributed(config.device)
+    env = init_distributed(device)
     try:
-        return _train(config, model, env, task)
+        return body(env)
     except Exception as error:
         if not env.distributed:
             raise
-        from tokenformer.distributed import describe_rank_failure
-
-        latest = CheckpointManager(config.save).latest() if config.save else None
+        latest = CheckpointManager(save).latest() if save else None
         described = describe_rank_failure(error, env, latest)
         if described is None:
             raise

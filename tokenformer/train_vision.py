@@ -12,6 +12,12 @@ ends, `latest`, `metrics.jsonl` (train loss lines and `val_accuracy` lines), `ac
 `model/`: the evaluated weights (the EMA ones when `ema` is on), loadable with
 `VisionTokenFormer.from_pretrained`. `resume: true` continues from the latest checkpoint exactly
 (data order, augmentation and EMA included).
+
+Under `torchrun --nproc_per_node N -m tokenformer train-vision ...` the same command trains with
+DDP (data parallel; not FSDP2: these models fit on any device): `batch_size` is the global batch,
+each rank takes its slice of every global batch of one shuffled order, augments it with its own
+generator, and evaluates its shard of the test images (the counts are summed over ranks). Rank 0
+alone writes the output directory.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import copy
 import dataclasses
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,7 +66,7 @@ class VisionTrainConfig(RunConfig):
     max_train_samples: int | None = _help("use only the first N training images (quick runs)", default=None)
     # schedule
     epochs: int = _help("passes over the training images", default=10)
-    batch_size: int = _help("images per optimizer step", default=128)
+    batch_size: int = _help("images per optimizer step (under torchrun: over all ranks together)", default=128)
     eval_batch_size: int = _help("images per forward pass in evaluation", default=1000)
     lr: float = _help("peak learning rate", default=1e-3)
     min_lr: float = _help("learning rate at the end of the decay", default=1e-5)
@@ -84,7 +91,8 @@ class VisionTrainConfig(RunConfig):
     plot: bool = _help("write accuracy.png (extra: plot)", default=True)
     progress: bool = _help("show a progress bar", default=True)
     num_threads: int | None = _help("CPU threads (default: torch's choice)", default=None)
-    device: str = _help("auto, cpu, cuda, ...", default="auto")
+    device: str = _help("auto, cpu, cuda, ... (under torchrun: one rank per GPU or CPU process, data-parallel "
+                        "with DDP; FSDP2 is not supported here)", default="auto")
 
     def __post_init__(self) -> None:
         if self.augment is None:  # the shared CLI conversion reads `--augment none` as null
@@ -134,20 +142,27 @@ class ImageData:
     test: tuple[torch.Tensor, torch.Tensor] | vd.ImageFolder
     num_classes: int
 
-    def train_batches(self, batch_size: int, transform, generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if isinstance(self.train, vd.ImageFolder):
-            return vd.folder_batches(self.train, batch_size, transform, shuffle=True, generator=generator,
-                                     drop_last=True)
-        return vd.batches(*self.train, batch_size, transform, shuffle=True, generator=generator, drop_last=True)
+    def train_batches(self, batch_size: int, transform, generator, shard: tuple[int, int] = (0, 1),
+                      augment_generator=None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's slice of each global batch of one shuffled epoch (see `vd.batch_indices`)."""
+        return _batches(self.train, batch_size, transform, shuffle=True, generator=generator, drop_last=True,
+                        shard=shard, augment_generator=augment_generator)
 
-    def test_batches(self, batch_size: int, transform) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if isinstance(self.test, vd.ImageFolder):
-            return vd.folder_batches(self.test, batch_size, transform)
-        return vd.batches(*self.test, batch_size, transform)
+    def test_batches(self, batch_size: int, transform, shard: tuple[int, int] = (0, 1)
+                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return _batches(self.test, batch_size, transform, shard=shard)
 
     @property
     def num_train(self) -> int:
         return len(self.train) if isinstance(self.train, vd.ImageFolder) else len(self.train[1])
+
+
+def _batches(split: tuple[torch.Tensor, torch.Tensor] | vd.ImageFolder, batch_size: int, transform,
+             **options: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """`vd.folder_batches` of an ImageFolder, `vd.batches` of in-memory (images, labels)."""
+    if isinstance(split, vd.ImageFolder):
+        return vd.folder_batches(split, batch_size, transform, **options)
+    return vd.batches(*split, batch_size, transform, **options)
 
 
 def load_image_data(cfg: VisionTrainConfig, channels: int) -> ImageData:
@@ -174,21 +189,30 @@ def load_image_data(cfg: VisionTrainConfig, channels: int) -> ImageData:
 # ---- evaluation -------------------------------------------------------------------------------
 
 @torch.no_grad()
-def evaluate_accuracy(model: nn.Module, batches, tta_flip: bool = False) -> dict[str, float]:
-    """Top-1 accuracy and mean cross-entropy over `(images, labels)` batches."""
+def evaluate_accuracy(model: nn.Module, batches, tta_flip: bool = False, env=None) -> dict[str, float]:
+    """Top-1 accuracy and mean cross-entropy over `(images, labels)` batches.
+
+    Under torchrun every rank passes its shard of the test images (`ImageData.test_batches` with
+    `shard`) and all get the accuracy over the whole set: the sums are all-reduced. Pass the plain
+    model, not its DDP wrapper: ranks may hold different numbers of batches, so the forward passes
+    must not be collective."""
+    from tokenformer.distributed import DistEnv, all_reduce_mean
+
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    correct, loss_sum, count = 0, 0.0, 0
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # correct, loss sum, count
     for x, y in batches:
         x, y = x.to(device), y.to(device)
         logits = model(x).float()
         if tta_flip:
             logits = (logits + model(x.flip(-1)).float()) / 2
-        correct += int((logits.argmax(-1) == y).sum())
-        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
-        count += len(y)
+        totals += torch.stack([(logits.argmax(-1) == y).sum().double(),
+                               F.cross_entropy(logits, y, reduction="sum").double(),
+                               torch.tensor(len(y), dtype=torch.float64, device=device)])
     model.train(was_training)
+    # the means over ranks of sums and of counts have the global ratio
+    correct, loss_sum, count = all_reduce_mean(totals, env or DistEnv()).tolist()
     if count == 0:
         raise TokenFormerError("no evaluation images")
     return {"val_accuracy": correct / count, "val_loss": loss_sum / count}
@@ -213,23 +237,56 @@ class Schedule:
     decay_iters: int
 
 
+class RunningStats:
+    """The running train loss and accuracy of one epoch; reading them averages over the ranks (a
+    collective: every rank reads at the same steps)."""
+
+    def __init__(self) -> None:
+        self.totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, images
+
+    def add(self, loss: float, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        correct = int((logits.argmax(-1) == labels).sum())
+        self.totals += torch.tensor([loss * len(labels), correct, len(labels)], dtype=torch.float64)
+
+    def read(self, env) -> tuple[float, float]:
+        from tokenformer.distributed import all_reduce_mean
+
+        loss_sum, correct, seen = all_reduce_mean(self.totals, env).tolist()
+        return loss_sum / max(seen, 1), correct / max(seen, 1)
+
+
+def epoch_generators(seed: int, epoch: int, rank: int) -> tuple[torch.Generator, torch.Generator]:
+    """The generators of one epoch: of the order, then of this rank's augmentation.
+
+    The order's comes from (seed, epoch) alone, so every rank draws the same order and takes a
+    disjoint slice of each global batch, and a resumed run sees the same order. Rank 0 (and one
+    process) augments with that generator after the order, exactly as before data parallelism;
+    rank r > 0 augments with its own, seeded from (seed, epoch, rank): different on each rank,
+    the same again on resume.
+    """
+    order = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    if rank == 0:
+        return order, order
+    import numpy as np
+
+    augment_seed = int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+    return order, torch.Generator().manual_seed(augment_seed)
+
+
 def train_vision(cfg: VisionTrainConfig, model: nn.Module | None = None) -> dict[str, Any]:
     """Train `model` (default: a `VisionTokenFormer` of `cfg.model`) and return the results:
-    final and per-epoch accuracy, wall time, parameter count."""
-    from tokenformer.distributed import DistEnv
-    from tokenformer.train import (CheckpointManager, MetricsLogger, _note, _progress_bar, build_optimizer,
-                                   capture_rng, lr_at, plot_loss_curve, restore_rng)
-    from tokenformer.vision import VisionTokenFormer
+    final and per-epoch accuracy, wall time, parameter count.
 
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
-                          else "cpu" if cfg.device == "auto" else cfg.device)
-    torch.manual_seed(cfg.seed)
-    if model is None:
-        model = VisionTokenFormer(resolve_vision_config(cfg.model))
-    model = model.to(device).train()
-    vision_config = model.config
+    Under torchrun the model is wrapped in DDP and `batch_size` stays the global batch: rank r of
+    N trains on its slice of `batch_size / N` images of every global batch; rank 0 writes the
+    checkpoints, metrics, plots and `model/`."""
+    from tokenformer.train import run_distributed
+
+    return run_distributed(cfg.device, cfg.save, lambda env: _train_vision(cfg, model, env))
+
+
+def _images_for(cfg: VisionTrainConfig, vision_config) -> tuple[ImageData, vd.Transform, vd.Transform]:
+    """The images and the train and test transforms for a model of `vision_config`, checked against it."""
     channels = vision_config.num_channels
     if len(cfg.mean) not in (1, channels):
         raise TokenFormerError(f"mean/std give {len(cfg.mean)} values for {channels}-channel images")
@@ -242,6 +299,43 @@ def train_vision(cfg: VisionTrainConfig, model: nn.Module | None = None) -> dict
     size = vision_config.image_size
     train_transform = vd.make_transform(True, cfg.augment, mean, std, size, cfg.crop_padding)
     test_transform = vd.make_transform(False, "none", mean, std, size)
+    return data, train_transform, test_transform
+
+
+def _optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+                    lr: float, cfg: VisionTrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """One AdamW step at `lr` on this rank's images; returns the loss and the logits."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    logits = model(x)
+    # the mean over this rank's slice; DDP averages the gradients over the ranks, which makes them
+    # those of the mean over the global batch (the slices are equal in size)
+    loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.clip_grad > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+    optimizer.step()
+    return loss, logits
+
+
+def _train_vision(cfg: VisionTrainConfig, model: nn.Module | None, env) -> dict[str, Any]:
+    from tokenformer.distributed import barrier, wrap_model
+    from tokenformer.train import (CheckpointManager, MetricsLogger, _note, _progress_bar, build_optimizer,
+                                   capture_rng, lr_at, plot_loss_curve, restore_rng)
+    from tokenformer.vision import VisionTokenFormer
+
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    if cfg.batch_size % env.world_size:
+        raise TokenFormerError(f"batch_size {cfg.batch_size} (the global batch) does not split evenly over "
+                               f"{env.world_size} ranks: use a multiple of {env.world_size}")
+    device = env.device
+    torch.manual_seed(cfg.seed)
+    if model is None:
+        model = VisionTokenFormer(resolve_vision_config(cfg.model))
+    model = model.to(device).train()
+    data, train_transform, test_transform = _images_for(cfg, model.config)
     steps_per_epoch = data.num_train // cfg.batch_size
     if steps_per_epoch == 0:
         raise TokenFormerError(f"{data.num_train} training images make no batch of {cfg.batch_size}")
@@ -249,76 +343,79 @@ def train_vision(cfg: VisionTrainConfig, model: nn.Module | None = None) -> dict
     schedule = Schedule(cfg.lr, cfg.min_lr, cfg.lr_decay_style,
                         int(round(cfg.warmup_epochs * steps_per_epoch)), total_steps)
     optimizer = build_optimizer(model, cfg)
+    # DDP keeps the weights equal on every rank, so every rank's average is the same too
     ema_model = copy.deepcopy(model).eval().requires_grad_(False) if cfg.ema else None
+    plain = model
+    model = wrap_model(model, env, "ddp")
 
     save = Path(cfg.save) if cfg.save else None
-    manager = CheckpointManager(save, cfg.keep_last_n) if save else None
+    manager = CheckpointManager(save, cfg.keep_last_n, env) if save else None
     start_epoch, step, history, elapsed_before = 0, 0, [], 0.0
+    resume_from = None
     if manager is not None:
         manager.remove_leftovers()
-    resume_from = manager.latest() if (manager is not None and cfg.resume) else None
-    if resume_from is not None:
+        barrier(env)  # no rank looks for the latest checkpoint while rank 0 clears leftovers
+        resume_from = manager.latest() if cfg.resume else None
+    if resume_from is not None:  # every rank reads the checkpoint rank 0 wrote
         state = manager.load(resume_from, model, optimizer)
         start_epoch, step = state["epoch"], state["step"]
         history, elapsed_before = state["history"], state["elapsed"]
         if ema_model is not None:
             ema_model.load_state_dict(state["ema"])
         restore_rng(state["rng"])
-    metrics = MetricsLogger(save / METRICS_FILE if save else None,
+    metrics = MetricsLogger(save / METRICS_FILE if save and env.is_main else None,
                             resume_step=step if resume_from is not None else None)
-    if save:
+    if save and env.is_main:
         from tokenformer.checkpoint import atomic_write_text
 
         atomic_write_text(save / "train_vision_config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
 
-    progress = _progress_bar(cfg, DistEnv(), step, total=total_steps, desc=type(model).__name__)
+    progress = _progress_bar(cfg, env, step, total=total_steps, desc=type(plain).__name__)
     start = time.perf_counter()
-    evaluated = ema_model if ema_model is not None else model
+    evaluated = ema_model if ema_model is not None else plain
+    shard = (env.rank, env.world_size)
     try:
         for epoch in range(start_epoch, cfg.epochs):
-            # One generator per epoch: a resumed run sees the same order and augmentation.
-            generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-            running, seen, correct = 0.0, 0, 0
-            for x, y in data.train_batches(cfg.batch_size, train_transform, generator):
+            generator, augment_generator = epoch_generators(cfg.seed, epoch, env.rank)
+            running, batches_done = RunningStats(), 0
+            interval_start, interval_images = time.perf_counter(), 0  # throughput since the last log line
+            for x, y in data.train_batches(cfg.batch_size, train_transform, generator, shard, augment_generator):
                 step += 1
+                batches_done += 1
                 lr = lr_at(step, schedule)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
                 x, y = x.to(device), y.to(device)
-                logits = model(x)
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.clip_grad > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-                optimizer.step()
+                loss, logits = _optimizer_step(model, optimizer, x, y, lr, cfg)
                 if ema_model is not None:
                     # warm the average up like timm/MoCo: early on it follows the weights closely
-                    update_ema(ema_model, model, min(cfg.ema, (1 + step) / (10 + step)))
+                    update_ema(ema_model, plain, min(cfg.ema, (1 + step) / (10 + step)))
                 if not math.isfinite(loss.item()):
                     raise TokenFormerError(f"the loss became {loss.item()} at step {step}: lower lr or "
                                            f"turn clip_grad on")
-                running += loss.item() * len(y)
-                correct += int((logits.argmax(-1) == y).sum())
-                seen += len(y)
-                if step % cfg.log_interval == 0:
-                    metrics.log({"step": step, "epoch": epoch + seen / data.num_train, "loss": running / seen,
-                                 "train_accuracy": correct / seen, "lr": lr})
+                running.add(loss.item(), logits, y)
+                interval_images += cfg.batch_size
                 progress.update(1)
                 if step % cfg.log_interval == 0:
-                    progress.set_postfix(epoch=epoch + 1, loss=f"{running / seen:.3f}",
-                                         acc=f"{correct / seen:.3f}", refresh=False)
+                    train_loss, train_accuracy = running.read(env)
+                    now = time.perf_counter()
+                    images_per_s = interval_images / max(now - interval_start, 1e-9)  # over all ranks
+                    interval_start, interval_images = now, 0
+                    metrics.log({"step": step, "epoch": epoch + batches_done * cfg.batch_size / data.num_train,
+                                 "loss": train_loss, "train_accuracy": train_accuracy, "lr": lr,
+                                 "images_per_s": images_per_s})
+                    progress.set_postfix(epoch=epoch + 1, loss=f"{train_loss:.3f}", acc=f"{train_accuracy:.3f}",
+                                         refresh=False)
             last = epoch + 1 == cfg.epochs
             if (epoch + 1) % cfg.eval_interval == 0 or last:
-                result = evaluate_accuracy(evaluated, data.test_batches(cfg.eval_batch_size, test_transform),
-                                           cfg.tta_flip)
-                record = {"step": step, "epoch": epoch + 1, **result, "train_loss": running / max(seen, 1),
-                          "train_accuracy": correct / max(seen, 1),
-                          "elapsed": elapsed_before + time.perf_counter() - start}
+                result = evaluate_accuracy(evaluated, data.test_batches(cfg.eval_batch_size, test_transform, shard),
+                                           cfg.tta_flip, env)
+                train_loss, train_accuracy = running.read(env)
+                record = {"step": step, "epoch": epoch + 1, **result, "train_loss": train_loss,
+                          "train_accuracy": train_accuracy, "elapsed": elapsed_before + time.perf_counter() - start}
                 history.append(record)
                 metrics.log(record)
-                _note(f"epoch {epoch + 1}: test accuracy {result['val_accuracy']:.4f}, "
-                      f"loss {result['val_loss']:.4f} ({record['elapsed']:.0f} s)", cfg.progress)
+                if env.is_main:
+                    _note(f"epoch {epoch + 1}: test accuracy {result['val_accuracy']:.4f}, "
+                          f"loss {result['val_loss']:.4f} ({record['elapsed']:.0f} s)", cfg.progress)
             if manager is not None and ((epoch + 1) % cfg.save_interval == 0 or last):
                 trainer_state = {"epoch": epoch + 1, "history": history, "rng": capture_rng(),
                                  "elapsed": elapsed_before + time.perf_counter() - start,
@@ -328,16 +425,17 @@ def train_vision(cfg: VisionTrainConfig, model: nn.Module | None = None) -> dict
         progress.close()
         metrics.close()
     wall = elapsed_before + time.perf_counter() - start
-    if save:
+    if save and env.is_main:
         from tokenformer.checkpoint import save_model_directory
 
         save_model_directory(evaluated, save / FINAL_MODEL_DIR)
         if cfg.plot:
-            plot_accuracy({type(model).__name__: history}, save / ACCURACY_PLOT_FILE)
+            plot_accuracy({type(plain).__name__: history}, save / ACCURACY_PLOT_FILE)
             plot_loss_curve(save / METRICS_FILE, save / LOSS_PLOT_FILE)
+    barrier(env)  # every rank returns once the outputs exist
     return {"test_accuracy": history[-1]["val_accuracy"] if history else None, "history": history,
             "wall_time_s": wall, "epochs": cfg.epochs, "steps": step,
-            "num_parameters": sum(p.numel() for p in model.parameters())}
+            "num_parameters": sum(p.numel() for p in plain.parameters())}
 
 
 def plot_accuracy(histories: dict[str, list[dict[str, Any]]], png_path: str | Path,
@@ -394,5 +492,7 @@ def cli_main(args: argparse.Namespace) -> None:
     cfg = (VisionTrainConfig.from_yaml(args.config, overrides) if args.config
            else VisionTrainConfig.from_dict(overrides))
     result = train_vision(cfg)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
     print(f"test accuracy {100 * result['test_accuracy']:.2f}% after {result['epochs']} epochs "
           f"({result['steps']} steps, {result['wall_time_s']:.0f} s, {result['num_parameters']:,} parameters)")

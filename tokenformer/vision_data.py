@@ -252,28 +252,44 @@ AUGMENTATIONS = ("none", "flip", "crop", "crop-flip", "inception")
 
 
 def batch_indices(n: int, batch_size: int, shuffle: bool, generator: torch.Generator | None,
-                  drop_last: bool) -> Iterator[torch.Tensor]:
-    """The item indices of each mini-batch of one pass over `n` items (shuffled with `generator`)."""
+                  drop_last: bool, shard: tuple[int, int] = (0, 1)) -> Iterator[torch.Tensor]:
+    """The item indices of each mini-batch of one pass over `n` items (shuffled with `generator`).
+
+    `shard=(rank, world_size)`: this rank's contiguous slice of every global batch of `batch_size`.
+    With the same generator seed on every rank the slices are disjoint and together make the
+    global batch, so a data-parallel step sees the images one process would.
+    """
+    rank, world_size = shard
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
     stop = n - n % batch_size if drop_last else n
     for start in range(0, stop, batch_size):
-        yield order[start:start + batch_size]
+        mine = order[start:start + batch_size].tensor_split(world_size)[rank]
+        if len(mine):  # a short last batch may leave a rank nothing (evaluation only: training drops it)
+            yield mine
 
 
 def batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, transform: Transform | None = None,
-            shuffle: bool = False, generator: torch.Generator | None = None,
-            drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Mini-batches `(transform(images[i]), labels[i])` of an in-memory dataset, one pass."""
-    for index in batch_indices(len(images), batch_size, shuffle, generator, drop_last):
+            shuffle: bool = False, generator: torch.Generator | None = None, drop_last: bool = False,
+            shard: tuple[int, int] = (0, 1), augment_generator: torch.Generator | None = None
+            ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Mini-batches `(transform(images[i]), labels[i])` of an in-memory dataset, one pass.
+
+    `generator` draws the order, then (unless `augment_generator` is given) the augmentation;
+    `shard` as in `batch_indices`."""
+    augment_generator = generator if augment_generator is None else augment_generator
+    for index in batch_indices(len(images), batch_size, shuffle, generator, drop_last, shard):
         x = images[index]
-        yield (transform(x, generator) if transform is not None else to_float(x)), labels[index]
+        yield (transform(x, augment_generator) if transform is not None else to_float(x)), labels[index]
 
 
 def folder_batches(folder: ImageFolder, batch_size: int, transform: Transform,
-                   shuffle: bool = False, generator: torch.Generator | None = None,
-                   drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Mini-batches of an `ImageFolder`; every image is transformed on its own (sizes differ)."""
-    for index in batch_indices(len(folder), batch_size, shuffle, generator, drop_last):
+                   shuffle: bool = False, generator: torch.Generator | None = None, drop_last: bool = False,
+                   shard: tuple[int, int] = (0, 1), augment_generator: torch.Generator | None = None
+                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Mini-batches of an `ImageFolder`; every image is transformed on its own (sizes differ).
+    The generators and `shard` are those of `batches`."""
+    augment_generator = generator if augment_generator is None else augment_generator
+    for index in batch_indices(len(folder), batch_size, shuffle, generator, drop_last, shard):
         items = [folder[int(i)] for i in index]
-        x = torch.cat([transform(image[None], generator) for image, _ in items])  # (B, C, size, size)
+        x = torch.cat([transform(image[None], augment_generator) for image, _ in items])  # (B, C, size, size)
         yield x, torch.tensor([label for _, label in items])
