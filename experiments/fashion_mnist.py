@@ -2,12 +2,15 @@
 
     python -m experiments.fashion_mnist [--config configs/fashion_mnist.yaml] [--out runs/fashion_mnist]
                                         [--sequential] [--field value ...]
+    torchrun --standalone --nproc_per_node 2 -m experiments.fashion_mnist [...]
 
 Both models are trained with the same recipe (the config, then the `--field value` overrides of
 `tokenformer train-vision`) in the same run: by default at the same time, each in its own process
 on one thread (the machine's two cores, one each, under the same load); `--sequential` trains
-one after the other with the config's thread count. Prints both test accuracies, wall and CPU
-times, and writes `OUT/fashion_mnist.json` and `OUT/fashion_mnist.png` (accuracy vs epoch).
+one after the other with the config's thread count. Under torchrun both are trained one after
+the other, each data-parallel over the ranks (`train-vision`'s DDP). Prints both test
+accuracies, wall and CPU times, and writes `OUT/fashion_mnist.json` and `OUT/fashion_mnist.png`
+(accuracy vs epoch).
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ def run_one(kind: str, values: dict, out: str) -> dict:
     torch.manual_seed(cfg.seed)
     config = resolve_vision_config(cfg.model)
     model = VisionTokenFormer(config) if kind == "VisionTokenFormer" else ViT(config)
-    cpu_start = time.process_time()
+    cpu_start = time.process_time()  # this process only (rank 0 under torchrun)
     result = train_vision(cfg, model)
     result["cpu_time_s"] = time.process_time() - cpu_start
     result["model"] = kind
@@ -68,18 +71,30 @@ def main() -> None:
     values.pop("save", None)
     values["resume"] = args.resume
     kinds = [args.only] if args.only else list(MODELS)
+    from tokenformer.distributed import init_distributed, shutdown
+
+    env = init_distributed(values.get("device", "auto"))  # under torchrun: one group for both runs
     load_before = os.getloadavg()
     start = time.perf_counter()
-    if args.sequential or len(kinds) == 1:
+    if env.distributed:
+        values["progress"] = values.get("progress", True) and env.is_main
         results = [run_one(kind, values, str(args.out)) for kind in kinds]
+        shutdown()
+        if not env.is_main:
+            return
+        mode = f"torchrun, {env.world_size} processes (DDP) of {values.get('num_threads') or 1} thread(s)"
+    elif args.sequential or len(kinds) == 1:
+        results = [run_one(kind, values, str(args.out)) for kind in kinds]
+        mode = "sequential"
     else:
         values = {**values, "num_threads": 1, "progress": False}
         context = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(len(kinds), mp_context=context) as pool:
             results = list(pool.map(run_one, kinds, [values] * len(kinds), [str(args.out)] * len(kinds)))
+        mode = "parallel, one thread each"
     total = time.perf_counter() - start
     summary = {
-        "config": values, "mode": "sequential" if args.sequential else "parallel, one thread each",
+        "config": values, "mode": mode,
         "total_wall_time_s": total, "load_average_before": load_before, "load_average_after": os.getloadavg(),
         "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__,
         "results": {r["model"]: r for r in results},
@@ -94,7 +109,7 @@ def main() -> None:
     for r in results:
         print(f"{r['model']:<20}{r['num_parameters']:>10,}{100 * r['test_accuracy']:>9.2f}%{r['epochs']:>8}"
               f"{r['wall_time_s']:>9.0f}{r['cpu_time_s']:>9.0f}")
-    print(f"total wall time {total:.0f} s; load average before {load_before[0]:.1f}, "
+    print(f"{mode}; total wall time {total:.0f} s; load average before {load_before[0]:.1f}, "
           f"after {summary['load_average_after'][0]:.1f} (2 cores; other jobs share them)")
     print(f"wrote {args.out / 'fashion_mnist.json'} and {args.out / 'fashion_mnist.png'}")
 
