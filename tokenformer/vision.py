@@ -139,7 +139,7 @@ VISION_PRESETS: dict[str, dict[str, Any]] = {
                     ffn_slot_num=64, patch_slot_num=16, head_slot_num=16),
     "fmnist-28": dict(image_size=28, patch_size=7, num_channels=1, num_classes=10, num_layers=4,
                       hidden_size=64, num_attention_heads=4, qkv_slot_num=64, proj_slot_num=64,
-                      ffn_slot_num=256, patch_slot_num=64, head_slot_num=32),
+                      ffn_slot_num=256, patch_slot_num=256, head_slot_num=64, patch_bias=True),
     "small-28": dict(image_size=28, patch_size=4, num_channels=1, num_classes=10, num_layers=4,
                      hidden_size=96, num_attention_heads=4, qkv_slot_num=96, proj_slot_num=96,
                      ffn_slot_num=384, patch_slot_num=96, head_slot_num=64),
