@@ -61,6 +61,17 @@ def test_patch_bias_lets_the_embedding_see_brightness():
     assert biased.config.num_parameters == plain.config.num_parameters + 16
 
 
+def test_fmnist_preset_parameter_count_by_hand():
+    config = tf.VisionConfig.from_name("fmnist-28")
+    with torch.device("meta"):
+        model = tf.VisionTokenFormer(config)
+    h, L = 64, 4
+    # patch Pattention (49 pixels + the constant) -> h with 256 tokens, cls + 17 positions, blocks of
+    # q/k/v/proj (64 tokens, 2*h*64 each) and ffn (256 tokens), final LayerNorm, head h -> 10 with 64 tokens
+    by_hand = 256 * (49 + 1 + h) + h + 17 * h + L * (4 * 2 * h * 64 + 2 * h * 256) + 2 * h + 64 * (h + 10)
+    assert config.patch_bias and model.num_parameters() == config.num_parameters == by_hand
+
+
 def test_config_checks():
     with pytest.raises(tf.TokenFormerError, match="not divisible by patch_size"):
         tf.VisionConfig.from_name("tiny-28", patch_size=5)
