@@ -376,6 +376,23 @@ def test_train_vision_resumes_under_torchrun(vision_ddp, toy_images, tmp_path):
     assert epochs == [1, 2]
 
 
+def test_a_failing_vision_rank_stops_the_job_with_one_clear_message(toy_images, tmp_path):
+    """Rank 1 fails after step 5 (the first epoch's checkpoint is step 4): one sentence naming it and
+    the checkpoint to resume from, and that checkpoint is intact."""
+    save = tmp_path / "crash"
+    result = torchrun(vision_fields(toy_images, save), fail_at="5", command="train-vision")
+    assert result.returncode != 0
+    out = result.stdout + result.stderr
+    own = [line for line in out.splitlines()
+           if line.startswith("tokenformer train-vision: error: rank 1 of 2: failed on purpose after step 5")]
+    assert len(own) == 1, out
+    assert "step_00000004" in own[0] and "--resume" in own[0]
+    assert (save / "latest").read_text().strip() == "step_00000004" and not list(save.glob(".tmp-*"))
+    from tokenformer import VisionTokenFormer
+
+    assert VisionTokenFormer.from_pretrained(save / "step_00000004").config.name == "tiny-28"
+
+
 def test_train_vision_global_batch_must_split_over_the_ranks(toy_images, tmp_path):
     from tokenformer.train_vision import VisionTrainConfig, _train_vision
 

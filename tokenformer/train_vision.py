@@ -320,7 +320,7 @@ def _optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch
 
 
 def _train_vision(cfg: VisionTrainConfig, model: nn.Module | None, env) -> dict[str, Any]:
-    from tokenformer.distributed import barrier, wrap_model
+    from tokenformer.distributed import barrier, maybe_fail, wrap_model
     from tokenformer.train import (CheckpointManager, MetricsLogger, _note, _progress_bar, build_optimizer,
                                    capture_rng, lr_at, plot_loss_curve, restore_rng)
     from tokenformer.vision import VisionTokenFormer
@@ -385,6 +385,7 @@ def _train_vision(cfg: VisionTrainConfig, model: nn.Module | None, env) -> dict[
                 lr = lr_at(step, schedule)
                 x, y = x.to(device), y.to(device)
                 loss, logits = _optimizer_step(model, optimizer, x, y, lr, cfg)
+                maybe_fail(step, env)  # TOKENFORMER_FAIL_AT_STEP: a rank failure drill, as in `train`
                 if ema_model is not None:
                     # warm the average up like timm/MoCo: early on it follows the weights closely
                     update_ema(ema_model, plain, min(cfg.ema, (1 + step) / (10 + step)))
