@@ -77,7 +77,6 @@ def main() -> None:
     load_before = os.getloadavg()
     start = time.perf_counter()
     if env.distributed:
-        values["progress"] = values.get("progress", True) and env.is_main
         results = [run_one(kind, values, str(args.out)) for kind in kinds]
         shutdown()
         if not env.is_main:
