@@ -389,10 +389,11 @@ def _train_vision(cfg: VisionTrainConfig, model: nn.Module | None, env) -> dict[
                 if ema_model is not None:
                     # warm the average up like timm/MoCo: early on it follows the weights closely
                     update_ema(ema_model, plain, min(cfg.ema, (1 + step) / (10 + step)))
-                if not math.isfinite(loss.item()):
-                    raise TokenFormerError(f"the loss became {loss.item()} at step {step}: lower lr or "
+                loss_value = loss.item()
+                if not math.isfinite(loss_value):
+                    raise TokenFormerError(f"the loss became {loss_value} at step {step}: lower lr or "
                                            f"turn clip_grad on")
-                running.add(loss.item(), logits, y)
+                running.add(loss_value, logits, y)
                 interval_images += cfg.batch_size
                 progress.update(1)
                 if step % cfg.log_interval == 0:
