@@ -4,17 +4,19 @@ tokens (Pattention), so that a trained model can grow by appending tokens.
 The model here computes exactly what the official code computes and loads its released weights.
 """
 
-from tokenformer.config import PRESETS, Config
-from tokenformer.convert import export_official, load_official, weight_map
+from tokenformer.checkpoint import load_model
+from tokenformer.data.prepare import load_prepared, prepare
+from tokenformer.data.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 from tokenformer.errors import TokenFormerError
 from tokenformer.generate import generate_text, generate_tokens
-from tokenformer.model import KVCache, TokenFormer
-from tokenformer.pattention import Pattention
-from tokenformer.prepare import load_prepared, prepare
-from tokenformer.scaling import (freeze_old_tokens, grow, grow_optimizer_state, grow_pattention,
-                                 old_slot_counts, shrink, shrink_pattention, token_scores)
-from tokenformer.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
-from tokenformer.vision import VISION_PRESETS, VisionConfig, VisionTokenFormer
+from tokenformer.models.config import PRESETS, Config
+from tokenformer.models.lm import KVCache, TokenFormer
+from tokenformer.models.official import export_official, load_official, weight_map
+from tokenformer.models.pattention import Pattention
+from tokenformer.models.vision import VISION_PRESETS, VisionConfig, VisionTokenFormer
+from tokenformer.scaling.freeze import freeze_old_tokens
+from tokenformer.scaling.grow import grow, grow_optimizer_state, grow_pattention, old_slot_counts
+from tokenformer.scaling.shrink import shrink, shrink_pattention, token_scores
 
 __version__ = "0.1.0"
 
@@ -23,6 +25,6 @@ __all__ = [
     "Tokenizer", "export_official", "generate_text", "generate_tokens", "load_official",
     "load_tokenizer", "weight_map", "grow", "shrink", "grow_pattention", "shrink_pattention",
     "grow_optimizer_state", "freeze_old_tokens", "old_slot_counts", "token_scores",
-    "prepare", "load_prepared",
+    "prepare", "load_prepared", "load_model",
     "VISION_PRESETS", "VisionConfig", "VisionTokenFormer",
 ]

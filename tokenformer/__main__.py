@@ -1,26 +1,30 @@
-"""The `tokenformer` command: one subcommand per job.
+"""The `tokenformer` command: its table of subcommands.
 
-Each subcommand lives in the module that does the job, as `cli_arguments(parser)` (its options)
-and `cli_main(args)` (whose docstring is its `--help` text). A module serving several subcommands
-(grow and shrink) holds a `CLI` dict instead: subcommand -> (cli_arguments, cli_main).
+Each subcommand is a pair of functions in `tokenformer.cli`: one declares its options on an
+argparse parser, the other runs it and its docstring is the command's `--help` text.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
+import json
+import os
 import sys
+import time
 
-# subcommand -> module holding cli_arguments / cli_main
+from tokenformer.cli import convert, evaluate, generate, prepare, scaling, train
+from tokenformer.errors import TokenFormerError
+
+# subcommand -> (declare its options, run it)
 COMMANDS = {
-    "prepare": "tokenformer.prepare",
-    "train": "tokenformer.train",
-    "train-vision": "tokenformer.train_vision",
-    "evaluate": "tokenformer.evaluate",
-    "generate": "tokenformer.generate",
-    "grow": "tokenformer.scaling",
-    "shrink": "tokenformer.scaling",
-    "convert": "tokenformer.convert",
+    "prepare": (prepare.arguments, prepare.main),
+    "train": (train.arguments, train.main),
+    "train-vision": (train.vision_arguments, train.vision_main),
+    "evaluate": (evaluate.arguments, evaluate.main),
+    "generate": (generate.arguments, generate.main),
+    "grow": (scaling.grow_arguments, scaling.grow_main),
+    "shrink": (scaling.shrink_arguments, scaling.shrink_main),
+    "convert": (convert.arguments, convert.main),
 }
 
 
@@ -30,12 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="TokenFormer: a Transformer whose linear layers are attention over parameter tokens. "
                     "Run `tokenformer COMMAND --help` for the options of each command.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, module_name in COMMANDS.items():
-        module = importlib.import_module(module_name)
-        if hasattr(module, "CLI"):
-            arguments, run = module.CLI[name]
-        else:
-            arguments, run = module.cli_arguments, module.cli_main
+    for name, (arguments, run) in COMMANDS.items():
         doc = (run.__doc__ or "").strip()
         summary = doc.split("\n\n")[0].replace("\n", " ")
         p = sub.add_parser(name, help=summary, description=doc,
@@ -46,8 +45,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tokenformer.errors import TokenFormerError
-
     args = build_parser().parse_args(argv)
     try:
         args._run(args)
@@ -64,10 +61,6 @@ def main(argv: list[str] | None = None) -> int:
 def _tell_torchrun(message: str) -> None:
     """Under torchrun, put the sentence in its error file so that its failure summary shows it
     (instead of "To enable traceback see ...")."""
-    import json
-    import os
-    import time
-
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if path:
         record = {"message": {"message": message, "extraInfo": {"py_callstack": message,

@@ -5,9 +5,6 @@ The prompt is run once (prefill); each new token then costs one position (decode
 
 from __future__ import annotations
 
-import argparse
-import sys
-from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
@@ -88,63 +85,3 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 100,
     if on_text is not None and len(text) > len(printed):
         on_text(text[len(printed):])
     return text
-
-
-# ---- command line -------------------------------------------------------------------------------
-
-def cli_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True,
-                        help="checkpoint directory (config.json, model.safetensors, tokenizer.json)")
-    parser.add_argument("--prompt", help="text to continue; streamed to the terminal")
-    parser.add_argument("--input-file", type=Path,
-                        help="official mode: one prompt per line; the continuations go to --output-file")
-    parser.add_argument("--output-file", type=Path,
-                        help="JSONL file for --input-file results: {\"context\", \"text\"} per line")
-    parser.add_argument("--tokenizer", help="override the checkpoint's tokenizer ('byte' or a tokenizer.json)")
-    parser.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate (default 100)")
-    parser.add_argument("--temperature", type=float, default=0.0,
-                        help="0 = greedy (default); higher = more random sampling")
-    parser.add_argument("--top-k", type=int, default=None, help="sample only from the k most likely tokens")
-    parser.add_argument("--top-p", type=float, default=None,
-                        help="sample only from the smallest set of tokens whose probability reaches p")
-    parser.add_argument("--seed", type=int, default=None, help="random seed for sampling (reproducible output)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                        help="weights and activations dtype (default float32)")
-
-
-def cli_main(args: argparse.Namespace) -> None:
-    """Generate text from a checkpoint: `--prompt` streams one continuation to the terminal;
-    `--input-file`/`--output-file` continue every line of a file (the official generation mode)."""
-    import json
-
-    from tokenformer.model import TokenFormer
-    from tokenformer.tokenizer import load_tokenizer
-
-    if (args.prompt is None) == (args.input_file is None):
-        raise TokenFormerError("give exactly one of --prompt or --input-file")
-    if args.input_file is not None and args.output_file is None:
-        raise TokenFormerError("--input-file needs --output-file to write the continuations to")
-    model = TokenFormer.from_pretrained(args.checkpoint, device=args.device,
-                                        dtype=getattr(torch, args.dtype))
-    tokenizer = load_tokenizer(args.tokenizer or Path(args.checkpoint))
-    if tokenizer.vocab_size > model.config.padded_vocab_size:
-        raise TokenFormerError(
-            f"tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.padded_vocab_size}")
-    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    if args.prompt is not None:
-        sys.stdout.write(args.prompt)
-        generate_text(model, tokenizer, args.prompt, args.max_new_tokens,
-                      on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()), **sampling)
-        sys.stdout.write("\n")
-        return
-    if not args.input_file.is_file():
-        raise FileNotFoundError(f"input file {args.input_file} does not exist")
-    prompts = [line.rstrip("\n") for line in args.input_file.read_text().splitlines() if line.strip()]
-    from tqdm import tqdm
-
-    with open(args.output_file, "w") as out:
-        for prompt in tqdm(prompts, desc="generating", unit="prompt"):
-            text = generate_text(model, tokenizer, prompt, args.max_new_tokens, **sampling)
-            out.write(json.dumps({"context": prompt, "text": text}) + "\n")
-    print(f"wrote {len(prompts)} continuations to {args.output_file}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -21,8 +22,10 @@ import torch.distributed as dist
 from torch import nn
 
 from tokenformer.errors import TokenFormerError
+from tokenformer.files import CONFIG_FILE, SHARDED_DIR, TOKENIZER_FILE, WEIGHTS_FILE, atomic_copy, atomic_path
+from tokenformer.optimizer_state import names_by_index
 
-PARALLELISMS = ("ddp", "fsdp")
+PARALLELISMS = ("ddp", "fsdp2")
 # fault injection for tests and failure drills: "STEP" or "STEP:RANK" (default rank: the last one)
 FAIL_AT_STEP_ENV = "TOKENFORMER_FAIL_AT_STEP"
 TIMEOUT_ENV = "TOKENFORMER_DIST_TIMEOUT_MINUTES"
@@ -108,7 +111,7 @@ def shutdown() -> None:
 
 def wrap_model(model: nn.Module, env: DistEnv, parallelism: str = "ddp",
                param_dtype: torch.dtype | None = None) -> nn.Module:
-    """DDP (replicated weights) or FSDP2 (`fully_shard` per block, then the root); a no-op alone.
+    """`ddp` (replicated weights) or `fsdp2` (`fully_shard` per block, then the root); a no-op alone.
 
     `param_dtype` is FSDP2's mixed-precision compute dtype (GPU); gradients reduce in float32.
     """
@@ -171,8 +174,6 @@ def resume_batch_note(trainer_state: dict[str, Any], micro_batch: int, accumulat
                       world_size: int) -> str | None:
     """A warning when a run resumes with another global batch than the one its checkpoint was
     trained with (another rank count without adjusting the micro batch), else None."""
-    import json
-
     saved_world = trainer_state.get("world_size")
     try:
         saved = json.loads(trainer_state.get("train_config") or "{}")
@@ -316,15 +317,11 @@ def load_full_into_sharded(model: nn.Module, optimizer: torch.optim.Optimizer | 
 
 def optimizer_state_by_name(state: dict[str, Any], source: str = "the checkpoint") -> dict[str, Any]:
     """`optimizer.state_dict()` (parameters numbered) keyed by parameter name instead, the form
-    `torch.distributed.checkpoint.state_dict` works with; names come from each group's `param_names`."""
-    names: dict[int, str] = {}
+    `torch.distributed.checkpoint.state_dict` works with."""
+    names = names_by_index(state, source=source, fix="resume it with parallelism ddp")
     groups = []
     for group in state["param_groups"]:
-        if "param_names" not in group:
-            raise TokenFormerError(f"{source} has an optimizer state without parameter names: resume it "
-                                   f"with parallelism ddp")
-        fqns = [name.removeprefix("module.") for name in group["param_names"]]
-        names.update(zip(group["params"], fqns))
+        fqns = [names[index] for index in group["params"]]
         groups.append({**group, "params": fqns, "param_names": fqns})
     return {"state": {names[index]: value for index, value in state["state"].items()}, "param_groups": groups}
 
@@ -332,7 +329,7 @@ def optimizer_state_by_name(state: dict[str, Any], source: str = "the checkpoint
 def is_sharded_checkpoint(path: str | Path) -> bool:
     """A DCP folder (`.metadata` inside) or a training checkpoint holding one under `sharded/`."""
     path = Path(path)
-    return (path / ".metadata").is_file() or (path / "sharded" / ".metadata").is_file()
+    return (path / ".metadata").is_file() or (path / SHARDED_DIR / ".metadata").is_file()
 
 
 def consolidate_sharded(directory: str | Path) -> dict[str, torch.Tensor]:
@@ -345,8 +342,8 @@ def consolidate_sharded(directory: str | Path) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     directory = Path(directory)
-    if (directory / "sharded" / ".metadata").is_file():
-        directory = directory / "sharded"
+    if (directory / SHARDED_DIR / ".metadata").is_file():
+        directory = directory / SHARDED_DIR
     if not (directory / ".metadata").is_file():
         raise FileNotFoundError(f"{directory} is not a sharded (torch.distributed.checkpoint) checkpoint: "
                                 f"it has no .metadata file")
@@ -364,15 +361,10 @@ def consolidate_sharded(directory: str | Path) -> dict[str, torch.Tensor]:
 def export_sharded(source: str | Path, output: str | Path) -> Path:
     """Write an ordinary checkpoint directory (config.json, model.safetensors, tokenizer.json) from a
     sharded one: a training checkpoint `step_N/` or its `step_N/sharded/` folder."""
-    import shutil
-
     from safetensors.torch import save_file
 
-    from tokenformer.checkpoint import atomic_path
-    from tokenformer.model import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE
-
     source, output = Path(source), Path(output)
-    home = source if (source / "sharded").is_dir() else source.parent  # where config.json lives
+    home = source if (source / SHARDED_DIR).is_dir() else source.parent  # where config.json lives
     if not (home / CONFIG_FILE).is_file():
         raise FileNotFoundError(f"{home / CONFIG_FILE} does not exist: give the training checkpoint folder "
                                 f"(step_N/) that holds sharded/ and config.json")
@@ -383,6 +375,6 @@ def export_sharded(source: str | Path, output: str | Path) -> Path:
     with atomic_path(output / WEIGHTS_FILE) as tmp:
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"format": "pt"})
     if (home / TOKENIZER_FILE).is_file():
-        shutil.copyfile(home / TOKENIZER_FILE, output / TOKENIZER_FILE)
-    shutil.copyfile(home / CONFIG_FILE, output / CONFIG_FILE)  # last: config.json never points at nothing
+        atomic_copy(home / TOKENIZER_FILE, output / TOKENIZER_FILE)
+    atomic_copy(home / CONFIG_FILE, output / CONFIG_FILE)  # last: config.json never points at nothing
     return output

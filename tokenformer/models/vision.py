@@ -16,17 +16,17 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenformer.config import PresetConfig, check_block_fields
 from tokenformer.errors import TokenFormerError
-from tokenformer.model import Block
-from tokenformer.pattention import Pattention
+from tokenformer.models.config import PresetConfig, check_block_fields
+from tokenformer.models.lm import Block
+from tokenformer.models.pattention import Pattention
+from tokenformer.models.pretrained import PretrainedModel
 
 MODEL_TYPE = "vision_tokenformer"
 
@@ -146,10 +146,12 @@ VISION_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-class VisionTokenFormer(nn.Module):
+class VisionTokenFormer(PretrainedModel):
     """Image classifier: `model(images)` with images (B, C, H, W) returns logits (B, num_classes)."""
 
     model_type = MODEL_TYPE
+    config_class = VisionConfig
+    written_by = "save_pretrained or `tokenformer train-vision`"
 
     def __init__(self, config: VisionConfig, device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None) -> None:
@@ -179,7 +181,7 @@ class VisionTokenFormer(nn.Module):
         if (C, H, W) != (c.num_channels, c.image_size, c.image_size):
             raise TokenFormerError(
                 f"images of shape (C, H, W) = {(C, H, W)} do not fit this model, which takes "
-                f"{(c.num_channels, c.image_size, c.image_size)}: resize/crop them (see tokenformer.vision_data)")
+                f"{(c.num_channels, c.image_size, c.image_size)}: resize/crop them (see tokenformer.data.images)")
         p, g = c.patch_size, c.image_size // c.patch_size
         x = images.view(B, C, g, p, g, p)        # (B, C, gy, py, gx, px)
         x = x.permute(0, 2, 4, 3, 5, 1)          # (B, gy, gx, py, px, C)
@@ -200,26 +202,17 @@ class VisionTokenFormer(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(images))  # (B, num_classes)
 
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
 
-    def pattentions(self) -> dict[str, Pattention]:
-        """Every Pattention of the model by module name (e.g. `layers.0.attention.query`, `head`)."""
-        return {name: m for name, m in self.named_modules() if isinstance(m, Pattention)}
-
-    # ---- checkpoints ------------------------------------------------------------------------
-
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write `config.json` (with `"model_type": "vision_tokenformer"`) and `model.safetensors`."""
-        from tokenformer.checkpoint import save_model_directory
-
-        return save_model_directory(self, directory)
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path, device: torch.device | str = "cpu",
-                        dtype: torch.dtype | None = None) -> "VisionTokenFormer":
-        """Load a directory written by `save_pretrained` (safetensors only: no code runs)."""
-        from tokenformer.checkpoint import load_model_directory
-
-        return load_model_directory(cls, VisionConfig, directory, MODEL_TYPE, device, dtype,
-                                    written_by="save_pretrained or `tokenformer train-vision`")
+def resolve_vision_config(spec: Any) -> VisionConfig:
+    """A `VisionConfig` from a preset name or a mapping of fields (`name` picks the preset)."""
+    if isinstance(spec, VisionConfig):
+        return spec
+    if isinstance(spec, str):
+        return VisionConfig.from_name(spec)
+    if isinstance(spec, dict):
+        values = dict(spec)
+        name = values.pop("name", None)
+        if name in VISION_PRESETS:
+            return VisionConfig.from_name(name, **values)
+        return VisionConfig.from_dict({**values, **({"name": name} if name else {})})
+    raise TokenFormerError(f"model must be a vision preset name or a mapping of VisionConfig fields, got {spec!r}")

@@ -5,26 +5,22 @@
 
 `n` is a LayerNorm without weight or bias; q, k, v, proj and ffn are Pattentions; the output
 head is the tied embedding. Module names mirror the official ones so that the checkpoint weight
-map (see `tokenformer.convert`) is a renaming of prefixes only.
+map (see `tokenformer.models.official`) is a renaming of prefixes only.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenformer.config import Config
 from tokenformer.errors import TokenFormerError
-from tokenformer.pattention import Pattention
-
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-TOKENIZER_FILE = "tokenizer.json"
+from tokenformer.models.config import Config
+from tokenformer.models.pattention import Pattention
+from tokenformer.models.pretrained import PretrainedModel
 
 
 # ---- rotary position embedding (GPT-NeoX style: rotate_half, first rotary_dim dims) ----------
@@ -158,8 +154,12 @@ class Block(nn.Module):
         return x + self.mlp(layer_norm_nonparametric(x, self.eps))
 
 
-class TokenFormer(nn.Module):
+class TokenFormer(PretrainedModel):
     """The TokenFormer language model: `model(idx)` returns logits (B, T, padded_vocab_size)."""
+
+    model_type = "tokenformer"
+    config_class = Config
+    written_by = "save_pretrained or `tokenformer convert`"
 
     def __init__(self, config: Config, device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None) -> None:
@@ -225,27 +225,3 @@ class TokenFormer(nn.Module):
         weight = self.word_embeddings.weight
         return KVCache.allocate(self.config, batch_size, max_length or self.config.seq_length,
                                 weight.device, weight.dtype)
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
-    def pattentions(self) -> dict[str, Pattention]:
-        """Every Pattention of the model by module name (e.g. `layers.0.attention.query`)."""
-        return {name: m for name, m in self.named_modules() if isinstance(m, Pattention)}
-
-    # ---- checkpoints ------------------------------------------------------------------------
-
-    def save_pretrained(self, directory: str | Path, tokenizer=None) -> Path:
-        """Write `config.json` and `model.safetensors` (and the tokenizer, if given) atomically."""
-        from tokenformer.checkpoint import save_model_directory
-
-        return save_model_directory(self, directory, tokenizer=tokenizer)
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path, device: torch.device | str = "cpu",
-                        dtype: torch.dtype | None = None) -> "TokenFormer":
-        """Load a directory written by `save_pretrained` (safetensors only: no code runs)."""
-        from tokenformer.checkpoint import load_model_directory
-
-        return load_model_directory(cls, Config, directory, "tokenformer", device, dtype,
-                                    written_by="save_pretrained or `tokenformer convert`")

@@ -10,7 +10,7 @@ Three choices, each a `TrainConfig` field:
   start of the order: the official incremental-scaling runs) or `continue` (the step counter,
   the learning-rate schedule and the data position go on from `DIR`'s step, as a resume would:
   `train_iters` then counts the steps of the whole schedule, the source run's included).
-- `freeze_old`: train only the parameter tokens added by the last growth (`scaling.freeze_old_tokens`).
+- `freeze_old`: train only the parameter tokens added by the last growth (`scaling.freeze`).
 
 A lower peak learning rate after growth is just `lr`.
 """
@@ -18,62 +18,34 @@ A lower peak learning rate after growth is just `lr`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 from torch import nn
 
+from tokenformer.checkpoint import read_trainer_state
 from tokenformer.errors import TokenFormerError
-
-SCHEDULES = ("restart", "continue")
-# wrappers that prefix parameter names (DDP, torch.compile)
-_NAME_PREFIXES = ("module.", "_orig_mod.")
-
-
-def _plain_name(name: str) -> str:
-    changed = True
-    while changed:
-        changed = False
-        for prefix in _NAME_PREFIXES:
-            if name.startswith(prefix):
-                name, changed = name[len(prefix):], True
-    return name
-
-
-def read_source_state(directory: str | Path) -> dict[str, Any] | None:
-    """The trainer state saved beside `directory`'s weights (`trainer.pt`), or None if there is none."""
-    from tokenformer.checkpoint import torch_load_safe
-    from tokenformer.train import TRAINER_STATE_FILE
-
-    path = Path(directory) / TRAINER_STATE_FILE
-    return torch_load_safe(path) if path.is_file() else None
-
+from tokenformer.optimizer_state import plain_name, state_by_name
+from tokenformer.scaling.freeze import freeze_old_tokens
 
 def load_optimizer_state_by_name(optimizer: torch.optim.Optimizer, state_dict: Mapping[str, Any],
                                  source: str = "the source") -> int:
     """Copy the per-parameter state (AdamW moments, step) of `state_dict` into `optimizer`, matching
-    parameters by name (`param_names` of the groups, as `train.parameter_groups` writes them).
+    parameters by name (`param_names` of the groups, as `optim.parameter_groups` writes them).
 
     Unlike `optimizer.load_state_dict` this works when the two optimizers hold different subsets of
     parameters (freeze_old leaves the embedding out) and keeps `optimizer`'s own hyperparameters
     (lr, weight decay). Returns the number of parameters whose state was carried.
     """
-    by_name: dict[str, dict[str, Any]] = {}
-    for group in state_dict["param_groups"]:
-        if "param_names" not in group:
-            raise TokenFormerError(f"the optimizer state of {source} has no parameter names: it was not "
-                                   f"written by `tokenformer train`, so it cannot be carried over")
-        for index, name in zip(group["params"], group["param_names"]):
-            if index in state_dict["state"]:
-                by_name[_plain_name(name)] = state_dict["state"][index]
+    by_name = state_by_name(state_dict, source=f"the optimizer state of {source}",
+                            fix="it was not written by `tokenformer train`, so it cannot be carried over")
     carried = 0
     for group in optimizer.param_groups:
         if "param_names" not in group:
             raise TokenFormerError("the optimizer was built without parameter names: build it with "
-                                   "train.build_optimizer so that state can be matched by name")
+                                   "training.optim.build_optimizer so that state can be matched by name")
         for param, name in zip(group["params"], group["param_names"]):
-            saved = by_name.get(_plain_name(name))
+            saved = by_name.get(plain_name(name))
             if saved is None:
                 continue
             state = {}
@@ -107,8 +79,6 @@ class WarmStart:
 
 def prepare_model(cfg, model: nn.Module) -> WarmStart:
     """Before the optimizer is built: check the init_from options and freeze the old tokens."""
-    if cfg.init_from_schedule not in SCHEDULES:
-        raise TokenFormerError(f"unknown init_from_schedule {cfg.init_from_schedule!r}: use restart or continue")
     wants = [name for name, on in (("freeze_old", cfg.freeze_old), ("init_from_optimizer", cfg.init_from_optimizer),
                                    ("init_from_schedule continue", cfg.init_from_schedule == "continue")) if on]
     if not cfg.init_from:
@@ -117,8 +87,6 @@ def prepare_model(cfg, model: nn.Module) -> WarmStart:
         return WarmStart()
     start = WarmStart()
     if cfg.freeze_old:
-        from tokenformer.scaling import freeze_old_tokens
-
         history = getattr(model.config, "growth_history", None) or []
         if not history:
             raise TokenFormerError(f"freeze_old needs a grown model, but {cfg.init_from} has no growth in its "
@@ -134,7 +102,7 @@ def start_optimizer(cfg, start: WarmStart, optimizer: torch.optim.Optimizer, sha
     if start.frozen is not None:
         start.frozen.attach(optimizer)
     needs_state = cfg.init_from_optimizer or cfg.init_from_schedule == "continue"
-    source = read_source_state(cfg.init_from) if needs_state else None
+    source = read_trainer_state(cfg.init_from) if needs_state else None
     if needs_state and source is None:
         wanted = "init_from_optimizer" if cfg.init_from_optimizer else "init_from_schedule continue"
         raise TokenFormerError(

@@ -1,10 +1,8 @@
 """Preparing a corpus for training: raw text -> tokens -> GPT-NeoX indexed files (`tokenformer prepare`).
 
-Inputs are plain-text files (one document per file), folders of them, JSONL files (`.jsonl`,
-`.jsonl.gz`, `.jsonl.zst`, one document per line as in the Pile or OpenWebText2), or a Hugging
-Face `datasets` dataset; with none, the standard-library source of the running Python (a real
-corpus of a few thousand files present on every machine). The output directory is the contract
-the trainer reads:
+Inputs are whatever `tokenformer.data.documents` reads: text and JSONL files, folders of them, a
+Hugging Face dataset, or by default the standard-library source of the running Python. The
+output directory is the contract the trainer reads:
 
     OUT/train_text_document.bin + .idx    one item per document, end-of-text token appended
     OUT/valid_text_document.bin + .idx    the validation documents (same layout)
@@ -18,192 +16,29 @@ temporary directory that is renamed to OUT at the end, so OUT is either complete
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import io
 import itertools
 import json
 import os
-import re
 import shutil
 import sys
 import sysconfig
 import tempfile
 import time
-from fnmatch import fnmatch
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
 
+from tokenformer.console import progress_bar
+from tokenformer.data.documents import DEFAULT_GLOB, iter_documents, resolve_inputs
+from tokenformer.data.indexed import IndexedDatasetWriter, best_dtype
+from tokenformer.data.tokenizer import BYTE_VOCAB_SIZE, END_OF_TEXT, ByteTokenizer, Tokenizer, load_tokenizer
 from tokenformer.errors import TokenFormerError
-from tokenformer.indexed_dataset import IndexedDatasetWriter, best_dtype
-from tokenformer.tokenizer import END_OF_TEXT, BYTE_VOCAB_SIZE, ByteTokenizer, Tokenizer, load_tokenizer
+from tokenformer.files import PREPARE_METADATA_FILE, SPLIT_PREFIXES, TOKENIZER_FILE
 
-SPLIT_PREFIXES = {"train": "train_text_document", "valid": "valid_text_document"}
-TOKENIZER_FILE = "tokenizer.json"
-METADATA_FILE = "prepare.json"
-DEFAULT_GLOB = "*.txt,*.md,*.rst,*.py,*.jsonl,*.jsonl.gz,*.jsonl.zst"
-JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
 CHUNK_DOCUMENTS = 1024          # documents per encode_batch call ...
 CHUNK_CHARACTERS = 8_000_000    # ... or fewer, so that a chunk stays a few tens of MB
-LONE_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-# ----------------------------------------------------------------------------- reading documents
-
-def _open_text(path: Path) -> io.TextIOBase:
-    """Open a text file, decompressing `.gz` / `.zst` by suffix; a leading byte-order mark is dropped
-    and undecodable bytes become U+FFFD."""
-    if path.name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8-sig", errors="replace")
-    if path.name.endswith(".zst"):
-        try:
-            import zstandard
-        except ImportError:
-            raise TokenFormerError(
-                f"reading {path} needs the zstandard package: pip install 'tokenformer[zstd]'") from None
-        raw = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True,
-                                                         read_across_frames=True)  # concatenated shards
-        return io.TextIOWrapper(raw, encoding="utf-8-sig", errors="replace")
-    return open(path, encoding="utf-8-sig", errors="replace")
-
-
-def _is_jsonl(path: Path) -> bool:
-    return path.name.endswith(JSONL_SUFFIXES)
-
-
-def jsonl_documents(path: Path, text_field: str = "text") -> Iterator[str]:
-    """The `text_field` string of every line of a JSONL file (blank lines skipped)."""
-    with _open_text(path) as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TokenFormerError(f"{path} line {line_number} is not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict) or text_field not in record:
-                fields = ", ".join(record) if isinstance(record, dict) else type(record).__name__
-                raise TokenFormerError(
-                    f"{path} line {line_number} has no {text_field!r} field (it has: {fields}); "
-                    f"name the text field with --text-field")
-            text = record[text_field]
-            if not isinstance(text, str):
-                raise TokenFormerError(
-                    f"{path} line {line_number}: field {text_field!r} is a {type(text).__name__}, not a string")
-            yield text
-
-
-def file_documents(path: Path, text_field: str = "text") -> Iterator[str]:
-    """One document per line of a JSONL file, or the whole file as one document otherwise."""
-    if _is_jsonl(path):
-        yield from jsonl_documents(path, text_field)
-    else:
-        with _open_text(path) as f:
-            yield f.read()
-
-
-def resolve_inputs(inputs: Iterable[str | Path], glob: str = DEFAULT_GLOB) -> list[Path]:
-    """Every input file in order: files as given, folders searched recursively (sorted, hidden
-    entries skipped) for names matching any of the comma-separated `glob` patterns."""
-    patterns = [p.strip() for p in glob.split(",") if p.strip()]
-    files: list[Path] = []
-    for item in inputs:
-        path = Path(item)
-        if path.is_file():
-            files.append(path)
-        elif path.is_dir():
-            found = sorted(
-                p for p in path.rglob("*")
-                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
-                and any(fnmatch(p.name, pattern) for pattern in patterns))
-            if not found:
-                raise TokenFormerError(f"folder {path} has no files matching {glob!r}; change --glob")
-            files.extend(found)
-        else:
-            raise TokenFormerError(f"input {path} does not exist; give existing text/JSONL files or folders")
-    return files
-
-
-def stdlib_files() -> list[Path]:
-    """The `.py` files of the running interpreter's standard library, sorted, without site-packages."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    skip = {"site-packages", "dist-packages", "__pycache__"}
-    files = []
-    for folder, subfolders, names in os.walk(root):
-        subfolders[:] = [d for d in subfolders if d not in skip]  # pruned: site-packages can be huge
-        files.extend(Path(folder) / n for n in names if n.endswith(".py"))
-    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
-
-
-def stdlib_documents() -> Iterator[str]:
-    """One document per standard-library source file; files that are not UTF-8 (test data for
-    bad encodings) are skipped."""
-    for path in stdlib_files():
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (UnicodeDecodeError, OSError):
-            continue
-        yield text
-
-
-def hf_documents(name: str, split: str = "train", text_field: str = "text",
-                 config: str | None = None) -> Iterator[str]:
-    """The `text_field` column of a Hugging Face dataset: a directory written by `save_to_disk`, or
-    anything `datasets.load_dataset` accepts (a Hub name with its `config`, a folder of data
-    files), streamed."""
-    try:
-        import datasets
-    except ImportError:
-        raise TokenFormerError(
-            "reading a Hugging Face dataset needs the datasets package: pip install 'tokenformer[hf]'") from None
-    path = Path(name)
-    if not path.exists() and name.startswith(("/", ".", "~")):
-        raise TokenFormerError(f"Hugging Face dataset directory {name} does not exist")
-    try:
-        if path.is_dir() and any((path / f).is_file() for f in ("dataset_dict.json", "state.json")):
-            dataset = datasets.load_from_disk(str(path))
-            if isinstance(dataset, datasets.DatasetDict):
-                if split not in dataset:
-                    raise TokenFormerError(
-                        f"Hugging Face dataset {name} has no split {split!r} (it has: {', '.join(dataset)}); "
-                        f"choose one with --hf-split")
-                dataset = dataset[split]
-        else:
-            dataset = datasets.load_dataset(name, config, split=split, streaming=True)
-    except TokenFormerError:
-        raise
-    except Exception as e:  # datasets raises many types (FileNotFoundError, ValueError, hub errors ...)
-        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise TokenFormerError(f"could not load Hugging Face dataset {name!r} split {split!r} ({message})") from None
-    columns = dataset.column_names
-    if columns is not None and text_field not in columns:
-        raise TokenFormerError(
-            f"Hugging Face dataset {name} has no {text_field!r} column (it has: {', '.join(columns)}); "
-            f"name the text column with --text-field")
-    for batch in dataset.select_columns([text_field]).iter(batch_size=1000):
-        yield from batch[text_field]
-
-
-def iter_documents(inputs: Iterable[str | Path] | None = None, *, text_field: str = "text",
-                   glob: str = DEFAULT_GLOB, hf_dataset: str | None = None,
-                   hf_split: str = "train", hf_config: str | None = None) -> Iterator[str]:
-    """Every non-empty document of the inputs in a fixed order; the stdlib corpus when there are none."""
-    files = resolve_inputs(inputs or [], glob)
-    sources: list[Iterable[str]] = [file_documents(p, text_field) for p in files]
-    if hf_dataset is not None:
-        sources.append(hf_documents(hf_dataset, hf_split, text_field, hf_config))
-    if not files and hf_dataset is None:
-        sources.append(stdlib_documents())
-    for text in itertools.chain.from_iterable(sources):
-        if not text:
-            continue
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:  # lone surrogates (JSON can hold them) are no valid UTF-8: replace them
-            text = LONE_SURROGATE.sub("\ufffd", text)
-        yield text
 
 
 # ----------------------------------------------------------------------------- tokenizers
@@ -288,15 +123,15 @@ def _chunks(documents: Iterator[str]) -> Iterator[list[str]]:
 
 def load_prepared(directory: str | Path) -> dict:
     """The metadata of a prepared dataset directory; refuses a directory `prepare` did not finish."""
-    path = Path(directory) / METADATA_FILE
+    path = Path(directory) / PREPARE_METADATA_FILE
     if not path.is_file():
         raise TokenFormerError(
-            f"{directory} is not a prepared dataset (no {METADATA_FILE}); create it with `tokenformer prepare`")
+            f"{directory} is not a prepared dataset (no {PREPARE_METADATA_FILE}); create it with `tokenformer prepare`")
     return json.loads(path.read_text())
 
 
 def _check_output(out: Path) -> None:
-    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / METADATA_FILE).is_file())):
+    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / PREPARE_METADATA_FILE).is_file())):
         raise TokenFormerError(
             f"output {out} exists and is not a prepared dataset; choose another --out or remove it")
 
@@ -387,7 +222,7 @@ def prepare(inputs: Iterable[str | Path] | None = None, out: str | Path = "data/
             "tokens_per_second": round(total_tokens / seconds, 1),
         }
         # Written last: a directory with prepare.json is complete.
-        (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+        (tmp / PREPARE_METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
         _publish(tmp, out)
     finally:
         if tmp.exists():
@@ -398,8 +233,6 @@ def prepare(inputs: Iterable[str | Path] | None = None, out: str | Path = "data/
 def _write_splits(documents: Iterator[str], tok: Tokenizer, directory: Path, dtype: np.dtype,
                   eod: np.ndarray, valid_fraction: float, seed: int, progress: bool) -> dict:
     """Encode chunk by chunk into the two indexed files; returns documents and tokens per split."""
-    from tqdm import tqdm
-
     counts = {split: {"documents": 0, "tokens": 0} for split in SPLIT_PREFIXES}
     writers = {split: IndexedDatasetWriter(directory / prefix, dtype) for split, prefix in SPLIT_PREFIXES.items()}
 
@@ -411,7 +244,7 @@ def _write_splits(documents: Iterator[str], tok: Tokenizer, directory: Path, dty
     # The last document of each split is held back until the end, so that a split the hash left
     # empty can still get one: validation when there are two or more documents, training always.
     held: dict[str, np.ndarray | None] = {"train": None, "valid": None}
-    bar = tqdm(desc="prepare", unit=" docs", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(desc="prepare", unit=" docs", enabled=progress)
     start, tokens = time.perf_counter(), 0
     try:
         for chunk in _chunks(documents):
@@ -443,50 +276,3 @@ def _write_splits(documents: Iterator[str], tok: Tokenizer, directory: Path, dty
     for writer in writers.values():
         writer.close()
     return counts
-
-
-# ----------------------------------------------------------------------------- command line
-
-def cli_arguments(parser) -> None:
-    parser.add_argument("inputs", nargs="*",
-                        help="text files, JSONL files (.jsonl, .jsonl.gz, .jsonl.zst) or folders of them; "
-                        "none (and no --hf-dataset): the Python standard-library source")
-    parser.add_argument("--out", required=True, help="output directory (replaced if it holds an earlier prepared dataset)")
-    parser.add_argument("--tokenizer", default="byte",
-                        help="'byte' (default), 'bpe' to train a byte-level BPE on the corpus, a tokenizer.json "
-                        "path such as the GPT-NeoX-20B one (or a folder holding one), or a Hub name")
-    parser.add_argument("--vocab-size", type=int, default=2048, help="vocabulary of the trained BPE (with --tokenizer bpe)")
-    parser.add_argument("--text-field", default="text", help="the JSONL field / dataset column holding the text")
-    parser.add_argument("--glob", default=DEFAULT_GLOB,
-                        help="comma-separated file-name patterns searched for in input folders")
-    parser.add_argument("--hf-dataset", default=None,
-                        help="a Hugging Face dataset: a save_to_disk directory, a data folder or a Hub name "
-                        "(needs the hf extra)")
-    parser.add_argument("--hf-split", default="train", help="the split of --hf-dataset")
-    parser.add_argument("--hf-config", default=None,
-                        help="the configuration of a Hub dataset that has several (e.g. wikitext-2-raw-v1)")
-    parser.add_argument("--valid-fraction", type=float, default=0.01,
-                        help="share of documents for validation (at least one when there are two or more)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the train/validation assignment")
-    parser.add_argument("--max-documents", type=int, default=None, help="keep only the first N documents")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
-
-
-def cli_main(args) -> None:
-    """Tokenize a corpus into GPT-NeoX indexed files for training.
-
-    `tokenformer prepare corpus/ --out data/corpus` reads text files, JSONL (.jsonl, .jsonl.gz,
-    .jsonl.zst) or a Hugging Face dataset (--hf-dataset), or with no input the Python
-    standard-library source, and writes OUT/train_text_document.{bin,idx},
-    OUT/valid_text_document.{bin,idx}, OUT/tokenizer.json and OUT/prepare.json.
-    Tokenizers: byte (default), bpe (trained on the corpus, --vocab-size) or a tokenizer.json."""
-    metadata = prepare(args.inputs, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
-                       text_field=args.text_field, valid_fraction=args.valid_fraction,
-                       hf_dataset=args.hf_dataset, hf_split=args.hf_split, hf_config=args.hf_config,
-                       glob=args.glob, seed=args.seed,
-                       max_documents=args.max_documents, progress=False if args.quiet else None)
-    if not args.quiet:
-        train, valid = metadata["splits"]["train"], metadata["splits"]["valid"]
-        print(f"wrote {args.out}: train {train['documents']:,} documents / {train['tokens']:,} tokens, "
-              f"valid {valid['documents']:,} / {valid['tokens']:,}; {metadata['tokenizer']} tokenizer, "
-              f"vocab {metadata['vocab_size']:,}, {metadata['tokens_per_second']:,.0f} tokens/s")

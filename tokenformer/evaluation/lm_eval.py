@@ -2,7 +2,7 @@
 
 lm-eval 0.4.x finds models only in its own registry: it has no plugin or entry-point discovery
 for models, so `lm_eval --model tokenformer` works only once this module has been imported. The
-`tokenformer-lm-eval` command (and `python -m tokenformer.lm_eval_adapter`) imports it and then
+`tokenformer-lm-eval` command (and `python -m tokenformer.evaluation.lm_eval`) imports it and then
 runs lm-eval's own command line with the same arguments:
 
     tokenformer-lm-eval --model tokenformer \\
@@ -21,20 +21,36 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
+from tokenformer.console import progress_bar
+from tokenformer.data.tokenizer import check_vocab_fits, load_tokenizer
 from tokenformer.errors import TokenFormerError
-from tokenformer.evaluate import require_lm_eval, score_windows
+from tokenformer.evaluation.scoring import score_windows
+from tokenformer.generate import generate_tokens
+from tokenformer.models.lm import TokenFormer
+
+
+def require_lm_eval():
+    """Import lm-eval, or explain in one sentence how to install it."""
+    try:
+        import lm_eval
+    except ImportError:
+        raise TokenFormerError(
+            'lm-evaluation-harness is not installed: pip install "tokenformer[eval]"') from None
+    return lm_eval
+
 
 try:
-    require_lm_eval()
+    lm_eval = require_lm_eval()
 except TokenFormerError as e:
     if __name__ != "__main__":
         raise
-    sys.exit(f"python -m tokenformer.lm_eval_adapter: error: {e}")  # one line, not a traceback
+    sys.exit(f"python -m tokenformer.evaluation.lm_eval: error: {e}")  # one line, not a traceback
 
-import lm_eval.models  # noqa: E402  (registers lm-eval's own models first: see `main`)
+import lm_eval.models  # noqa: E402,F811  (registers lm-eval's own models first: see `main`)
 from lm_eval.api.model import TemplateLM  # noqa: E402
 from lm_eval.api.registry import register_model  # noqa: E402
 
@@ -55,9 +71,6 @@ class TokenFormerLM(TemplateLM):
                  max_batch_size: int | None = None, **unknown) -> None:
         # max_batch_size: lm-eval's command line passes it for batch_size=auto; unused here.
         super().__init__()
-        from tokenformer.model import TokenFormer
-        from tokenformer.tokenizer import load_tokenizer
-
         if unknown:
             raise TokenFormerError(
                 f"unknown model_args {', '.join(sorted(unknown))}: the tokenformer model takes "
@@ -77,10 +90,8 @@ class TokenFormerLM(TemplateLM):
                 raise TokenFormerError("a model given as an object needs its tokenizer: pass tokenizer=")
             tokenizer = pretrained
         self.tokenizer = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
-        if self.tokenizer.vocab_size > self.model.config.padded_vocab_size:
-            raise TokenFormerError(
-                f"the tokenizer has {self.tokenizer.vocab_size} tokens but the model only "
-                f"{self.model.config.padded_vocab_size}: they do not belong together")
+        check_vocab_fits(self.tokenizer.vocab_size, self.model.config.padded_vocab_size,
+                         fix="they do not belong together")
         self.batch_size = _batch_size(batch_size)
         self._max_length = int(max_length) if max_length is not None else self.model.config.seq_length
         if not 1 <= self._max_length <= self.model.config.seq_length:
@@ -161,14 +172,12 @@ class TokenFormerLM(TemplateLM):
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Greedy (or sampled, with `do_sample`/`temperature`) continuations with the KV cache, one
         request at a time, stopped at the first `until` string (cut off), end-of-text, or `max_gen_toks`."""
-        from tqdm import tqdm
-
-        from tokenformer.generate import generate_tokens
-
         encoded = [self.tok_encode(context) for context, _ in (r.args for r in requests)]
         order = sorted(range(len(requests)), key=lambda i: (-len(encoded[i]), i))  # longest first
         outputs: list[str | None] = [None] * len(requests)
-        for i in tqdm(order, desc="generate_until", disable=disable_tqdm):
+        bar = progress_bar(len(order), desc="generate_until", unit="request", enabled=not disable_tqdm)
+        for i in order:
+            bar.update(1)
             context, options = requests[i].args
             options = dict(options or {})
             until = options.pop("until", None) or []
@@ -196,6 +205,7 @@ class TokenFormerLM(TemplateLM):
                 text = text.split(stop)[0]
             outputs[i] = text
             self.cache_hook.add_partial("generate_until", (context, requests[i].args[1]), text)
+        bar.close()
         return outputs  # type: ignore[return-value]
 
     def get_model_info(self) -> dict:
@@ -203,6 +213,37 @@ class TokenFormerLM(TemplateLM):
         return dict(model_name=self.pretrained_name, model_num_parameters=self.model.num_parameters(),
                     model_dtype=str(self.model.word_embeddings.weight.dtype), max_length=self.max_length,
                     num_layers=config.num_layers, hidden_size=config.hidden_size)
+
+
+def task_manager(tasks: Sequence[str], include_path: Sequence[str | Path] = (), builtin_tasks: bool = True):
+    """lm-eval's `TaskManager` over its own tasks and the `include_path` folders, after checking
+    that every folder exists and every task is known.
+
+    `builtin_tasks=False` skips indexing lm-eval's own task tree (about 10 s), for runs that use
+    only local tasks.
+    """
+    from lm_eval.tasks import TaskManager
+
+    for folder in include_path:
+        if not Path(folder).is_dir():
+            raise FileNotFoundError(f"task folder {folder} (--include-path) does not exist")
+    manager = TaskManager(include_path=[str(p) for p in include_path] or None, include_defaults=builtin_tasks)
+    known = set(manager.all_tasks)
+    unknown = [t for t in tasks if t not in known]
+    if unknown:
+        where = "in lm-eval or --include-path" if builtin_tasks else "in --include-path"
+        raise TokenFormerError(
+            f"unknown task {', '.join(unknown)}: there is no task of that name {where} "
+            f"(`lm_eval ls tasks` lists lm-eval's own)")
+    return manager
+
+
+def run_tasks(lm, tasks: Sequence[str], manager, limit: int | float | None = None,
+              num_fewshot: int = 0) -> dict:
+    """Run lm-eval `tasks` (from `manager`, see `task_manager`) on an adapter `lm` (a
+    `TokenFormerLM`); lm-eval's results dict, without per-sample logs."""
+    return lm_eval.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
+                           task_manager=manager, log_samples=False, bootstrap_iters=0)
 
 
 def _usable_device(device: str | None) -> str:

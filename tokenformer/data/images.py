@@ -6,7 +6,8 @@
 - Transforms on batches of tensors (B, C, H, W): random resized crop, random crop with padding,
   horizontal flip, resize + centre crop for evaluation, normalisation. They run in torch, so a
   batch of small images is augmented in one call.
-- `batches`: shuffled (or ordered) mini-batches of an in-memory dataset through a transform.
+- `take` / `batches_of`: images by index, or shuffled (or ordered) mini-batches, of an in-memory
+  dataset or an ImageFolder through a transform.
 """
 
 from __future__ import annotations
@@ -268,28 +269,32 @@ def batch_indices(n: int, batch_size: int, shuffle: bool, generator: torch.Gener
             yield mine
 
 
+def take(split, index: torch.Tensor, transform: Transform | None = None,
+         generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images and labels at `index` of an in-memory `(images, labels)` pair or an ImageFolder,
+    transformed as one batch (an ImageFolder's images one by one: their sizes differ)."""
+    if isinstance(split, ImageFolder):
+        items = [split[int(i)] for i in index]
+        if transform is None:
+            raise TokenFormerError("images of an ImageFolder need a transform to one size before batching")
+        x = torch.cat([transform(image[None], generator) for image, _ in items])  # (B, C, size, size)
+        return x, torch.tensor([label for _, label in items])
+    images, labels = split
+    x = images[index]
+    return (transform(x, generator) if transform is not None else to_float(x)), labels[index]
+
+
+def batches_of(split, batch_size: int, transform: Transform | None = None, shuffle: bool = False,
+               generator: torch.Generator | None = None, drop_last: bool = False,
+               shard: tuple[int, int] = (0, 1)) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Mini-batches of one pass over a split (see `take`), in the order and shards of
+    `batch_indices`; `generator` draws the order, then the augmentation."""
+    n = len(split) if isinstance(split, ImageFolder) else len(split[1])
+    for index in batch_indices(n, batch_size, shuffle, generator, drop_last, shard):
+        yield take(split, index, transform, generator)
+
+
 def batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, transform: Transform | None = None,
-            shuffle: bool = False, generator: torch.Generator | None = None, drop_last: bool = False,
-            shard: tuple[int, int] = (0, 1), augment_generator: torch.Generator | None = None
-            ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Mini-batches `(transform(images[i]), labels[i])` of an in-memory dataset, one pass.
-
-    `generator` draws the order, then (unless `augment_generator` is given) the augmentation;
-    `shard` as in `batch_indices`."""
-    augment_generator = generator if augment_generator is None else augment_generator
-    for index in batch_indices(len(images), batch_size, shuffle, generator, drop_last, shard):
-        x = images[index]
-        yield (transform(x, augment_generator) if transform is not None else to_float(x)), labels[index]
-
-
-def folder_batches(folder: ImageFolder, batch_size: int, transform: Transform,
-                   shuffle: bool = False, generator: torch.Generator | None = None, drop_last: bool = False,
-                   shard: tuple[int, int] = (0, 1), augment_generator: torch.Generator | None = None
-                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Mini-batches of an `ImageFolder`; every image is transformed on its own (sizes differ).
-    The generators and `shard` are those of `batches`."""
-    augment_generator = generator if augment_generator is None else augment_generator
-    for index in batch_indices(len(folder), batch_size, shuffle, generator, drop_last, shard):
-        items = [folder[int(i)] for i in index]
-        x = torch.cat([transform(image[None], augment_generator) for image, _ in items])  # (B, C, size, size)
-        yield x, torch.tensor([label for _, label in items])
+            **options) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """`batches_of` an in-memory dataset."""
+    return batches_of((images, labels), batch_size, transform, **options)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Iterable
 
 from tokenformer.errors import TokenFormerError
+from tokenformer.files import TOKENIZER_FILE
 
 END_OF_TEXT = "<|endoftext|>"
 BYTE_VOCAB_SIZE = 257  # 256 bytes, then <|endoftext|>
@@ -116,7 +117,7 @@ def load_tokenizer(spec: str | Path) -> Tokenizer:
         return ByteTokenizer()
     path = Path(spec)
     if path.is_dir():
-        path = path / "tokenizer.json"
+        path = path / TOKENIZER_FILE
     if path.is_file():
         try:
             backend = Backend.from_file(str(path))
@@ -132,3 +133,12 @@ def load_tokenizer(spec: str | Path) -> Tokenizer:
             raise TokenFormerError(f"could not fetch tokenizer {spec!r} from the Hugging Face Hub ({e})") from None
         return Tokenizer(backend, name=spec)
     raise FileNotFoundError(f"tokenizer {spec} not found: give 'byte', a tokenizer.json path, or a Hub name")
+
+
+def check_vocab_fits(vocab_size: int, padded_vocab_size: int, what: str = "the tokenizer",
+                     fix: str = "use the tokenizer the model was trained with") -> None:
+    """The one vocabulary check: token ids from `what` (a tokenizer, prepared data) must index the
+    model's embedding of `padded_vocab_size` rows."""
+    if vocab_size > padded_vocab_size:
+        raise TokenFormerError(f"{what} has {vocab_size} tokens but the model's vocabulary holds "
+                               f"{padded_vocab_size}: {fix}")

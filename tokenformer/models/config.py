@@ -252,3 +252,26 @@ PRESETS: dict[str, dict[str, Any]] = {
     "base-cpu": dict(num_layers=6, hidden_size=256, num_attention_heads=8, seq_length=256,
                      qkv_slot_num=256, proj_slot_num=256, ffn_slot_num=1024, vocab_size=257),
 }
+
+
+def resolve_model_config(spec: Any) -> Config:
+    """A model `Config` from a preset name, a .json/.yml path, or a mapping of fields (with
+    `name: PRESET` to start from a preset)."""
+    if isinstance(spec, Config):
+        return spec
+    if isinstance(spec, dict):
+        values = dict(spec)
+        name = values.get("name")
+        if name in PRESETS:
+            return Config.from_name(values.pop("name"), **values)
+        return Config.from_dict(values)
+    spec = str(spec)
+    if spec in PRESETS:
+        return Config.from_name(spec)
+    path = Path(spec)
+    if path.suffix == ".json":
+        return Config.from_json(path)
+    if path.suffix in (".yml", ".yaml"):
+        return Config.from_neox_yaml(path)
+    raise TokenFormerError(f"model {spec!r} is neither a preset ({', '.join(PRESETS)}) nor a .json/.yml "
+                           f"config file")

@@ -1,0 +1,72 @@
+"""`tokenformer generate`: text from a checkpoint with the KV cache (`tokenformer.generate`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from tokenformer.console import progress_bar
+from tokenformer.data.tokenizer import check_vocab_fits, load_tokenizer
+from tokenformer.errors import TokenFormerError
+from tokenformer.files import atomic_write_text
+from tokenformer.generate import generate_text
+from tokenformer.models.lm import TokenFormer
+from tokenformer.training.distributed import resolve_device
+
+
+def arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True,
+                        help="checkpoint directory (config.json, model.safetensors, tokenizer.json)")
+    parser.add_argument("--prompt", help="text to continue; streamed to the terminal")
+    parser.add_argument("--input-file", type=Path,
+                        help="official mode: one prompt per line; the continuations go to --output-file")
+    parser.add_argument("--output-file", type=Path,
+                        help="JSONL file for --input-file results: {\"context\", \"text\"} per line")
+    parser.add_argument("--tokenizer", help="override the checkpoint's tokenizer ('byte' or a tokenizer.json)")
+    parser.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate (default 100)")
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="0 = greedy (default); higher = more random sampling")
+    parser.add_argument("--top-k", type=int, default=None, help="sample only from the k most likely tokens")
+    parser.add_argument("--top-p", type=float, default=None,
+                        help="sample only from the smallest set of tokens whose probability reaches p")
+    parser.add_argument("--seed", type=int, default=None, help="random seed for sampling (reproducible output)")
+    parser.add_argument("--device", default="auto", help="auto (a GPU if there is one, else the CPU), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="weights and activations dtype (default float32)")
+
+
+def main(args: argparse.Namespace) -> None:
+    """Generate text from a checkpoint: `--prompt` streams one continuation to the terminal;
+    `--input-file`/`--output-file` continue every line of a file (the official generation mode)."""
+    if (args.prompt is None) == (args.input_file is None):
+        raise TokenFormerError("give exactly one of --prompt or --input-file")
+    if args.input_file is not None and args.output_file is None:
+        raise TokenFormerError("--input-file needs --output-file to write the continuations to")
+    model = TokenFormer.from_pretrained(args.checkpoint, device=resolve_device(args.device),
+                                        dtype=getattr(torch, args.dtype))
+    tokenizer = load_tokenizer(args.tokenizer or Path(args.checkpoint))
+    check_vocab_fits(tokenizer.vocab_size, model.config.padded_vocab_size,
+                     fix="give the checkpoint's own tokenizer (--tokenizer)")
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    if args.prompt is not None:
+        sys.stdout.write(args.prompt)
+        generate_text(model, tokenizer, args.prompt, args.max_new_tokens,
+                      on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()), **sampling)
+        sys.stdout.write("\n")
+        return
+    if not args.input_file.is_file():
+        raise FileNotFoundError(f"input file {args.input_file} does not exist")
+    prompts = [line.rstrip("\n") for line in args.input_file.read_text().splitlines() if line.strip()]
+    lines = []
+    bar = progress_bar(len(prompts), desc="generating", unit="prompt")
+    for prompt in prompts:
+        text = generate_text(model, tokenizer, prompt, args.max_new_tokens, **sampling)
+        lines.append(json.dumps({"context": prompt, "text": text}) + "\n")
+        bar.update(1)
+    bar.close()
+    atomic_write_text(args.output_file, "".join(lines))
+    print(f"wrote {len(prompts)} continuations to {args.output_file}")

@@ -1,0 +1,2 @@
+"""Data: tokenizers, the one document reader, GPT-NeoX indexed files, corpus preparation, training
+windows, and images."""

@@ -1,0 +1,99 @@
+"""The file layout of model, training and data directories, and the two ways files are touched
+here: written crash-safe, and read without executing code.
+
+Every file is written under a temporary name in the same folder, flushed to disk, then renamed
+over the old one (`os.replace` is atomic on POSIX and Windows): a crash at any moment leaves
+either the old file or the new one, never a torn file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import zipfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from tokenformer.errors import TokenFormerError
+
+# a model directory (`save_pretrained`, `tokenformer convert`, every training checkpoint)
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_FILE = "tokenizer.json"
+# a training run's `save` directory and its checkpoints `step_NNNNNNNN/`
+LATEST_FILE = "latest"
+TRAINER_STATE_FILE = "trainer.pt"
+SHARDED_DIR = "sharded"
+TRAIN_CONFIG_FILE = "train_config.json"
+METRICS_FILE = "metrics.jsonl"
+LOSS_PLOT_FILE = "loss_curve.png"
+ACCURACY_PLOT_FILE = "accuracy.png"
+FINAL_MODEL_DIR = "model"
+# a prepared dataset directory (`tokenformer prepare`)
+PREPARE_METADATA_FILE = "prepare.json"
+SPLIT_PREFIXES = {"train": "train_text_document", "valid": "valid_text_document"}
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it replaces `path` atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def atomic_copy(source: str | Path, path: str | Path) -> None:
+    with atomic_path(path) as tmp:
+        shutil.copyfile(source, tmp)
+
+
+def fsync_tree(directory: Path) -> None:
+    """Flush every file under `directory`, then the directory itself."""
+    for path in sorted(directory.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    fsync_dir(directory)
+
+
+def fsync_dir(directory: Path) -> None:
+    with contextlib.suppress(OSError):  # not every platform can fsync a directory
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def torch_load_safe(path: str | Path, map_location: str | torch.device = "cpu"):
+    """`torch.load` that never executes pickled code (tensors and plain containers only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file {path} does not exist")
+    try:
+        # the zip-based format can be memory-mapped, the legacy one cannot
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=zipfile.is_zipfile(path))
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, ... depending on the damage
+        raise TokenFormerError(
+            f"{path} cannot be loaded safely as tensors ({type(e).__name__}: {str(e).splitlines()[0]}); "
+            f"it may be damaged or hold pickled code") from None

@@ -1,0 +1,126 @@
+"""The model directory format (`config.json` + `model.safetensors`, optionally `tokenizer.json`)
+and what every model of this package shares: `save_pretrained`, `from_pretrained`, parameter
+counts, its Pattentions by name, and the one state-dict check.
+
+`config.json` holds the config's fields plus `model_type`, which says which class reads it back
+(`tokenformer.checkpoint.load_model` dispatches on it). Loading reads safetensors only: no code
+runs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, ClassVar, Mapping
+
+import torch
+from torch import nn
+
+from tokenformer.errors import TokenFormerError
+from tokenformer.files import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, atomic_path, atomic_write_text
+from tokenformer.models.pattention import Pattention
+
+
+def check_state_dict(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor],
+                     source: str = "checkpoint") -> None:
+    """Raise one clear sentence if `state` lacks a key, has an extra one, or a shape differs."""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise TokenFormerError(f"{source} is missing tensor {missing[0]!r}{more}: "
+                               f"is it a checkpoint of this model shape?")
+    if unexpected:
+        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        raise TokenFormerError(f"{source} has unexpected tensor {unexpected[0]!r}{more}: "
+                               f"is the config right for this checkpoint?")
+    for key, ref in expected.items():
+        if tuple(state[key].shape) != tuple(ref.shape):
+            raise TokenFormerError(
+                f"{source}: tensor {key!r} has shape {tuple(state[key].shape)} but the config "
+                f"expects {tuple(ref.shape)}: the config does not match this checkpoint")
+
+
+def write_model_directory(directory: str | Path, state: Mapping[str, torch.Tensor], config_values: dict[str, Any],
+                          model_type: str, tokenizer=None) -> Path:
+    """Write a model directory; weights first, so `config.json` never points at nothing."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    # safetensors refuses shared or non-contiguous storage: hand it plain contiguous copies.
+    state = {k: v.detach().contiguous() for k, v in state.items()}
+    with atomic_path(directory / WEIGHTS_FILE) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
+    if tokenizer is not None:
+        with atomic_path(directory / TOKENIZER_FILE) as tmp:
+            tokenizer.save(tmp)
+    values = {**config_values, "model_type": model_type}
+    atomic_write_text(directory / CONFIG_FILE, json.dumps(values, indent=2) + "\n")
+    return directory
+
+
+def read_config_values(directory: str | Path, written_by: str = "save_pretrained") -> dict[str, Any]:
+    """The mapping in `directory/config.json`, `model_type` included (default "tokenformer")."""
+    directory = Path(directory)
+    path = directory / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: is {directory} a checkpoint directory "
+                                f"(written by {written_by})?")
+    try:
+        values = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise TokenFormerError(f"{path} is not valid JSON ({e.msg}): the checkpoint directory is damaged") from None
+    values.setdefault("model_type", "tokenformer")
+    return values
+
+
+class PretrainedModel(nn.Module):
+    """Base of the models here: a `config` with `to_dict` / `from_dict`, a `model_type` naming it in
+    `config.json`, and the directory format above."""
+
+    model_type: ClassVar[str]
+    config_class: ClassVar[type]
+    written_by: ClassVar[str] = "save_pretrained"
+
+    def save_pretrained(self, directory: str | Path, tokenizer=None) -> Path:
+        """Write `config.json` and `model.safetensors` (and the tokenizer, if given) atomically."""
+        return write_model_directory(directory, self.state_dict(), self.config.to_dict(), self.model_type,
+                                     tokenizer)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: torch.device | str = "cpu",
+                        dtype: torch.dtype | None = None):
+        """Load a directory written by `save_pretrained` (safetensors only: no code runs).
+
+        The model is built on the meta device and takes the loaded tensors as they are (`assign`),
+        so loading costs one copy of the weights.
+        """
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        values = read_config_values(directory, cls.written_by)
+        found = values.pop("model_type")
+        if found != cls.model_type:
+            raise TokenFormerError(f"{directory} holds a {found!r} model, not a {cls.model_type!r} model: load it "
+                                   f"with the class that wrote it ({cls.__name__} cannot)")
+        weights_path = directory / WEIGHTS_FILE
+        if not weights_path.is_file():
+            raise FileNotFoundError(f"{weights_path} does not exist: is {directory} a checkpoint directory "
+                                    f"(written by {cls.written_by})?")
+        config = cls.config_class.from_dict(values)
+        state = load_file(str(weights_path), device=str(device))
+        with torch.device("meta"):
+            model = cls(config)
+        check_state_dict(state, model.state_dict(), source=str(weights_path))
+        if dtype is not None:
+            state = {k: v.to(dtype) for k, v in state.items()}
+        model.load_state_dict(state, assign=True)
+        return model.eval()
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def pattentions(self) -> dict[str, Pattention]:
+        """Every Pattention of the model by module name (e.g. `layers.0.attention.query`)."""
+        return {name: m for name, m in self.named_modules() if isinstance(m, Pattention)}

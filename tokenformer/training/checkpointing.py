@@ -1,0 +1,173 @@
+"""Crash-safe training checkpoints and the random-number state that makes resuming exact.
+
+A checkpoint is a folder `SAVE/step_00000100/` holding an ordinary model directory
+(`config.json`, `model.safetensors`, `tokenizer.json`: `tokenformer generate --checkpoint` works
+on it) plus `trainer.pt` (optimizer, schedule position, RNG states, data position, the task's
+state) and, under FSDP2, `sharded/` (torch.distributed.checkpoint). `SAVE/latest` names the newest
+complete one.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from tokenformer.errors import TokenFormerError
+from tokenformer.files import (LATEST_FILE, SHARDED_DIR, TRAINER_STATE_FILE, WEIGHTS_FILE, atomic_write_text,
+                               fsync_dir, fsync_tree, torch_load_safe)
+from tokenformer.models.pretrained import write_model_directory
+from tokenformer.training.distributed import (DistEnv, barrier, load_full_into_sharded, load_sharded, save_sharded,
+                                              unwrap)
+
+
+def capture_rng() -> dict[str, Any]:
+    """Python, NumPy and torch RNG states in types `torch.load(weights_only=True)` accepts."""
+    np_state = np.random.get_state()
+    state = {"python": list(random.getstate()[1]), "python_gauss": random.getstate()[2],
+             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    random.setstate((3, tuple(state["python"]), state["python_gauss"]))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class CheckpointManager:
+    """Complete, crash-safe training checkpoints in `directory`, newest named by `latest`.
+
+    A checkpoint is written into a hidden temporary folder, flushed, then renamed to
+    `step_NNNNNNNN` (one atomic rename), and only then does `latest` (rewritten atomically) point
+    at it. A crash at any moment leaves the previous checkpoint and a `latest` naming it; the
+    leftover temporary folder is removed by the next run. The oldest are pruned to `keep_last_n`.
+    """
+
+    def __init__(self, directory: str | Path, keep_last_n: int = 3, env=None) -> None:
+        self.directory = Path(directory)
+        self.keep_last_n = keep_last_n
+        self.env = env or DistEnv()
+
+    @staticmethod
+    def name_of(step: int) -> str:
+        return f"step_{step:08d}"
+
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoints, oldest first."""
+        if not self.directory.is_dir():
+            return []
+        found = [p for p in self.directory.glob("step_*") if p.is_dir() and (p / TRAINER_STATE_FILE).is_file()]
+        return sorted(found, key=lambda p: p.name)
+
+    def latest(self) -> Path | None:
+        pointer = self.directory / LATEST_FILE
+        if pointer.is_file():
+            path = self.directory / pointer.read_text().strip()
+            if (path / TRAINER_STATE_FILE).is_file():
+                return path
+        found = self.checkpoints()  # a pointer lost to an old crash: fall back to the newest
+        return found[-1] if found else None
+
+    def remove_leftovers(self) -> None:
+        if self.env.is_main and self.directory.is_dir():
+            for path in self.directory.glob(".tmp-step_*"):
+                shutil.rmtree(path, ignore_errors=True)
+
+    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+             trainer_state: dict[str, Any], tokenizer=None, sharded: bool = False) -> Path:
+        """Write checkpoint `step` (every rank calls this; rank 0 writes the files)."""
+        name = self.name_of(step)
+        tmp, final = self.directory / f".tmp-{name}", self.directory / name
+        if self.env.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        barrier(self.env)
+        if sharded:
+            save_sharded(tmp / SHARDED_DIR, model, optimizer)
+            state = _full_model_state(model)
+            optimizer_state = None
+        else:
+            state = None
+            optimizer_state = optimizer.state_dict() if self.env.is_main else None
+        if self.env.is_main:
+            self._write_model(tmp, model, tokenizer, state)
+            self._write_trainer_state(tmp, {**trainer_state, "optimizer": optimizer_state, "step": step})
+            fsync_tree(tmp)
+            if final.exists():  # a rerun over an old directory: replace it, keeping the swap atomic
+                stale = self.directory / f".tmp-{name}-old"
+                os.replace(final, stale)
+                os.replace(tmp, final)
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                os.replace(tmp, final)
+            fsync_dir(self.directory)
+            atomic_write_text(self.directory / LATEST_FILE, name + "\n")
+            self.prune()
+        barrier(self.env)
+        return final
+
+    def _write_model(self, directory: Path, model: nn.Module, tokenizer, state: dict | None) -> None:
+        plain = unwrap(model)
+        # under FSDP2 `state` is the gathered full state; the sharded parameters are not
+        write_model_directory(directory, plain.state_dict() if state is None else state, plain.config.to_dict(),
+                              plain.model_type, tokenizer)
+
+    def _write_trainer_state(self, directory: Path, state: dict[str, Any]) -> None:
+        torch.save(state, directory / TRAINER_STATE_FILE)
+
+    def prune(self) -> None:
+        found = self.checkpoints()
+        latest = self.latest()
+        for path in found[:-self.keep_last_n]:
+            if path != latest:
+                shutil.rmtree(path, ignore_errors=True)
+
+    def load(self, path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+             sharded: bool = False) -> dict[str, Any]:
+        """Restore model (and optimizer) in place; return the trainer state (step, data, rng, ...)."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        state = torch_load_safe(path / TRAINER_STATE_FILE)
+        if not sharded and optimizer is not None and state.get("optimizer") is None \
+                and (path / SHARDED_DIR).is_dir():
+            sharded = True  # an FSDP2 checkpoint resumed by one process or DDP: DCP reshards it
+        if sharded and (path / SHARDED_DIR).is_dir():
+            load_sharded(path / "sharded", model, optimizer)
+            return state
+        if sharded:  # a one-process or DDP checkpoint (full state) resumed under FSDP2
+            weights = load_file(str(path / WEIGHTS_FILE))
+            load_full_into_sharded(model, optimizer, weights, state.get("optimizer"), source=str(path))
+            return state
+        plain = unwrap(model)
+        weights = load_file(str(path / WEIGHTS_FILE), device=str(next(plain.parameters()).device))
+        try:
+            plain.load_state_dict(weights)
+        except RuntimeError as e:
+            lines = str(e).splitlines()
+            detail = lines[1].strip() if len(lines) > 1 else lines[0]
+            raise TokenFormerError(f"{path} holds a model of another shape than this run's ({detail}): resume "
+                                   f"with the same model config, or use a new `save` directory") from None
+        if optimizer is not None:
+            optimizer.load_state_dict(state["optimizer"])
+        return state
+
+
+def _full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole (unsharded) model state on the CPU of rank 0; collective under FSDP2."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

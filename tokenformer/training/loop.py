@@ -1,0 +1,317 @@
+"""The one training loop, for one process and for `torchrun`, whatever the task (language
+modelling, image classification: `tokenformer.training.tasks`).
+
+A step takes `gradient_accumulation_steps` micro-batches on every rank: rank r of N takes every
+N-th micro-batch of the global order of samples (`micro_batch_start`), so a step's global batch is
+the same for any N. The learning rate follows the schedule; gradients are clipped; checkpoints are
+complete and crash-safe (`checkpointing`), and `resume` continues with the same losses as an
+uninterrupted run: sample i of the global order, the RNG states and the optimizer all come back.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from tokenformer.checkpoint import load_model
+from tokenformer.console import note, progress_bar
+from tokenformer.errors import TokenFormerError
+from tokenformer.evaluation.scoring import to_device
+from tokenformer.files import LOSS_PLOT_FILE, METRICS_FILE, TRAIN_CONFIG_FILE, atomic_write_text
+from tokenformer.training import warm_start
+from tokenformer.training.checkpointing import CheckpointManager, capture_rng, restore_rng
+from tokenformer.training.config import TrainConfig, VisionTrainConfig
+from tokenformer.training.distributed import (DistEnv, all_reduce_mean, barrier, describe_rank_failure, gradient_sync,
+                                              init_distributed, maybe_fail, resume_batch_note, shutdown, unwrap,
+                                              wrap_model)
+from tokenformer.training.metrics import MetricsLogger, plot_loss_curve
+from tokenformer.training.optim import build_optimizer, clip_gradients, lr_at
+from tokenformer.training.precision import autocast_context, check_precision, grad_scaler, sharded_param_dtype
+from tokenformer.training.tasks import LanguageModelTask, VisionTask
+
+VISION_CONFIG_FILE = "train_vision_config.json"
+
+
+def train(config: TrainConfig, model: nn.Module | None = None, task=None) -> dict[str, Any]:
+    """Train `model` (or the one `config` describes) and return a summary: steps, final train and
+    validation loss, tokens seen, last checkpoint, metrics and plot paths, per-step losses.
+
+    `task` supplies data and loss (default `LanguageModelTask(config)`; see `training.tasks`)."""
+    task = task or LanguageModelTask(config)
+    return run_distributed(config.device, config.save, lambda env: run(config, model, env, task))
+
+
+def train_vision(cfg: VisionTrainConfig, model: nn.Module | None = None) -> dict[str, Any]:
+    """Train an image classifier (default: a `VisionTokenFormer` of `cfg.model`) on the one loop and
+    return its summary with the test accuracy, the per-epoch records and the parameter count.
+
+    Under torchrun the model is wrapped in DDP and `batch_size` stays the global batch: rank r of
+    N trains on its slice of `batch_size / N` images of every global batch; rank 0 writes the
+    checkpoints, metrics, plots and `model/`."""
+    task = VisionTask(cfg)
+
+    def body(env: DistEnv) -> dict[str, Any]:
+        loop_cfg = cfg.loop_config(task.steps_per_epoch, env.world_size)
+        if cfg.save and env.is_main:
+            atomic_write_text(Path(cfg.save) / VISION_CONFIG_FILE, json.dumps(cfg.to_dict(), indent=2) + "\n")
+        return run(loop_cfg, model, env, task)
+
+    return run_distributed(cfg.device, cfg.save, body)
+
+
+def run_distributed(device: str, save: str | None, body: Callable[[DistEnv], Any]) -> Any:
+    """`body(env)` inside the process group torchrun set up (or alone outside torchrun). A rank's
+    error becomes one sentence naming the rank and the checkpoint in `save` to resume from (a bug
+    keeps its traceback); the group is left at the end unless the caller had joined it already."""
+    was_initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
+    env = init_distributed(device)
+    try:
+        return body(env)
+    except Exception as error:
+        if not env.distributed:
+            raise
+        latest = CheckpointManager(save).latest() if save else None
+        described = describe_rank_failure(error, env, latest)
+        if described is None:
+            raise
+        raise described from error
+    finally:
+        if env.distributed and not was_initialised:
+            shutdown()
+
+
+def micro_batch_start(consumed_samples: int, micro_step: int, rank: int, world_size: int,
+                      micro_batch_size: int) -> int:
+    """First global sample of this rank's micro-batch: rank r of N takes every N-th micro-batch of
+    the global order, so a step's global batch is the same whatever N (for a fixed
+    micro_batch_size x gradient_accumulation_steps x N)."""
+    return consumed_samples + (micro_step * world_size + rank) * micro_batch_size
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class Run:
+    """Everything one training run holds while it runs."""
+
+    cfg: TrainConfig
+    env: DistEnv
+    task: Any
+    model: nn.Module              # as trained: wrapped by DDP, or sharded in place by FSDP2
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    manager: CheckpointManager | None
+    sharded: bool
+    step: int = 0
+    consumed_samples: int = 0
+    resumed_from: Path | None = None
+    elapsed_before: float = 0.0   # training time of the runs this one resumed
+    started: float = 0.0
+
+    @property
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.started
+
+    @property
+    def units_per_step(self) -> int:
+        cfg = self.cfg
+        return (cfg.train_micro_batch_size_per_gpu * cfg.gradient_accumulation_steps * self.env.world_size
+                * self.task.units_per_sample)
+
+
+def start_run(cfg: TrainConfig, model: nn.Module | None, env: DistEnv, task) -> Run:
+    """Seed, build or load the model, let the task load its data, wrap the model for the
+    parallelism, build the optimizer, and resume from the latest checkpoint when asked."""
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    check_precision(cfg.precision, env.device)
+    sharded = env.distributed and cfg.parallelism == "fsdp2"
+    seed_everything(cfg.seed)
+    if model is None:
+        model = load_model(cfg.init_from).train() if cfg.init_from else task.build_model()
+    task.prepare(model, env)
+    model.to(env.device).train()
+    model.gradient_checkpointing = cfg.checkpoint_activations
+    if cfg.compile:
+        # Block by block and in place (nn.Module.compile): parameter names stay those of the
+        # checkpoints, and FSDP2 can still shard each block afterwards.
+        for block in getattr(model, "layers", []):
+            block.compile()
+    warm = warm_start.prepare_model(cfg, model)  # freezes before the optimizer sees the parameters
+    model = wrap_model(model, env, cfg.parallelism if sharded else "ddp",
+                       param_dtype=sharded_param_dtype(cfg.precision, env.device) if sharded else None)
+    optimizer = build_optimizer(unwrap(model), cfg)
+    warm = warm_start.start_optimizer(cfg, warm, optimizer, sharded=sharded)
+    run = Run(cfg, env, task, model, optimizer, grad_scaler(cfg.precision),
+              CheckpointManager(cfg.save, cfg.keep_last_n, env) if cfg.save else None, sharded,
+              step=warm.step, consumed_samples=warm.consumed_samples)
+    if run.manager is not None:
+        resume(run)
+        if env.is_main:
+            atomic_write_text(Path(cfg.save) / TRAIN_CONFIG_FILE, json.dumps(cfg.to_dict(), indent=2) + "\n")
+    return run
+
+
+def resume(run: Run) -> None:
+    """Clear a crashed save's leftovers; with `resume`, restore the latest checkpoint in place."""
+    cfg, env, manager = run.cfg, run.env, run.manager
+    manager.remove_leftovers()
+    barrier(env)  # no rank looks for the latest checkpoint while rank 0 clears leftovers
+    latest = manager.latest() if cfg.resume else None
+    if latest is None:
+        if cfg.resume and env.is_main:
+            print(f"no checkpoint in {cfg.save}: starting from scratch", file=sys.stderr)
+        return
+    state = manager.load(latest, run.model, run.optimizer, sharded=run.sharded)
+    run.task.load_state(state.get("task", {}), latest)
+    run.step, run.consumed_samples = int(state["step"]), int(state["consumed_samples"])
+    run.elapsed_before = float(state.get("elapsed_s", 0.0))
+    if run.scaler is not None and state.get("scaler"):
+        run.scaler.load_state_dict(state["scaler"])
+    restore_rng(state["rng"])
+    run.resumed_from = latest
+    message = resume_batch_note(state, cfg.train_micro_batch_size_per_gpu, cfg.gradient_accumulation_steps,
+                                env.world_size)
+    if message and env.is_main:
+        print(f"warning: {message}", file=sys.stderr)
+
+
+def train_step(run: Run, iteration: int) -> tuple[float, float, float]:
+    """One optimizer step (all its micro-batches); returns the loss averaged over the ranks, the
+    learning rate and the gradient norm before clipping."""
+    cfg, env, model, optimizer = run.cfg, run.env, run.model, run.optimizer
+    lr = lr_at(iteration, cfg.schedule)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    micro, accumulation = cfg.train_micro_batch_size_per_gpu, cfg.gradient_accumulation_steps
+    loss_sum = torch.zeros((), device=env.device)
+    for micro_step in range(accumulation):
+        first = micro_batch_start(run.consumed_samples, micro_step, env.rank, env.world_size, micro)
+        batch = to_device(run.task.train_batch(first, micro), env.device)
+        with gradient_sync(model, sync=micro_step == accumulation - 1):
+            with autocast_context(cfg.precision, env.device):
+                loss, _ = run.task.loss(model, batch)
+            scaled = loss / accumulation
+            (run.scaler.scale(scaled) if run.scaler is not None else scaled).backward()
+        loss_sum += loss.detach()
+    run.consumed_samples += micro * accumulation * env.world_size
+    step_loss = float(all_reduce_mean(loss_sum / accumulation, env))
+    if not math.isfinite(step_loss):
+        latest = run.manager.latest() if run.manager is not None else None
+        kept = f"the last good checkpoint {latest} is kept" if latest else "no checkpoint was written yet"
+        raise TokenFormerError(f"the training loss became {step_loss} at step {iteration}; {kept}: "
+                               f"lower lr, raise warmup or use fp32/bf16")
+    if run.scaler is not None:
+        run.scaler.unscale_(optimizer)
+    grad_norm = clip_gradients(model, cfg.clip_grad)
+    if run.scaler is not None:
+        run.scaler.step(optimizer)
+        run.scaler.update()
+    else:
+        optimizer.step()
+    run.step = iteration
+    run.task.after_step(unwrap(model), iteration)
+    return step_loss, lr, grad_norm
+
+
+def save_checkpoint(run: Run) -> Path | None:
+    """Write checkpoint `run.step` (every rank calls this) and redraw the loss curve."""
+    if run.manager is None:
+        return None
+    cfg = run.cfg
+    state = {"consumed_samples": run.consumed_samples, "task": run.task.state(), "rng": capture_rng(),
+             "scheduler": {"iteration": run.step, "lr": lr_at(max(run.step, 1), cfg.schedule)},
+             "scaler": run.scaler.state_dict() if run.scaler is not None else None,
+             "train_config": json.dumps(cfg.to_dict()), "world_size": run.env.world_size,
+             "elapsed_s": run.elapsed}
+    path = run.manager.save(run.step, run.model, run.optimizer, state, tokenizer=run.task.tokenizer,
+                            sharded=run.sharded)
+    if run.env.is_main and cfg.plot:
+        plot_loss_curve(Path(cfg.save) / METRICS_FILE, Path(cfg.save) / LOSS_PLOT_FILE)
+    return path
+
+
+def validate(run: Run, logger: MetricsLogger) -> dict[str, Any] | None:
+    """The task's validation record at this step, logged and shown (collective)."""
+    record = run.task.evaluate(run.model, run.env, run.step)
+    if record is None:
+        return None
+    record = {"step": run.step, **record, "elapsed_s": run.elapsed}
+    logger.log(record)
+    if run.env.is_main:
+        shown = ", ".join(f"{k.removeprefix('val_')} {v:.4g}" for k, v in record.items()
+                          if k.startswith("val_"))
+        note(f"step {run.step}: validation {shown} ({record['elapsed_s']:.0f} s)", run.cfg.progress)
+    return record
+
+
+def run(cfg: TrainConfig, model: nn.Module | None, env: DistEnv, task) -> dict[str, Any]:
+    """The loop: steps until `train_iters`, validating every `eval_interval` steps and saving
+    every `save_interval` (and both at the end); returns the summary `train` describes."""
+    state = start_run(cfg, model, env, task)
+    metrics_path = Path(cfg.save) / METRICS_FILE if cfg.save else None
+    logger = MetricsLogger(metrics_path if env.is_main else None,
+                           resume_step=state.step if state.resumed_from is not None else None,
+                           tensorboard_dir=cfg.tensorboard_dir if env.is_main else None,
+                           wandb_project=cfg.wandb_project if env.is_main else None, run_config=cfg.to_dict())
+    state.started = time.perf_counter()
+    first = validate(state, logger) if task.validate_at_start and state.resumed_from is None else None
+    last, last_checkpoint, losses = first, state.resumed_from, {}
+    start_step, interval_start, interval_units = state.step, time.perf_counter(), 0
+    bar = progress_bar(cfg.train_iters, initial=state.step, desc=task.name, unit="step",
+                       enabled=cfg.progress and env.is_main)
+    try:
+        while state.step < cfg.train_iters:
+            loss, lr, grad_norm = train_step(state, state.step + 1)
+            step = state.step
+            maybe_fail(step, env)
+            losses[step] = loss
+            interval_units += state.units_per_step
+            bar.update(1)
+            end = step == cfg.train_iters
+            if step % cfg.log_interval == 0 or end:
+                now = time.perf_counter()
+                rate = interval_units / max(now - interval_start, 1e-9)
+                interval_start, interval_units = now, 0
+                logger.log({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                            task.unit: state.consumed_samples * task.units_per_sample,
+                            f"{task.unit}_per_s": rate, **task.log_extras(env)})
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", **{f"{task.unit}_s": f"{rate:,.0f}"},
+                                refresh=False)
+            if step % cfg.eval_interval == 0 or end:
+                last = validate(state, logger) or last
+            if step % cfg.save_interval == 0 or end:
+                last_checkpoint = save_checkpoint(state) or last_checkpoint
+    finally:
+        bar.close()
+        logger.close()
+    outputs = task.finish(state.model, Path(cfg.save) if cfg.save else None, env)
+    barrier(env)  # every rank returns once the outputs exist
+    elapsed = time.perf_counter() - state.started
+    plot = Path(cfg.save) / LOSS_PLOT_FILE if cfg.save else None
+    val_loss = last.get("val_loss") if last else None
+    return {"step": state.step, "train_loss": losses.get(state.step),
+            "val_loss_initial": first.get("val_loss") if first else None, "val_loss": val_loss,
+            "val_ppl": math.exp(min(val_loss, 50.0)) if val_loss is not None else None, "validation": last,
+            f"{task.unit}_seen": state.consumed_samples * task.units_per_sample,
+            "checkpoint": str(last_checkpoint) if last_checkpoint else None,
+            "metrics": str(metrics_path) if metrics_path else None,
+            "plot": str(plot) if plot is not None and plot.is_file() else None, "losses": losses,
+            "wall_time_s": elapsed, "total_time_s": state.elapsed,
+            f"{task.unit}_per_s": (state.step - start_step) * state.units_per_step / max(elapsed, 1e-9),
+            "resumed_from": str(state.resumed_from) if state.resumed_from else None, **outputs}
