@@ -38,7 +38,7 @@ from bench.reference import official_pattentions
 from tokenformer import Config, Pattention, TokenFormer
 from tokenformer.flops import gpt_neox_flops, tokenformer_flops
 from tokenformer.generate import generate_tokens
-from tokenformer.model import rotary_cos_sin
+from tokenformer.models.lm import rotary_cos_sin
 
 RESULTS = Path(__file__).parent / "results" / "compare.json"
 VOCAB = 50277  # GPT-NeoX-20B; both models pad to 50304

@@ -54,8 +54,8 @@ def time_encoders(tokenizer, texts: list[str]) -> dict:
 
 def run(quick: bool = False) -> dict:
     """Prepare the stdlib corpus with each tokenizer; tokens/s per tokenizer and the batching ratio."""
-    prepare_module = importlib.import_module("tokenformer.prepare")
-    from tokenformer.tokenizer import load_tokenizer
+    prepare_module = importlib.import_module("tokenformer.data.prepare")
+    from tokenformer.data.tokenizer import load_tokenizer
 
     max_documents = QUICK_DOCUMENTS if quick else None
     tokenizers = {"byte": "byte", "bpe": "bpe"}

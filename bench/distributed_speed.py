@@ -44,7 +44,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from tokenformer.distributed import usable_cores
+from tokenformer.training.distributed import usable_cores
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
@@ -55,7 +55,7 @@ RESULTS = Path(__file__).parent / "results"
 def write_corpus(directory: Path, num_tokens: int, vocab: int = 256, seed: int = 0) -> Path:
     """Random byte 'documents' in the `tokenformer prepare` layout (throughput ignores the text)."""
     from tokenformer import ByteTokenizer
-    from tokenformer.indexed_dataset import IndexedDatasetWriter
+    from tokenformer.data.indexed import IndexedDatasetWriter
 
     rng = np.random.default_rng(seed)
     directory.mkdir(parents=True, exist_ok=True)
@@ -75,7 +75,7 @@ def write_corpus(directory: Path, num_tokens: int, vocab: int = 256, seed: int =
 def write_images(directory: Path, num_train: int, image_size: int = 28, num_classes: int = 10,
                  num_test: int = 64, seed: int = 0) -> Path:
     """Random grey images and labels in the MNIST IDX layout (throughput ignores the pixels)."""
-    from tokenformer.vision_data import write_idx
+    from tokenformer.data.images import write_idx
 
     rng = np.random.default_rng(seed)
     directory.mkdir(parents=True, exist_ok=True)
@@ -174,7 +174,7 @@ def lm_runs(args: argparse.Namespace, workdir: Path) -> tuple[list[dict], dict[s
 
 def vision_runs(args: argparse.Namespace, workdir: Path) -> tuple[list[dict], dict[str, Any], str]:
     """`tokenformer train-vision`: the rows, the settings for the JSON and the table's title."""
-    from tokenformer.train_vision import resolve_vision_config
+    from tokenformer.models.vision import resolve_vision_config
 
     if args.parallelism != ["ddp"]:
         raise SystemExit("train-vision runs under torchrun with DDP only: drop --parallelism (or pass ddp)")

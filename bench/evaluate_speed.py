@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from tokenformer import Config, TokenFormer
-from tokenformer.evaluate import perplexity, score_windows
+from tokenformer.evaluation.scoring import perplexity, score_windows
 
 
 def seconds(fn) -> float:

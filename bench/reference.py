@@ -15,7 +15,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-from tokenformer.pattention import Pattention
+from tokenformer.models.pattention import Pattention
 
 
 def official_pattention(x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,

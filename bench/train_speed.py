@@ -1,4 +1,4 @@
-"""Training throughput of the real training loop (`tokenformer.train.train`), in tokens/s.
+"""Training throughput of the real training loop (`tokenformer.training.loop.train`), in tokens/s.
 
     python -m bench.train_speed [--steps 20] [--rounds 3] [--threads 1] [--sweep]
 
@@ -26,9 +26,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tokenformer.indexed_dataset import IndexedDatasetWriter
-from tokenformer.tokenizer import ByteTokenizer
-from tokenformer.train import TrainConfig, train
+from tokenformer.data.indexed import IndexedDatasetWriter
+from tokenformer.data.tokenizer import ByteTokenizer
+from tokenformer.training.config import TrainConfig
+from tokenformer.training.loop import train
 
 DEMO_SHAPE = dict(model={"name": "tiny", "vocab_size": 2048, "seq_length": 64}, train_micro_batch_size_per_gpu=16)
 VARIANTS = {"fp32": dict(precision="fp32"), "bf16_autocast": dict(precision="bf16"),

@@ -32,8 +32,9 @@ MODELS = ("VisionTokenFormer", "ViT")
 def run_one(kind: str, values: dict, out: str) -> dict:
     """Train one model (`kind` in MODELS) with the train-vision config `values`."""
     from experiments.vit import ViT
-    from tokenformer.train_vision import VisionTrainConfig, resolve_vision_config, train_vision
-    from tokenformer.vision import VisionTokenFormer
+    from tokenformer.models.vision import VisionTokenFormer, resolve_vision_config
+    from tokenformer.training.config import VisionTrainConfig
+    from tokenformer.training.loop import train_vision
 
     cfg = VisionTrainConfig.from_dict({**values, "save": str(Path(out) / kind)})
     if cfg.num_threads:
@@ -64,14 +65,14 @@ def main() -> None:
     import yaml
 
     values = yaml.safe_load(args.config.read_text()) or {}
-    from tokenformer.train_vision import VisionTrainConfig
+    from tokenformer.training.config import VisionTrainConfig
 
     overrides = {k[2:].replace("-", "_"): v for k, v in zip(rest[::2], rest[1::2])}
     values.update(VisionTrainConfig.from_dict({**values, **overrides}).to_dict())  # converted, checked
     values.pop("save", None)
     values["resume"] = args.resume
     kinds = [args.only] if args.only else list(MODELS)
-    from tokenformer.distributed import init_distributed, shutdown
+    from tokenformer.training.distributed import init_distributed, shutdown
 
     env = init_distributed(values.get("device", "auto"))  # under torchrun: one group for both runs
     load_before = os.getloadavg()
@@ -100,7 +101,7 @@ def main() -> None:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "fashion_mnist.json").write_text(json.dumps(summary, indent=2) + "\n")
-    from tokenformer.train_vision import plot_accuracy
+    from tokenformer.training.metrics import plot_accuracy
 
     plot_accuracy({f"{r['model']} ({r['num_parameters']:,} params)": r["history"] for r in results},
                   args.out / "fashion_mnist.png", title="Fashion-MNIST test accuracy")

@@ -4,7 +4,7 @@
     python experiments/growth.py --steps 40 --grow-at 20 --eval-interval 10 --out /tmp/g --work /tmp/g/work  # smoke
 
 On the State of the Union addresses (`../shared/data/sotu`, else this Python's standard library),
-byte-level tokens, every run through the trainer (`tokenformer.train.train`):
+byte-level tokens, every run through the trainer (`tokenformer.training.loop.train`):
 
   scratch                 the large model (same depth and width, more parameter tokens) from scratch
   small                   the small model, stopped at `--grow-at` of the same `--steps` schedule
@@ -62,7 +62,7 @@ def slots(text: str) -> dict[str, int]:
 
 
 def prepare_corpus(work: Path, valid_fraction: float) -> tuple[Path, str]:
-    from tokenformer.prepare import prepare
+    from tokenformer.data.prepare import prepare
 
     out = work / "data"
     if (out / "prepare.json").is_file():
@@ -81,7 +81,9 @@ def prepare_corpus(work: Path, valid_fraction: float) -> tuple[Path, str]:
 
 def run_training(name: str, values: dict[str, Any]) -> dict[str, Any]:
     """One training run in a worker process: the trainer, nothing else."""
-    from tokenformer.train import TrainConfig, read_metrics, train
+    from tokenformer.training.config import TrainConfig
+    from tokenformer.training.loop import train
+    from tokenformer.training.metrics import read_metrics
 
     start = time.perf_counter()
     summary = train(TrainConfig(**values))
@@ -96,7 +98,9 @@ def run_training(name: str, values: dict[str, Any]) -> dict[str, Any]:
 def finished_run(name: str, values: dict[str, Any], earlier_results: Path) -> dict[str, Any] | None:
     """An earlier run of `name` with exactly these settings (`--reuse`), finished, or None. Its
     timing comes from its outcome.json, or from the earlier results file."""
-    from tokenformer.train import CheckpointManager, TrainConfig, read_metrics
+    from tokenformer.training.checkpointing import CheckpointManager
+    from tokenformer.training.config import TrainConfig
+    from tokenformer.training.metrics import read_metrics
 
     save = Path(values["save"])
     if not (save / "train_config.json").is_file() or not (save / "metrics.jsonl").is_file():
@@ -115,7 +119,7 @@ def finished_run(name: str, values: dict[str, Any], earlier_results: Path) -> di
 
 
 def flops_per_step(model: dict[str, Any], tokens_per_step: int) -> float:
-    from tokenformer.config import Config
+    from tokenformer.models.config import Config
     from tokenformer.flops import tokenformer_flops
 
     config = Config(**model)
@@ -190,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or not 0 < args.grow_at < args.steps:
         parser.error(f"unknown variant {unknown[0]}" if unknown else "need 0 < --grow-at < --steps")
 
-    from tokenformer.scaling import grow_checkpoint
+    from tokenformer.scaling.grow import grow_checkpoint
 
     began = time.perf_counter()
     args.work.mkdir(parents=True, exist_ok=True)

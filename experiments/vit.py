@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenformer.vision import VisionConfig
+from tokenformer.models.vision import VisionConfig
 
 
 class ViTBlock(nn.Module):

@@ -26,10 +26,13 @@ import pytest
 import torch
 import torch.distributed as dist
 
-import tokenformer.distributed as D
+import tokenformer.training.distributed as D
 from tokenformer import ByteTokenizer, TokenFormer
-from tokenformer.indexed_dataset import IndexedDatasetWriter
-from tokenformer.train import TrainConfig, read_metrics, train
+from tokenformer.data.indexed import IndexedDatasetWriter
+from tokenformer.training.config import TrainConfig, VisionTrainConfig
+from tokenformer.training import loop
+from tokenformer.training.loop import train, train_vision
+from tokenformer.training.metrics import read_metrics
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with the gloo backend is not available")
@@ -123,7 +126,7 @@ def reference(corpus, tmp_path_factory):
     torch.set_num_threads(1)
     try:
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(D, "gradient_sync", recording)
+            patch.setattr(loop, "gradient_sync", recording)  # where the loop looks it up
             summary = train(TrainConfig(**run_fields(corpus, save, train_micro_batch_size_per_gpu=4)))
     finally:
         torch.set_num_threads(threads)
@@ -324,7 +327,6 @@ def toy_images(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def vision_reference(toy_images, tmp_path_factory):
-    from tokenformer.train_vision import VisionTrainConfig, train_vision
 
     save = tmp_path_factory.mktemp("vision_single")
     threads = torch.get_num_threads()
@@ -394,11 +396,10 @@ def test_a_failing_vision_rank_stops_the_job_with_one_clear_message(toy_images, 
 
 
 def test_train_vision_global_batch_must_split_over_the_ranks(toy_images, tmp_path):
-    from tokenformer.train_vision import VisionTrainConfig, _train_vision
-
     cfg = VisionTrainConfig(**vision_fields(toy_images, tmp_path, batch_size=16))
     with pytest.raises(D.TokenFormerError, match="batch_size 16 .* does not split evenly over 3 ranks"):
-        _train_vision(cfg, None, D.DistEnv(rank=0, world_size=3))
+        cfg.loop_config(steps_per_epoch=4, world_size=3)
+    assert cfg.loop_config(steps_per_epoch=4, world_size=2).train_micro_batch_size_per_gpu == 8
 
 
 # ---- gradient sync, in this process on a one-rank group ------------------------------------------
@@ -488,7 +489,8 @@ def test_resuming_with_another_global_batch_is_flagged():
 
 def test_one_process_checkpoint_resumes_under_fsdp2(one_rank_group, corpus, reference):
     """A full-state checkpoint (one process or DDP) loads into FSDP2's shards: weights and AdamW state."""
-    from tokenformer.train import CheckpointManager, build_optimizer
+    from tokenformer.training.checkpointing import CheckpointManager
+    from tokenformer.training.optim import build_optimizer
 
     checkpoint = reference["save"] / "step_00000002"
     cfg = TrainConfig(**run_fields(corpus, None))
@@ -528,7 +530,8 @@ def test_fsdp2_checkpoint_of_two_ranks_resumes_under_ddp(one_rank_group, fsdp, c
     """DDP (here over a one-rank group) reads the 2-rank shards of weights and AdamW state."""
     from torch.nn.parallel import DistributedDataParallel
 
-    from tokenformer.train import CheckpointManager, build_optimizer
+    from tokenformer.training.checkpointing import CheckpointManager
+    from tokenformer.training.optim import build_optimizer
 
     checkpoint = fsdp["save"] / "step_00000002"
     model = DistributedDataParallel(TokenFormer.from_pretrained(fsdp["save"] / "step_00000004"))

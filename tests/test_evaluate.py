@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import tokenformer as tf
-from tokenformer.evaluate import (comparison_table, nearest_published, perplexity,
-                                  sliding_windows, task_scores)
+from tokenformer.evaluation.published import comparison_table, nearest_published, task_scores
+from tokenformer.evaluation.scoring import perplexity, sliding_windows
 
 # The harness must never reach the network here: local JSON files only, in a private cache.
 _HF_CACHE = tempfile.mkdtemp(prefix="tokenformer-test-datasets-")
@@ -59,7 +59,7 @@ def model(checkpoint):
 
 @pytest.fixture(scope="module")
 def lm(model):
-    from tokenformer.lm_eval_adapter import TokenFormerLM
+    from tokenformer.evaluation.lm_eval import TokenFormerLM
 
     return TokenFormerLM(pretrained=model, tokenizer=tf.ByteTokenizer(), batch_size=4)
 
@@ -146,7 +146,7 @@ def test_perplexity_refuses_a_bad_stride_or_context(model):
 # ---- the adapter against direct computations -------------------------------------------------------
 
 def test_loglikelihood_equals_direct_computation_and_batch_size_does_not_matter(model, lm):
-    from tokenformer.lm_eval_adapter import TokenFormerLM
+    from tokenformer.evaluation.lm_eval import TokenFormerLM
 
     pairs = [("the cat sat on the", " mat"), ("hello", " there my friend"), ("a", "b"),
              ("x" * 50, " long context, cut on the left"),  # longer than SEQ: left truncation
@@ -308,7 +308,7 @@ def run_cli(argv, capsys):
 
 
 def test_cli_perplexity_on_jsonl_indexed_prefix_and_prepared_directory(model, checkpoint, tmp_path, capsys):
-    from tokenformer.indexed_dataset import IndexedDatasetWriter
+    from tokenformer.data.indexed import IndexedDatasetWriter
 
     jsonl = tmp_path / "docs.jsonl"
     jsonl.write_text("".join(json.dumps({"body": t}) + "\n" for t in TEXTS))
@@ -346,7 +346,7 @@ def test_cli_perplexity_on_jsonl_indexed_prefix_and_prepared_directory(model, ch
 
 
 def test_cli_refuses_data_tokenized_with_another_tokenizer(checkpoint, tmp_path, capsys):
-    from tokenformer.indexed_dataset import IndexedDatasetWriter
+    from tokenformer.data.indexed import IndexedDatasetWriter
     from tokenizers import Tokenizer, models
 
     with IndexedDatasetWriter(tmp_path / "valid_text_document") as writer:
@@ -406,7 +406,7 @@ def test_missing_lm_eval_names_the_extra(checkpoint, tmp_path, capsys, monkeypat
 def test_tokenformer_lm_eval_without_lm_eval_names_the_extra(capsys, monkeypatch):
     import sys
 
-    from tokenformer.evaluate import lm_eval_cli
+    from tokenformer.cli.evaluate import lm_eval_main as lm_eval_cli
 
     monkeypatch.setitem(sys.modules, "lm_eval", None)
     with pytest.raises(SystemExit) as e:
@@ -422,7 +422,7 @@ def test_tokenformer_lm_eval_runs_lm_evals_own_command_line(checkpoint, task_fol
     import lm_eval.__main__
     import lm_eval.tasks
 
-    from tokenformer.lm_eval_adapter import main
+    from tokenformer.evaluation.lm_eval import main
 
     # Only to save the ~10 s of indexing lm-eval's own tasks: the command line is lm-eval's.
     monkeypatch.setattr(lm_eval.tasks, "TaskManager", functools.partial(lm_eval.tasks.TaskManager,
@@ -443,7 +443,7 @@ def test_tokenformer_lm_eval_runs_lm_evals_own_command_line(checkpoint, task_fol
 
 
 def test_model_args_win_over_lm_evals_own_defaults_and_unknown_ones_are_refused(checkpoint):
-    from tokenformer.lm_eval_adapter import TokenFormerLM
+    from tokenformer.evaluation.lm_eval import TokenFormerLM
 
     # lm-eval's command line always adds its --batch_size (default 1) and --device (default cuda:0).
     lm = TokenFormerLM.create_from_arg_string(f"pretrained={checkpoint},batch_size=8,max_length=16",
@@ -469,7 +469,7 @@ def test_the_official_tasks_exist_in_the_pinned_lm_eval_with_the_published_metri
 
     from lm_eval.tasks import TaskManager
 
-    from tokenformer.evaluate import OFFICIAL_TASKS, TABLE_METRICS
+    from tokenformer.evaluation.published import OFFICIAL_TASKS, TABLE_METRICS
 
     assert task in OFFICIAL_TASKS
     folder = Path(lm_eval.__file__).parent / "tasks" / folder
@@ -484,7 +484,7 @@ def test_the_official_tasks_exist_in_the_pinned_lm_eval_with_the_published_metri
 
 
 def test_gpt_neox_tokenizer_requests_split_at_the_word_boundary(neox_tokenizer_path):
-    from tokenformer.lm_eval_adapter import TokenFormerLM
+    from tokenformer.evaluation.lm_eval import TokenFormerLM
 
     model = tf.TokenFormer(tf.Config.from_name("tiny", seq_length=SEQ, vocab_size=50277)).eval()
     lm = TokenFormerLM(pretrained=model, tokenizer=tf.load_tokenizer(neox_tokenizer_path), batch_size=2)
@@ -497,7 +497,7 @@ def test_gpt_neox_tokenizer_requests_split_at_the_word_boundary(neox_tokenizer_p
 
 
 def test_evaluate_reads_what_tokenformer_prepare_writes(model, checkpoint, tmp_path, capsys):
-    from tokenformer.indexed_dataset import IndexedDataset
+    from tokenformer.data.indexed import IndexedDataset
 
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))

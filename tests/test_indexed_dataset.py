@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tokenformer import TokenFormerError
-from tokenformer.indexed_dataset import IndexedDataset, IndexedDatasetWriter, best_dtype
+from tokenformer.data.indexed import IndexedDataset, IndexedDatasetWriter, best_dtype
 
 
 def write_by_hand(prefix, docs, code=8, dtype="<u2"):

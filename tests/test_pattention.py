@@ -87,7 +87,7 @@ def test_init_statistics():
 
 def plain_l2_norm_gelu(x, K, V, n):
     """The guarded formula through plain autograd (what the custom backward must reproduce)."""
-    from tokenformer.pattention import normalise
+    from tokenformer.models.pattention import normalise
 
     return normalise(x @ K.T, "l2_norm_gelu", n) @ V
 
@@ -95,7 +95,7 @@ def plain_l2_norm_gelu(x, K, V, n):
 @pytest.mark.parametrize("memory_lean", [False, True])
 @pytest.mark.parametrize("scale_num", [None, 5])
 def test_custom_function_passes_gradcheck(memory_lean, scale_num):
-    from tokenformer.pattention import L2NormGeluPattention
+    from tokenformer.models.pattention import L2NormGeluPattention
 
     x = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
     K = torch.randn(7, 6, dtype=torch.float64, requires_grad=True)

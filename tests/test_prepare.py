@@ -14,10 +14,11 @@ import pytest
 from tests.conftest import shared_file
 from tokenformer import ByteTokenizer, TokenFormerError, load_tokenizer, prepare
 from tokenformer.__main__ import main
-from tokenformer.indexed_dataset import IndexedDataset
+from tokenformer.data import documents
+from tokenformer.data.indexed import IndexedDataset
 
-# `tokenformer.prepare` the attribute is the function (re-exported); the module is reached by name
-prep = importlib.import_module("tokenformer.prepare")
+# `tokenformer.data.prepare` the attribute is the function (re-exported); the module is reached by name
+prep = importlib.import_module("tokenformer.data.prepare")
 
 DOCS = [
     "The quick brown fox jumps over the lazy dog.\n",
@@ -185,7 +186,7 @@ def test_hugging_face_load_dataset_on_a_data_folder(tmp_path, monkeypatch):
 
 def test_stdlib_is_the_default_corpus(tmp_path):
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = prep.stdlib_files()
+    files = documents.stdlib_files()
     relative = [p.relative_to(root).as_posix() for p in files]
     assert relative == sorted(relative) and len(files) > 500  # a real corpus, in a fixed order
     assert {"os.py", "json/__init__.py"} <= set(relative) and not any("site-packages" in r for r in relative)

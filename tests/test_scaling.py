@@ -10,8 +10,12 @@ import torch.nn.functional as F
 
 import tokenformer as tf
 from tokenformer.__main__ import main
-from tokenformer.pattention import Pattention, normalise
-from tokenformer.scaling import FrozenOldTokens
+from tokenformer.models.pattention import Pattention, normalise
+from tokenformer.scaling.freeze import FrozenOldTokens
+from tokenformer.data.documents import token_documents
+from tokenformer.data.windows import token_windows
+from tokenformer.evaluation.scoring import mean_loss
+from tokenformer.scaling.grow import pattention_groups
 
 SMALL = dict(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=32,
              qkv_slot_num=8, proj_slot_num=8, ffn_slot_num=16, vocab_size=257)
@@ -143,7 +147,7 @@ def test_growth_leaves_pattentions_outside_the_slot_groups_alone():
     x = ids()
     assert (grown(x) - model(x)).abs().max() <= 1e-5
     with pytest.raises(tf.TokenFormerError, match="no Pattention for qkv_slot_num"):
-        tf.scaling.pattention_groups(torch.nn.Sequential(Pattention(4, 4, 2)))
+        pattention_groups(torch.nn.Sequential(Pattention(4, 4, 2)))
 
 
 # ---- gradients at the grown point ---------------------------------------------------------------
@@ -418,8 +422,9 @@ def test_cli_grow_then_shrink_round_trip(tiny_checkpoint, tmp_path, capsys):
     assert torch.equal(shrunk.layers[0].mlp.key_param_tokens, model.layers[0].mlp.key_param_tokens)
     before, after = [float(v) for v in re.findall(r"(?:before|after) (\d+\.\d+)", out)]
     assert before == pytest.approx(after, abs=1e-4) and before > 0
-    windows = tf.scaling.token_windows(tf.scaling.read_documents(data), tf.ByteTokenizer(), 32)
-    assert before == pytest.approx(tf.scaling.mean_loss(model, windows[-4:]), abs=1e-4)
+    documents = (ids for ids, _ in token_documents(data, tf.ByteTokenizer()))
+    windows = token_windows(documents, tf.ByteTokenizer().eos_id, 32)
+    assert before == pytest.approx(mean_loss(model, windows[-4:].split(4)), abs=1e-4)
 
 
 def test_cli_errors_are_one_line(tiny_checkpoint, tmp_path, capsys):
@@ -428,7 +433,7 @@ def test_cli_errors_are_one_line(tiny_checkpoint, tmp_path, capsys):
     (tiny_checkpoint / "config.json").write_text(json.dumps(config))
     assert main(["grow", "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "x"), "--factor", "2"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "'gpt2'" in err and "cannot be grown" in err and len(err.splitlines()) == 1
+    assert "'gpt2'" in err and "cannot load" in err and len(err.splitlines()) == 1
     config["model_type"] = "tokenformer"
     (tiny_checkpoint / "config.json").write_text(json.dumps(config))
     assert main(["grow", "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "x"),

@@ -9,12 +9,18 @@ import numpy as np
 import pytest
 import torch
 
-import tokenformer.train as T
 from tokenformer import ByteTokenizer, Config, TokenFormer, TokenFormerError
 from tokenformer.__main__ import build_parser, main as cli
-from tokenformer.indexed_dataset import IndexedDatasetWriter
-from tokenformer.train import (CheckpointManager, TrainConfig, WindowDataset, build_optimizer, lr_at,
-                               micro_batch_start, train)
+from tokenformer.data.indexed import IndexedDatasetWriter
+from tokenformer.data.windows import WindowDataset
+from tokenformer.evaluation import scoring
+from tokenformer.models.config import resolve_model_config
+from tokenformer.training.checkpointing import CheckpointManager
+from tokenformer.training.config import TrainConfig
+from tokenformer.training.loop import micro_batch_start, train
+from tokenformer.training.metrics import read_metrics
+from tokenformer.training.optim import build_optimizer, lr_at
+from tokenformer.training.tasks import LanguageModelTask
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -62,7 +68,7 @@ def tiny_config(corpus, save=None, **changes) -> TrainConfig:
 # ---- the pieces ---------------------------------------------------------------------------------
 
 def test_lr_schedule_matches_hand_formula():
-    cfg = TrainConfig(lr=1.0, min_lr=0.1, warmup_iters=10, train_iters=110)
+    cfg = TrainConfig(lr=1.0, min_lr=0.1, warmup_iters=10, train_iters=110).schedule
     assert lr_at(1, cfg) == pytest.approx(0.1)
     assert lr_at(10, cfg) == pytest.approx(1.0)
     # halfway through the decay the cosine is at the midpoint
@@ -71,8 +77,8 @@ def test_lr_schedule_matches_hand_formula():
     assert lr_at(110, cfg) == pytest.approx(0.1)
     assert lr_at(500, cfg) == pytest.approx(0.1)
     # warmup as a fraction of the decay steps, the official 1%
-    assert TrainConfig(train_iters=143000).num_warmup_iters == 1430
-    linear = TrainConfig(lr=1.0, min_lr=0.0, warmup_iters=0, train_iters=100, lr_decay_style="linear")
+    assert TrainConfig(train_iters=143000).schedule.warmup_iters == 1430
+    linear = TrainConfig(lr=1.0, min_lr=0.0, warmup_iters=0, train_iters=100, lr_decay_style="linear").schedule
     assert lr_at(25, linear) == pytest.approx(0.75)
 
 
@@ -136,7 +142,7 @@ def test_resume_gives_the_same_losses_exactly(corpus, tmp_path):
     assert both == straight["losses"]  # bit-for-bit
     assert resumed["val_loss"] == straight["val_loss"]
     # the metrics file reads as one run
-    steps = [r["step"] for r in T.read_metrics(tmp_path / "b" / "metrics.jsonl") if "loss" in r]
+    steps = [r["step"] for r in read_metrics(tmp_path / "b" / "metrics.jsonl") if "loss" in r]
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
@@ -200,7 +206,7 @@ def test_keep_last_n(corpus, tmp_path):
 def test_metrics_jsonl_and_loss_curve_png(corpus, tmp_path):
     pytest.importorskip("matplotlib")
     summary = train(tiny_config(corpus, tmp_path / "run", plot=True))
-    records = T.read_metrics(tmp_path / "run" / "metrics.jsonl")
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
     train_records = [r for r in records if "loss" in r]
     assert [r["step"] for r in train_records] == [1, 2, 3, 4, 5, 6]
     assert [r["loss"] for r in train_records] == [summary["losses"][s] for s in range(1, 7)]
@@ -233,7 +239,7 @@ def test_yaml_config_with_cli_overrides(corpus, tmp_path):
     assert cfg.lr == 6e-4 and isinstance(cfg.lr, float) and cfg.train_micro_batch_size_per_gpu == 2
     args = build_parser().parse_args(
         ["train", str(yaml_file), "--train-iters", "2", "--lr=1e-3", "--checkpoint_activations"])
-    cfg = T.config_from_args(args)
+    cfg = TrainConfig.from_args(args)
     assert (cfg.train_iters, cfg.lr, cfg.checkpoint_activations, cfg.eval_iters) == (2, 1e-3, True, 1)
     assert cli(["train", str(yaml_file), "--train_iters", "2", "--save_interval", "1"]) == 0
     assert (tmp_path / "run" / "step_00000002").is_dir()
@@ -279,13 +285,13 @@ def test_empty_and_too_short_corpora(tmp_path):
 def test_nan_loss_stops_naming_the_step_and_keeps_the_checkpoint(corpus, tmp_path, monkeypatch):
     save = tmp_path / "run"
     train(tiny_config(corpus, save, train_iters=3))
-    real_loss = T.language_model_loss
+    real_loss = scoring.next_token_loss
 
     def poisoned(logits, targets):  # training losses only: validation runs without grad
         loss = real_loss(logits, targets)
         return loss * float("nan") if torch.is_grad_enabled() else loss
 
-    monkeypatch.setattr(T, "language_model_loss", poisoned)
+    monkeypatch.setattr(scoring, "next_token_loss", poisoned)
     with pytest.raises(TokenFormerError, match=r"loss became nan at step 4; the last good checkpoint .*step_00000003"):
         train(tiny_config(corpus, save, resume=True))
     assert CheckpointManager(save).latest() == save / "step_00000003"
@@ -310,15 +316,15 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 def test_shipped_configs_load(name):
     cfg = TrainConfig.from_yaml(CONFIGS / f"{name}.yaml")
     if cfg.init_from is None:
-        assert T.resolve_model_config(cfg.model).num_parameters > 0
+        assert resolve_model_config(cfg.model).num_parameters > 0
 
 
 def test_150M_config_is_the_official_recipe():
     cfg = TrainConfig.from_yaml(CONFIGS / "150M_pile.yaml")
-    model = T.resolve_model_config(cfg.model)
+    model = resolve_model_config(cfg.model)
     assert model.num_parameters == 151_881_216 and cfg.seq_length == 2048
     assert cfg.train_micro_batch_size_per_gpu * cfg.gradient_accumulation_steps * 8 == 1024
-    assert (cfg.train_iters, cfg.lr, cfg.min_lr, cfg.num_warmup_iters) == (143_000, 6e-4, 6e-5, 1430)
+    assert (cfg.train_iters, cfg.lr, cfg.min_lr, cfg.schedule.warmup_iters) == (143_000, 6e-4, 6e-5, 1430)
     assert (cfg.adam_beta1, cfg.adam_beta2, cfg.adam_eps, cfg.weight_decay, cfg.clip_grad) == \
         (0.9, 0.95, 1e-8, 0.1, 1.0)
     assert cfg.precision == "fp16" and cfg.checkpoint_activations
@@ -366,25 +372,22 @@ def test_evaluate_loss_is_the_token_weighted_mean_cross_entropy():
             logits = model(batch[:, :-1])  # (B, 8, V)
             log_probs = torch.log_softmax(logits.double(), dim=-1)
             by_hand += (-log_probs.gather(-1, batch[:, 1:, None])).flatten().tolist()
-    assert T.evaluate_loss(model, batches) == pytest.approx(sum(by_hand) / len(by_hand), abs=1e-5)
+    assert scoring.mean_loss(model, batches) == pytest.approx(sum(by_hand) / len(by_hand), abs=1e-5)
     assert model.training  # restored
 
 
 def test_a_custom_task_reuses_the_loop(corpus, tmp_path):
     """Another trainer brings its own data and loss (here: predict only the last token of a window)."""
 
-    class LastTokenTask(T.LanguageModelTask):
+    class LastTokenTask(LanguageModelTask):
         def loss(self, model, batch):
             logits = model(batch[:, :-1])[:, -1]  # (B, V)
             return torch.nn.functional.cross_entropy(logits.float(), batch[:, -1]), batch.shape[0]
 
-        def validation_metrics(self, loss):
-            return {"val_loss": loss}
-
     cfg = tiny_config(corpus, tmp_path / "run", train_iters=2)
     summary = train(cfg, task=LastTokenTask(cfg))
-    records = T.read_metrics(tmp_path / "run" / "metrics.jsonl")
-    assert [set(r) for r in records if "val_loss" in r] == [{"step", "val_loss"}] * 2
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [set(r) for r in records if "val_loss" in r] == [{"step", "val_loss", "val_ppl", "elapsed_s"}] * 2
     assert summary["val_loss"] != train(tiny_config(corpus, train_iters=2))["val_loss"]
 
 

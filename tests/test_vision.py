@@ -1,4 +1,4 @@
-"""The vision TokenFormer (tokenformer.vision) and its data (tokenformer.vision_data)."""
+"""The vision TokenFormer (tokenformer.models.vision) and its data (tokenformer.data.images)."""
 
 import gzip
 import json
@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 import tokenformer as tf
-from tokenformer import vision_data as vd
-from tokenformer.model import Attention
-from tokenformer.scaling import load_checkpoint
+from tokenformer.data import images as vd
+from tokenformer.models.lm import Attention
+from tokenformer.checkpoint import load_model as load_checkpoint
 
 
 def tiny(**overrides) -> tf.VisionTokenFormer:
@@ -232,7 +232,7 @@ def test_image_folder_of_generated_pngs(tmp_path):
     grey, _ = vd.ImageFolder(tmp_path, channels=1)[0]
     assert grey.shape == (1, 16, 8)
     transform = vd.make_transform(train=True, augment="inception", mean=(0.5,) * 3, std=(0.5,) * 3, image_size=8)
-    x, y = next(vd.folder_batches(folder, 3, transform, shuffle=True, generator=torch.Generator().manual_seed(0)))
+    x, y = next(vd.batches_of(folder, 3, transform, shuffle=True, generator=torch.Generator().manual_seed(0)))
     assert x.shape == (3, 3, 8, 8) and sorted(y.tolist()) == [0, 1, 1]
     assert x.min() >= -1 - 1e-6 and x.max() <= 1 + 1e-6
     with pytest.raises(tf.TokenFormerError, match="no images"):
@@ -278,27 +278,31 @@ def test_batches_cover_the_dataset_once():
     assert [len(yb) for _, yb in vd.batches(x, y, 4, drop_last=True)] == [4, 4]
 
 
-def test_rank_shards_split_every_global_batch_and_augment_differently():
-    from tokenformer.train_vision import epoch_generators
+def test_rank_shards_split_every_global_batch_and_augment_differently(tmp_path):
+    from tokenformer.training.config import VisionTrainConfig
+    from tokenformer.training.loop import micro_batch_start
+    from tokenformer.training.tasks import VisionTask, augment_generator, epoch_order
 
-    def pass_of(rank: int, world_size: int, n: int = 10, batch_size: int = 4, drop_last: bool = True):
-        order, _ = epoch_generators(5, 2, rank)
-        return list(vd.batch_indices(n, batch_size, True, order, drop_last, shard=(rank, world_size)))
-
-    whole = pass_of(0, 1)
-    halves = [pass_of(rank, 2) for rank in (0, 1)]
-    assert [len(b) for b in halves[0]] == [2, 2]
-    for full, first, second in zip(whole, *halves):  # rank 0 the first half of each batch, rank 1 the rest
-        assert torch.equal(torch.cat([first, second]), full)
     # evaluation keeps the short last batch: 10 items over 4 ranks in batches of 4 leave rank 3 one item
     assert [b.tolist() for b in vd.batch_indices(10, 4, False, None, False, shard=(3, 4))] == [[3], [7]]
-    # rank 0 augments with the order's generator (one process unchanged), rank 1 with its own, reproducibly
-    order, augment = epoch_generators(5, 2, 0)
-    assert augment is order
-    draws = [torch.rand(3, generator=epoch_generators(5, 2, 1)[1]) for _ in range(2)]
+    # training: the global batch of a step is one slice of the epoch's order, split over the ranks
+    write_toy_mnist(tmp_path, n_train=10, n_test=4)
+    task = VisionTask(VisionTrainConfig(model="tiny-28", data=str(tmp_path), batch_size=4, augment="none"))
+    task.prepare(tf.VisionTokenFormer(tf.VisionConfig.from_name("tiny-28")), None)
+    assert task.steps_per_epoch == 2  # drop_last: 10 images make two batches of 4
+    order = epoch_order(0, 1, 10)
+    for step in range(2):
+        first = 8 + 4 * step  # epoch 1
+        whole = task.train_batch(micro_batch_start(first, 0, 0, 1, 4), 4)
+        halves = [task.train_batch(micro_batch_start(first, 0, rank, 2, 2), 2) for rank in (0, 1)]
+        assert torch.equal(torch.cat([h[1] for h in halves]), whole[1])
+        assert torch.equal(whole[1], task.data.train[1][order[4 * step:4 * step + 4]])
+    assert torch.equal(epoch_order(0, 1, 10), order) and not torch.equal(epoch_order(0, 2, 10), order)
+    # augmentation: a function of (seed, epoch, position), so ranks differ and a resume draws the same
+    draws = [torch.rand(3, generator=augment_generator(5, 2, 8)) for _ in range(2)]
     assert torch.equal(draws[0], draws[1])
-    assert not torch.equal(draws[0], torch.rand(3, generator=epoch_generators(5, 2, 0)[1]))
-    assert not torch.equal(draws[0], torch.rand(3, generator=epoch_generators(5, 3, 1)[1]))
+    assert not torch.equal(draws[0], torch.rand(3, generator=augment_generator(5, 2, 10)))
+    assert not torch.equal(draws[0], torch.rand(3, generator=augment_generator(5, 3, 8)))
 
 
 # ---- train-vision ---------------------------------------------------------------------------------
@@ -374,7 +378,7 @@ def test_train_vision_on_an_image_folder_and_bad_input(tmp_path, one_thread, cap
             "--progress", "false", "--num_threads", "1"]
     assert main(args) == 0
     assert "test accuracy" in capsys.readouterr().out
-    from tokenformer.train_vision import VisionTrainConfig
+    from tokenformer.training.config import VisionTrainConfig
 
     assert VisionTrainConfig.from_dict({"augment": "none", "mean": "[0.1, 0.2]", "std": "0.3,0.4"}).augment == "none"
     assert VisionTrainConfig.from_dict({"mean": "[0.1, 0.2]", "std": "0.3,0.4"}).std == [0.3, 0.4]

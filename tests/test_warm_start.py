@@ -11,9 +11,13 @@ from safetensors.torch import load_file
 
 from tokenformer import TokenFormerError
 from tokenformer.__main__ import main as cli
-from tokenformer.scaling import grow_checkpoint, load_checkpoint
-from tokenformer.train import TrainConfig, build_optimizer, lr_at, read_metrics, train
-from tokenformer.warm_start import prepare_model, read_source_state, start_optimizer
+from tokenformer.checkpoint import load_model as load_checkpoint, read_trainer_state as read_source_state
+from tokenformer.scaling.grow import grow_checkpoint
+from tokenformer.training.config import TrainConfig
+from tokenformer.training.loop import train
+from tokenformer.training.metrics import read_metrics
+from tokenformer.training.optim import build_optimizer, lr_at
+from tokenformer.training.warm_start import prepare_model, start_optimizer
 
 from tests.test_train import corpus, tiny_config  # noqa: F401  (the module-scoped corpus fixture)
 
@@ -129,7 +133,7 @@ def test_continued_schedule_learning_rates(corpus, source, tmp_path):
     for step, lr in logged.items():
         progress = (step - 2) / (12 - 2)
         assert lr == pytest.approx(6e-5 + (3e-3 - 6e-5) * 0.5 * (1 + math.cos(math.pi * progress)))
-        assert lr == pytest.approx(lr_at(step, cfg))
+        assert lr == pytest.approx(lr_at(step, cfg.schedule))
     assert summary["step"] == 8
     # restart: warmup again from step 1
     restart = tiny_config(corpus, tmp_path / "restart", train_iters=2, init_from=str(source["grown"]))

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tokenformer.config import Config
+from tokenformer.models.config import Config
 
 TRAINING_MULTIPLIER = 3  # forward + backward (2x forward) for matmuls
 

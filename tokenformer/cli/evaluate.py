@@ -74,12 +74,14 @@ def main(args: argparse.Namespace) -> None:
     if args.num_fewshot < 0:
         raise TokenFormerError(f"--num-fewshot must be 0 or more, got {args.num_fewshot}")
     if args.data is None:  # check the tasks before spending time on loading the model
-        from tokenformer.evaluation import lm_eval  # optional: the `eval` extra (one sentence without it)
+        from tokenformer.evaluation import lm_eval as harness  # the `eval` extra (one sentence without it)
+
+        harness.require_lm_eval()
 
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
         if not tasks:
             raise TokenFormerError("--tasks is empty: name at least one lm-eval task")
-        manager = lm_eval.task_manager(tasks, args.include_path, builtin_tasks=not args.no_builtin_tasks)
+        manager = harness.task_manager(tasks, args.include_path, builtin_tasks=not args.no_builtin_tasks)
     model = TokenFormer.from_pretrained(checkpoint, device=resolve_device(args.device), dtype=getattr(torch, args.dtype))
     tokenizer = load_tokenizer(checkpoint)
     parameters = model.num_parameters()
@@ -99,8 +101,8 @@ def main(args: argparse.Namespace) -> None:
         print(f"wrote {args.output}")
         return
 
-    lm = lm_eval.TokenFormerLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size)
-    results = lm_eval.run_tasks(lm, tasks, manager, limit=args.limit, num_fewshot=args.num_fewshot)
+    lm = harness.TokenFormerLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size)
+    results = harness.run_tasks(lm, tasks, manager, limit=args.limit, num_fewshot=args.num_fewshot)
     scores = task_scores(results["results"])
     table = comparison_table(scores, parameters)
     report = dict(checkpoint=str(checkpoint), parameters=parameters, tasks=tasks, num_fewshot=args.num_fewshot,
@@ -116,11 +118,13 @@ def lm_eval_main() -> None:
     """`tokenformer-lm-eval`: lm-eval's command line with the `tokenformer` model registered
     (see `tokenformer.evaluation.lm_eval`); without lm-eval, one line naming the extra to install."""
     try:
-        from tokenformer.evaluation import lm_eval
+        from tokenformer.evaluation import lm_eval as harness
+
+        harness.require_lm_eval()
     except TokenFormerError as e:
         print(f"tokenformer-lm-eval: error: {e}", file=sys.stderr)
         sys.exit(2)
-    lm_eval.main()
+    harness.main()
 
 
 def _plain(results: dict) -> dict:

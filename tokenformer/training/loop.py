@@ -251,12 +251,10 @@ def validate(run: Run, logger: MetricsLogger) -> dict[str, Any] | None:
     record = run.task.evaluate(run.model, run.env, run.step)
     if record is None:
         return None
-    record = {"step": run.step, **record, "elapsed_s": run.elapsed}
+    record.update(step=run.step, elapsed_s=run.elapsed)  # in place: the task's own history sees them too
     logger.log(record)
     if run.env.is_main:
-        shown = ", ".join(f"{k.removeprefix('val_')} {v:.4g}" for k, v in record.items()
-                          if k.startswith("val_"))
-        note(f"step {run.step}: validation {shown} ({record['elapsed_s']:.0f} s)", run.cfg.progress)
+        note(f"{run.task.describe(record)} ({record['elapsed_s']:.0f} s)", run.cfg.progress)
     return record
 
 

@@ -14,7 +14,8 @@ A task has these members:
 - `loss(model, batch) -> (mean loss, count)`;
 - `after_step(model, step)` (e.g. an average of the weights), `log_extras(env)` (more values for
   the metrics lines; collective: every rank calls it at the same steps);
-- `evaluate(model, env, step) -> record | None`: the validation metrics (collective);
+- `evaluate(model, env, step) -> record | None`: the validation metrics (collective), and
+  `describe(record)`: the line shown for them;
 - `state()` saved in every checkpoint, `load_state(state, path)` when resuming from one;
 - `finish(model, save, env) -> dict`: outputs written at the end (rank 0 writes files).
 
@@ -173,6 +174,9 @@ class LanguageModelTask:
         loss = mean_loss(model, batches, self.loss, weights, reduce=lambda t: all_reduce_mean(t, env),
                          autocast=lambda: autocast_context(self.cfg.precision, device))
         return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+
+    def describe(self, record: dict[str, Any]) -> str:
+        return f"step {record['step']}: validation loss {record['val_loss']:.4f}, perplexity {record['val_ppl']:.4g}"
 
     def state(self) -> dict[str, Any]:
         return {"seq_length": self.seq_length}
@@ -340,7 +344,7 @@ class VisionTask:
         loss = F.cross_entropy(logits, y, label_smoothing=self.cfg.label_smoothing)
         if model.training:
             correct = float((logits.argmax(-1) == y).sum())
-            self._running += torch.tensor([float(loss) * len(y), correct, len(y)], dtype=torch.float64)
+            self._running += torch.tensor([float(loss.detach()) * len(y), correct, len(y)], dtype=torch.float64)
         return loss, len(y)
 
     def after_step(self, model: nn.Module, step: int) -> None:
@@ -363,6 +367,10 @@ class VisionTask:
                   **self.log_extras(env)}
         self.history.append(record)
         return record
+
+    def describe(self, record: dict[str, Any]) -> str:
+        return (f"epoch {record['epoch']}: test accuracy {record['val_accuracy']:.4f}, "
+                f"loss {record['val_loss']:.4f}")
 
     def state(self) -> dict[str, Any]:
         return {"history": self.history, "ema": self.ema_model.state_dict() if self.ema_model is not None else None}
