@@ -22,9 +22,10 @@ from fnmatch import fnmatch
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from tokenformer.data.indexed import IndexedDataset, strip_suffix
+from tokenformer.data.tokenizer import load_tokenizer
 from tokenformer.errors import TokenFormerError
 from tokenformer.files import SPLIT_PREFIXES, TOKENIZER_FILE
-from tokenformer.data.indexed import IndexedDataset, strip_suffix
 
 DEFAULT_GLOB = "*.txt,*.md,*.rst,*.py,*.jsonl,*.jsonl.gz,*.jsonl.zst"
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
@@ -240,8 +241,6 @@ def _indexed_documents(dataset: IndexedDataset, tokenizer, limit: int | None):
 
 def _check_data_tokenizer(directory: Path, tokenizer) -> None:
     """Refuse data tokenized with another vocabulary than the model's (the scores would be noise)."""
-    from tokenformer.data.tokenizer import load_tokenizer
-
     if not (directory / TOKENIZER_FILE).is_file():
         return
     data_tokenizer = load_tokenizer(directory)

@@ -117,21 +117,31 @@ def old_slot_counts(config) -> dict[str, int]:
 
 
 def target_counts(config, requested: Mapping[str, int | None], factor: float | None,
-                   verb: str) -> dict[str, int]:
+                  verb: str) -> dict[str, int]:
+    """The slot counts to `verb` ("grow" or "shrink") to: the requested ones (None keeps a count)
+    or the current ones times `factor`; checked to go in the direction of `verb`."""
     current = slot_counts(config)
     if factor is not None:
         if any(v is not None for v in requested.values()):
             raise TokenFormerError(f"give either factor or slot counts to {verb}, not both")
         if factor <= 0:
             raise TokenFormerError(f"factor must be positive, got {factor}")
-        return {f: max(1, int(round(n * factor))) for f, n in current.items()}
-    if all(v is None for v in requested.values()):
-        raise TokenFormerError(f"nothing to {verb}: give a factor or at least one of "
-                               f"qkv_slot_num, proj_slot_num, ffn_slot_num")
-    target = {f: current[f] if requested[f] is None else requested[f] for f in SLOT_FIELDS}
-    for f, n in target.items():
-        if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
-            raise TokenFormerError(f"{f} must be a positive integer, got {n!r}")
+        target = {f: max(1, int(round(n * factor))) for f, n in current.items()}
+    else:
+        if all(v is None for v in requested.values()):
+            raise TokenFormerError(f"nothing to {verb}: give a factor or at least one of "
+                                   f"qkv_slot_num, proj_slot_num, ffn_slot_num")
+        target = {f: current[f] if requested[f] is None else requested[f] for f in SLOT_FIELDS}
+        for f, n in target.items():
+            if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+                raise TokenFormerError(f"{f} must be a positive integer, got {n!r}")
+    for f in SLOT_FIELDS:
+        if verb == "grow" and target[f] < current[f]:
+            raise TokenFormerError(f"cannot grow {f} from {current[f]} to the smaller {target[f]}: "
+                                   f"use shrink to remove tokens")
+        if verb == "shrink" and target[f] > current[f]:
+            raise TokenFormerError(f"cannot shrink {f} from {current[f]} to the larger {target[f]}: "
+                                   f"use grow to add tokens")
     return target
 
 
@@ -209,11 +219,7 @@ def grow(model: nn.Module, *, qkv_slot_num: int | None = None, proj_slot_num: in
     config = model.config
     old = slot_counts(config)
     new = target_counts(config, dict(qkv_slot_num=qkv_slot_num, proj_slot_num=proj_slot_num,
-                                      ffn_slot_num=ffn_slot_num), factor, "grow")
-    for f in SLOT_FIELDS:
-        if new[f] < old[f]:
-            raise TokenFormerError(
-                f"cannot grow {f} from {old[f]} to the smaller {new[f]}: use shrink to remove tokens")
+                                     ffn_slot_num=ffn_slot_num), factor, "grow")
     norm = getattr(config, "norm_activation_type", None)
     if mode == "exact" and norm not in EXACT_NORMALISATIONS and new != old:
         raise TokenFormerError(

@@ -13,7 +13,7 @@ from torch import nn
 
 from tokenformer.errors import TokenFormerError
 from tokenformer.models.pattention import Pattention, normalise
-from tokenformer.scaling.grow import (SLOT_FIELDS, history_entry, replace_rows, scale_field, target_counts,
+from tokenformer.scaling.grow import (history_entry, replace_rows, scale_field, target_counts,
                                       pattention_groups, slot_counts)
 
 
@@ -144,11 +144,7 @@ def shrink(model: nn.Module, *, qkv_slot_num: int | None = None, proj_slot_num: 
     config = model.config
     old = slot_counts(config)
     new = target_counts(config, dict(qkv_slot_num=qkv_slot_num, proj_slot_num=proj_slot_num,
-                                      ffn_slot_num=ffn_slot_num), factor, "shrink")
-    for f in SLOT_FIELDS:
-        if new[f] > old[f]:
-            raise TokenFormerError(
-                f"cannot shrink {f} from {old[f]} to the larger {new[f]}: use grow to add tokens")
+                                     ffn_slot_num=ffn_slot_num), factor, "shrink")
     shrunk = copy.deepcopy(model)
     if new == old:
         return shrunk
