@@ -146,7 +146,7 @@ class CheckpointManager:
                 and (path / SHARDED_DIR).is_dir():
             sharded = True  # an FSDP2 checkpoint resumed by one process or DDP: DCP reshards it
         if sharded and (path / SHARDED_DIR).is_dir():
-            load_sharded(path / "sharded", model, optimizer)
+            load_sharded(path / SHARDED_DIR, model, optimizer)
             return state
         if sharded:  # a one-process or DDP checkpoint (full state) resumed under FSDP2
             weights = load_file(str(path / WEIGHTS_FILE))

@@ -1,0 +1,47 @@
+"""`docs/reference.md`, written from the code: every field of the run configs (their `--help`
+texts) and every option of every subcommand, so the reference cannot drift from the command line.
+
+    python -m tokenformer.cli.reference > docs/reference.md
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from tokenformer.__main__ import build_parser
+from tokenformer.options import reference_markdown
+from tokenformer.training.config import TrainConfig, VisionTrainConfig
+
+
+def _options_table(parser: argparse.ArgumentParser) -> str:
+    lines = ["| option | meaning |", "| --- | --- |"]
+    for action in parser._actions:  # argparse keeps no public list of a parser's arguments
+        if isinstance(action, argparse._HelpAction) or action.help == argparse.SUPPRESS:
+            continue
+        names = ", ".join(f"`{n}`" for n in action.option_strings) or f"`{action.dest}` (positional)"
+        meaning = (action.help or "").replace("|", "/").replace("%%", "%")
+        if action.default not in (None, argparse.SUPPRESS, False) and "default" not in meaning:
+            meaning += f" (default {action.default})"
+        lines.append(f"| {names} | {meaning} |")
+    return "\n".join(lines) + "\n"
+
+
+def reference() -> str:
+    parts = ["# Reference\n",
+             "Generated from the code by `python -m tokenformer.cli.reference > docs/reference.md`; "
+             "`tokenformer COMMAND --help` says the same.\n",
+             "## `tokenformer train` config fields\n",
+             "Set them in the YAML config or as `--field value` (`--field-name` works too; a bare "
+             "`--flag` means true).\n", reference_markdown(TrainConfig),
+             "## `tokenformer train-vision` config fields\n", reference_markdown(VisionTrainConfig)]
+    subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name, parser in subparsers.choices.items():
+        if name in ("train", "train-vision"):
+            continue
+        summary = (parser.description or "").split("\n\n")[0].replace("\n", " ")
+        parts += [f"## `tokenformer {name}`\n", f"{summary}\n", _options_table(parser)]
+    return "\n".join(parts)
+
+
+if __name__ == "__main__":
+    print(reference(), end="")
