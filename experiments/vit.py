@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokenformer.models.pretrained import PretrainedModel
 from tokenformer.models.vision import VisionConfig
 
 
@@ -37,10 +38,11 @@ class ViTBlock(nn.Module):
         return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
 
 
-class ViT(nn.Module):
+class ViT(PretrainedModel):
     """`model(images)` (B, C, H, W) -> logits (B, num_classes)."""
 
     model_type = "vit"
+    config_class = VisionConfig
 
     def __init__(self, config: VisionConfig) -> None:
         super().__init__()

@@ -75,6 +75,14 @@ def read_config_values(directory: str | Path, written_by: str = "save_pretrained
     return values
 
 
+def save_model(model: nn.Module, directory: str | Path, tokenizer=None,
+               state: Mapping[str, torch.Tensor] | None = None) -> Path:
+    """The model directory of any model with a `config` (`to_dict()`) and a `model_type`
+    ("tokenformer" if it names none); `state` replaces its own state dict (FSDP2's gathered one)."""
+    return write_model_directory(directory, model.state_dict() if state is None else state, model.config.to_dict(),
+                                 getattr(model, "model_type", "tokenformer"), tokenizer)
+
+
 class PretrainedModel(nn.Module):
     """Base of the models here: a `config` with `to_dict` / `from_dict`, a `model_type` naming it in
     `config.json`, and the directory format above."""
@@ -85,8 +93,7 @@ class PretrainedModel(nn.Module):
 
     def save_pretrained(self, directory: str | Path, tokenizer=None) -> Path:
         """Write `config.json` and `model.safetensors` (and the tokenizer, if given) atomically."""
-        return write_model_directory(directory, self.state_dict(), self.config.to_dict(), self.model_type,
-                                     tokenizer)
+        return save_model(self, directory, tokenizer)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: torch.device | str = "cpu",

@@ -22,7 +22,7 @@ from torch import nn
 from tokenformer.errors import TokenFormerError
 from tokenformer.files import (LATEST_FILE, SHARDED_DIR, TRAINER_STATE_FILE, WEIGHTS_FILE, atomic_write_text,
                                fsync_dir, fsync_tree, torch_load_safe)
-from tokenformer.models.pretrained import write_model_directory
+from tokenformer.models.pretrained import save_model
 from tokenformer.training.distributed import (DistEnv, barrier, load_full_into_sharded, load_sharded, save_sharded,
                                               unwrap)
 
@@ -122,8 +122,7 @@ class CheckpointManager:
     def _write_model(self, directory: Path, model: nn.Module, tokenizer, state: dict | None) -> None:
         plain = unwrap(model)
         # under FSDP2 `state` is the gathered full state; the sharded parameters are not
-        write_model_directory(directory, plain.state_dict() if state is None else state, plain.config.to_dict(),
-                              plain.model_type, tokenizer)
+        save_model(plain, directory, tokenizer, state)
 
     def _write_trainer_state(self, directory: Path, state: dict[str, Any]) -> None:
         torch.save(state, directory / TRAINER_STATE_FILE)

@@ -46,6 +46,7 @@ from tokenformer.files import (ACCURACY_PLOT_FILE, FINAL_MODEL_DIR, PREPARE_META
                                TOKENIZER_FILE)
 from tokenformer.models.config import resolve_model_config
 from tokenformer.models.lm import TokenFormer
+from tokenformer.models.pretrained import save_model
 from tokenformer.models.vision import VisionTokenFormer, resolve_vision_config
 from tokenformer.training.config import TrainConfig, VisionTrainConfig
 from tokenformer.training.distributed import DistEnv, all_reduce_mean, unwrap
@@ -387,7 +388,7 @@ class VisionTask:
         """Write `model/` (the evaluated weights: the EMA ones when `ema` is on) and accuracy.png."""
         evaluated = self.evaluated_model(model)
         if save is not None and env.is_main:
-            evaluated.save_pretrained(save / FINAL_MODEL_DIR)
+            save_model(evaluated, save / FINAL_MODEL_DIR)
             if self.cfg.plot:
                 plot_accuracy({type(unwrap(model)).__name__: self.history}, save / ACCURACY_PLOT_FILE)
         return {"test_accuracy": self.history[-1]["val_accuracy"] if self.history else None,
