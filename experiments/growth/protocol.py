@@ -1,0 +1,224 @@
+"""The protocol of the growth experiment: the models, the arms, their compute, and the arithmetic
+that turns final losses into compute ratios.
+
+Every arm is one complete training run (its own warmup and cosine decay). From-scratch ladders of
+a large and a small model at several budgets give each family's loss-vs-compute frontiers; a grown
+arm starts from the small model trained for N steps (the base), grows it to the large shape and
+trains a stage of g steps with a fresh AdamW and a full re-warm. Compute is analytic training
+FLOPs (`tokenformer.flops`): a grown arm's cumulative compute counts its base.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from tokenformer.flops import gpt_neox_flops, tokenformer_flops
+from tokenformer.models.config import Config
+
+FAMILIES = {"tf": "TokenFormer", "t": "Transformer"}
+GROWTH_KINDS = {"tf": ("grown-exact", "grown-official"), "t": ("widen-exact", "widen-random")}
+
+
+@dataclass(frozen=True)
+class Protocol:
+    steps: int = 2000                          # N: the base's (and the large model's longest) budget
+    num_layers: int = 2
+    hidden_size: int = 64
+    num_attention_heads: int = 4
+    seq_length: int = 64
+    batch: int = 16                            # windows per step
+    small_slots: tuple[int, int, int] = (64, 64, 256)  # qkv, proj, ffn tokens of TF-S
+    token_factor: int = 3                      # TF-L has 3x the parameter tokens of TF-S
+    large_budgets: tuple[float, ...] = (0.25, 0.5, 1.0)
+    small_budgets: tuple[float, ...] = (0.25, 0.5, 1.0, 1.5, 2.5)  # 1.0 is the base
+    stage_budgets: tuple[float, ...] = (0.1, 0.25, 0.5)
+    tf_seeds: tuple[int, ...] = (0, 1, 2)
+    t_seeds: tuple[int, ...] = (0, 1)
+    lr_sweep: tuple[float, ...] = (1e-3, 2e-3, 4e-3)
+    sweep_budget: float = 0.25                 # the sweep trains each large model this share of N
+    min_lr_ratio: float = 0.1
+    warmup_fraction: float = 0.05
+    eval_iters: int = 64                       # x batch x seq_length = 65,536 held-out bytes
+    evals_per_run: int = 8
+
+    @classmethod
+    def quick(cls) -> "Protocol":
+        """Minutes on 2 cores, for a smoke test: every arm and every number, on toy budgets."""
+        return cls(steps=24, hidden_size=32, num_attention_heads=2, seq_length=32, batch=4,
+                   small_slots=(16, 16, 64), tf_seeds=(0,), t_seeds=(0,), lr_sweep=(2e-3, 4e-3),
+                   eval_iters=2, evals_per_run=2)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch * self.seq_length
+
+    @property
+    def held_out_tokens(self) -> int:
+        return self.eval_iters * self.batch * self.seq_length
+
+    def slots(self, size: str) -> dict[str, int]:
+        factor = 1 if size == "small" else self.token_factor
+        q, p, f = (n * factor for n in self.small_slots)
+        return dict(qkv_slot_num=q, proj_slot_num=p, ffn_slot_num=f)
+
+    def ffn_width(self, size: str) -> int:
+        """The Transformer FFN width with the weights and FLOPs of the TokenFormer of that size."""
+        s = self.slots(size)
+        return 3 * s["qkv_slot_num"] + s["proj_slot_num"] + s["ffn_slot_num"] - 2 * self.hidden_size
+
+    def model(self, family: str, size: str) -> dict[str, Any]:
+        shape = dict(num_layers=self.num_layers, hidden_size=self.hidden_size,
+                     num_attention_heads=self.num_attention_heads, seq_length=self.seq_length, vocab_size=257)
+        if family == "tf":
+            return {**shape, **self.slots(size)}
+        return {**shape, "ffn_width": self.ffn_width(size)}
+
+    def step_flops(self, family: str, size: str) -> float:
+        """Training FLOPs (forward + backward matmuls) of one optimizer step."""
+        m = self.model(family, size)
+        if family == "tf":
+            per_token = tokenformer_flops(Config(**m)).training().total
+        else:
+            vocab = Config(**self.model("tf", size)).padded_vocab_size  # the same padded vocabulary
+            per_token = gpt_neox_flops(m["hidden_size"], m["num_layers"], m["ffn_width"], vocab,
+                                       m["seq_length"]).training().total
+        return per_token * self.tokens_per_step
+
+    def budget_steps(self, budget: float) -> int:
+        return max(2, round(budget * self.steps))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One training run of the experiment."""
+
+    family: str          # tf or t
+    kind: str            # sweep, large, small, or a growth kind (GROWTH_KINDS)
+    seed: int
+    budget: float        # in units of N
+    steps: int
+    lr: float | None = None   # None: the family's swept lr
+    parent: str | None = None  # the base arm a grown arm starts from
+
+    @property
+    def name(self) -> str:
+        lr = f"/lr{self.lr:g}" if self.kind == "sweep" else ""
+        return f"{self.family}/{self.kind}/{self.budget:g}N/seed{self.seed}{lr}"
+
+    @property
+    def size(self) -> str:
+        return "small" if self.kind == "small" else "large"
+
+    @property
+    def grown(self) -> bool:
+        return self.parent is not None
+
+
+def arms(p: Protocol) -> list[Arm]:
+    """Every arm, in an order where each comes after what it needs."""
+    out = [Arm(family, "sweep", 0, p.sweep_budget, p.budget_steps(p.sweep_budget), lr=lr)
+           for family in FAMILIES for lr in p.lr_sweep]
+    for family in FAMILIES:
+        for seed in (p.tf_seeds if family == "tf" else p.t_seeds):
+            out += [Arm(family, "large", seed, b, p.budget_steps(b)) for b in p.large_budgets]
+            out += [Arm(family, "small", seed, b, p.budget_steps(b)) for b in p.small_budgets]
+            base = Arm(family, "small", seed, 1.0, p.budget_steps(1.0)).name
+            out += [Arm(family, kind, seed, g, p.budget_steps(g), parent=base)
+                    for kind in GROWTH_KINDS[family] for g in p.stage_budgets]
+    return out
+
+
+def arm_flops(p: Protocol, arm: Arm) -> dict[str, float]:
+    """The arm's own training compute and, for a grown arm, with its base's (cumulative)."""
+    own = arm.steps * p.step_flops(arm.family, arm.size)
+    base = p.budget_steps(1.0) * p.step_flops(arm.family, "small") if arm.grown else 0.0
+    return {"stage": own, "base": base, "cumulative": own + base}
+
+
+# ---- frontiers and ratios ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Reach:
+    """Compute to reach a loss on a frontier: exact (`=`), or a bound when the loss lies outside
+    the frontier's range (`>`: below its lowest loss, `<`: above its highest)."""
+
+    flops: float
+    bound: str = "="
+
+    def over(self, denominator: float) -> "Reach":
+        return Reach(self.flops / denominator, self.bound)
+
+    def __str__(self) -> str:
+        return f"{'' if self.bound == '=' else self.bound}{self.flops:.3g}"
+
+
+def lower_envelope(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
+    """(compute, loss) sorted by compute, each loss the best so far (more compute never hurts)."""
+    out, best = [], math.inf
+    for flops, loss in sorted(points):
+        best = min(best, loss)
+        out.append((flops, best))
+    return out
+
+
+def compute_to_reach(points: Sequence[tuple[float, float]], loss: float) -> Reach:
+    """The compute at which a from-scratch frontier reaches `loss`, linear in log(compute) between
+    its points; outside them a bound at the nearest end."""
+    frontier = lower_envelope(points)
+    if loss >= frontier[0][1]:
+        return Reach(frontier[0][0], "<" if loss > frontier[0][1] else "=")
+    for (c0, l0), (c1, l1) in zip(frontier, frontier[1:]):
+        if l1 <= loss:
+            if l0 == l1:
+                return Reach(c0)
+            t = (l0 - loss) / (l0 - l1)
+            return Reach(math.exp(math.log(c0) + t * (math.log(c1) - math.log(c0))))
+    return Reach(frontier[-1][0], ">")
+
+
+def loss_at(points: Sequence[tuple[float, float]], flops: float) -> float:
+    """The frontier's loss at `flops` (linear in log compute; the end values outside)."""
+    frontier = lower_envelope(points)
+    if flops <= frontier[0][0]:
+        return frontier[0][1]
+    for (c0, l0), (c1, l1) in zip(frontier, frontier[1:]):
+        if flops <= c1:
+            t = (math.log(flops) - math.log(c0)) / (math.log(c1) - math.log(c0))
+            return l0 + t * (l1 - l0)
+    return frontier[-1][1]
+
+
+def ratios(loss: float, flops: dict[str, float], large: Sequence[tuple[float, float]],
+           small: Sequence[tuple[float, float]]) -> dict[str, Reach]:
+    """The compute ratios of a grown arm that ended at `loss`:
+    R_incl = from-scratch (large) compute to reach it / (base + stage): the paper's Figure 3;
+    R_excl = the same over the stage only: its Figure 4;
+    R_best = the better (smaller) of the large and small frontiers' compute / (base + stage):
+    growing pays only if this is above 1."""
+    to_large, to_small = compute_to_reach(large, loss), compute_to_reach(small, loss)
+    return {"R_incl": to_large.over(flops["cumulative"]), "R_excl": to_large.over(flops["stage"]),
+            "R_best": smaller(to_large, to_small).over(flops["cumulative"])}
+
+
+def smaller(a: Reach, b: Reach) -> Reach:
+    """The smaller of two compute-to-reach values, bounded as the bounds of both allow: if the
+    larger is only known to be below its value (`<`), the minimum may lie below the smaller too."""
+    low, high = sorted((a, b), key=lambda r: r.flops)
+    return Reach(low.flops, "<" if high.bound == "<" and low.bound == "=" else low.bound)
+
+
+def mean_and_range(values: Sequence[float]) -> dict[str, float]:
+    return {"mean": sum(values) / len(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def std(values: Sequence[float]) -> float:
+    if len(values) < 2:
+        return math.nan
+    m = sum(values) / len(values)
+    return math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
