@@ -1,38 +1,45 @@
-"""Evaluation: sliding-window perplexity, the lm-eval adapter against direct computations from the
-model's logits, the harness end to end on task files written here (offline), and the CLI."""
+"""Evaluation with lm-eval: the adapter against direct computations from the model's logits, the
+harness end to end on task files written here (offline), `tokenformer evaluate --tasks` and
+`tokenformer-lm-eval`, and what the commands say without lm-eval. Scoring, perplexity and
+`tokenformer evaluate --data` need no lm-eval: tests/test_perplexity.py."""
 
-import atexit
 import json
-import math
-import os
-import shutil
-import tempfile
 
 import pytest
 import torch
 
 import tokenformer as tf
-from tokenformer.evaluation.published import comparison_table, nearest_published, task_scores
-from tokenformer.evaluation.scoring import perplexity, sliding_windows
+from tests.test_perplexity import SEQ, TEXTS, direct_log_likelihood, run_cli, save_tiny_checkpoint
+from tokenformer.evaluation.published import task_scores
+from tokenformer.evaluation.scoring import perplexity
 
-# The harness must never reach the network here: local JSON files only, in a private cache.
-_HF_CACHE = tempfile.mkdtemp(prefix="tokenformer-test-datasets-")
-atexit.register(shutil.rmtree, _HF_CACHE, True)
-os.environ["HF_DATASETS_OFFLINE"] = "1"
-os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ["HF_DATASETS_CACHE"] = _HF_CACHE
 
-lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is not installed (the eval extra)")
+@pytest.fixture(scope="module")
+def lm_eval():
+    """lm-eval, for the tests that need it (the others run without the `eval` extra)."""
+    return pytest.importorskip("lm_eval", reason="lm-eval is not installed (the eval extra)")
 
-SEQ = 32  # the tiny model's context: short, so that truncation and windows are cheap to exercise
 
-TEXTS = [
-    "the cat sat on the mat and looked at the dog",
-    "a dog ran far away from home",
-    "hello there my old friend",
-    "pattention layers attend over parameter tokens instead of weights",
-    "x",
-]
+@pytest.fixture
+def offline_hub(lm_eval, monkeypatch, tmp_path):
+    """The harness must never reach the network here (local JSON task files only) and caches what
+    `datasets` builds from them in a private folder, for this test only. `datasets` and
+    `huggingface_hub` read these variables once, when first imported: their copies are set too.
+    Returns the cache folder."""
+    import datasets.config
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hf-datasets-cache"
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    monkeypatch.setattr(datasets.config, "DOWNLOADED_DATASETS_PATH", cache / datasets.config.DOWNLOADED_DATASETS_DIR)
+    monkeypatch.setattr(datasets.config, "EXTRACTED_DATASETS_PATH", cache / datasets.config.EXTRACTED_DATASETS_DIR)
+    return cache
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -46,10 +53,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    directory = tmp_path_factory.mktemp("tiny")
-    tf.TokenFormer(tf.Config.from_name("tiny", seq_length=SEQ)).save_pretrained(directory, tokenizer=tf.ByteTokenizer())
-    return directory
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="module")
@@ -58,89 +62,16 @@ def model(checkpoint):
 
 
 @pytest.fixture(scope="module")
-def lm(model):
+def lm(lm_eval, model):
     from tokenformer.evaluation.lm_eval import TokenFormerLM
 
     return TokenFormerLM(pretrained=model, tokenizer=tf.ByteTokenizer(), batch_size=4)
-
-
-def direct_log_likelihood(model, context: list[int], continuation: list[int]) -> tuple[float, bool]:
-    """log p(continuation | context) by one unpadded forward pass over the last SEQ + 1 tokens."""
-    tokens = (context + continuation)[-(SEQ + 1):]
-    with torch.no_grad():
-        logits = model(torch.tensor([tokens[:-1]]))[0].double()  # (T, padded_vocab)
-    log_probs = torch.log_softmax(logits, dim=-1)[-len(continuation):]
-    target = torch.tensor(continuation)
-    return log_probs[torch.arange(len(continuation)), target].sum().item(), \
-        bool((log_probs.argmax(-1) == target).all())
 
 
 def requests(kind: str, arguments: list[tuple]):
     from lm_eval.api.instance import Instance
 
     return [Instance(request_type=kind, doc={}, arguments=args, idx=i) for i, args in enumerate(arguments)]
-
-
-# ---- sliding windows and perplexity ---------------------------------------------------------------
-
-@pytest.mark.parametrize("n_tokens, context, stride", [(1, 8, 8), (7, 8, 8), (8, 8, 8), (30, 8, 8), (30, 8, 3), (30, 8, 1), (17, 5, 5)])
-def test_sliding_windows_score_every_token_once_with_at_most_context_tokens(n_tokens, context, stride):
-    tokens = list(range(100, 100 + n_tokens))
-    windows = sliding_windows(tokens, prefix_id=0, context=context, stride=stride)
-    assert [t for _, continuation in windows for t in continuation] == tokens
-    sequence = [0] + tokens
-    for i, (ctx, continuation) in enumerate(windows):
-        reads = ctx + continuation[:-1]
-        assert len(reads) <= context
-        start = sequence.index(continuation[0])
-        assert ctx == sequence[start - len(ctx):start]  # the context is what precedes the window
-        if i > 0:
-            assert len(continuation) <= stride
-            assert len(reads) == min(context, start + len(continuation) - 1)  # full context when there is one
-
-
-def test_perplexity_with_stride_equal_to_context_is_independent_chunks(model):
-    torch.manual_seed(1)
-    doc = torch.randint(0, 256, (3 * SEQ,)).tolist()  # a multiple of the context: plain chunks
-    sequence = [256] + doc
-    expected = 0.0
-    with torch.no_grad():
-        for start in range(0, len(doc), SEQ):
-            chunk = torch.tensor([sequence[start:start + SEQ]])
-            log_probs = torch.log_softmax(model(chunk)[0].double(), dim=-1)
-            target = torch.tensor(sequence[start + 1:start + SEQ + 1])
-            expected += log_probs[torch.arange(SEQ), target].sum().item()
-    result = perplexity(model, [(doc, len(doc))], prefix_id=256, stride=SEQ, batch_size=2, progress=False)
-    assert result.tokens == len(doc)
-    assert result.total_log_likelihood == pytest.approx(expected, abs=1e-4)
-    assert result.loss == pytest.approx(-expected / len(doc), rel=1e-6)
-    assert result.perplexity == pytest.approx(math.exp(-expected / len(doc)), rel=1e-6)
-    assert result.bits_per_byte == pytest.approx(-expected / len(doc) / math.log(2), rel=1e-6)
-
-
-def test_perplexity_with_stride_one_scores_each_token_once_with_full_context(model):
-    torch.manual_seed(2)
-    context = 8
-    doc = torch.randint(0, 256, (20,)).tolist()
-    sequence = [256] + doc
-    expected = 0.0
-    with torch.no_grad():
-        for j in range(1, len(sequence)):  # each token, read after its own last `context` tokens
-            window = sequence[max(0, j - context):j] if j > context else sequence[:context]
-            position = len(window) - 1 if j > context else j - 1
-            log_probs = torch.log_softmax(model(torch.tensor([window]))[0, position].double(), dim=-1)
-            expected += log_probs[sequence[j]].item()
-    result = perplexity(model, [(doc, 40)], prefix_id=256, context=context, stride=1, batch_size=3, progress=False)
-    assert result.tokens == len(doc) and result.bytes == 40
-    assert result.total_log_likelihood == pytest.approx(expected, abs=1e-4)
-    assert result.bits_per_byte == pytest.approx(-expected / 40 / math.log(2), rel=1e-6)
-
-
-def test_perplexity_refuses_a_bad_stride_or_context(model):
-    with pytest.raises(tf.TokenFormerError, match="stride"):
-        perplexity(model, [([1, 2, 3], 3)], prefix_id=256, stride=SEQ + 1, progress=False)
-    with pytest.raises(tf.TokenFormerError, match="seq_length"):
-        perplexity(model, [([1, 2, 3], 3)], prefix_id=256, context=SEQ + 1, progress=False)
 
 
 # ---- the adapter against direct computations -------------------------------------------------------
@@ -238,7 +169,7 @@ def task_folder(tmp_path_factory):
     return folder
 
 
-def test_harness_runs_local_tasks_end_to_end(model, lm, task_folder):
+def test_harness_runs_local_tasks_end_to_end(model, lm, task_folder, offline_hub):
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
@@ -273,92 +204,13 @@ def test_harness_runs_local_tasks_end_to_end(model, lm, task_folder):
     ours = perplexity(model, docs, prefix_id=256, progress=False)
     assert scores["tiny_rolling"]["bits_per_byte"] == pytest.approx(ours.bits_per_byte, rel=1e-5)
 
-
-# ---- the table ------------------------------------------------------------------------------------
-
-def test_nearest_published_sizes_by_parameter_count():
-    assert nearest_published(90_000) == ("TokenFormer-150M", "Pythia-160M")
-    assert nearest_published(400_000_000) == ("TokenFormer-450M", "Pythia-410M")
-    assert nearest_published(1_000_000_000) == ("TokenFormer-900M", "Pythia-1B")
-    assert nearest_published(2_000_000_000) == ("TokenFormer-1.5B", "Pythia-1B")
-
-
-def test_comparison_table_puts_our_scores_beside_the_published_ones():
-    scores = {"lambada_openai": {"acc": 0.45, "perplexity": 16.0}, "hellaswag": {"acc": 0.3, "acc_norm": 0.355},
-              "piqa": {"acc": 0.649}, "arc_easy": {"acc": 0.473}, "arc_challenge": {"acc": 0.2, "acc_norm": 0.249},
-              "winogrande": {"acc": 0.504}, "mine": {"acc": 0.5}}
-    table = comparison_table(scores, 151_881_216)
-    lines = table.strip().splitlines()
-    assert lines[0] == "| task | metric | ours (152M params) | TokenFormer-150M | Pythia-160M |"
-    assert "| lambada_openai | perplexity | 16.00 | 16.38 | 37.25 |" in lines
-    assert "| hellaswag | acc_norm | 35.5 | 35.5 | 30.3 |" in lines
-    assert "| arc_challenge | acc_norm | 24.9 | 24.9 | 23.6 |" in lines
-    assert lines[-2] == "| average | acc | 44.7 | 44.7 | 40.1 |"  # the published average is reproduced
-    assert lines[-1] == "| mine | acc | 50.0 | - | - |"
+    # the task data went through the private cache of `offline_hub`, not the user's
+    assert offline_hub.is_dir() and "json" in {p.name for p in offline_hub.iterdir()}  # the json builder's cache
 
 
 # ---- the command line -----------------------------------------------------------------------------
 
-def run_cli(argv, capsys):
-    from tokenformer.__main__ import main
-
-    code = main(["evaluate", *map(str, argv)])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def test_cli_perplexity_on_jsonl_indexed_prefix_and_prepared_directory(model, checkpoint, tmp_path, capsys):
-    from tokenformer.data.indexed import IndexedDatasetWriter
-
-    jsonl = tmp_path / "docs.jsonl"
-    jsonl.write_text("".join(json.dumps({"body": t}) + "\n" for t in TEXTS))
-    output = tmp_path / "ppl.json"
-    code, out, _ = run_cli(["--checkpoint", checkpoint, "--data", jsonl, "--text-field", "body",
-                            "--stride", 16, "--output", output], capsys)
-    assert code == 0 and "bits per byte" in out
-    report = json.loads(output.read_text())
-    docs = [(list(t.encode()), len(t.encode())) for t in TEXTS]
-    expected = perplexity(model, docs, prefix_id=256, stride=16, progress=False)
-    assert report["loss"] == pytest.approx(expected.loss, rel=1e-6)
-    assert report["bits_per_byte"] == pytest.approx(expected.bits_per_byte, rel=1e-6)
-    assert report["tokens"] == sum(len(t) for t in TEXTS) and report["documents"] == len(TEXTS)
-
-    text_file = tmp_path / "one.txt"
-    text_file.write_text(TEXTS[0])
-    code, _, _ = run_cli(["--checkpoint", checkpoint, "--data", text_file, "--output", output], capsys)
-    assert code == 0
-    one = perplexity(model, docs[:1], prefix_id=256, progress=False)
-    assert json.loads(output.read_text())["loss"] == pytest.approx(one.loss, rel=1e-6)
-
-    # The same texts as `tokenformer prepare` writes them: one item per document, ending with end-of-text.
-    prepared = tmp_path / "prepared"
-    with IndexedDatasetWriter(prepared / "valid_text_document") as writer:
-        for text in TEXTS:
-            writer.add_item(list(text.encode()) + [256])
-    tf.ByteTokenizer().save(prepared / "tokenizer.json")
-    with_eod = perplexity(model, [(ids + [256], n) for ids, n in docs], prefix_id=256, progress=False)
-    for data in (prepared, prepared / "valid", prepared / "valid_text_document", prepared / "valid_text_document.bin"):
-        code, _, _ = run_cli(["--checkpoint", checkpoint, "--data", data, "--output", output], capsys)
-        assert code == 0
-        report = json.loads(output.read_text())
-        assert report["tokens"] == with_eod.tokens and report["bytes"] == with_eod.bytes
-        assert report["loss"] == pytest.approx(with_eod.loss, rel=1e-6)
-
-
-def test_cli_refuses_data_tokenized_with_another_tokenizer(checkpoint, tmp_path, capsys):
-    from tokenformer.data.indexed import IndexedDatasetWriter
-    from tokenizers import Tokenizer, models
-
-    with IndexedDatasetWriter(tmp_path / "valid_text_document") as writer:
-        writer.add_item([1, 2, 3])
-    other = Tokenizer(models.WordLevel({"a": 0, "b": 1}, unk_token="a"))
-    other.add_special_tokens(["<|endoftext|>"])
-    other.save(str(tmp_path / "tokenizer.json"))
-    code, _, err = run_cli(["--checkpoint", checkpoint, "--data", tmp_path, "--output", tmp_path / "o.json"], capsys)
-    assert code == 2 and "another tokenizer" in err and len(err.strip().splitlines()) == 1
-
-
-def test_cli_tasks_print_the_table_and_write_the_results(checkpoint, task_folder, tmp_path, capsys):
+def test_cli_tasks_print_the_table_and_write_the_results(checkpoint, task_folder, tmp_path, capsys, offline_hub):
     output = tmp_path / "results.json"
     code, out, _ = run_cli(["--checkpoint", checkpoint, "--tasks", "tiny_choice,tiny_lambada",
                             "--include-path", task_folder, "--no-builtin-tasks", "--batch-size", 2,
@@ -373,24 +225,18 @@ def test_cli_tasks_print_the_table_and_write_the_results(checkpoint, task_folder
     assert report["limit"] == 2 and report["num_fewshot"] == 0
 
 
-@pytest.mark.parametrize("case", ["missing checkpoint", "not a checkpoint", "unknown task", "missing task folder",
-                                  "missing data", "bad stride"])
-def test_cli_bad_input_ends_in_one_clear_sentence(case, checkpoint, task_folder, tmp_path, capsys):
+# the checkpoint and data cases (no lm-eval needed) are in tests/test_perplexity.py
+@pytest.mark.parametrize("case", ["unknown task", "missing task folder"])
+def test_cli_bad_tasks_end_in_one_clear_sentence(case, checkpoint, task_folder, tmp_path, capsys, offline_hub):
     argv = {
-        "missing checkpoint": ["--checkpoint", tmp_path / "nope"],
-        "not a checkpoint": ["--checkpoint", tmp_path],
         "unknown task": ["--checkpoint", checkpoint, "--tasks", "tiny_choice,no_such_task",
                          "--include-path", task_folder, "--no-builtin-tasks"],
         "missing task folder": ["--checkpoint", checkpoint, "--include-path", tmp_path / "no-tasks"],
-        "missing data": ["--checkpoint", checkpoint, "--data", tmp_path / "none.jsonl"],
-        "bad stride": ["--checkpoint", checkpoint, "--data", tmp_path / "none.jsonl", "--stride", 0],
     }[case]
     code, _, err = run_cli(argv + ["--output", tmp_path / "o.json"], capsys)
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("tokenformer evaluate: error: ")
-    expected = {"missing checkpoint": "does not exist", "not a checkpoint": "config.json",
-                "unknown task": "unknown task no_such_task", "missing task folder": "no-tasks",
-                "missing data": "none.jsonl", "bad stride": "--stride"}[case]
+    expected = {"unknown task": "unknown task no_such_task", "missing task folder": "no-tasks"}[case]
     assert expected in lines[0]
     assert not (tmp_path / "o.json").exists()
 
@@ -415,7 +261,8 @@ def test_tokenformer_lm_eval_without_lm_eval_names_the_extra(capsys, monkeypatch
     assert e.value.code == 2 and len(err) == 1 and 'pip install "tokenformer[eval]"' in err[0]
 
 
-def test_tokenformer_lm_eval_runs_lm_evals_own_command_line(checkpoint, task_folder, tmp_path, capsys, monkeypatch):
+def test_tokenformer_lm_eval_runs_lm_evals_own_command_line(checkpoint, task_folder, tmp_path, capsys, monkeypatch,
+                                                            offline_hub):
     import functools
     import sys
 
@@ -442,7 +289,7 @@ def test_tokenformer_lm_eval_runs_lm_evals_own_command_line(checkpoint, task_fol
     assert results["config"]["model_num_parameters"] == tf.TokenFormer.from_pretrained(checkpoint).num_parameters()
 
 
-def test_model_args_win_over_lm_evals_own_defaults_and_unknown_ones_are_refused(checkpoint):
+def test_model_args_win_over_lm_evals_own_defaults_and_unknown_ones_are_refused(lm_eval, checkpoint):
     from tokenformer.evaluation.lm_eval import TokenFormerLM
 
     # lm-eval's command line always adds its --batch_size (default 1) and --device (default cuda:0).
@@ -464,7 +311,7 @@ def test_model_args_win_over_lm_evals_own_defaults_and_unknown_ones_are_refused(
 
 @pytest.mark.parametrize("task, folder", [("lambada_openai", "lambada"), ("hellaswag", "hellaswag"), ("piqa", "piqa"),
                                           ("arc_easy", "arc"), ("arc_challenge", "arc"), ("winogrande", "winogrande")])
-def test_the_official_tasks_exist_in_the_pinned_lm_eval_with_the_published_metric(task, folder):
+def test_the_official_tasks_exist_in_the_pinned_lm_eval_with_the_published_metric(lm_eval, task, folder):
     from pathlib import Path
 
     from lm_eval.tasks import TaskManager
@@ -483,7 +330,7 @@ def test_the_official_tasks_exist_in_the_pinned_lm_eval_with_the_published_metri
         assert "metric: perplexity\n" in config
 
 
-def test_gpt_neox_tokenizer_requests_split_at_the_word_boundary(neox_tokenizer_path):
+def test_gpt_neox_tokenizer_requests_split_at_the_word_boundary(lm_eval, neox_tokenizer_path):
     from tokenformer.evaluation.lm_eval import TokenFormerLM
 
     model = tf.TokenFormer(tf.Config.from_name("tiny", seq_length=SEQ, vocab_size=50277)).eval()
@@ -494,37 +341,3 @@ def test_gpt_neox_tokenizer_requests_split_at_the_word_boundary(neox_tokenizer_p
                                       disable_tqdm=True)
     expected, _ = direct_log_likelihood(model, [12092], [1533])
     assert a == pytest.approx(expected, abs=1e-4) and b == pytest.approx(expected, abs=1e-4)
-
-
-def test_evaluate_reads_what_tokenformer_prepare_writes(model, checkpoint, tmp_path, capsys):
-    from tokenformer.data.indexed import IndexedDataset
-
-    corpus = tmp_path / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
-    meta = tf.prepare([corpus], tmp_path / "prepared", tokenizer="byte", valid_fraction=0.5, progress=False)
-    output = tmp_path / "ppl.json"
-    code, _, _ = run_cli(["--checkpoint", checkpoint, "--data", tmp_path / "prepared", "--output", output], capsys)
-    assert code == 0
-    report = json.loads(output.read_text())
-    valid = meta["splits"]["valid"]
-    assert report["documents"] == valid["documents"] >= 1 and report["tokens"] == valid["tokens"]
-    # The validation documents are some of TEXTS, each stored with an end-of-text token after it.
-    stored = IndexedDataset(tmp_path / "prepared" / "valid_text_document")
-    docs = [[int(t) for t in stored[i]] for i in range(len(stored))]
-    assert all(d[-1] == 256 and bytes(d[:-1]).decode() in TEXTS for d in docs)
-    expected = perplexity(model, [(d, len(d) - 1) for d in docs], prefix_id=256, progress=False)
-    assert report["loss"] == pytest.approx(expected.loss, rel=1e-6)
-    assert report["bits_per_byte"] == pytest.approx(expected.bits_per_byte, rel=1e-6)
-
-
-def test_cli_perplexity_in_bfloat16_is_close_to_float32(checkpoint, tmp_path, capsys):
-    jsonl = tmp_path / "docs.jsonl"
-    jsonl.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
-    losses = {}
-    for dtype in ("float32", "bfloat16"):
-        code, _, _ = run_cli(["--checkpoint", checkpoint, "--data", jsonl, "--dtype", dtype,
-                              "--output", tmp_path / f"{dtype}.json"], capsys)
-        assert code == 0
-        losses[dtype] = json.loads((tmp_path / f"{dtype}.json").read_text())["loss"]
-    assert losses["bfloat16"] == pytest.approx(losses["float32"], abs=0.05)
-    assert losses["bfloat16"] != losses["float32"]  # it really ran in bfloat16
