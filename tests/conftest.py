@@ -32,3 +32,25 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def offline_hub(monkeypatch, tmp_path):
+    """Hugging Face libraries must never reach the network in a test (local files only) and cache
+    what `datasets` builds in a private folder, for this test only. `datasets` and
+    `huggingface_hub` read these variables once, when first imported: their copies are set too.
+    Returns the cache folder."""
+    datasets = pytest.importorskip("datasets", reason="datasets is in the dev extra")
+    huggingface_hub = pytest.importorskip("huggingface_hub", reason="huggingface_hub comes with datasets")
+
+    cache = tmp_path / "hf-datasets-cache"
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    monkeypatch.setattr(datasets.config, "DOWNLOADED_DATASETS_PATH", cache / datasets.config.DOWNLOADED_DATASETS_DIR)
+    monkeypatch.setattr(datasets.config, "EXTRACTED_DATASETS_PATH", cache / datasets.config.EXTRACTED_DATASETS_DIR)
+    return cache

@@ -21,25 +21,9 @@ def lm_eval():
 
 
 @pytest.fixture
-def offline_hub(lm_eval, monkeypatch, tmp_path):
-    """The harness must never reach the network here (local JSON task files only) and caches what
-    `datasets` builds from them in a private folder, for this test only. `datasets` and
-    `huggingface_hub` read these variables once, when first imported: their copies are set too.
-    Returns the cache folder."""
-    import datasets.config
-    import huggingface_hub.constants
-
-    cache = tmp_path / "hf-datasets-cache"
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(cache))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
-    monkeypatch.setattr(datasets.config, "DOWNLOADED_DATASETS_PATH", cache / datasets.config.DOWNLOADED_DATASETS_DIR)
-    monkeypatch.setattr(datasets.config, "EXTRACTED_DATASETS_PATH", cache / datasets.config.EXTRACTED_DATASETS_DIR)
-    return cache
+def offline_hub(lm_eval, offline_hub):
+    """The shared offline fixture (tests/conftest.py), for tests that also need lm-eval."""
+    return offline_hub
 
 
 @pytest.fixture(scope="module", autouse=True)

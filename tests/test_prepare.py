@@ -167,9 +167,7 @@ def test_local_hugging_face_datasets(tmp_path):
         prepare(None, tmp_path / "c", hf_dataset=str(tmp_path / "no-data"))
 
 
-def test_hugging_face_load_dataset_on_a_data_folder(tmp_path, monkeypatch):
-    pytest.importorskip("datasets", reason="datasets is in the dev extra; install tokenformer[hf]")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def test_hugging_face_load_dataset_on_a_data_folder(tmp_path, monkeypatch, offline_hub):
     (tmp_path / "raw").mkdir()
     write_jsonl(tmp_path / "raw" / "train.jsonl", [{"text": d} for d in DOCS[:3]])
     prepare(None, tmp_path / "out", hf_dataset=str(tmp_path / "raw"), valid_fraction=0.0)
