@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import tokenformer as tf
-from tests.test_perplexity import SEQ, TEXTS, direct_log_likelihood, run_cli, save_tiny_checkpoint
+from tests.test_perplexity import (SEQ, TEXTS, checkpoint, direct_log_likelihood, model,  # noqa: F401 (fixtures)
+                                   run_cli)
 from tokenformer.evaluation.published import task_scores
 from tokenformer.evaluation.scoring import perplexity
 
@@ -33,16 +34,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(scope="module")
-def model(checkpoint):
-    return tf.TokenFormer.from_pretrained(checkpoint)
 
 
 @pytest.fixture(scope="module")

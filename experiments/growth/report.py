@@ -21,7 +21,6 @@ def choose_lr(outcomes: dict[str, dict[str, Any]], family: str) -> float:
 
 
 def analyse(p: Protocol, all_arms: list[Arm], outcomes: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    by_name = {a.name: a for a in all_arms}
     families: dict[str, Any] = {}
     for family in FAMILIES:
         seeds = p.tf_seeds if family == "tf" else p.t_seeds

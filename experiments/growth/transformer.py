@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenformer.errors import TokenFormerError
+from tokenformer.models.config import LanguageModelShape
 from tokenformer.models.lm import apply_rotary, layer_norm_nonparametric, rotary_cos_sin
 from tokenformer.models.pretrained import PretrainedModel
 
@@ -32,7 +33,7 @@ WIDEN_MODES = ("exact", "random")
 
 
 @dataclass
-class TransformerConfig:
+class TransformerConfig(LanguageModelShape):
     num_layers: int = 2
     hidden_size: int = 64
     num_attention_heads: int = 4
@@ -46,19 +47,6 @@ class TransformerConfig:
     init_method_std: float = 0.02
     name: str = "transformer"
     growth_history: list[dict[str, Any]] = field(default_factory=list)
-
-    @property
-    def padded_vocab_size(self) -> int:
-        m = self.make_vocab_size_divisible_by
-        return int(math.ceil(self.vocab_size / m) * m)
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
-
-    @property
-    def rotary_dim(self) -> int:
-        return int(self.head_dim * self.rotary_pct)
 
     @property
     def num_parameters(self) -> int:

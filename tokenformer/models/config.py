@@ -81,8 +81,27 @@ class PresetConfig:
         return cls(**{k: v for k, v in values.items() if k in known})
 
 
+class LanguageModelShape:
+    """The derived shape of a GPT-NeoX-style language model config, from its fields `vocab_size`,
+    `make_vocab_size_divisible_by`, `hidden_size`, `num_attention_heads` and `rotary_pct`."""
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Vocabulary rounded up to a multiple of `make_vocab_size_divisible_by` (50277 -> 50304)."""
+        m = self.make_vocab_size_divisible_by
+        return int(math.ceil(self.vocab_size / m) * m)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.rotary_pct)
+
+
 @dataclass
-class Config(PresetConfig):
+class Config(LanguageModelShape, PresetConfig):
     """Shape and numerics of a TokenFormer language model.
 
     `*_scale_num` replace the slot count `n` inside the normalisation (`sqrt(n)` or `* n`) of the
@@ -116,21 +135,7 @@ class Config(PresetConfig):
     def __post_init__(self) -> None:
         self.validate()
 
-    # ---- derived fields -------------------------------------------------------------------
-
-    @property
-    def padded_vocab_size(self) -> int:
-        """Vocabulary rounded up to a multiple of `make_vocab_size_divisible_by` (50277 -> 50304)."""
-        m = self.make_vocab_size_divisible_by
-        return int(math.ceil(self.vocab_size / m) * m)
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
-
-    @property
-    def rotary_dim(self) -> int:
-        return int(self.head_dim * self.rotary_pct)
+    # ---- derived fields (and those of LanguageModelShape) --------------------------------------
 
     @property
     def num_parameters(self) -> int:

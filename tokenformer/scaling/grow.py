@@ -117,9 +117,9 @@ def old_slot_counts(config) -> dict[str, int]:
 
 
 def target_counts(config, requested: Mapping[str, int | None], factor: float | None,
-                  verb: str) -> dict[str, int]:
-    """The slot counts to `verb` ("grow" or "shrink") to: the requested ones (None keeps a count)
-    or the current ones times `factor`; checked to go in the direction of `verb`."""
+                  verb: str) -> tuple[dict[str, int], dict[str, int]]:
+    """The current slot counts and those to `verb` ("grow" or "shrink") to: the requested ones
+    (None keeps a count) or the current ones times `factor`, checked to go in `verb`'s direction."""
     current = slot_counts(config)
     if factor is not None:
         if any(v is not None for v in requested.values()):
@@ -142,7 +142,7 @@ def target_counts(config, requested: Mapping[str, int | None], factor: float | N
         if verb == "shrink" and target[f] > current[f]:
             raise TokenFormerError(f"cannot shrink {f} from {current[f]} to the larger {target[f]}: "
                                    f"use grow to add tokens")
-    return target
+    return current, target
 
 
 def history_entry(mode: str, old: dict[str, int], new: dict[str, int], **extra: Any) -> dict[str, Any]:
@@ -217,9 +217,8 @@ def grow(model: nn.Module, *, qkv_slot_num: int | None = None, proj_slot_num: in
     if mode not in MODES:
         raise TokenFormerError(f"unknown growth mode {mode!r}: use one of {', '.join(MODES)}")
     config = model.config
-    old = slot_counts(config)
-    new = target_counts(config, dict(qkv_slot_num=qkv_slot_num, proj_slot_num=proj_slot_num,
-                                     ffn_slot_num=ffn_slot_num), factor, "grow")
+    old, new = target_counts(config, dict(qkv_slot_num=qkv_slot_num, proj_slot_num=proj_slot_num,
+                                          ffn_slot_num=ffn_slot_num), factor, "grow")
     norm = getattr(config, "norm_activation_type", None)
     if mode == "exact" and norm not in EXACT_NORMALISATIONS and new != old:
         raise TokenFormerError(

@@ -13,8 +13,7 @@ from torch import nn
 
 from tokenformer.errors import TokenFormerError
 from tokenformer.models.pattention import Pattention, normalise
-from tokenformer.scaling.grow import (history_entry, replace_rows, scale_field, target_counts,
-                                      pattention_groups, slot_counts)
+from tokenformer.scaling.grow import history_entry, pattention_groups, replace_rows, scale_field, target_counts
 
 
 def _calibration_batches(calibration) -> list[torch.Tensor]:
@@ -142,9 +141,8 @@ def shrink(model: nn.Module, *, qkv_slot_num: int | None = None, proj_slot_num: 
     if scale not in SHRINK_SCALES:
         raise TokenFormerError(f"unknown shrink scale {scale!r}: use one of {', '.join(SHRINK_SCALES)}")
     config = model.config
-    old = slot_counts(config)
-    new = target_counts(config, dict(qkv_slot_num=qkv_slot_num, proj_slot_num=proj_slot_num,
-                                     ffn_slot_num=ffn_slot_num), factor, "shrink")
+    old, new = target_counts(config, dict(qkv_slot_num=qkv_slot_num, proj_slot_num=proj_slot_num,
+                                          ffn_slot_num=ffn_slot_num), factor, "shrink")
     shrunk = copy.deepcopy(model)
     if new == old:
         return shrunk
