@@ -25,7 +25,7 @@ test: $(STAMP)
 # TokenFormer on it (validation loss before -> after, checkpoint + loss_curve.png in
 # runs/demo/checkpoints), grow it to twice the parameter tokens in exact mode (the validation loss
 # before and after growing is printed: the same), train the grown model 100 steps more (fresh
-# optimizer, re-warmed schedule: the default, which ended lowest in experiments/growth.py;
+# optimizer, re-warmed schedule: the default of --init-from, the official recipe;
 # runs/demo/grown-checkpoints), then generate from it.
 # It installs only what it needs (the package and matplotlib), not the development extras.
 DEMO := runs/demo

@@ -10,6 +10,7 @@ on toy budgets in about a minute (a smoke test; its numbers mean nothing).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -51,10 +52,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=None, help="data and runs (default runs/growth[-quick])")
     parser.add_argument("--jobs", type=int, default=2, help="arms at a time, one thread each (1: in this process)")
     parser.add_argument("--steps", type=int, default=None, help="N, the base's budget (default 2000; quick 24)")
+    parser.add_argument("--seeds", type=int, default=None,
+                        help="run only the first this many seeds of each family (default: 3 TokenFormer, 2 Transformer)")
     args = parser.parse_args(argv)
     protocol = Protocol.quick() if args.quick else Protocol()
-    if args.steps:
-        protocol = Protocol(**{**protocol.to_dict(), "steps": args.steps})
+    changes = {"steps": args.steps} if args.steps else {}
+    if args.seeds:
+        changes.update(tf_seeds=protocol.tf_seeds[:args.seeds], t_seeds=protocol.t_seeds[:args.seeds])
+    protocol = dataclasses.replace(protocol, **changes)
     work = args.work or ROOT / "runs" / ("growth-quick" if args.quick else "growth")
     out = args.out or (work / "results" if args.quick else ROOT / "experiments" / "results")
     out.mkdir(parents=True, exist_ok=True)

@@ -37,7 +37,7 @@ class Protocol:
     stage_budgets: tuple[float, ...] = (0.1, 0.25, 0.5)
     tf_seeds: tuple[int, ...] = (0, 1, 2)
     t_seeds: tuple[int, ...] = (0, 1)
-    lr_sweep: tuple[float, ...] = (1e-3, 2e-3, 4e-3)
+    lr_sweep: tuple[float, ...] = (1e-3, 2e-3, 4e-3, 8e-3)
     sweep_budget: float = 0.25                 # the sweep trains each large model this share of N
     min_lr_ratio: float = 0.1
     warmup_fraction: float = 0.05
@@ -121,11 +121,15 @@ class Arm:
 
 
 def arms(p: Protocol) -> list[Arm]:
-    """Every arm, in an order where each comes after what it needs."""
+    """Every arm, in an order where each comes after what it needs, seed by seed (so that a run
+    stopped early holds whole seeds of both families)."""
     out = [Arm(family, "sweep", 0, p.sweep_budget, p.budget_steps(p.sweep_budget), lr=lr)
            for family in FAMILIES for lr in p.lr_sweep]
-    for family in FAMILIES:
-        for seed in (p.tf_seeds if family == "tf" else p.t_seeds):
+    for index in range(max(len(p.tf_seeds), len(p.t_seeds))):
+        for family, seeds in (("tf", p.tf_seeds), ("t", p.t_seeds)):
+            if index >= len(seeds):
+                continue
+            seed = seeds[index]
             out += [Arm(family, "large", seed, b, p.budget_steps(b)) for b in p.large_budgets]
             out += [Arm(family, "small", seed, b, p.budget_steps(b)) for b in p.small_budgets]
             base = Arm(family, "small", seed, 1.0, p.budget_steps(1.0)).name

@@ -74,9 +74,14 @@ def run_arm(p: Protocol, arm: Arm, lr: float, data: Path, runs: Path) -> dict[st
     return outcome
 
 
+# protocol fields that choose which arms run, not how one trains
+ARM_LISTS = ("large_budgets", "small_budgets", "stage_budgets", "tf_seeds", "t_seeds", "lr_sweep")
+
+
 def settings_key(p: Protocol, arm: Arm, lr: float) -> dict[str, Any]:
     """What must be equal for an earlier outcome to stand for this arm."""
-    return {"protocol": p.to_dict(), "arm": arm.name, "steps": arm.steps, "lr": lr}
+    training = {k: v for k, v in p.to_dict().items() if k not in ARM_LISTS}
+    return {"protocol": training, "arm": arm.name, "steps": arm.steps, "lr": lr}
 
 
 def finished(p: Protocol, arm: Arm, lr: float, runs: Path) -> dict[str, Any] | None:

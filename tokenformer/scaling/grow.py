@@ -1,4 +1,4 @@
-"""Growing (and shrinking) a trained TokenFormer by its parameter tokens.
+"""Growing a trained TokenFormer by its parameter tokens.
 
 Growing appends rows to every `key_param_tokens` / `value_param_tokens` (the old rows are copied
 into `[:n_old]`; every other tensor is copied). Two modes:
