@@ -31,6 +31,7 @@ TRAINER_STATE_FILE = "trainer.pt"
 SHARDED_DIR = "sharded"
 TRAIN_CONFIG_FILE = "train_config.json"
 METRICS_FILE = "metrics.jsonl"
+ADAPTER_FILE = "adapter.safetensors"  # beside the weights of a token-tuning run's checkpoints
 LOSS_PLOT_FILE = "loss_curve.png"
 ACCURACY_PLOT_FILE = "accuracy.png"
 FINAL_MODEL_DIR = "model"

@@ -41,6 +41,8 @@ def main(args: argparse.Namespace) -> None:
                      f"(perplexity {summary['val_ppl']:.2f})")
     if summary["checkpoint"]:
         lines.append(f"checkpoint {summary['checkpoint']}")
+    if summary["adapter"]:
+        lines.append(f"adapter {summary['adapter']}")
     if summary["plot"]:
         lines.append(f"loss curve {summary['plot']}")
     print("\n".join(lines))

@@ -2,9 +2,9 @@
 
 A checkpoint is a folder `SAVE/step_00000100/` holding an ordinary model directory
 (`config.json`, `model.safetensors`, `tokenizer.json`: `tokenformer generate --checkpoint` works
-on it) plus `trainer.pt` (optimizer, schedule position, RNG states, data position, the task's
-state) and, under FSDP2, `sharded/` (torch.distributed.checkpoint). `SAVE/latest` names the newest
-complete one.
+on it; a token-tuning run adds `adapter.safetensors`, the tuned tokens alone) plus `trainer.pt`
+(optimizer, schedule position, RNG states, data position, the task's state) and, under FSDP2,
+`sharded/` (torch.distributed.checkpoint). `SAVE/latest` names the newest complete one.
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ import torch
 from torch import nn
 
 from tokenformer.errors import TokenFormerError
-from tokenformer.files import (LATEST_FILE, SHARDED_DIR, TRAINER_STATE_FILE, WEIGHTS_FILE, atomic_write_text,
-                               fsync_dir, fsync_tree, torch_load_safe)
+from tokenformer.files import (ADAPTER_FILE, LATEST_FILE, SHARDED_DIR, TRAINER_STATE_FILE, WEIGHTS_FILE,
+                               atomic_write_text, fsync_dir, fsync_tree, torch_load_safe)
 from tokenformer.models.pretrained import save_model
+from tokenformer.scaling.tune import save_adapter
 from tokenformer.training.distributed import (DistEnv, barrier, load_full_into_sharded, load_sharded, save_sharded,
                                               unwrap)
 
@@ -87,8 +88,9 @@ class CheckpointManager:
                 shutil.rmtree(path, ignore_errors=True)
 
     def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-             trainer_state: dict[str, Any], tokenizer=None, sharded: bool = False) -> Path:
-        """Write checkpoint `step` (every rank calls this; rank 0 writes the files)."""
+             trainer_state: dict[str, Any], tokenizer=None, sharded: bool = False, adapter: bool = False) -> Path:
+        """Write checkpoint `step` (every rank calls this; rank 0 writes the files); with `adapter`, the
+        tokens of a token-tuned model as `adapter.safetensors` too."""
         name = self.name_of(step)
         tmp, final = self.directory / f".tmp-{name}", self.directory / name
         if self.env.is_main:
@@ -104,6 +106,8 @@ class CheckpointManager:
             optimizer_state = optimizer.state_dict() if self.env.is_main else None
         if self.env.is_main:
             self._write_model(tmp, model, tokenizer, state)
+            if adapter:
+                save_adapter(unwrap(model), tmp / ADAPTER_FILE, state)
             self._write_trainer_state(tmp, {**trainer_state, "optimizer": optimizer_state, "step": step})
             fsync_tree(tmp)
             if final.exists():  # a rerun over an old directory: replace it, keeping the swap atomic

@@ -34,7 +34,7 @@ class TrainConfig(RunConfig):
                        "path, or a mapping of Config fields (with `name: PRESET` to start from a preset)",
                        default="small")
     init_from: str | None = option("start from this checkpoint directory's weights (e.g. a grown model); "
-                                  "see init_from_optimizer, init_from_schedule, freeze_old", default=None)
+                                  "see init_from_optimizer, init_from_schedule, freeze_old, tune_tokens", default=None)
     init_from_optimizer: bool = option("carry init_from's AdamW state (a training checkpoint, or `tokenformer "
                                       "grow` of one: new tokens start with zero moments) instead of a fresh "
                                       "optimizer", default=False)
@@ -43,6 +43,9 @@ class TrainConfig(RunConfig):
                                     "(train_iters counts the whole schedule)", default="restart")
     freeze_old: bool = option("train only the parameter tokens added by init_from's last growth",
                              default=False)
+    tune_tokens: int = option("token tuning: freeze init_from's model, append this many parameter tokens to "
+                             "every Pattention (exact: the run starts at its logits) and train only those; "
+                             "every checkpoint holds them as adapter.safetensors (0 = off)", default=0)
     # data
     data_path: str | None = option("directory written by `tokenformer prepare` (train/valid indexed files "
                                   "and tokenizer.json)", default=None)
@@ -114,6 +117,9 @@ class TrainConfig(RunConfig):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value <= 0):
                 raise TokenFormerError(f"train config field {name} must be a positive integer, got {value!r}")
+        if not isinstance(self.tune_tokens, int) or isinstance(self.tune_tokens, bool) or self.tune_tokens < 0:
+            raise TokenFormerError(f"train config field tune_tokens must be a non-negative integer, got "
+                                   f"{self.tune_tokens!r}")
         if self.eval_iters < 0 or (self.warmup_iters is not None and self.warmup_iters < 0):
             raise TokenFormerError("eval_iters and warmup_iters cannot be negative")
         if not 0.0 <= self.warmup <= 1.0:

@@ -27,7 +27,7 @@ from tokenformer.checkpoint import load_model
 from tokenformer.console import note, progress_bar
 from tokenformer.errors import TokenFormerError
 from tokenformer.evaluation.scoring import to_device
-from tokenformer.files import LOSS_PLOT_FILE, METRICS_FILE, TRAIN_CONFIG_FILE, atomic_write_text
+from tokenformer.files import ADAPTER_FILE, LOSS_PLOT_FILE, METRICS_FILE, TRAIN_CONFIG_FILE, atomic_write_text
 from tokenformer.training import warm_start
 from tokenformer.training.checkpointing import CheckpointManager, capture_rng, restore_rng
 from tokenformer.training.config import TrainConfig, VisionTrainConfig
@@ -143,6 +143,7 @@ def start_run(cfg: TrainConfig, model: nn.Module | None, env: DistEnv, task) -> 
     seed_everything(cfg.seed)
     if model is None:
         model = load_model(cfg.init_from).train() if cfg.init_from else task.build_model()
+    model = warm_start.tune_model(cfg, model)  # token tuning: the base and its new tokens
     task.prepare(model, env)
     model.to(env.device).train()
     model.gradient_checkpointing = cfg.checkpoint_activations
@@ -240,7 +241,7 @@ def save_checkpoint(run: Run) -> Path | None:
              "train_config": json.dumps(cfg.to_dict()), "world_size": run.env.world_size,
              "elapsed_s": run.elapsed}
     path = run.manager.save(run.step, run.model, run.optimizer, state, tokenizer=run.task.tokenizer,
-                            sharded=run.sharded)
+                            sharded=run.sharded, adapter=cfg.tune_tokens > 0)
     if run.env.is_main and cfg.plot:
         plot_loss_curve(Path(cfg.save) / METRICS_FILE, Path(cfg.save) / LOSS_PLOT_FILE)
     return path
@@ -308,6 +309,7 @@ def run(cfg: TrainConfig, model: nn.Module | None, env: DistEnv, task) -> dict[s
             "val_ppl": math.exp(min(val_loss, 50.0)) if val_loss is not None else None, "validation": last,
             f"{task.unit}_seen": state.consumed_samples * task.units_per_sample,
             "checkpoint": str(last_checkpoint) if last_checkpoint else None,
+            "adapter": str(last_checkpoint / ADAPTER_FILE) if last_checkpoint and cfg.tune_tokens else None,
             "metrics": str(metrics_path) if metrics_path else None,
             "plot": str(plot) if plot is not None and plot.is_file() else None, "losses": losses,
             "wall_time_s": elapsed, "total_time_s": state.elapsed,

@@ -11,6 +11,9 @@ Three choices, each a `TrainConfig` field:
   the learning-rate schedule and the data position go on from `DIR`'s step, as a resume would:
   `train_iters` then counts the steps of the whole schedule, the source run's included).
 - `freeze_old`: train only the parameter tokens added by the last growth (`scaling.freeze`).
+- `tune_tokens K`: token tuning (`scaling.tune`): `DIR`'s model gets K new tokens per Pattention
+  by exact growth (`tune_model`, before anything else sees the model) and only those train;
+  every checkpoint then holds them as an adapter file too.
 
 A lower peak learning rate after growth is just `lr`.
 """
@@ -27,6 +30,7 @@ from tokenformer.checkpoint import read_trainer_state
 from tokenformer.errors import TokenFormerError
 from tokenformer.optimizer_state import plain_name, state_by_name
 from tokenformer.scaling.freeze import freeze_old_tokens
+from tokenformer.scaling.tune import add_tuning_tokens
 
 def load_optimizer_state_by_name(optimizer: torch.optim.Optimizer, state_dict: Mapping[str, Any],
                                  source: str = "the source") -> int:
@@ -77,8 +81,23 @@ class WarmStart:
     source_step: int | None = None
 
 
+def tune_model(cfg, model: nn.Module) -> nn.Module:
+    """With `tune_tokens`: the model of init_from with that many new tokens per Pattention (exact
+    growth, new values drawn from `seed`); else `model` itself."""
+    if not cfg.tune_tokens:
+        return model
+    if not cfg.init_from:
+        raise TokenFormerError("tune_tokens needs init_from: the checkpoint directory of the model to tune")
+    for name in ("freeze_old", "init_from_optimizer"):
+        if getattr(cfg, name):
+            raise TokenFormerError(f"tune_tokens cannot be combined with {name} (the tuned model has new tokens and "
+                                   f"trains only those, from a fresh optimizer): drop {name}")
+    return add_tuning_tokens(model, cfg.tune_tokens, seed=cfg.seed)
+
+
 def prepare_model(cfg, model: nn.Module) -> WarmStart:
-    """Before the optimizer is built: check the init_from options and freeze the old tokens."""
+    """Before the optimizer is built: check the init_from options and freeze the old tokens (those
+    of the last growth, or of the base with `tune_tokens`)."""
     wants = [name for name, on in (("freeze_old", cfg.freeze_old), ("init_from_optimizer", cfg.init_from_optimizer),
                                    ("init_from_schedule continue", cfg.init_from_schedule == "continue")) if on]
     if not cfg.init_from:
@@ -86,7 +105,9 @@ def prepare_model(cfg, model: nn.Module) -> WarmStart:
             raise TokenFormerError(f"{wants[0]} needs init_from: the checkpoint directory to start from")
         return WarmStart()
     start = WarmStart()
-    if cfg.freeze_old:
+    if cfg.tune_tokens:
+        start.frozen = freeze_old_tokens(model)  # tune_model's growth is the last one
+    elif cfg.freeze_old:
         history = getattr(model.config, "growth_history", None) or []
         if not history:
             raise TokenFormerError(f"freeze_old needs a grown model, but {cfg.init_from} has no growth in its "
