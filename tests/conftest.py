@@ -25,13 +25,24 @@ def _seed():
     torch.manual_seed(0)
 
 
-@pytest.fixture
-def one_thread():
-    """Train on one thread: on a busy 2-core machine a second thread mostly waits (tiny models)."""
+def _one_thread():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def one_thread():
+    """Train on one thread: on a busy 2-core machine a second thread mostly waits (tiny models)."""
+    yield from _one_thread()
+
+
+@pytest.fixture(scope="module")
+def one_thread_module():
+    """`one_thread` for a whole module, its module-scoped fixtures included: a test module that
+    wants it writes `pytestmark = pytest.mark.usefixtures("one_thread_module")`."""
+    yield from _one_thread()
 
 
 @pytest.fixture

@@ -27,13 +27,7 @@ def offline_hub(lm_eval, offline_hub):
     return offline_hub
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny forward passes: one thread is faster than two that wait for each other on a busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 @pytest.fixture(scope="module")

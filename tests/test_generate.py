@@ -1,10 +1,11 @@
-"""Sampling rules and generation with the KV cache."""
+"""Sampling rules and generation with the KV cache, one prompt or a batch."""
 
+import pytest
 import torch
 
 from tokenformer import ByteTokenizer, Config, TokenFormer, generate_text, generate_tokens
 from tokenformer.__main__ import main
-from tokenformer.generate import sample_next
+from tokenformer.generate import generate_batch, sample_next
 
 
 def tiny_model():
@@ -34,6 +35,20 @@ def test_padding_rows_never_sampled():
         model.word_embeddings.weight[300:] = 50 * model.word_embeddings.weight[0]  # padding rows dominate
     out = list(generate_tokens(model, [1, 2], 30, temperature=1.0, seed=0, vocab_size=257))
     assert max(out) < 257
+
+
+def test_a_batch_of_prompts_of_different_lengths_gives_each_its_own_output(one_thread):
+    model = tiny_model()
+    prompts = [[5, 17, 99, 3, 8, 1, 2], [42], [7, 7, 200, 13]]
+    alone = [list(generate_tokens(model, p, 15, vocab_size=257)) for p in prompts]
+    assert generate_batch(model, prompts, 15, vocab_size=257) == alone
+    stop = alone[1][3]  # a token the second row produces: rows stop there, each on its own
+    assert generate_batch(model, prompts, 15, eos_id=stop, vocab_size=257) == \
+        [list(generate_tokens(model, p, 15, eos_id=stop, vocab_size=257)) for p in prompts]
+    sampled = [generate_batch(model, prompts, 10, temperature=1.0, seed=3) for _ in range(2)]
+    assert sampled[0] == sampled[1]
+    with pytest.raises(ValueError, match="every prompt needs at least one token"):
+        generate_batch(model, [[1], []], 4)
 
 
 def test_top_k_and_top_p():
@@ -70,5 +85,8 @@ def test_generate_cli(tmp_path, capsys):
                  "--output-file", str(tmp_path / "out.jsonl"), "--max-new-tokens", "4"]) == 0
     lines = (tmp_path / "out.jsonl").read_text().splitlines()
     assert len(lines) == 2 and '"context": "first"' in lines[0]
+    assert main(["generate", "--checkpoint", str(tmp_path / "ckpt"), "--input-file", str(tmp_path / "in.txt"),
+                 "--output-file", str(tmp_path / "batched.jsonl"), "--max-new-tokens", "4", "--batch-size", "2"]) == 0
+    assert (tmp_path / "batched.jsonl").read_text().splitlines() == lines  # greedy: the same in a batch
     assert main(["generate", "--checkpoint", str(tmp_path / "nothing"), "--prompt", "x"]) == 2
     assert "does not exist" in capsys.readouterr().err

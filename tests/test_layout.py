@@ -6,8 +6,9 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "tokenformer"
-# function-local imports of the package that are there on purpose: lm-eval is the `eval` extra
-LOCAL_IMPORTS_ALLOWED = {"tokenformer.evaluation.lm_eval"}
+# function-local imports of the package that are there on purpose: lm-eval is the `eval` extra,
+# transformers (tokenformer.hf, for `convert --format hf`) the `hf` extra
+LOCAL_IMPORTS_ALLOWED = {"tokenformer.evaluation.lm_eval", "tokenformer.hf"}
 MAX_MODULE_LINES, MAX_FUNCTION_LINES = 500, 80
 
 

@@ -134,6 +134,30 @@ def test_kv_cache_equals_full_forward():
     assert cache.length == 15
 
 
+def test_a_mask_of_ones_and_the_default_positions_change_nothing():
+    model = TokenFormer(Config(**CFG)).eval().double()
+    idx = torch.randint(0, 100, (2, 9))
+    plain = model(idx)
+    torch.testing.assert_close(model(idx, position_ids=torch.arange(9).expand(2, -1)), plain, rtol=0, atol=0)
+    torch.testing.assert_close(model(idx, attention_mask=torch.ones(2, 9)), plain, rtol=1e-12, atol=1e-12)
+
+
+def test_left_padded_rows_equal_their_unpadded_forward_with_and_without_cache():
+    model = TokenFormer(Config(**CFG)).eval().double()
+    short, long = torch.randint(0, 100, (1, 7)), torch.randint(0, 100, (1, 11))
+    batch = torch.cat([torch.cat([torch.zeros(1, 4, dtype=torch.long), short], dim=1), long])  # (2, 11)
+    mask = torch.tensor([[0] * 4 + [1] * 7, [1] * 11])
+    full = model(batch, attention_mask=mask)
+    torch.testing.assert_close(full[0, 4:], model(short)[0], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(full[1], model(long)[0], rtol=1e-10, atol=1e-10)
+    cache = model.allocate_cache(2, 11)
+    pieces = [model(batch[:, :6], cache=cache, attention_mask=mask[:, :6])]                     # prefill
+    pieces += [model(batch[:, t:t + 1], cache=cache, attention_mask=mask[:, :t + 1]) for t in range(6, 11)]
+    torch.testing.assert_close(torch.cat(pieces, dim=1)[:, 4:], full[:, 4:], rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match=r"attention_mask has shape \(2, 5\) but the model sees 0 cached and 11"):
+        model(batch, attention_mask=mask[:, :5])
+
+
 def test_cache_overflow_is_a_clear_error():
     model = TokenFormer(Config(**CFG)).eval()
     cache = model.allocate_cache(1, 4)

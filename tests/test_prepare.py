@@ -142,7 +142,7 @@ def test_jsonl_text_field_option_and_folder_of_shards(tmp_path):
 
 
 def test_local_hugging_face_datasets(tmp_path):
-    datasets = pytest.importorskip("datasets", reason="datasets is in the dev extra; install tokenformer[hf]")
+    datasets = pytest.importorskip("datasets", reason="datasets is in the dev extra; install tokenformer[datasets]")
     datasets.Dataset.from_dict({"text": DOCS, "id": list(range(len(DOCS)))}).save_to_disk(str(tmp_path / "ds"))
     prepare(None, tmp_path / "a", hf_dataset=str(tmp_path / "ds"), valid_fraction=0.0)
     assert read_split(tmp_path / "a", "train") == [byte_ids(d) for d in DOCS]

@@ -1,4 +1,5 @@
-"""Text generation with the KV cache: greedy or sampled (temperature, top-k, top-p), streaming.
+"""Text generation with the KV cache: greedy or sampled (temperature, top-k, top-p), streaming; and
+batches of prompts of different lengths, left-padded under an attention mask.
 
 The prompt is run once (prefill); each new token then costs one position (decode).
 """
@@ -64,6 +65,51 @@ def generate_tokens(model, prompt: list[int], max_new_tokens: int, temperature: 
         yield token_id
         if step + 1 < max_new_tokens:  # the last token needs no forward pass of its own
             logits = model(token[:, None], cache=cache)[:, -1]
+
+
+@torch.no_grad()
+def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
+                   top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
+                   seed: int | None = None, vocab_size: int | None = None, pad_id: int = 0) -> list[list[int]]:
+    """New token ids for every prompt, generated together: each list stops after `max_new_tokens` or
+    before `eos_id`, and equals what `generate_tokens` gives that prompt alone (greedy; sampling draws
+    from one generator for the whole batch, so it is reproducible with `seed` but not row by row).
+
+    The prompts are left-padded with `pad_id` to the longest; the attention mask keeps every row from
+    reading padding, and each row's rotary positions count from its own first token.
+    """
+    if not prompts or any(not prompt for prompt in prompts):
+        raise TokenFormerError("every prompt needs at least one token (and the batch at least one prompt)")
+    config = model.config
+    if max_new_tokens >= config.seq_length:
+        raise TokenFormerError(
+            f"max_new_tokens {max_new_tokens} must be below the model's context {config.seq_length}")
+    prompts = [list(p[-(config.seq_length - max_new_tokens):]) for p in prompts]  # keep the end of long prompts
+    device = model.word_embeddings.weight.device
+    generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)  # (B, P)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)  # (B, P)
+    positions = mask.sum(dim=1, keepdim=True)  # (B, 1): the position of each row's next token
+    cache = model.allocate_cache(len(prompts), width + max_new_tokens)
+    logits = model(ids, cache=cache, last_only=True, attention_mask=mask)[:, -1]  # (B, V)
+    new: list[list[int]] = [[] for _ in prompts]
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    for step in range(max_new_tokens):
+        if vocab_size is not None:
+            logits[:, vocab_size:] = float("-inf")
+        token = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
+        if eos_id is not None:
+            done |= token == eos_id
+        for row, (token_id, finished) in enumerate(zip(token.tolist(), done.tolist())):
+            if not finished:  # a finished row gets nothing more (its end-of-text token neither)
+                new[row].append(token_id)
+        if bool(done.all()) or step + 1 == max_new_tokens:
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # (B, P + step + 1)
+        logits = model(token[:, None], cache=cache, attention_mask=mask, position_ids=positions)[:, -1]
+        positions = positions + 1
+    return new
 
 
 def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 100,

@@ -13,7 +13,7 @@ from tokenformer.console import progress_bar
 from tokenformer.data.tokenizer import check_vocab_fits, load_tokenizer
 from tokenformer.errors import TokenFormerError
 from tokenformer.files import atomic_write_text
-from tokenformer.generate import generate_text
+from tokenformer.generate import generate_batch, generate_text
 from tokenformer.models.lm import TokenFormer
 from tokenformer.training.distributed import resolve_device
 
@@ -34,6 +34,9 @@ def arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=None,
                         help="sample only from the smallest set of tokens whose probability reaches p")
     parser.add_argument("--seed", type=int, default=None, help="random seed for sampling (reproducible output)")
+    parser.add_argument("--batch-size", type=int, default=1,
+                        help="--input-file mode: prompts generated together, left-padded (default 1; greedy "
+                        "output is the same at any batch size)")
     parser.add_argument("--device", default="auto", help="auto (a GPU if there is one, else the CPU), cpu, cuda, cuda:1, ...")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                         help="weights and activations dtype (default float32)")
@@ -60,13 +63,22 @@ def main(args: argparse.Namespace) -> None:
         return
     if not args.input_file.is_file():
         raise FileNotFoundError(f"input file {args.input_file} does not exist")
+    if args.batch_size < 1:
+        raise TokenFormerError(f"--batch-size must be a positive integer, got {args.batch_size}")
     prompts = [line.rstrip("\n") for line in args.input_file.read_text().splitlines() if line.strip()]
     lines = []
     bar = progress_bar(len(prompts), desc="generating", unit="prompt")
-    for prompt in prompts:
-        text = generate_text(model, tokenizer, prompt, args.max_new_tokens, **sampling)
-        lines.append(json.dumps({"context": prompt, "text": text}) + "\n")
-        bar.update(1)
+    for start in range(0, len(prompts), args.batch_size):
+        group = prompts[start:start + args.batch_size]
+        if len(group) == 1:  # one prompt: exactly what --prompt gives it (sampling too)
+            texts = [generate_text(model, tokenizer, group[0], args.max_new_tokens, **sampling)]
+        else:
+            new = generate_batch(model, [tokenizer.encode(p) for p in group],
+                                 args.max_new_tokens, eos_id=tokenizer.eos_id, vocab_size=tokenizer.vocab_size,
+                                 pad_id=tokenizer.eos_id, **sampling)
+            texts = [tokenizer.decode(ids) for ids in new]
+        lines += [json.dumps({"context": p, "text": t}) + "\n" for p, t in zip(group, texts)]
+        bar.update(len(group))
     bar.close()
     atomic_write_text(args.output_file, "".join(lines))
     print(f"wrote {len(prompts)} continuations to {args.output_file}")

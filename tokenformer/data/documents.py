@@ -138,7 +138,7 @@ def hf_documents(name: str, split: str = "train", text_field: str = "text",
         import datasets
     except ImportError:
         raise TokenFormerError(
-            "reading a Hugging Face dataset needs the datasets package: pip install 'tokenformer[hf]'") from None
+            "reading a Hugging Face dataset needs the datasets package: pip install 'tokenformer[datasets]'") from None
     path = Path(name)
     if not path.exists() and name.startswith(("/", ".", "~")):
         raise TokenFormerError(f"Hugging Face dataset directory {name} does not exist")

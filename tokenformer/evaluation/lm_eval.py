@@ -13,6 +13,12 @@ left to the model's length (the last `max_length + 1` tokens of context + contin
 batches are right-padded, log-softmax runs over the padded vocabulary, requests run longest first
 and come back in request order.
 
+lm-eval's own `hf` model gives the same scores on a directory written by `tokenformer convert SRC
+OUT --format hf` (`lm_eval --model hf --model_args pretrained=OUT,trust_remote_code=True`, the
+recommended route: see docs/transformers.md). This adapter stays for what that route does not do:
+it reads this package's checkpoint directories as they are (every training checkpoint, no
+conversion, no transformers), takes a loaded `TokenFormer` object, and runs `tokenformer evaluate`.
+
 Needs the `eval` extra: pip install "tokenformer[eval]".
 """
 

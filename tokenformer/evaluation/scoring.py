@@ -27,9 +27,22 @@ PAD_ID = 0  # right padding, as the official adapter does; padded positions are 
 
 # ---- the mean next-token loss -------------------------------------------------------------------
 
-def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy in float32; logits (B, T, V), targets (B, T)."""
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+def next_token_loss(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int | None = None,
+                    num_items: int | torch.Tensor | None = None) -> torch.Tensor:
+    """Mean next-token cross-entropy in float32; logits (B, T, V), targets (B, T); targets -100 are
+    not scored.
+
+    `vocab_size` scores over the first `vocab_size` logits only (the padding rows of the embedding are
+    no tokens); by default over all of them, as the official training does. `num_items` divides the
+    summed loss instead of the count of scored targets (gradient accumulation over batches of unequal
+    counts: transformers' `num_items_in_batch`).
+    """
+    if vocab_size is not None:
+        logits = logits[..., :vocab_size]
+    flat_logits, flat_targets = logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1)
+    if num_items is None:
+        return F.cross_entropy(flat_logits, flat_targets)
+    return F.cross_entropy(flat_logits, flat_targets, reduction="sum") / num_items
 
 
 def window_loss(model: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, int]:

@@ -48,11 +48,14 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat((x_rot, x_pass), dim=-1)
 
 
-# ---- KV cache ---------------------------------------------------------------------------------
+# ---- KV cache and attention masks -------------------------------------------------------------
 
 @dataclass
 class KVCache:
-    """Keys and values of the positions seen so far, preallocated for `max_length` positions."""
+    """Keys and values of the positions seen so far, preallocated for `max_length` positions.
+
+    `update` has the signature of transformers' `Cache.update`, so `Attention` takes either.
+    """
 
     keys: list[torch.Tensor]    # per layer (B, H, max_length, D)
     values: list[torch.Tensor]  # per layer (B, H, max_length, D)
@@ -68,6 +71,39 @@ class KVCache:
     @property
     def max_length(self) -> int:
         return self.keys[0].shape[2]
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new keys and values (B, H, T, D) of `layer` after the `length` cached ones; returns
+        all of them, (B, H, length + T, D). `length` itself advances once every layer has been stored."""
+        start, T = self.length, k.shape[2]
+        self.keys[layer][:, :, start:start + T] = k
+        self.values[layer][:, :, start:start + T] = v
+        return self.keys[layer][:, :, :start + T], self.values[layer][:, :, :start + T]
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Rotary positions (B, S) for a padding mask (B, S), 1 = token, 0 = padding: every row counts its
+    own tokens from 0, so a left-padded prompt is rotated as it would be alone (padding gets 0)."""
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.masked_fill(attention_mask == 0, 0)
+
+
+def attention_pattern(attention_mask: torch.Tensor, start: int, length: int) -> torch.Tensor:
+    """Which keys each new query may read, (B, 1, T, S) bool, for a padding mask (B, S) over the `start`
+    cached positions and the `length` new ones: the causal keys that are not padding.
+
+    A padding query also reads itself: under left padding all its earlier keys are padding, and a
+    softmax over no key at all is NaN. No real query reads a padding key, so nothing else changes.
+    """
+    if attention_mask.dim() != 2 or attention_mask.shape[1] != start + length:
+        raise TokenFormerError(
+            f"attention_mask has shape {tuple(attention_mask.shape)} but the model sees {start} cached and {length} "
+            f"new positions: give a (batch, {start + length}) mask of 1 for tokens and 0 for padding")
+    device = attention_mask.device
+    query = torch.arange(start, start + length, device=device)[:, None]  # (T, 1)
+    key = torch.arange(start + length, device=device)[None, :]           # (1, S)
+    real = attention_mask.bool()[:, None, None, :]                       # (B, 1, 1, S)
+    return (key <= query) & (real | (key == query))                      # (B, 1, T, S)
 
 
 # ---- blocks -----------------------------------------------------------------------------------
@@ -101,8 +137,13 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
-                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        """`cos`/`sin` None: no rotary (the vision model has learned position embeddings)."""
+                cache=None, layer: int = 0, pattern: torch.Tensor | None = None) -> torch.Tensor:
+        """`cos`/`sin` None: no rotary (the vision model has learned position embeddings).
+
+        `cache`: a `KVCache` or a transformers `Cache` (both `update(k, v, layer)`). `pattern`: the
+        (B, 1, T, S) boolean keys each query may read (`attention_pattern`); without it, attention is
+        causal over everything (or bidirectional, for `causal=False`).
+        """
         B, T, _ = x.shape
         H, D = self.num_heads, self.head_dim
         q = self.query(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
@@ -114,22 +155,21 @@ class Attention(nn.Module):
 
         if cache is not None and not self.causal:
             raise TokenFormerError("a KV cache is for causal decoding; bidirectional attention takes no cache")
-        if cache is None:
+        if cache is not None:
+            k, v = cache.update(k, v, layer)  # (B, H, start+T, D) each
+        start = k.shape[2] - T
+        if pattern is not None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=pattern)
+        elif cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
-        else:
-            start = cache.length
-            cache.keys[layer][:, :, start:start + T] = k
-            cache.values[layer][:, :, start:start + T] = v
-            k = cache.keys[layer][:, :, :start + T]    # (B, H, start+T, D)
-            v = cache.values[layer][:, :, :start + T]  # (B, H, start+T, D)
-            if T == 1:  # one new position attends to everything cached: no mask needed
-                y = F.scaled_dot_product_attention(q, k, v)
-            elif start == 0:
-                y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            else:  # a chunk after a prefix: query i sees keys 0..start+i
-                q_pos = torch.arange(start, start + T, device=x.device)[:, None]
-                k_pos = torch.arange(start + T, device=x.device)[None, :]
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=k_pos <= q_pos)
+        elif T == 1:  # one new position attends to everything cached: no mask needed
+            y = F.scaled_dot_product_attention(q, k, v)
+        elif start == 0:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:  # a chunk after a prefix: query i sees keys 0..start+i
+            q_pos = torch.arange(start, start + T, device=x.device)[:, None]
+            k_pos = torch.arange(start + T, device=x.device)[None, :]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=k_pos <= q_pos)
         y = y.transpose(1, 2).reshape(B, T, H * D)  # (B, T, h)
         return self.proj(y)
 
@@ -149,23 +189,23 @@ class Block(nn.Module):
             memory_lean=config.pattention_memory_lean, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
-                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        x = x + self.attention(layer_norm_nonparametric(x, self.eps), cos, sin, cache, layer)
+                cache=None, layer: int = 0, pattern: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attention(layer_norm_nonparametric(x, self.eps), cos, sin, cache, layer, pattern)
         return x + self.mlp(layer_norm_nonparametric(x, self.eps))
 
 
-class TokenFormer(PretrainedModel):
-    """The TokenFormer language model: `model(idx)` returns logits (B, T, padded_vocab_size)."""
+class LanguageModelCore:
+    """The modules of the language model and its forward pass up to the final norm, shared by
+    `TokenFormer` and `tokenformer.hf.TokenFormerForCausalLM`: one code path over the same module
+    names, so that one `model.safetensors` loads into either and both compute the same numbers.
 
-    model_type = "tokenformer"
-    config_class = Config
-    written_by = "save_pretrained or `tokenformer convert`"
+    A mixin for an `nn.Module` whose `config` has the fields of `Config` and its derived
+    properties (`padded_vocab_size`, `head_dim`, `rotary_dim`): a `Config`, or the transformers one.
+    """
 
-    def __init__(self, config: Config, device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None) -> None:
-        super().__init__()
-        config.validate()
-        self.config = config
+    config: Config
+
+    def build_modules(self, config: Config, device=None, dtype=None) -> None:
         self.word_embeddings = nn.Embedding(config.padded_vocab_size, config.hidden_size,
                                             device=device, dtype=dtype)
         if self.word_embeddings.weight.device.type != "meta":
@@ -177,39 +217,44 @@ class TokenFormer(PretrainedModel):
         self.gradient_checkpointing = False
         self._rotary: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (device, dtype) -> cos, sin
 
-    # ---- forward ----------------------------------------------------------------------------
+    def run_layers(self, x: torch.Tensor, start: int = 0, cache=None,
+                   attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                   hidden_states: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """The blocks over input embeddings `x` (B, T, h) of the positions after the `start` cached ones;
+        returns (B, T, h) before the final norm.
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None,
-                last_only: bool = False) -> torch.Tensor:
-        """Logits (B, T, padded_vocab_size) for token ids `idx` (B, T).
-
-        With a `cache`, `idx` holds the positions after `cache.length`; the cache is advanced.
-        `last_only=True` returns the logits of the last position only, (B, 1, padded_vocab_size):
-        what generation needs after a prompt, without paying the vocabulary head for every position.
+        `attention_mask` (B, start + T), 1 = token, 0 = padding, masks padding keys and gives the rotary
+        positions (each row counted from its first token) unless `position_ids` (B, T) are given.
+        Without either, positions are start..start+T-1 and attention is plainly causal: the numbers
+        of the official model. `hidden_states` collects the input of every block.
         """
-        B, T = idx.shape
-        start = 0 if cache is None else cache.length
-        if cache is not None and start + T > cache.max_length:
-            raise TokenFormerError(
-                f"KV cache holds {cache.max_length} positions but {start + T} are needed: "
-                f"allocate a longer cache")
-        x = self.word_embeddings(idx)  # (B, T, h)
-        cos, sin = self.rotary_tables(start, T, x.device, x.dtype)  # (T, rotary_dim) each
+        T = x.shape[1]
+        if position_ids is None and attention_mask is not None:
+            position_ids = positions_from_mask(attention_mask)[:, start:start + T]  # (B, T)
+        cos, sin = self.rotary_tables(start, T, x.device, x.dtype, position_ids)
+        pattern = None if attention_mask is None else attention_pattern(attention_mask, start, T)
+        checkpointing = self.gradient_checkpointing and self.training and cache is None
         for i, block in enumerate(self.layers):
-            if self.gradient_checkpointing and self.training and cache is None:
-                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, use_reentrant=False)
+            if hidden_states is not None:
+                hidden_states.append(x)
+            if checkpointing:
+                x = self.checkpointed(block, x, cos, sin, None, i, pattern)
             else:
-                x = block(x, cos, sin, cache, i)
-        if cache is not None:
-            cache.length += T
-        if last_only:
-            x = x[:, -1:]  # (B, 1, h)
-        x = self.final_norm(x)
-        return x @ self.word_embeddings.weight.T  # (B, T, padded_vocab_size)
+                x = block(x, cos, sin, cache, i, pattern)
+        return x
 
-    def rotary_tables(self, start: int, length: int, device: torch.device,
-                      dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin (length, rotary_dim) of positions start..start+length-1.
+    def checkpointed(self, block: nn.Module, *args) -> torch.Tensor:
+        """`block(*args)` with activation checkpointing: transformers' function when it has set one
+        (`gradient_checkpointing_enable`), else torch's non-reentrant checkpoint."""
+        function = getattr(self, "_gradient_checkpointing_func", None)
+        if function is None:
+            return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+        return function(block.__call__, *args)
+
+    def rotary_tables(self, start: int, length: int, device: torch.device, dtype: torch.dtype,
+                      position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (length, rotary_dim) of positions start..start+length-1; with `position_ids` (B, T),
+        cos, sin (B, 1, T, rotary_dim) of those positions.
 
         Kept per device and dtype (the values `rotary_cos_sin` gives), so that a decoding step
         does not recompute its tables: a dozen small ops per generated token.
@@ -219,7 +264,51 @@ class TokenFormer(PretrainedModel):
             positions = torch.arange(max(start + length, self.config.seq_length), device=device)
             table = rotary_cos_sin(positions, self.config.rotary_dim, self.config.rotary_emb_base, dtype)
             self._rotary[(device, dtype)] = table
+        if position_ids is not None:
+            return table[0][position_ids][:, None], table[1][position_ids][:, None]  # (B, 1, T, rotary_dim)
         return table[0][start:start + length], table[1][start:start + length]
+
+
+class TokenFormer(LanguageModelCore, PretrainedModel):
+    """The TokenFormer language model: `model(idx)` returns logits (B, T, padded_vocab_size)."""
+
+    model_type = "tokenformer"
+    config_class = Config
+    written_by = "save_pretrained or `tokenformer convert`"
+
+    def __init__(self, config: Config, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.build_modules(config, device=device, dtype=dtype)
+
+    # ---- forward ----------------------------------------------------------------------------
+
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, last_only: bool = False,
+                attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, padded_vocab_size) for token ids `idx` (B, T).
+
+        With a `cache`, `idx` holds the positions after `cache.length`; the cache is advanced.
+        `last_only=True` returns the logits of the last position only, (B, 1, padded_vocab_size):
+        what generation needs after a prompt, without paying the vocabulary head for every position.
+        `attention_mask` (B, cache.length + T) marks padding with 0 (left padding for batched
+        generation); `position_ids` (B, T) override the rotary positions (see `run_layers`).
+        """
+        B, T = idx.shape
+        start = 0 if cache is None else cache.length
+        if cache is not None and start + T > cache.max_length:
+            raise TokenFormerError(
+                f"KV cache holds {cache.max_length} positions but {start + T} are needed: "
+                f"allocate a longer cache")
+        x = self.run_layers(self.word_embeddings(idx), start, cache, attention_mask, position_ids)  # (B, T, h)
+        if cache is not None:
+            cache.length += T
+        if last_only:
+            x = x[:, -1:]  # (B, 1, h)
+        x = self.final_norm(x)
+        return x @ self.word_embeddings.weight.T  # (B, T, padded_vocab_size)
 
     def allocate_cache(self, batch_size: int, max_length: int | None = None) -> KVCache:
         weight = self.word_embeddings.weight

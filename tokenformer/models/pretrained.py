@@ -4,7 +4,9 @@ counts, its Pattentions by name, and the one state-dict check.
 
 `config.json` holds the config's fields plus `model_type`, which says which class reads it back
 (`tokenformer.checkpoint.load_model` dispatches on it). Loading reads safetensors only: no code
-runs.
+runs. A transformers directory (`tokenformer convert --format hf`, or `save_pretrained` of
+`tokenformer.hf.TokenFormerForCausalLM`) is one too: its config.json adds the keys of
+`TRANSFORMERS_KEYS`, which are ignored here.
 """
 
 from __future__ import annotations
@@ -19,6 +21,17 @@ from torch import nn
 from tokenformer.errors import TokenFormerError
 from tokenformer.files import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, atomic_path, atomic_write_text
 from tokenformer.models.pattention import Pattention
+
+
+# Keys transformers writes into config.json beside the model's fields (the integration's and its own
+# generic ones); they say nothing about the model's shape or numerics, so this package's loader
+# skips them. Any other unknown key is still an error, so that a typo is not silently dropped.
+TRANSFORMERS_KEYS = (
+    "architectures", "auto_map", "transformers_version", "dtype", "torch_dtype",
+    "bos_token_id", "eos_token_id", "pad_token_id", "use_cache", "tie_word_embeddings",
+    "output_hidden_states", "output_attentions", "return_dict", "chunk_size_feed_forward",
+    "is_encoder_decoder", "id2label", "label2id", "problem_type", "tokenizer_class", "_name_or_path",
+)
 
 
 def check_state_dict(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor],
@@ -115,7 +128,7 @@ class PretrainedModel(nn.Module):
         if not weights_path.is_file():
             raise FileNotFoundError(f"{weights_path} does not exist: is {directory} a checkpoint directory "
                                     f"(written by {cls.written_by})?")
-        config = cls.config_class.from_dict(values)
+        config = cls.config_class.from_dict({k: v for k, v in values.items() if k not in TRANSFORMERS_KEYS})
         state = load_file(str(weights_path), device=str(device))
         with torch.device("meta"):
             model = cls(config)
