@@ -380,7 +380,7 @@ def test_missing_optional_packages_name_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)
     with pytest.raises(TokenFormerError, match=r"needs the zstandard package: pip install 'tokenformer\[zstd\]'"):
         prepare([tmp_path / "d.jsonl.zst"], tmp_path / "out")
-    with pytest.raises(TokenFormerError, match=r"needs the datasets package: pip install 'tokenformer\[hf\]'"):
+    with pytest.raises(TokenFormerError, match=r"needs the datasets package: pip install 'tokenformer\[datasets\]'"):
         prepare(None, tmp_path / "out", hf_dataset="some/dataset")
 
 
