@@ -43,6 +43,15 @@ def prepare_corpus(work: Path, quick: bool) -> tuple[Path, str]:
     return out, corpus
 
 
+def parse_setting(text: str) -> tuple[str, object]:
+    name, _, value = text.partition("=")
+    fields = {f.name: f for f in dataclasses.fields(Protocol)}
+    if name not in fields:
+        raise argparse.ArgumentTypeError(f"unknown protocol field {name!r}: one of {', '.join(fields)}")
+    value = json.loads(value.replace("(", "[").replace(")", "]"))
+    return name, tuple(value) if isinstance(value, list) else value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.growth", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -52,11 +61,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=None, help="data and runs (default runs/growth[-quick])")
     parser.add_argument("--jobs", type=int, default=2, help="arms at a time, one thread each (1: in this process)")
     parser.add_argument("--steps", type=int, default=None, help="N, the base's budget (default 2000; quick 24)")
+    parser.add_argument("--set", type=parse_setting, action="append", default=[], metavar="FIELD=VALUE",
+                        help="a protocol field (experiments/growth/protocol.py), e.g. hidden_size=32")
     parser.add_argument("--seeds", type=int, default=None,
                         help="run only the first this many seeds of each family (default: 3 TokenFormer, 2 Transformer)")
     args = parser.parse_args(argv)
     protocol = Protocol.quick() if args.quick else Protocol()
-    changes = {"steps": args.steps} if args.steps else {}
+    changes = {**dict(args.set), **({"steps": args.steps} if args.steps else {})}
     if args.seeds:
         changes.update(tf_seeds=protocol.tf_seeds[:args.seeds], t_seeds=protocol.t_seeds[:args.seeds])
     protocol = dataclasses.replace(protocol, **changes)

@@ -16,17 +16,9 @@ import json
 import time
 from pathlib import Path
 
-from experiments.growth.__main__ import ROOT, prepare_corpus
+from experiments.growth.__main__ import ROOT, parse_setting, prepare_corpus
 from experiments.growth.protocol import Arm, Protocol, arm_flops, loss_at
 from experiments.growth.run import run_all
-
-
-def parse_setting(text: str) -> tuple[str, object]:
-    name, _, value = text.partition("=")
-    fields = {f.name: f for f in dataclasses.fields(Protocol)}
-    if name not in fields:
-        raise argparse.ArgumentTypeError(f"unknown protocol field {name!r}: one of {', '.join(fields)}")
-    return name, json.loads(value.replace("(", "[").replace(")", "]"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,8 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     data, corpus = prepare_corpus(ROOT / "runs" / "growth", False)
     rows = []
     for steps in (int(s) for s in args.steps.split(",")):
-        settings = {k: tuple(v) if isinstance(v, list) else v for k, v in args.set}
-        p = dataclasses.replace(Protocol(), steps=steps, **settings)
+        p = dataclasses.replace(Protocol(), steps=steps, **dict(args.set))
         gate_arms = [Arm("tf", "large", 0, 1.0, p.budget_steps(1.0), lr=args.lr)] + \
             [Arm("tf", "small", 0, b, p.budget_steps(b), lr=args.lr) for b in (1.5, 2.5)]
         outcomes = run_all(p, gate_arms, data, args.work / f"N{steps}", args.jobs, lambda _o, _f: args.lr,
