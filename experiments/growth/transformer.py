@@ -14,7 +14,6 @@ Growth of this model is FFN widening (`widen_ffn`): new hidden units, with zero 
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 from dataclasses import dataclass, field
@@ -142,7 +141,3 @@ def widen_ffn(model: Transformer, ffn_width: int, mode: str = "exact", seed: int
             torch.randn(config.hidden_size, extra, generator=generator) * out_std
         new.fc2.weight.copy_(torch.cat([before.fc2.weight, columns], dim=1))           # (h, f')
     return grown.train(model.training)
-
-
-def copy_model(model: nn.Module) -> nn.Module:
-    return copy.deepcopy(model)

@@ -51,18 +51,20 @@ def _describe(model: nn.Module) -> str:
 
 
 def _data_windows(model: nn.Module, checkpoint: Path, data: Path, seq_length: int | None,
-                  max_windows: int | None = None) -> tuple[torch.Tensor, int]:
-    """Windows (N, T + 1) of `data` for a language model's loss, and T."""
+                  max_tokens: int | None = None) -> tuple[torch.Tensor, int]:
+    """Windows (N, T + 1) of `data` for a language model's loss (those covering its first
+    `max_tokens` tokens, or all), and T."""
     if getattr(model, "model_type", "tokenformer") != "tokenformer":
         raise TokenFormerError(f"--data scores a language model on text, not a {model.model_type!r} model; call "
                                f"tokenformer.shrink with batches of its own inputs")
-    for name, value in (("--seq-length", seq_length), ("--data-tokens", max_windows)):
+    for name, value in (("--seq-length", seq_length), ("--data-tokens", max_tokens)):
         if value is not None and value < 1:
             raise TokenFormerError(f"{name} must be a positive integer, got {value}")
     tokenizer = load_tokenizer(checkpoint)
     check_vocab_fits(tokenizer.vocab_size, model.config.padded_vocab_size, "the checkpoint's tokenizer")
     length = seq_length or min(model.config.seq_length, 512)
     documents = (ids for ids, _ in token_documents(data, tokenizer))
+    max_windows = None if max_tokens is None else math.ceil(max_tokens / length)
     return token_windows(documents, tokenizer.eos_id, length, max_windows), length
 
 
@@ -96,9 +98,7 @@ def grow_main(args: argparse.Namespace) -> None:
     if (Path(args.out) / TRAINER_STATE_FILE).is_file():
         print(f"optimizer state and training step carried over ({TRAINER_STATE_FILE})")
     if args.data is not None:
-        length = args.seq_length or min(model.config.seq_length, 512)
-        windows, length = _data_windows(model, args.checkpoint, args.data, length,
-                                        max(1, math.ceil(args.data_tokens / length)))
+        windows, length = _data_windows(model, args.checkpoint, args.data, args.seq_length, args.data_tokens)
         before, after = (mean_loss(m, windows.split(args.batch_size)) for m in (model, grown))
         print(f"validation loss on {args.data} ({len(windows)} windows of {length} tokens): before growing "
               f"{before:.6f}, after {after:.6f} (difference {after - before:+.2e})")
