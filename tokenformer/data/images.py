@@ -118,8 +118,6 @@ class ImageFolder:
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder {self.root} does not exist")
-        if channels not in (1, 3):
-            raise TokenFormerError(f"channels must be 1 (grey) or 3 (RGB), got {channels}")
         self.channels = channels
         self.classes = sorted(p.name for p in self.root.iterdir() if p.is_dir())
         self.class_to_index = {c: i for i, c in enumerate(self.classes)}
@@ -129,6 +127,17 @@ class ImageFolder:
         if not self.samples:
             raise TokenFormerError(f"{self.root} holds no images in class sub-folders "
                                    f"(expected root/CLASS/IMAGE with {', '.join(IMAGE_EXTENSIONS)})")
+
+    @property
+    def channels(self) -> int:
+        """The channel count images are read in: 1 (grey) or 3 (RGB); settable."""
+        return self._channels
+
+    @channels.setter
+    def channels(self, channels: int) -> None:
+        if channels not in (1, 3):
+            raise TokenFormerError(f"channels must be 1 (grey) or 3 (RGB), got {channels}")
+        self._channels = channels
 
     def __len__(self) -> int:
         return len(self.samples)

@@ -308,8 +308,9 @@ class VisionTask:
         cfg, config = self.cfg, model.config
         self.name = type(model).__name__
         channels = config.num_channels
-        if channels != 1:  # ImageFolders are read in the model's channel count
-            self.data = load_image_data(cfg, channels)
+        for split in (self.data.train, self.data.test):
+            if isinstance(split, images.ImageFolder):  # read in the model's channel count, not re-listed
+                split.channels = channels
         if len(cfg.mean) not in (1, channels) or len(cfg.std) not in (1, channels):
             raise TokenFormerError(f"mean/std give {len(cfg.mean)} values for {channels}-channel images")
         if self.data.num_classes > config.num_classes:
