@@ -281,7 +281,7 @@ def test_batches_cover_the_dataset_once():
 def test_rank_shards_split_every_global_batch_and_augment_differently(tmp_path):
     from tokenformer.training.config import VisionTrainConfig
     from tokenformer.training.loop import micro_batch_start
-    from tokenformer.training.tasks import VisionTask, augment_generator, epoch_order
+    from tokenformer.training.tasks.vision import VisionTask, augment_generator, epoch_order
 
     # evaluation keeps the short last batch: 10 items over 4 ranks in batches of 4 leave rank 3 one item
     assert [b.tolist() for b in vd.batch_indices(10, 4, False, None, False, shard=(3, 4))] == [[3], [7]]

@@ -1,33 +1,10 @@
-"""What the training loop trains on: a task supplies the data, the loss, the validation and the
-outputs, and the one loop (`tokenformer.training.loop`) does everything else (optimizer, schedule,
-checkpoints, exact resume, metrics, progress, torchrun).
-
-A task has these members:
-
-- `name` (the progress bar's label), `unit` and `units_per_sample` (what throughput counts:
-  tokens per window, or one image), `tokenizer` (written into every checkpoint, or None),
-  `validate_at_start`;
-- `build_model()`: the model to train when none is given and there is no `init_from`;
-- `prepare(model, env)`: load and check the data against the model (once, after seeding);
-- `train_batch(first, size)`: global samples `first .. first + size - 1`, a deterministic
-  function of the index: this is what makes resume and any number of ranks exact;
-- `loss(model, batch) -> (mean loss, count)`;
-- `after_step(model, step)` (e.g. an average of the weights), `log_extras(env)` (more values for
-  the metrics lines; collective: every rank calls it at the same steps);
-- `evaluate(model, env, step) -> record | None`: the validation metrics (collective), and
-  `describe(record)`: the line shown for them;
-- `state()` saved in every checkpoint, `load_state(state, path)` when resuming from one;
-- `finish(model, save, env) -> dict`: outputs written at the end (rank 0 writes files).
-
-`LanguageModelTask` (`tokenformer train`) and `VisionTask` (`tokenformer train-vision`) are the two.
-"""
+"""Image classification: epochs of shuffled, augmented images, top-1 accuracy, optionally an average
+of the weights and test-time flips (`tokenformer train-vision`)."""
 
 from __future__ import annotations
 
 import copy
-import json
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,162 +14,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenformer.data import images
-from tokenformer.data.indexed import strip_suffix
-from tokenformer.data.tokenizer import check_vocab_fits, load_tokenizer
-from tokenformer.data.windows import WindowDataset
 from tokenformer.errors import TokenFormerError
-from tokenformer.evaluation.scoring import mean_loss, window_loss
-from tokenformer.files import (ACCURACY_PLOT_FILE, FINAL_MODEL_DIR, PREPARE_METADATA_FILE, SPLIT_PREFIXES,
-                               TOKENIZER_FILE)
-from tokenformer.models.config import resolve_model_config
-from tokenformer.models.lm import TokenFormer
+from tokenformer.files import ACCURACY_PLOT_FILE, FINAL_MODEL_DIR
 from tokenformer.models.pretrained import save_model
 from tokenformer.models.vision import VisionTokenFormer, resolve_vision_config
-from tokenformer.training.config import TrainConfig, VisionTrainConfig
+from tokenformer.training.config import VisionTrainConfig
 from tokenformer.training.distributed import DistEnv, all_reduce_mean, unwrap
 from tokenformer.training.metrics import plot_accuracy
-from tokenformer.training.precision import autocast_context
 
-
-# ---- language modelling -------------------------------------------------------------------------
-
-@dataclass
-class DataSources:
-    """Where the tokens come from: indexed-dataset prefixes and the tokenizer that made them."""
-
-    train_prefixes: list[str]
-    valid_prefixes: list[str]
-    tokenizer: str | None
-    metadata: dict[str, Any] = field(default_factory=dict)
-
-
-def resolve_data(cfg: TrainConfig) -> DataSources:
-    """Read `data_path` (a `tokenformer prepare` directory) or the explicit GPT-NeoX prefixes."""
-    if cfg.data_path and cfg.train_data_paths:
-        raise TokenFormerError("give either data_path or train_data_paths, not both")
-    metadata: dict[str, Any] = {}
-    tokenizer = cfg.tokenizer
-    if cfg.data_path:
-        root = Path(cfg.data_path)
-        if not root.is_dir():
-            raise FileNotFoundError(f"data_path {root} is not a directory: run `tokenformer prepare --out {root}` "
-                                    f"first, or give train_data_paths")
-        train = [str(root / SPLIT_PREFIXES["train"])]
-        valid = [str(root / SPLIT_PREFIXES["valid"])] if (root / f"{SPLIT_PREFIXES['valid']}.idx").is_file() else []
-        if tokenizer is None and (root / TOKENIZER_FILE).is_file():
-            tokenizer = str(root / TOKENIZER_FILE)
-        if (root / PREPARE_METADATA_FILE).is_file():
-            metadata = json.loads((root / PREPARE_METADATA_FILE).read_text())
-    elif cfg.train_data_paths:
-        train = [strip_suffix(p) for p in cfg.train_data_paths]
-        valid = [strip_suffix(p) for p in cfg.valid_data_paths]
-    else:
-        raise TokenFormerError("no training data: set data_path (a `tokenformer prepare` directory) "
-                               "or train_data_paths (indexed-dataset prefixes)")
-    for prefix in train + valid:
-        for suffix in (".bin", ".idx"):
-            if not Path(prefix + suffix).is_file():
-                raise FileNotFoundError(f"indexed dataset {prefix}{suffix} does not exist: check the data "
-                                        f"path (give prefixes without .bin/.idx)")
-    return DataSources(train, valid, tokenizer, metadata)
-
-
-def validation_batches(dataset: WindowDataset, eval_iters: int, micro_batch_size: int, env: DistEnv) -> \
-        tuple[list[torch.Tensor], list[float]]:
-    """This rank's share of the fixed validation set (`eval_iters` micro-batches of the file-order
-    windows, fewer if the data are short), padded to the same count on every rank."""
-    windows = min(dataset.windows_per_epoch, eval_iters * micro_batch_size)
-    starts = list(range(0, windows, micro_batch_size))
-    mine = starts[env.rank::env.world_size]
-    per_rank = math.ceil(len(starts) / env.world_size)
-    batches = [dataset.batch(s, min(micro_batch_size, windows - s)) for s in mine]
-    weights = [1.0] * len(batches)
-    while len(batches) < per_rank:  # keep collective forwards in step (FSDP2); contributes nothing
-        batches.append(dataset.batch(0, min(micro_batch_size, windows)))
-        weights.append(0.0)
-    return batches, weights
-
-
-class LanguageModelTask:
-    """Next-token prediction on windows of `seq_length + 1` tokens of GPT-NeoX indexed files."""
-
-    name = "train"
-    unit = "tokens"
-    validate_at_start = True
-
-    def __init__(self, cfg: TrainConfig) -> None:
-        self.cfg = cfg
-        self.sources = resolve_data(cfg)  # fail on missing data before building a model
-        self.tokenizer = None
-        self.seq_length = 0
-        self._validation: tuple[list[torch.Tensor], list[float]] | None = None
-
-    def build_model(self) -> nn.Module:
-        return TokenFormer(resolve_model_config(self.cfg.model))
-
-    def prepare(self, model: nn.Module, env: DistEnv) -> None:
-        cfg = self.cfg
-        spec = self.sources.tokenizer
-        if spec is None and cfg.init_from and (Path(cfg.init_from) / TOKENIZER_FILE).is_file():
-            spec = str(Path(cfg.init_from) / TOKENIZER_FILE)
-        self.tokenizer = load_tokenizer(spec) if spec else None
-        padded = model.config.padded_vocab_size
-        fix = "set the model's vocab_size to at least {n} (e.g. model: {{name: small, vocab_size: {n}}})"
-        if self.tokenizer is not None:
-            check_vocab_fits(self.tokenizer.vocab_size, padded, fix=fix.format(n=self.tokenizer.vocab_size))
-        data_vocab = self.sources.metadata.get("vocab_size")
-        if isinstance(data_vocab, int):
-            check_vocab_fits(data_vocab, padded, "the prepared data's vocabulary", fix.format(n=data_vocab))
-        self.seq_length = cfg.seq_length or model.config.seq_length
-        self.train_data = WindowDataset(self.sources.train_prefixes, self.seq_length, seed=cfg.seed,
-                                        name="training")
-        valid = WindowDataset(self.sources.valid_prefixes, self.seq_length, shuffle=False, name="validation") \
-            if self.sources.valid_prefixes and cfg.eval_iters else None
-        self._validation = validation_batches(valid, cfg.eval_iters, cfg.train_micro_batch_size_per_gpu, env) \
-            if valid is not None else None
-
-    @property
-    def units_per_sample(self) -> int:
-        return self.seq_length
-
-    def train_batch(self, first: int, size: int) -> torch.Tensor:
-        return self.train_data.batch(first, size)  # (size, T + 1)
-
-    def loss(self, model: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, int]:
-        return window_loss(model, batch)
-
-    def after_step(self, model: nn.Module, step: int) -> None:
-        pass
-
-    def log_extras(self, env: DistEnv) -> dict[str, float]:
-        return {}
-
-    def evaluate(self, model: nn.Module, env: DistEnv, step: int) -> dict[str, float] | None:
-        if self._validation is None:
-            return None
-        batches, weights = self._validation
-        device = next(model.parameters()).device
-        loss = mean_loss(model, batches, self.loss, weights, reduce=lambda t: all_reduce_mean(t, env),
-                         autocast=lambda: autocast_context(self.cfg.precision, device))
-        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
-
-    def describe(self, record: dict[str, Any]) -> str:
-        return f"step {record['step']}: validation loss {record['val_loss']:.4f}, perplexity {record['val_ppl']:.4g}"
-
-    def state(self) -> dict[str, Any]:
-        return {"seq_length": self.seq_length}
-
-    def load_state(self, state: dict[str, Any], path: Path) -> None:
-        if state.get("seq_length", self.seq_length) != self.seq_length:
-            raise TokenFormerError(f"{path} was trained with seq_length {state['seq_length']}, this run asks "
-                                   f"for {self.seq_length}: the data position would not carry over; keep "
-                                   f"seq_length or use a new `save` directory")
-
-    def finish(self, model: nn.Module, save: Path | None, env: DistEnv) -> dict[str, Any]:
-        return {}
-
-
-# ---- image classification -----------------------------------------------------------------------
 
 @dataclass
 class ImageData:
