@@ -1,6 +1,5 @@
 """Official checkpoint files: loading, clear errors, safety, and the convert command."""
 
-import pickle
 
 import pytest
 import torch

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from experiments.growth.__main__ import main
-from experiments.growth.protocol import (Arm, Protocol, Reach, arm_flops, arms, compute_to_reach, loss_at, ratios,
+from experiments.growth.protocol import (Protocol, Reach, arm_flops, arms, compute_to_reach, loss_at, ratios,
                                          smaller)
 from experiments.growth.transformer import Transformer, TransformerConfig, matched_ffn_width, widen_ffn
 from tokenformer import Config, TokenFormer

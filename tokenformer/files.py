@@ -1,5 +1,5 @@
-"""The file layout of model, training and data directories, and the two ways files are touched
-here: written crash-safe, and read without executing code.
+"""The file layout of model, training and data directories, and how files are written: crash-safe
+(reading them goes through `tokenformer.inputs`).
 
 Every file is written under a temporary name in the same folder, flushed to disk, then renamed
 over the old one (`os.replace` is atomic on POSIX and Windows): a crash at any moment leaves
@@ -12,14 +12,9 @@ import contextlib
 import os
 import shutil
 import tempfile
-import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
-
-import torch
-
-from tokenformer.errors import TokenFormerError
 
 # a model directory (`save_pretrained`, `tokenformer convert`, every training checkpoint)
 CONFIG_FILE = "config.json"
@@ -84,17 +79,3 @@ def fsync_dir(directory: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-
-
-def torch_load_safe(path: str | Path, map_location: str | torch.device = "cpu"):
-    """`torch.load` that never executes pickled code (tensors and plain containers only)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint file {path} does not exist")
-    try:
-        # the zip-based format can be memory-mapped, the legacy one cannot
-        return torch.load(path, map_location=map_location, weights_only=True, mmap=zipfile.is_zipfile(path))
-    except Exception as e:  # torch raises UnpicklingError, RuntimeError, ... depending on the damage
-        raise TokenFormerError(
-            f"{path} cannot be loaded safely as tensors ({type(e).__name__}: {str(e).splitlines()[0]}); "
-            f"it may be damaged or hold pickled code") from None

@@ -13,17 +13,81 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import functools
 import types
 import typing
 from pathlib import Path
 from typing import Any, ClassVar, Sequence, TypeVar
 
 from tokenformer.errors import TokenFormerError
+from tokenformer.inputs import read_yaml
 
 
-def option(help: str, **kwargs: Any) -> Any:
-    """A dataclass field carrying its `--help` text."""
-    return dataclasses.field(metadata={"help": help}, **kwargs)
+@dataclasses.dataclass(frozen=True)
+class Bounds:
+    """The range a number must lie in: `minimum`/`maximum` inclusive, `above`/`below` exclusive."""
+
+    minimum: float | None = None
+    maximum: float | None = None
+    above: float | None = None
+    below: float | None = None
+
+    def describe(self) -> str:
+        """The range in words: "at least 1", "in [0, 1)", "above 0" ..."""
+        low = f"[{self.minimum:g}" if self.minimum is not None else \
+            f"({self.above:g}" if self.above is not None else ""
+        high = f"{self.maximum:g}]" if self.maximum is not None else \
+            f"{self.below:g})" if self.below is not None else ""
+        if low and high:
+            return f"in {low}, {high}"
+        if self.minimum is not None:
+            return f"at least {self.minimum:g}"
+        if self.above is not None:
+            return f"above {self.above:g}"
+        return f"at most {self.maximum:g}" if self.maximum is not None else f"below {self.below:g}"
+
+    def holds(self, value: float) -> bool:
+        return ((self.minimum is None or value >= self.minimum) and (self.maximum is None or value <= self.maximum)
+                and (self.above is None or value > self.above) and (self.below is None or value < self.below))
+
+
+def check_number(name: str, value: Any, bounds: Bounds, integer: bool = False) -> None:
+    """One sentence (naming `name`) unless `value` is a number (an integer if `integer`) within `bounds`."""
+    kind = "an integer" if integer else "a number"
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+        raise TokenFormerError(f"{name} must be {kind} {bounds.describe()}, got {value!r}")
+    if value != value or not bounds.holds(value):  # NaN holds no bound
+        raise TokenFormerError(f"{name} must be {bounds.describe()}, got {value!r}")
+
+
+def number(kind: type, minimum: float | None = None, maximum: float | None = None,
+           above: float | None = None, below: float | None = None):
+    """An argparse `type=` for a number in a range: `--top-p 2` is a usage error (exit 2) that says
+    the range, not a traceback later."""
+    bounds = Bounds(minimum, maximum, above, below)
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expects {'an integer' if kind is int else 'a number'} "
+                                             f"{bounds.describe()}, got {text!r}") from None
+        if value != value or not bounds.holds(value):
+            raise argparse.ArgumentTypeError(f"must be {bounds.describe()}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # what argparse calls the type in its own messages
+    return parse
+
+
+def option(help: str, minimum: float | None = None, maximum: float | None = None, above: float | None = None,
+           below: float | None = None, **kwargs: Any) -> Any:
+    """A dataclass field carrying its `--help` text and, for numbers, the range it must lie in
+    (checked on the command line, in YAML, and when the config is built in Python)."""
+    metadata: dict[str, Any] = {"help": help}
+    if (minimum, maximum, above, below) != (None, None, None, None):
+        metadata["bounds"] = Bounds(minimum, maximum, above, below)
+    return dataclasses.field(metadata=metadata, **kwargs)
 
 
 RunConfigT = TypeVar("RunConfigT", bound="RunConfig")
@@ -39,23 +103,41 @@ class RunConfig:
     def from_dict(cls: type[RunConfigT], values: dict[str, Any]) -> RunConfigT:
         """Build from a mapping (YAML, CLI); `-` in keys counts as `_`; values are converted to the
         field's type; an unknown key is an error naming the nearest field."""
-        known = [f.name for f in dataclasses.fields(cls)]
+        return cls(**cls.converted(values))
+
+    @classmethod
+    def converted(cls, values: dict[str, Any]) -> dict[str, Any]:
+        """`values` by field name, each converted to its field's type and checked against its range."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
         converted = {}
         for key, value in values.items():
             name = str(key).replace("-", "_")
-            if name not in known:
-                close = difflib.get_close_matches(name, known, n=1)
+            if name not in fields:
+                close = difflib.get_close_matches(name, list(fields), n=1)
                 hint = f" (did you mean {close[0]}?)" if close else ""
                 raise TokenFormerError(f"unknown {cls.command} config field {key!r}{hint}; "
                                        f"`tokenformer {cls.command} --help` lists the fields")
             converted[name] = convert_value(cls, name, value)
-        return cls(**converted)
+            cls.check_field(fields[name], converted[name])
+        return converted
+
+    @classmethod
+    def check_field(cls, f: dataclasses.Field, value: Any) -> None:
+        """A value of field `f` lies in the range the field declares (an unset optional one is fine)."""
+        if "bounds" in f.metadata and value is not None:
+            check_number(f"{cls.command} config field {f.name}", value, f.metadata["bounds"],
+                         integer=field_type(cls, f.name) is int)
 
     @classmethod
     def from_yaml(cls: type[RunConfigT], path: str | Path,
                   overrides: dict[str, Any] | None = None) -> RunConfigT:
         """Read the fields in a YAML file; `overrides` (the command line's `--field value`) win."""
-        values = read_yaml_mapping(path, f"{cls.command} config")
+        what = f"{cls.command} config"
+        values = read_yaml(path, what, f"give a YAML mapping of {what} fields (see configs/)")
+        try:  # the file's own values first, so that an error in them names the file
+            values = cls.converted(values)
+        except TokenFormerError as e:
+            raise TokenFormerError(f"{what} {path}: {e}") from None
         values.update(overrides or {})
         return cls.from_dict(values)
 
@@ -71,26 +153,21 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def check_bounds(self) -> None:
+        """Every numeric field declared with a range lies in it."""
+        for f in dataclasses.fields(self):
+            self.check_field(f, getattr(self, f.name))
 
-def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
-    """The mapping of fields in a YAML config file (`what` names it in errors)."""
-    import yaml
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} {path} does not exist")
-    try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise TokenFormerError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(values, dict):
-        raise TokenFormerError(f"{path} must hold a mapping of {what} fields")
-    return values
+@functools.lru_cache(maxsize=None)
+def _type_hints(config_class: type) -> dict[str, Any]:
+    # evaluating a class's string annotations costs ~10 ms; every command line asks per field
+    return typing.get_type_hints(config_class)
 
 
 def field_type(config_class: type, name: str) -> Any:
     """The type of field `name` of `config_class`, with `X | None` reduced to `X`."""
-    hint = typing.get_type_hints(config_class)[name]
+    hint = _type_hints(config_class)[name]
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
     return hint
@@ -187,10 +264,28 @@ def add_options(parser: argparse.ArgumentParser, config_class: type, example: st
                                       help=f"{f.metadata['help']} (default {_default_text(f)})")
         if field_type(config_class, f.name) is bool:
             kwargs.update(nargs="?", const="true")
+        if "bounds" in f.metadata:
+            kwargs["type"] = _field_parser(config_class, f.name, f.metadata["bounds"])
         parser.add_argument(*names, **kwargs)
     # everything after CONFIG: argparse stops there, `parse_overrides` reads the `--field value` pairs
     parser.add_argument("overrides", nargs=argparse.REMAINDER,
                         help="more --field value overrides after CONFIG (same fields as above)")
+
+
+def _field_parser(config_class: type, name: str, bounds: Bounds):
+    """The argparse `type=` of a field with a range: converted as YAML values are, then checked, so
+    that `--train_iters -5` is a usage error naming the option."""
+    def parse(text: str) -> Any:
+        try:
+            value = convert_value(config_class, name, text)
+            if value is not None:
+                check_number(name, value, bounds, integer=field_type(config_class, name) is int)
+        except TokenFormerError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return value
+
+    parse.__name__ = getattr(field_type(config_class, name), "__name__", "value")
+    return parse
 
 
 def reference_markdown(config_class: type) -> str:
@@ -200,5 +295,8 @@ def reference_markdown(config_class: type) -> str:
         kind = field_type(config_class, f.name)
         kind = getattr(kind, "__name__", str(kind).replace("typing.", ""))
         default = _default_text(f).replace("|", "\\|")
-        lines.append(f"| `{f.name}` | {kind} | `{default}` | {f.metadata['help'].replace('|', '/')} |")
+        meaning = f.metadata["help"].replace("|", "/")
+        if "bounds" in f.metadata:
+            meaning += f"; {f.metadata['bounds'].describe()}"
+        lines.append(f"| `{f.name}` | {kind} | `{default}` | {meaning} |")
     return "\n".join(lines) + "\n"

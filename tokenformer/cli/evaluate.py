@@ -18,6 +18,7 @@ from tokenformer.evaluation.published import OFFICIAL_TASKS, comparison_table, n
 from tokenformer.evaluation.scoring import perplexity
 from tokenformer.files import CONFIG_FILE, atomic_write_text
 from tokenformer.models.lm import TokenFormer
+from tokenformer.options import number
 from tokenformer.training.distributed import resolve_device
 
 
@@ -30,19 +31,19 @@ def arguments(parser: argparse.ArgumentParser) -> None:
                         help="a folder of lm-eval task YAML files to add (repeatable)")
     parser.add_argument("--no-builtin-tasks", action="store_true",
                         help="use only the tasks of --include-path (skips indexing lm-eval's own tasks, ~10 s)")
-    parser.add_argument("--num-fewshot", type=int, default=0, help="few-shot examples per question (default 0, as published)")
-    parser.add_argument("--limit", type=int, default=None,
+    parser.add_argument("--num-fewshot", type=number(int, minimum=0), default=0, help="few-shot examples per question (default 0, as published)")
+    parser.add_argument("--limit", type=number(int, minimum=1), default=None,
                         help="only the first N examples of each task (or N documents of --data): for quick checks")
     parser.add_argument("--data", type=Path, default=None,
                         help="perplexity mode: a .jsonl(.gz) file, a .txt file (one document), an indexed dataset prefix, "
                              "or a directory from `tokenformer prepare` (its valid split)")
     parser.add_argument("--text-field", default="text", help="JSON field holding the text in --data (default text)")
-    parser.add_argument("--stride", type=int, default=None,
+    parser.add_argument("--stride", type=number(int, minimum=1), default=None,
                         help="perplexity mode: new tokens scored per window (default: the context, "
                              "i.e. disjoint windows; smaller gives each token more context)")
-    parser.add_argument("--context", type=int, default=None,
+    parser.add_argument("--context", type=number(int, minimum=1), default=None,
                         help="perplexity mode: tokens the model reads per window (default: its seq_length)")
-    parser.add_argument("--batch-size", type=int, default=8, help="windows or requests per forward pass (default 8)")
+    parser.add_argument("--batch-size", type=number(int, minimum=1), default=8, help="windows or requests per forward pass (default 8)")
     parser.add_argument("--device", default="auto", help="auto (a GPU if there is one, else the CPU), cpu, cuda, cuda:1, ...")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                         help="weights and activations dtype (default float32); scores are always float32")
@@ -67,12 +68,6 @@ def main(args: argparse.Namespace) -> None:
     if not (checkpoint / CONFIG_FILE).is_file():
         raise FileNotFoundError(
             f"{checkpoint} has no config.json: give a directory written by save_pretrained or `tokenformer convert`")
-    for name, value in (("--batch-size", args.batch_size), ("--limit", args.limit), ("--stride", args.stride),
-                        ("--context", args.context)):
-        if value is not None and value < 1:
-            raise TokenFormerError(f"{name} must be a positive integer, got {value}")
-    if args.num_fewshot < 0:
-        raise TokenFormerError(f"--num-fewshot must be 0 or more, got {args.num_fewshot}")
     if args.data is None:  # check the tasks before spending time on loading the model
         from tokenformer.evaluation import lm_eval as harness  # the `eval` extra (one sentence without it)
 

@@ -6,6 +6,8 @@ import argparse
 
 from tokenformer.data.documents import DEFAULT_GLOB
 from tokenformer.data.prepare import prepare
+from tokenformer.data.tokenizer import BYTE_VOCAB_SIZE
+from tokenformer.options import number
 
 
 def arguments(parser: argparse.ArgumentParser) -> None:
@@ -16,7 +18,7 @@ def arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", default="byte",
                         help="'byte' (default), 'bpe' to train a byte-level BPE on the corpus, a tokenizer.json "
                         "path such as the GPT-NeoX-20B one (or a folder holding one), or a Hub name")
-    parser.add_argument("--vocab-size", type=int, default=2048, help="vocabulary of the trained BPE (with --tokenizer bpe)")
+    parser.add_argument("--vocab-size", type=number(int, minimum=BYTE_VOCAB_SIZE), default=2048, help="vocabulary of the trained BPE (with --tokenizer bpe)")
     parser.add_argument("--text-field", default="text", help="the JSONL field / dataset column holding the text")
     parser.add_argument("--glob", default=DEFAULT_GLOB,
                         help="comma-separated file-name patterns searched for in input folders")
@@ -26,10 +28,10 @@ def arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hf-split", default="train", help="the split of --hf-dataset")
     parser.add_argument("--hf-config", default=None,
                         help="the configuration of a Hub dataset that has several (e.g. wikitext-2-raw-v1)")
-    parser.add_argument("--valid-fraction", type=float, default=0.01,
+    parser.add_argument("--valid-fraction", type=number(float, minimum=0, below=1), default=0.01,
                         help="share of documents for validation (at least one when there are two or more)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the train/validation assignment")
-    parser.add_argument("--max-documents", type=int, default=None, help="keep only the first N documents")
+    parser.add_argument("--max-documents", type=number(int, minimum=1), default=None, help="keep only the first N documents")
     parser.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -19,6 +19,7 @@ from tokenformer.data.windows import token_windows
 from tokenformer.errors import TokenFormerError
 from tokenformer.evaluation.scoring import mean_loss
 from tokenformer.files import TRAINER_STATE_FILE
+from tokenformer.options import number
 from tokenformer.scaling.grow import MODES, grow_checkpoint, slot_counts
 from tokenformer.scaling.shrink import SHRINK_SCALES, shrink
 
@@ -26,17 +27,17 @@ DATA_HELP = ("a `tokenformer prepare` directory (its valid split), an indexed da
              "file with a 'text' field per line, or a .txt file")
 
 
-def _slot_arguments(parser: argparse.ArgumentParser, example: str) -> None:
+def _slot_arguments(parser: argparse.ArgumentParser, example: str, factor: Callable[[str], float]) -> None:
     parser.add_argument("--checkpoint", required=True, type=Path, help="checkpoint directory to read")
     parser.add_argument("--out", required=True, type=Path, help="checkpoint directory to write")
     for group in ("qkv", "proj", "ffn"):
-        parser.add_argument(f"--{group}-slot-num", type=int, default=None,
+        parser.add_argument(f"--{group}-slot-num", type=number(int, minimum=1), default=None,
                             help=f"new {group} token count (default: unchanged)")
-    parser.add_argument("--factor", type=float, default=None,
+    parser.add_argument("--factor", type=factor, default=None,
                         help=f"multiply all three token counts by this factor instead (e.g. {example})")
-    parser.add_argument("--seq-length", type=int, default=None,
+    parser.add_argument("--seq-length", type=number(int, minimum=1), default=None,
                         help="tokens per window of --data (default: the model's seq_length, at most 512)")
-    parser.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
+    parser.add_argument("--batch-size", type=number(int, minimum=1), default=4, help="windows per forward pass (default 4)")
 
 
 def _slot_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -45,9 +46,15 @@ def _slot_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _describe(model: nn.Module) -> str:
-    counts = slot_counts(model.config)
-    return (f"{model.num_parameters():,} parameters (qkv {counts['qkv_slot_num']}, "
-            f"proj {counts['proj_slot_num']}, ffn {counts['ffn_slot_num']} tokens)")
+    if hasattr(model, "towers"):  # CLIP: the counts of each tower
+        towers = "; ".join(f"{name} {_slot_text(tower.config)}" for name, tower in model.towers().items())
+        return f"{model.num_parameters():,} parameters ({towers})"
+    return f"{model.num_parameters():,} parameters ({_slot_text(model.config)})"
+
+
+def _slot_text(config) -> str:
+    counts = slot_counts(config)
+    return f"qkv {counts['qkv_slot_num']}, proj {counts['proj_slot_num']}, ffn {counts['ffn_slot_num']} tokens"
 
 
 def _data_windows(model: nn.Module, checkpoint: Path, data: Path, seq_length: int | None,
@@ -57,9 +64,7 @@ def _data_windows(model: nn.Module, checkpoint: Path, data: Path, seq_length: in
     if getattr(model, "model_type", "tokenformer") != "tokenformer":
         raise TokenFormerError(f"--data scores a language model on text, not a {model.model_type!r} model; call "
                                f"tokenformer.shrink with batches of its own inputs")
-    for name, value in (("--seq-length", seq_length), ("--data-tokens", max_tokens)):
-        if value is not None and value < 1:
-            raise TokenFormerError(f"{name} must be a positive integer, got {value}")
+    # --seq-length and --data-tokens are positive: their argparse types say so
     tokenizer = load_tokenizer(checkpoint)
     check_vocab_fits(tokenizer.vocab_size, model.config.padded_vocab_size, "the checkpoint's tokenizer")
     length = seq_length or min(model.config.seq_length, 512)
@@ -69,16 +74,16 @@ def _data_windows(model: nn.Module, checkpoint: Path, data: Path, seq_length: in
 
 
 def grow_arguments(parser: argparse.ArgumentParser) -> None:
-    _slot_arguments(parser, "2")
+    _slot_arguments(parser, "2", number(float, above=1))  # growing adds tokens, never removes them
     parser.add_argument("--mode", choices=MODES, default="exact",
                         help="exact: zero new keys and a pinned n, the same function (default); "
                              "official: random new rows as the official code, not function-preserving")
-    parser.add_argument("--value-std", type=float, default=None,
+    parser.add_argument("--value-std", type=number(float, minimum=0), default=None,
                         help="std of the new value tokens (default: the model's init std, 2/num_layers/sqrt(hidden))")
     parser.add_argument("--seed", type=int, default=0, help="seed of the new random rows (default 0)")
     parser.add_argument("--data", type=Path, default=None,
                         help=f"also print the loss before and after growing on these documents: {DATA_HELP}")
-    parser.add_argument("--data-tokens", type=int, default=32768,
+    parser.add_argument("--data-tokens", type=number(int, minimum=1), default=32768,
                         help="score the windows that cover the first N tokens of --data (default 32768)")
 
 
@@ -105,11 +110,11 @@ def grow_main(args: argparse.Namespace) -> None:
 
 
 def shrink_arguments(parser: argparse.ArgumentParser) -> None:
-    _slot_arguments(parser, "0.5")
+    _slot_arguments(parser, "0.5", number(float, above=0, below=1))  # shrinking removes tokens
     parser.add_argument("--data", required=True, type=Path, help=f"calibration and validation text: {DATA_HELP}")
-    parser.add_argument("--calibration-windows", type=int, default=8,
+    parser.add_argument("--calibration-windows", type=number(int, minimum=1), default=8,
                         help="windows from the start of the data used to score the tokens (default 8)")
-    parser.add_argument("--validation-windows", type=int, default=8,
+    parser.add_argument("--validation-windows", type=number(int, minimum=1), default=8,
                         help="windows from the end of the data, held out, for the loss before/after (default 8)")
     parser.add_argument("--scale", choices=SHRINK_SCALES, default="calibrated",
                         help="n of the normalisation afterwards: calibrated (default) keeps the kept tokens' "

@@ -11,6 +11,7 @@ a few thousand files on every machine). `token_documents` adds GPT-NeoX indexed 
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import itertools
@@ -18,9 +19,10 @@ import json
 import os
 import re
 import sysconfig
+import zlib
 from fnmatch import fnmatch
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from tokenformer.data.indexed import IndexedDataset, strip_suffix
 from tokenformer.data.tokenizer import load_tokenizer
@@ -54,16 +56,40 @@ def _is_jsonl(path: Path) -> bool:
     return path.name.endswith(JSONL_SUFFIXES)
 
 
+def _read_errors() -> tuple[type[BaseException], ...]:
+    """What a damaged file raises while it is read: the OS, gzip (OSError, EOFError, zlib.error),
+    zstandard."""
+    try:
+        import zstandard
+    except ImportError:
+        return OSError, EOFError, zlib.error
+    return OSError, EOFError, zlib.error, zstandard.ZstdError
+
+
+@contextlib.contextmanager
+def _reading(path: Path, where: Callable[[], str]) -> Iterator[None]:
+    """Turn a read error of `path` into one sentence; `where` says how far the reading got."""
+    try:
+        yield
+    except _read_errors() as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TokenFormerError(f"{path} cannot be read{where()} ({reason}): the file is damaged, truncated or "
+                               f"unreadable; replace it or leave it out of the inputs") from None
+
+
 def jsonl_documents(path: Path, text_field: str = "text") -> Iterator[str]:
     """The `text_field` string of every line of a JSONL file (blank lines skipped)."""
-    with _open_text(path) as f:
+    line_number = 0
+    with _reading(path, lambda: f" after line {line_number}" if line_number else ""), _open_text(path) as f:
         for line_number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TokenFormerError(f"{path} line {line_number} is not valid JSON ({e.msg})") from None
+            except (json.JSONDecodeError, RecursionError) as e:
+                reason = getattr(e, "msg", "nested too deeply")
+                raise TokenFormerError(f"{path} line {line_number} is not valid JSON ({reason}): fix or remove "
+                                       f"that line") from None
             if not isinstance(record, dict) or text_field not in record:
                 fields = ", ".join(record) if isinstance(record, dict) else type(record).__name__
                 raise TokenFormerError(
@@ -81,8 +107,9 @@ def file_documents(path: Path, text_field: str = "text") -> Iterator[str]:
     if _is_jsonl(path):
         yield from jsonl_documents(path, text_field)
     else:
-        with _open_text(path) as f:
-            yield f.read()
+        with _reading(path, lambda: ""), _open_text(path) as f:
+            text = f.read()
+        yield text
 
 
 def resolve_inputs(inputs: Iterable[str | Path], glob: str = DEFAULT_GLOB) -> list[Path]:

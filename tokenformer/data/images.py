@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gzip
 import math
+import zlib
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenformer.errors import TokenFormerError
+from tokenformer.inputs import require_file
 
 # ---- the IDX format --------------------------------------------------------------------------
 # Big-endian: two zero bytes, a dtype code, the number of dims, then one uint32 per dim, then data.
@@ -37,15 +39,20 @@ def _open_maybe_gzip(path: Path):
 
 def read_idx(path: str | Path) -> np.ndarray:
     """An IDX file (gzipped or not, recognised by its content) as a numpy array of native byte order."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"IDX file {path} does not exist")
-    with _open_maybe_gzip(path) as f:
-        data = f.read()
+    fix = "download the MNIST-style *-ubyte(.gz) file again"
+    path = require_file(path, "IDX file", fix)
+    try:
+        with _open_maybe_gzip(path) as f:
+            data = f.read()
+    except (OSError, EOFError, zlib.error) as e:  # a damaged or truncated .gz
+        raise TokenFormerError(f"IDX file {path} cannot be read ({str(e) or type(e).__name__}): it is damaged; "
+                               f"{fix}") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in IDX_DTYPES:
         raise TokenFormerError(f"{path} is not an IDX file (bad magic number {data[:4].hex()}): "
                                f"expected an MNIST-style *-ubyte file")
     dtype, ndim = IDX_DTYPES[data[2]], data[3]
+    if len(data) < 4 + 4 * ndim:
+        raise TokenFormerError(f"{path} holds {len(data)} bytes, too few for its {ndim} dimensions: {fix}")
     shape = tuple(int(d) for d in np.frombuffer(data, ">u4", count=ndim, offset=4))
     offset = 4 + 4 * ndim
     expected = offset + int(np.prod(shape)) * dtype.itemsize
@@ -150,8 +157,13 @@ class ImageFolder:
 def read_image(path: str | Path, channels: int = 3) -> torch.Tensor:
     """An image file as uint8 (C, H, W)."""
     Image = _pillow()
-    with Image.open(path) as image:
-        array = np.asarray(image.convert("RGB" if channels == 3 else "L"))
+    try:
+        with Image.open(path) as image:
+            array = np.asarray(image.convert("RGB" if channels == 3 else "L"))
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # what Pillow raises on bad files
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise TokenFormerError(f"image {path} cannot be read ({reason}): replace it or remove it from the folder") \
+            from None
     if array.ndim == 2:
         array = array[:, :, None]
     return torch.from_numpy(array.copy()).permute(2, 0, 1)  # (C, H, W)

@@ -16,12 +16,15 @@ from typing import Iterable
 import numpy as np
 
 from tokenformer.errors import TokenFormerError
+from tokenformer.inputs import require_file
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
 DTYPE_CODES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64,
                6: np.float32, 7: np.float64, 8: np.uint16}
 CODE_OF_DTYPE = {np.dtype(v): k for k, v in DTYPE_CODES.items()}
+HEADER_BYTES = 9 + 8 + 1 + 8 + 8  # magic, version, dtype code, N, D
+REPREPARE = "write it again with `tokenformer prepare` (or GPT-NeoX's preprocess_data.py)"
 
 
 def best_dtype(vocab_size: int) -> np.dtype:
@@ -101,37 +104,63 @@ class IndexedDataset:
     def __init__(self, prefix: str | Path) -> None:
         self.prefix = strip_suffix(prefix)
         idx_path, bin_path = Path(self.prefix + ".idx"), Path(self.prefix + ".bin")
-        for path in (idx_path, bin_path):
-            if not path.is_file():
-                raise FileNotFoundError(
-                    f"indexed dataset file {path} does not exist (give the prefix without .bin/.idx, "
-                    f"e.g. data/corpus_text_document)")
-        with open(idx_path, "rb") as f:
-            header = f.read(9 + 8 + 1 + 8 + 8)
-        if len(header) < 34 or header[:9] != MAGIC:
-            raise TokenFormerError(f"{idx_path} is not a GPT-NeoX/Megatron MMIDIDX index file")
-        version, = struct.unpack("<Q", header[9:17])
-        if version != VERSION:
-            raise TokenFormerError(f"{idx_path} has index version {version}; only version 1 is supported")
-        code, = struct.unpack("<B", header[17:18])
-        if code not in DTYPE_CODES:
-            raise TokenFormerError(f"{idx_path} has unknown dtype code {code}")
-        self.dtype = np.dtype(DTYPE_CODES[code])
-        n, d = struct.unpack("<QQ", header[18:34])
+        fix = "give the prefix without .bin/.idx, e.g. data/corpus_text_document"
+        require_file(idx_path, "indexed dataset file", fix)
+        require_file(bin_path, "indexed dataset file", fix, empty_ok=True)
+        n, d = self._read_header(idx_path)
         index = np.memmap(idx_path, mode="r", dtype=np.uint8)
-        offset = 34
+        offset = HEADER_BYTES
         self.sizes = np.frombuffer(index, dtype="<i4", count=n, offset=offset)
         offset += 4 * n
         self.pointers = np.frombuffer(index, dtype="<i8", count=n, offset=offset)
         offset += 8 * n
         self.doc_idx = np.frombuffer(index, dtype="<i8", count=d, offset=offset)
+        self._check_index(idx_path, bin_path)
         expected_bytes = int(self.sizes.sum(dtype=np.int64)) * self.dtype.itemsize
-        if bin_path.stat().st_size != expected_bytes:
-            raise TokenFormerError(
-                f"{bin_path} holds {bin_path.stat().st_size} bytes but its index describes "
-                f"{expected_bytes}: the pair is damaged or mismatched")
         self.tokens = np.memmap(bin_path, mode="r", dtype=self.dtype) if expected_bytes else \
             np.zeros(0, dtype=self.dtype)
+
+    def _read_header(self, idx_path: Path) -> tuple[int, int]:
+        """The item count N and document-index length D of `idx_path`, its header and length checked."""
+        damaged = f"the index is damaged: {REPREPARE}"
+        with open(idx_path, "rb") as f:
+            header = f.read(HEADER_BYTES)
+        if len(header) < HEADER_BYTES or header[:9] != MAGIC:
+            raise TokenFormerError(f"{idx_path} is not a GPT-NeoX/Megatron MMIDIDX index file (no {MAGIC!r} "
+                                   f"header): give the .idx written with its .bin, or {REPREPARE}")
+        version, = struct.unpack("<Q", header[9:17])
+        if version != VERSION:
+            raise TokenFormerError(f"{idx_path} has index version {version}; only version 1 is supported: {damaged}")
+        code, = struct.unpack("<B", header[17:18])
+        if code not in DTYPE_CODES:
+            raise TokenFormerError(f"{idx_path} has unknown dtype code {code}: {damaged}")
+        self.dtype = np.dtype(DTYPE_CODES[code])
+        n, d = struct.unpack("<QQ", header[18:34])
+        size = idx_path.stat().st_size
+        if n > size or d > size or size < HEADER_BYTES + 12 * n + 8 * d:
+            raise TokenFormerError(f"{idx_path} holds {size} bytes but its header ({n} items, {d} document starts) "
+                                   f"needs {HEADER_BYTES + 12 * n + 8 * d}: {damaged}")
+        return n, d
+
+    def _check_index(self, idx_path: Path, bin_path: Path) -> None:
+        """Sizes, pointers and document starts consistent with each other and with `bin_path`."""
+        damaged = f"the index is damaged: {REPREPARE}"
+        n = len(self.sizes)
+        if n and int(self.sizes.min()) < 0:
+            raise TokenFormerError(f"{idx_path} has a negative item size: {damaged}")
+        # pointers are the running byte offsets; checking the first and the last keeps this O(1)
+        if n and (int(self.pointers[0]) != 0 or int(self.pointers[-1]) < 0):
+            raise TokenFormerError(f"{idx_path} has item pointers that do not start at byte 0: {damaged}")
+        if len(self.doc_idx) and (int(self.doc_idx[0]) != 0 or int(self.doc_idx[-1]) != n
+                                  or int(self.doc_idx.min()) < 0 or int(self.doc_idx.max()) > n):
+            raise TokenFormerError(f"{idx_path} has a document index that does not run from item 0 to {n}: "
+                                   f"{damaged}")
+        expected_bytes = int(self.sizes.sum(dtype=np.int64)) * self.dtype.itemsize
+        last_end = int(self.pointers[-1]) + int(self.sizes[-1]) * self.dtype.itemsize if n else 0
+        if bin_path.stat().st_size != expected_bytes or last_end != expected_bytes:
+            raise TokenFormerError(
+                f"{bin_path} holds {bin_path.stat().st_size} bytes but its index {idx_path.name} describes "
+                f"{expected_bytes}: the pair is damaged or mismatched; {REPREPARE}")
 
     def __len__(self) -> int:
         return len(self.sizes)

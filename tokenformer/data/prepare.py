@@ -36,6 +36,7 @@ from tokenformer.data.indexed import IndexedDatasetWriter, best_dtype
 from tokenformer.data.tokenizer import BYTE_VOCAB_SIZE, END_OF_TEXT, ByteTokenizer, Tokenizer, load_tokenizer
 from tokenformer.errors import TokenFormerError
 from tokenformer.files import PREPARE_METADATA_FILE, SPLIT_PREFIXES, TOKENIZER_FILE
+from tokenformer.inputs import read_json
 
 CHUNK_DOCUMENTS = 1024          # documents per encode_batch call ...
 CHUNK_CHARACTERS = 8_000_000    # ... or fewer, so that a chunk stays a few tens of MB
@@ -127,7 +128,13 @@ def load_prepared(directory: str | Path) -> dict:
     if not path.is_file():
         raise TokenFormerError(
             f"{directory} is not a prepared dataset (no {PREPARE_METADATA_FILE}); create it with `tokenformer prepare`")
-    return json.loads(path.read_text())
+    fix = f"the prepared dataset {directory} is damaged: prepare it again with `tokenformer prepare`"
+    metadata = read_json(path, "prepare metadata", fix)
+    for name in ("vocab_size", "eod_id"):
+        value = metadata.get(name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < (1 if name == "vocab_size" else 0):
+            raise TokenFormerError(f"prepare metadata {path} has {name} {value!r}: {fix}")
+    return metadata
 
 
 def _check_output(out: Path) -> None:

@@ -13,6 +13,7 @@ from typing import Iterable
 
 from tokenformer.errors import TokenFormerError
 from tokenformer.files import TOKENIZER_FILE
+from tokenformer.inputs import require_file
 
 END_OF_TEXT = "<|endoftext|>"
 BYTE_VOCAB_SIZE = 257  # 256 bytes, then <|endoftext|>
@@ -116,13 +117,17 @@ def load_tokenizer(spec: str | Path) -> Tokenizer:
     if spec == "byte":
         return ByteTokenizer()
     path = Path(spec)
-    if path.is_dir():
-        path = path / TOKENIZER_FILE
+    if path.is_dir():  # a checkpoint or prepared-data directory: its own tokenizer.json, never the Hub
+        path = require_file(path / TOKENIZER_FILE, "tokenizer",
+                            "give a directory holding one, or --tokenizer (a tokenizer.json or 'byte')")
     if path.is_file():
+        require_file(path, "tokenizer", "give a tokenizer.json or 'byte'")
         try:
             backend = Backend.from_file(str(path))
         except Exception as e:  # tokenizers raises a bare Exception on malformed files
-            raise TokenFormerError(f"{path} is not a valid tokenizer.json ({e})") from None
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise TokenFormerError(f"{path} is not a valid tokenizer.json ({reason}): give the tokenizer.json the "
+                                   f"model was trained with, or 'byte'") from None
         if _is_byte_tokenizer(backend):
             return ByteTokenizer()
         return Tokenizer(backend, name=str(path))

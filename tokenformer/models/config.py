@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 from tokenformer.errors import TokenFormerError
+from tokenformer.inputs import read_json, read_yaml
 
 NORM_ACTIVATION_TYPES = ("l2_norm_gelu", "gelu_l2_norm", "softmax")
 
@@ -189,14 +190,20 @@ class Config(LanguageModelShape, PresetConfig):
         text = str(path_or_text)
         if not text.lstrip().startswith("{"):
             path = Path(path_or_text)
-            if not path.is_file():
-                raise FileNotFoundError(f"config file {path} does not exist")
-            text = path.read_text()
+            return cls.from_file_values(read_json(path, "config file", "give a config.json of model fields"), path)
         try:
             values = json.loads(text)
         except json.JSONDecodeError as e:
             raise TokenFormerError(f"config is not valid JSON: {e}") from None
         return cls.from_dict(values)
+
+    @classmethod
+    def from_file_values(cls, values: dict[str, Any], path: Path) -> "Config":
+        """`from_dict` of values read from the file `path`, whose name any error then carries."""
+        try:
+            return cls.from_dict(values)
+        except (TokenFormerError, TypeError) as e:  # TypeError: a value of a type no field can take
+            raise TokenFormerError(f"config file {path}: {e}") from None
 
     @classmethod
     def from_neox_yaml(cls, path: str | Path) -> "Config":
@@ -205,17 +212,8 @@ class Config(LanguageModelShape, PresetConfig):
         GPT-NeoX accepts both `num-layers` and `num_layers`; so do we. Training and parallelism
         keys are ignored. The released files are JSON-like YAML with `#` comments.
         """
-        import yaml
-
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"GPT-NeoX config {path} does not exist")
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise TokenFormerError(f"{path} is not valid YAML: {e}") from None
-        if not isinstance(raw, dict):
-            raise TokenFormerError(f"{path} does not hold a mapping of config keys")
+        raw = read_yaml(path, "GPT-NeoX config", "give the official .yml of the model (e.g. 150M_eval.yml)")
         neox = {str(k).replace("-", "_"): v for k, v in raw.items()}
         if "num_layers" not in neox or "hidden_size" not in neox:
             raise TokenFormerError(f"{path} has no num_layers/hidden_size: is it a model config?")
@@ -230,8 +228,10 @@ class Config(LanguageModelShape, PresetConfig):
         values.setdefault("name", path.stem)
         values.setdefault("qkv_slot_num", neox["hidden_size"])
         values.setdefault("proj_slot_num", neox["hidden_size"])
+        if not isinstance(neox["hidden_size"], int) or isinstance(neox["hidden_size"], bool):
+            raise TokenFormerError(f"GPT-NeoX config {path} has hidden_size {neox['hidden_size']!r}, not an integer")
         values.setdefault("ffn_slot_num", 4 * neox["hidden_size"])
-        return cls.from_dict(values)
+        return cls.from_file_values(values, path)
 
 
 # Released TokenFormer models (Pile, seq 2048) and the incremental-scaling shapes (OpenWebText2,

@@ -13,7 +13,7 @@ from typing import Mapping
 import torch
 
 from tokenformer.errors import TokenFormerError
-from tokenformer.files import torch_load_safe
+from tokenformer.inputs import torch_load_safe
 from tokenformer.models.config import Config, resolve_model_config
 from tokenformer.models.lm import TokenFormer
 from tokenformer.models.pretrained import check_state_dict
@@ -50,10 +50,13 @@ def load_official(checkpoint: str | Path | Mapping[str, torch.Tensor],
     source = "official state dict"
     if not isinstance(checkpoint, Mapping):
         source = str(checkpoint)
-        checkpoint = torch_load_safe(checkpoint, map_location=device)
+        checkpoint = torch_load_safe(checkpoint, map_location=device, what="official checkpoint")
         if not isinstance(checkpoint, Mapping):
             raise TokenFormerError(f"{source} does not hold a state dict")
     official = _strip_module_prefix(checkpoint)
+    if not all(isinstance(v, torch.Tensor) for v in official.values()):
+        raise TokenFormerError(f"{source} holds other values than tensors: is it an official pytorch_model.bin "
+                               f"(not a trainer state or another kind of file)?")
     mapping = weight_map(config.num_layers)
     with torch.device("meta"):
         model = TokenFormer(config)

@@ -11,6 +11,7 @@ runs. A transformers directory (`tokenformer convert --format hf`, or `save_pret
 
 from __future__ import annotations
 
+import errno
 import json
 from pathlib import Path
 from typing import Any, ClassVar, Mapping
@@ -20,6 +21,7 @@ from torch import nn
 
 from tokenformer.errors import TokenFormerError
 from tokenformer.files import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, atomic_path, atomic_write_text
+from tokenformer.inputs import read_json, read_safetensors, require_file
 from tokenformer.models.pattention import Pattention
 
 
@@ -57,6 +59,7 @@ def check_state_dict(state: Mapping[str, torch.Tensor], expected: Mapping[str, t
 def write_model_directory(directory: str | Path, state: Mapping[str, torch.Tensor], config_values: dict[str, Any],
                           model_type: str, tokenizer=None) -> Path:
     """Write a model directory; weights first, so `config.json` never points at nothing."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     directory = Path(directory)
@@ -64,7 +67,12 @@ def write_model_directory(directory: str | Path, state: Mapping[str, torch.Tenso
     # safetensors refuses shared or non-contiguous storage: hand it plain contiguous copies.
     state = {k: v.detach().contiguous() for k, v in state.items()}
     with atomic_path(directory / WEIGHTS_FILE) as tmp:
-        save_file(state, str(tmp), metadata={"format": "pt"})
+        try:
+            save_file(state, str(tmp), metadata={"format": "pt"})
+        except SafetensorError as e:  # its I/O errors lose their type: give them back, errno and all
+            full = "os error 28" in str(e)
+            raise OSError(errno.ENOSPC if full else errno.EIO,
+                          f"{'no space left' if full else 'could not write'} on the device of {directory}") from None
     if tokenizer is not None:
         with atomic_path(directory / TOKENIZER_FILE) as tmp:
             tokenizer.save(tmp)
@@ -76,15 +84,15 @@ def write_model_directory(directory: str | Path, state: Mapping[str, torch.Tenso
 def read_config_values(directory: str | Path, written_by: str = "save_pretrained") -> dict[str, Any]:
     """The mapping in `directory/config.json`, `model_type` included (default "tokenformer")."""
     directory = Path(directory)
-    path = directory / CONFIG_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: is {directory} a checkpoint directory "
-                                f"(written by {written_by})?")
-    try:
-        values = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise TokenFormerError(f"{path} is not valid JSON ({e.msg}): the checkpoint directory is damaged") from None
+    if directory.is_file():
+        raise TokenFormerError(f"checkpoint directory {directory} is a file, not a directory: give a directory "
+                               f"written by {written_by}")
+    values = read_json(directory / CONFIG_FILE, "model config",
+                       f"is {directory} a checkpoint directory (written by {written_by})? If it is, it is damaged")
     values.setdefault("model_type", "tokenformer")
+    if not isinstance(values["model_type"], str):
+        raise TokenFormerError(f"model config {directory / CONFIG_FILE} has model_type {values['model_type']!r}, "
+                               f"not a name: the checkpoint directory is damaged")
     return values
 
 
@@ -116,20 +124,19 @@ class PretrainedModel(nn.Module):
         The model is built on the meta device and takes the loaded tensors as they are (`assign`),
         so loading costs one copy of the weights.
         """
-        from safetensors.torch import load_file
-
         directory = Path(directory)
         values = read_config_values(directory, cls.written_by)
         found = values.pop("model_type")
         if found != cls.model_type:
             raise TokenFormerError(f"{directory} holds a {found!r} model, not a {cls.model_type!r} model: load it "
                                    f"with the class that wrote it ({cls.__name__} cannot)")
-        weights_path = directory / WEIGHTS_FILE
-        if not weights_path.is_file():
-            raise FileNotFoundError(f"{weights_path} does not exist: is {directory} a checkpoint directory "
-                                    f"(written by {cls.written_by})?")
-        config = cls.config_class.from_dict({k: v for k, v in values.items() if k not in TRANSFORMERS_KEYS})
-        state = load_file(str(weights_path), device=str(device))
+        weights_path = require_file(directory / WEIGHTS_FILE, "weights file",
+                                    f"is {directory} a checkpoint directory (written by {cls.written_by})?")
+        try:
+            config = cls.config_class.from_dict({k: v for k, v in values.items() if k not in TRANSFORMERS_KEYS})
+        except (TokenFormerError, TypeError) as e:  # TypeError: a value of a type no field can take
+            raise TokenFormerError(f"model config {directory / CONFIG_FILE}: {e}") from None
+        state = read_safetensors(weights_path, device)
         with torch.device("meta"):
             model = cls(config)
         check_state_dict(state, model.state_dict(), source=str(weights_path))

@@ -9,23 +9,34 @@ on it; a token-tuning run adds `adapter.safetensors`, the tuned tokens alone) pl
 
 from __future__ import annotations
 
+import errno
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from tokenformer.errors import TokenFormerError
 from tokenformer.files import (ADAPTER_FILE, LATEST_FILE, SHARDED_DIR, TRAINER_STATE_FILE, WEIGHTS_FILE,
-                               atomic_write_text, fsync_dir, fsync_tree, torch_load_safe)
+                               atomic_write_text, fsync_dir, fsync_tree)
+from tokenformer.inputs import read_safetensors, torch_load_safe
 from tokenformer.models.pretrained import save_model
 from tokenformer.scaling.tune import save_adapter
 from tokenformer.training.distributed import (DistEnv, barrier, load_full_into_sharded, load_sharded, save_sharded,
                                               unwrap)
+
+
+CHECKPOINT_NAME = re.compile(r"step_\d{8,}")
+
+
+class CheckpointWriteError(TokenFormerError, OSError):
+    """A checkpoint could not be written (a full disk, most often); the previous one is kept."""
 
 
 def capture_rng() -> dict[str, Any]:
@@ -76,9 +87,10 @@ class CheckpointManager:
     def latest(self) -> Path | None:
         pointer = self.directory / LATEST_FILE
         if pointer.is_file():
-            path = self.directory / pointer.read_text().strip()
-            if (path / TRAINER_STATE_FILE).is_file():
-                return path
+            # a pointer damaged by hand or by a disk fault names no checkpoint: only `step_N` counts
+            name = pointer.read_bytes().decode("utf-8", errors="replace").strip()
+            if CHECKPOINT_NAME.fullmatch(name) and (self.directory / name / TRAINER_STATE_FILE).is_file():
+                return self.directory / name
         found = self.checkpoints()  # a pointer lost to an old crash: fall back to the newest
         return found[-1] if found else None
 
@@ -86,6 +98,8 @@ class CheckpointManager:
         if self.env.is_main and self.directory.is_dir():
             for path in self.directory.glob(".tmp-step_*"):
                 shutil.rmtree(path, ignore_errors=True)
+            for path in self.directory.glob(f".{LATEST_FILE}.*.tmp"):  # an `atomic_path` killed mid-write
+                path.unlink(missing_ok=True)
 
     def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
              trainer_state: dict[str, Any], tokenizer=None, sharded: bool = False, adapter: bool = False) -> Path:
@@ -105,23 +119,45 @@ class CheckpointManager:
             state = None
             optimizer_state = optimizer.state_dict() if self.env.is_main else None
         if self.env.is_main:
-            self._write_model(tmp, model, tokenizer, state)
-            if adapter:
-                save_adapter(unwrap(model), tmp / ADAPTER_FILE, state)
-            self._write_trainer_state(tmp, {**trainer_state, "optimizer": optimizer_state, "step": step})
-            fsync_tree(tmp)
-            if final.exists():  # a rerun over an old directory: replace it, keeping the swap atomic
-                stale = self.directory / f".tmp-{name}-old"
-                os.replace(final, stale)
-                os.replace(tmp, final)
-                shutil.rmtree(stale, ignore_errors=True)
-            else:
-                os.replace(tmp, final)
-            fsync_dir(self.directory)
-            atomic_write_text(self.directory / LATEST_FILE, name + "\n")
+            previous = self.latest()
+            try:
+                self._write_model(tmp, model, tokenizer, state)
+                if adapter:
+                    save_adapter(unwrap(model), tmp / ADAPTER_FILE, state)
+                self._write_trainer_state(tmp, {**trainer_state, "optimizer": optimizer_state, "step": step})
+                fsync_tree(tmp)
+                self._publish(tmp, final, name)
+            except (OSError, RuntimeError, SafetensorError) as e:
+                full = _disk_full(e, self.directory)
+                if not full and not isinstance(e, OSError) and "write" not in str(e).lower():
+                    raise  # not a failed write: a bug, whose traceback helps
+                shutil.rmtree(tmp, ignore_errors=True)  # `latest` still names `previous`: keep the rest
+                raise self._save_error(e, step, previous, full) from None
             self.prune()
         barrier(self.env)
         return final
+
+    def _publish(self, tmp: Path, final: Path, name: str) -> None:
+        """Rename the complete folder `tmp` to `final`, then point `latest` at it."""
+        if final.exists():  # a rerun over an old directory: replace it, keeping the swap atomic
+            stale = self.directory / f".tmp-{name}-old"
+            os.replace(final, stale)
+            os.replace(tmp, final)
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        fsync_dir(self.directory)
+        atomic_write_text(self.directory / LATEST_FILE, name + "\n")
+
+    def _save_error(self, error: Exception, step: int, previous: Path | None, full: bool) -> CheckpointWriteError:
+        """The one sentence for a checkpoint that could not be written (a full disk, most often)."""
+        kept = f"the previous checkpoint {previous.name} is kept" if previous else "no earlier checkpoint exists"
+        if full:
+            return CheckpointWriteError(f"disk full while saving checkpoint {step} to {self.directory}: {kept}; "
+                                        f"free space and resume (--resume)")
+        reason = getattr(error, "strerror", None) or str(error).strip().splitlines()[0]
+        return CheckpointWriteError(f"could not write checkpoint {step} to {self.directory} ({reason}): {kept}; "
+                                    f"fix the directory and resume (--resume)")
 
     def _write_model(self, directory: Path, model: nn.Module, tokenizer, state: dict | None) -> None:
         plain = unwrap(model)
@@ -141,10 +177,12 @@ class CheckpointManager:
     def load(self, path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None,
              sharded: bool = False) -> dict[str, Any]:
         """Restore model (and optimizer) in place; return the trainer state (step, data, rng, ...)."""
-        from safetensors.torch import load_file
-
         path = Path(path)
-        state = torch_load_safe(path / TRAINER_STATE_FILE)
+        state = torch_load_safe(path / TRAINER_STATE_FILE, what="trainer state")
+        missing = [k for k in ("step", "consumed_samples", "rng") if not isinstance(state, dict) or k not in state]
+        if missing:
+            raise TokenFormerError(f"trainer state {path / TRAINER_STATE_FILE} lacks {missing[0]!r}: it was not "
+                                   f"written by `tokenformer train`; resume from another checkpoint or start afresh")
         if not sharded and optimizer is not None and state.get("optimizer") is None \
                 and (path / SHARDED_DIR).is_dir():
             sharded = True  # an FSDP2 checkpoint resumed by one process or DDP: DCP reshards it
@@ -152,11 +190,11 @@ class CheckpointManager:
             load_sharded(path / SHARDED_DIR, model, optimizer)
             return state
         if sharded:  # a one-process or DDP checkpoint (full state) resumed under FSDP2
-            weights = load_file(str(path / WEIGHTS_FILE))
+            weights = read_safetensors(path / WEIGHTS_FILE)
             load_full_into_sharded(model, optimizer, weights, state.get("optimizer"), source=str(path))
             return state
         plain = unwrap(model)
-        weights = load_file(str(path / WEIGHTS_FILE), device=str(next(plain.parameters()).device))
+        weights = read_safetensors(path / WEIGHTS_FILE, device=next(plain.parameters()).device)
         try:
             plain.load_state_dict(weights)
         except RuntimeError as e:
@@ -167,6 +205,17 @@ class CheckpointManager:
         if optimizer is not None:
             optimizer.load_state_dict(state["optimizer"])
         return state
+
+
+def _disk_full(error: Exception, directory: Path) -> bool:
+    """Whether a failed write ran out of space. safetensors and torch.save do not always keep the
+    errno (they raise their own errors), so a disk left with (almost) no free bytes counts too."""
+    if getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "os error 28" in str(error):
+        return True
+    try:
+        return shutil.disk_usage(directory).free < 64 * 1024
+    except OSError:
+        return False
 
 
 def _full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:

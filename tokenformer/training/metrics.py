@@ -26,8 +26,8 @@ class MetricsLogger:
             if resume_step is None:
                 self.path.write_text("")
             elif self.path.is_file():
-                kept = [line for line in self.path.read_text().splitlines()
-                        if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+                kept = [line for line in self.path.read_text(errors="replace").splitlines()
+                        if (step := _step_of(line)) is not None and step <= resume_step]
                 atomic_write_text(self.path, "".join(line + "\n" for line in kept))
         if tensorboard_dir:
             try:
@@ -61,6 +61,15 @@ class MetricsLogger:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def _step_of(line: str) -> int | None:
+    """The step of a metrics line, or None for a line a killed run left half-written."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record.get("step", 0) if isinstance(record, dict) else None
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +11,7 @@ import torch
 from torch import nn
 
 from tokenformer.data.indexed import strip_suffix
+from tokenformer.data.prepare import load_prepared
 from tokenformer.data.tokenizer import check_vocab_fits, load_tokenizer
 from tokenformer.data.windows import WindowDataset
 from tokenformer.errors import TokenFormerError
@@ -50,7 +50,7 @@ def resolve_data(cfg: TrainConfig) -> DataSources:
         if tokenizer is None and (root / TOKENIZER_FILE).is_file():
             tokenizer = str(root / TOKENIZER_FILE)
         if (root / PREPARE_METADATA_FILE).is_file():
-            metadata = json.loads((root / PREPARE_METADATA_FILE).read_text())
+            metadata = load_prepared(root)
     elif cfg.train_data_paths:
         train = [strip_suffix(p) for p in cfg.train_data_paths]
         valid = [strip_suffix(p) for p in cfg.valid_data_paths]

@@ -1,0 +1,1 @@
+"""Reliability drills (not tests): training killed at random moments, and what it leaves behind."""
