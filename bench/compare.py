@@ -1,18 +1,25 @@
 """TokenFormer against its peers, measured in one run: the suite of issue 8.
 
-    python -m bench.compare [--quick]          (or `make bench` / `make bench-quick`)
+    python -m bench.compare [--quick] [--device cuda|cpu|auto] [--dtype fp32|bf16] [--threads N]
+    (or `make bench` / `make bench-quick`)
 
 1. Pattention forward+backward: ours (eager, memory-lean, torch.compile) vs the official operation
    sequence written naively from the spec (`bench/reference.py`): time and activation memory.
 2. A training step (forward, backward, AdamW): TokenFormer vs Hugging Face `GPTNeoXForCausalLM`
    of the same width, depth, sequence length and vocabulary (randomly initialised, FFN 4 x width),
    as achieved matmul FLOP/s (analytic counts from `tokenformer.flops`), for the whole model and
-   for the body without the vocabulary head; fp32, and bf16 where the CPU has it.
-3. Model FLOPs utilisation against the GEMM peak measured in the same run (a large `torch.mm`).
+   for the body without the vocabulary head; fp32, and bf16 on a GPU, where the CPU has it, or
+   with `--dtype bf16`.
+3. Model FLOPs utilisation: on the CPU against a large `torch.mm` timed in the same alternation;
+   on a GPU against the datasheet peak of the card (`bench/common.py`; the same measured matmul for
+   a card not in its table). `mfu_peak_source` says which.
 4. Generation with the KV cache (greedy, batch 1): prefill and decode tokens/s, ours vs HF `generate`.
 5. Activation memory of a training step: our model vs the same model running the official sequence.
 6. Data preparation tokens/s (`bench/data_prep.py`, when present).
+7. The decode suite (`bench/decode.py`'s `run`, when present): its headline keys and table rows
+   join ours (the rest of its result under `decode`).
 
+`--dtype` is the dtype of items 1, 4 and 7 (item 2 runs fp32, and bf16 as said; item 5 fp32).
 Every ratio is >1 when ours is better. Times are medians of alternating repetitions (A, B, A, B,
 ...) so that load from other processes hits both sides alike. Memory is the exact number of bytes
 the autograd graph keeps for the backward (collected with `saved_tensors_hooks`, each storage
@@ -23,9 +30,10 @@ reading. Writes bench/results/compare.json.
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import json
 import platform
-import statistics
 import sys
 import time
 from contextlib import nullcontext
@@ -34,6 +42,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from bench.common import Run, add_device_arguments, alternate, datasheet_peak, gemm, resolve
 from bench.reference import official_pattentions
 from tokenformer import Config, Pattention, TokenFormer
 from tokenformer.flops import gpt_neox_flops, tokenformer_flops
@@ -55,20 +64,6 @@ SHAPES = {
 
 # ---- measuring ----------------------------------------------------------------------------------
 
-def alternate(fns: dict, reps: int, warmup: int = 1) -> dict[str, float]:
-    """Median seconds of each function, run in turn `reps` times after `warmup` rounds."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
 def saved_bytes(fn, exclude: list[torch.Tensor]) -> int:
     """Bytes of the tensors that autograd keeps for the backward of `fn()`, each storage once,
     without the storages of `exclude` (parameters, inputs)."""
@@ -85,12 +80,6 @@ def saved_bytes(fn, exclude: list[torch.Tensor]) -> int:
         out = fn()
     del out
     return sum(kept.values())
-
-
-def gemm(n: int, dtype: torch.dtype):
-    """An (n x n) @ (n x n) product (2 n^3 FLOPs): the GEMM peak that MFU is measured against."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    return lambda: torch.mm(a, b)
 
 
 def bf16_supported() -> bool:
@@ -164,18 +153,19 @@ def train_step(model, forward, idx, targets, optimizer, head: bool):
 
 # ---- the suite ----------------------------------------------------------------------------------
 
-def bench_pattention(s: dict) -> dict:
+def bench_pattention(s: dict, run: Run = Run(torch.device("cpu"), "fp32")) -> dict:
     """Item 1: one feed-forward-sized Pattention (h -> h, 4h tokens), forward + backward."""
     h, n, tokens = s["hidden"], 4 * s["hidden"], s["pattention_tokens"]
     torch.manual_seed(0)
-    ours = Pattention(h, h, n)
-    lean = Pattention(h, h, n, memory_lean=True)
+    factory = dict(device=run.device, dtype=run.dtype)
+    ours = Pattention(h, h, n, **factory)
+    lean = Pattention(h, h, n, memory_lean=True, **factory)
     lean.load_state_dict(ours.state_dict())
-    x = torch.randn(s["batch"], tokens // s["batch"], h, requires_grad=True)
-    grad = torch.randn(s["batch"], tokens // s["batch"], h)
+    x = torch.randn(s["batch"], tokens // s["batch"], h, requires_grad=True, **factory)
+    grad = torch.randn(s["batch"], tokens // s["batch"], h, **factory)
     compiled = torch.compile(ours)
 
-    def run(layer, official=False):
+    def fwd_bwd_of(layer, official=False):
         def fwd_bwd():
             x.grad = None
             for p in layer.parameters():
@@ -187,10 +177,10 @@ def bench_pattention(s: dict) -> dict:
 
     print("  compiling the Pattention (torch.compile, inductor) ...", flush=True)
     start = time.perf_counter()
-    run(compiled)()
+    fwd_bwd_of(compiled)()
     compile_s = time.perf_counter() - start
-    t = alternate({"official": run(ours, True), "ours": run(ours), "lean": run(lean),
-                   "compiled": run(compiled)}, max(15, s["reps"]))  # cheap: more repetitions
+    t = alternate({"official": fwd_bwd_of(ours, True), "ours": fwd_bwd_of(ours), "lean": fwd_bwd_of(lean),
+                   "compiled": fwd_bwd_of(compiled)}, max(15, s["reps"]))  # cheap: more repetitions
     excl = [x, *ours.parameters(), *lean.parameters()]
     with official_pattentions():
         mem_official = saved_bytes(lambda: ours(x), excl)
@@ -207,18 +197,19 @@ def bench_pattention(s: dict) -> dict:
     }
 
 
-def bench_training(s: dict, dtype: torch.dtype) -> dict:
+def bench_training(s: dict, dtype: torch.dtype, device: torch.device = torch.device("cpu")) -> dict:
     """Items 2 and 3: training steps, whole and body, ours vs HF GPT-NeoX, as FLOP/s and MFU.
 
     The GEMM peak is timed in the same alternation as the steps (its median, like theirs), so that
-    the load of other processes weighs on both sides of the MFU fraction alike."""
+    the load of other processes weighs on both sides of the MFU fraction alike. On a GPU in
+    bench/common.py's datasheet table, MFU is against the datasheet peak instead."""
     torch.manual_seed(0)
     B, T = s["batch"], s["seq"]
     config = tokenformer_config(s)
-    ours = TokenFormer(config).to(dtype).train()
-    ref = hf_gpt_neox(s).to(dtype).train()
-    idx = torch.randint(0, VOCAB, (B, T))
-    targets = torch.randint(0, VOCAB, (B, T))
+    ours = TokenFormer(config).to(device, dtype).train()
+    ref = hf_gpt_neox(s).to(device, dtype).train()
+    idx = torch.randint(0, VOCAB, (B, T), device=device)
+    targets = torch.randint(0, VOCAB, (B, T), device=device)
     def adamw(params):
         return torch.optim.AdamW(params, lr=1e-5, foreach=True)
 
@@ -238,8 +229,11 @@ def bench_training(s: dict, dtype: torch.dtype) -> dict:
         "ours_body": train_step(ours, tokenformer_body, idx, targets, adamw(body_ours), head=False),
         "hf_body": train_step(ref, hf_body, idx, targets, adamw(body_ref), head=False),
     }
-    t = alternate({**steps, "gemm": gemm(s["gemm"], dtype)}, s["reps"])
-    peak = 2 * s["gemm"] ** 3 / t["gemm"]
+    t = alternate({**steps, "gemm": gemm(s["gemm"], dtype, device)}, s["reps"])
+    dtype_name = "bf16" if dtype == torch.bfloat16 else "fp32"
+    datasheet = datasheet_peak(torch.cuda.get_device_name(device), dtype_name) if device.type == "cuda" else None
+    peak = datasheet or 2 * s["gemm"] ** 3 / t["gemm"]
+    source = "datasheet" if datasheet else f"measured {s['gemm']}^3 matmul in the same alternation"
     tokens = B * T
     f_ours = tokenformer_flops(config, seq_length=T).training() * tokens
     f_ref = gpt_neox_flops(s["hidden"], s["layers"], 4 * s["hidden"], config.padded_vocab_size, T).training() * tokens
@@ -251,15 +245,16 @@ def bench_training(s: dict, dtype: torch.dtype) -> dict:
             "step_flops_ratio": rate["ours"] / rate["hf"],
             "body_flops_ratio": rate["ours_body"] / rate["hf_body"],
             "mfu": rate["ours"] / peak, "mfu_body": rate["ours_body"] / peak,
-            "mfu_hf": rate["hf"] / peak, "gemm_peak_flops": peak}
+            "mfu_hf": rate["hf"] / peak, "gemm_peak_flops": peak, "peak_source": source}
 
 
-def bench_activation_memory(s: dict) -> dict:
+def bench_activation_memory(s: dict, device: torch.device = torch.device("cpu")) -> dict:
     """Item 5: bytes kept for the backward by a whole training forward (fp32)."""
     torch.manual_seed(0)
     config = tokenformer_config(s)
-    idx = torch.randint(0, VOCAB, (s["batch"], s["seq"]))
-    default, lean = TokenFormer(config), TokenFormer(tokenformer_config(s, pattention_memory_lean=True))
+    idx = torch.randint(0, VOCAB, (s["batch"], s["seq"]), device=device)
+    default = TokenFormer(config, device=device)
+    lean = TokenFormer(tokenformer_config(s, pattention_memory_lean=True), device=device)
     params = [*default.parameters(), *lean.parameters()]
     with official_pattentions():
         official = saved_bytes(lambda: default(idx), params)
@@ -268,12 +263,12 @@ def bench_activation_memory(s: dict) -> dict:
             "step_memory_saving": official / ours, "step_memory_saving_lean": official / ours_lean}
 
 
-def bench_generation(s: dict) -> dict:
+def bench_generation(s: dict, run: Run = Run(torch.device("cpu"), "fp32")) -> dict:
     """Item 4: greedy generation, batch 1; prefill from 1-token runs, decode from the difference."""
     torch.manual_seed(0)
-    ours = TokenFormer(tokenformer_config(s)).eval()
-    ref = hf_gpt_neox(s).eval()
-    prompt = torch.randint(0, VOCAB, (1, s["prompt"]))
+    ours = TokenFormer(tokenformer_config(s)).to(run.device, run.dtype).eval()
+    ref = hf_gpt_neox(s).to(run.device, run.dtype).eval()
+    prompt = torch.randint(0, VOCAB, (1, s["prompt"]), device=run.device)
     N = s["new_tokens"]
 
     def run_ours(n):
@@ -312,37 +307,52 @@ def bench_data_prep(quick: bool) -> dict:
     return {"data_prep": data_prep.run(quick)}
 
 
+def bench_decode(quick: bool, run: Run, threads: int | None) -> dict:
+    """Item 7: the decode suite of `bench/decode.py` (its `run` gives ratios and table rows), when
+    the module is there. A missing module is a clear skip; a broken one fails loudly."""
+    if importlib.util.find_spec("bench.decode") is None:
+        print("skipped: bench.decode not available")
+        return {"decode": "skipped: bench.decode not available"}
+    decode = importlib.import_module("bench.decode")
+    return decode.run(quick=quick, device=run.device.type, dtype=run.dtype_name, threads=threads)
+
+
+# The decode suite's headline keys (issue 17), put at the top of compare.json; the rest of its
+# result (its own shape, device, timings) stays under "decode".
+DECODE_KEYS = ("decode_speed_ratio", "decode_speed_ratio_plain", "decode_speed_ratio_param_matched",
+               "decode_speed_ratio_bf16", "decode_speed_ratio_int8", "decode_static_speedup",
+               "decode_compiled_speedup", "decode_roofline_fraction", "decode_roofline_fraction_hf",
+               "memory_bandwidth_gb_s", "bytes_per_token")
+
+
+def merge_decode(result: dict, decode: dict) -> list[tuple]:
+    """Put the decode suite's headline keys at the top of `result`, the whole of it under
+    `result["decode"]`, and return its table rows. Where a key clashes with item 4's
+    (`decode_speed_ratio`), item 4's figure stays as `generation_<key>`."""
+    if "rows" not in decode:  # the skip
+        result.update(decode)
+        return []
+    rows = [tuple(row) for row in decode["rows"]]
+    for key in DECODE_KEYS:
+        if key not in decode:
+            continue
+        if key in result:
+            result[f"generation_{key}"] = result[key]
+        result[key] = decode[key]
+    result["decode"] = {k: v for k, v in decode.items() if k != "rows"}
+    result["decode_rows"] = rows
+    return rows
+
+
 # ---- report -------------------------------------------------------------------------------------
 
 def fmt_bytes(n: float) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="smaller shapes: under 3 minutes")
-    parser.add_argument("--out", type=Path, default=RESULTS, help=f"JSON output (default {RESULTS})")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads (default: torch's, one per core). On a machine shared with "
-                             "other busy processes, 1 avoids OpenMP waiting for descheduled threads")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    s = SHAPES["quick" if args.quick else "full"]
-    transformers = require_transformers()  # fail early, with the install hint
-    started = time.perf_counter()
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    result: dict = {"mode": "quick" if args.quick else "full", "shape": s, "dtype": "float32",
-                    "torch": torch.__version__, "transformers": transformers.__version__,
-                    "cpu": cpu, "threads": torch.get_num_threads()}
-    print(f"bench.compare ({result['mode']}): width {s['hidden']}, {s['layers']} layers, {s['heads']} heads, "
-          f"batch {s['batch']} x seq {s['seq']}, vocab 50304; {s['reps']} alternating repetitions; "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu}", flush=True)
-
+def run_suite(s: dict, run: Run, quick: bool, threads: int | None) -> dict:
+    """Items 1-7 in order; their keys, flat, plus the table rows of the decode suite."""
+    result: dict = {}
     phase_start = [time.perf_counter()]
 
     def phase(title: str) -> None:
@@ -350,29 +360,35 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"  ({now - phase_start[0]:.0f} s)\n{title}", flush=True)
         phase_start[0] = now
 
-    phase("[1/6] Pattention forward+backward")
-    result.update(bench_pattention(s))
-    phase("[2/6, 3/6] training steps and GEMM peak (fp32)")
-    fp32 = bench_training(s, torch.float32)
-    peak = fp32["gemm_peak_flops"]
+    phase(f"[1/7] Pattention forward+backward ({run.dtype_name})")
+    result.update(bench_pattention(s, run))
+    phase("[2/7, 3/7] training steps and GEMM peak (fp32)")
+    fp32 = bench_training(s, torch.float32, run.device)
     result.update({k: fp32[k] for k in ("step_flops_ratio", "body_flops_ratio")})
     result["mfu_fp32"], result["mfu_fp32_body"], result["mfu_fp32_hf"] = fp32["mfu"], fp32["mfu_body"], fp32["mfu_hf"]
+    result["mfu_peak_source"] = fp32["peak_source"]
     result["training_fp32"] = fp32
-    if s["bf16"] and bf16_supported():
-        phase("[2/6, 3/6] training steps and GEMM peak (bf16 weights)")
-        bf16 = bench_training(s, torch.bfloat16)
+    # bf16 on a CPU without bf16 units is emulated, ~50x slower than fp32: left out there
+    if run.cuda or ((s["bf16"] or run.dtype_name == "bf16") and bf16_supported()):
+        phase("[2/7, 3/7] training steps and GEMM peak (bf16 weights)")
+        bf16 = bench_training(s, torch.bfloat16, run.device)
         result["training_bf16"] = bf16
         result["step_flops_ratio_bf16"], result["body_flops_ratio_bf16"] = bf16["step_flops_ratio"], bf16["body_flops_ratio"]
         result["mfu_bf16"] = bf16["mfu"]
-    phase("[4/6] generation")
-    result.update(bench_generation(s))
-    phase("[5/6] activation memory of a training step")
-    result.update(bench_activation_memory(s))
-    phase("[6/6] data preparation")
-    result.update(bench_data_prep(args.quick))
+    phase(f"[4/7] generation ({run.dtype_name})")
+    result.update(bench_generation(s, run))
+    phase("[5/7] activation memory of a training step")
+    result.update(bench_activation_memory(s, run.device))
+    phase("[6/7] data preparation")
+    result.update(bench_data_prep(quick))
+    phase("[7/7] decode (bench/decode.py)")
+    merge_decode(result, bench_decode(quick, run, threads))
     phase("done")
-    result["seconds"] = time.perf_counter() - started
+    return result
 
+
+def table_rows(result: dict) -> list[tuple]:
+    """(measure, ratio, unit, target) of every headline figure, the decode suite's last."""
     rows = [
         ("Pattention fwd+bwd speed-up, eager", result["pattention_speedup_eager"], "x official sequence", ">= 1.2"),
         ("Pattention speed-up, torch.compile", result["pattention_speedup_compiled"], "x official (eager)", ">= 1.3"),
@@ -381,33 +397,41 @@ def main(argv: list[str] | None = None) -> dict:
         ("Pattention activation memory saving, default", result["pattention_memory_saving"], "x official bytes", ""),
         ("training step FLOP/s, whole model", result["step_flops_ratio"], "x HF GPTNeoX", ">= 0.9"),
         ("training step FLOP/s, body (no head)", result["body_flops_ratio"], "x HF GPTNeoX", ">= 0.9"),
-        ("MFU fp32, whole step", result["mfu_fp32"], "of fp32 GEMM peak", ">= 0.5"),
-        ("MFU fp32, body", result["mfu_fp32_body"], "of fp32 GEMM peak", ""),
-        ("MFU fp32, HF GPTNeoX whole step", result["mfu_fp32_hf"], "of fp32 GEMM peak", ""),
+        ("MFU fp32, whole step", result["mfu_fp32"], "of fp32 peak", ">= 0.5"),
+        ("MFU fp32, body", result["mfu_fp32_body"], "of fp32 peak", ""),
+        ("MFU fp32, HF GPTNeoX whole step", result["mfu_fp32_hf"], "of fp32 peak", ""),
     ]
     if "training_bf16" in result:
         rows += [("training step FLOP/s bf16, whole", result["step_flops_ratio_bf16"], "x HF GPTNeoX", ""),
                  ("training step FLOP/s bf16, body", result["body_flops_ratio_bf16"], "x HF GPTNeoX", ""),
-                 ("MFU bf16, whole step", result["mfu_bf16"], "of bf16 GEMM peak", "")]
+                 ("MFU bf16, whole step", result["mfu_bf16"], "of bf16 peak", "")]
+    decode_ratio = result.get("generation_decode_speed_ratio", result["decode_speed_ratio"])
     rows += [
         ("generation prefill tokens/s", result["prefill_speed_ratio"], "x HF generate", ""),
         ("generation prefill FLOP/s", result["prefill_flops_ratio"], "x HF generate", ""),
-        ("generation decode tokens/s", result["decode_speed_ratio"], "x HF generate", ">= 1.0"),
+        ("generation decode tokens/s", decode_ratio, "x HF generate", ">= 1.0"),
         ("training-step activation memory saving", result["step_memory_saving"], "x official bytes", ""),
         ("  the same, memory-lean", result["step_memory_saving_lean"], "x official bytes", ""),
     ]
-    print(f"\n{'measure':<46}{'ratio':>8}  {'unit':<20}{'target':>8}")
-    for name, value, unit, target in rows:
-        print(f"{name:<46}{value:>8.2f}  {unit:<20}{target:>8}")
+    return rows + result.get("decode_rows", [])
+
+
+def print_report(result: dict, out: Path) -> None:
+    print(f"\n{'measure':<50}{'ratio':>8}  {'unit':<20}{'target':>8}")
+    for name, value, unit, target in table_rows(result):
+        shown = f"{value:>8.2f}" if isinstance(value, (int, float)) else f"{'-':>8}"
+        print(f"{name:<50}{shown}  {unit:<20}{str(target):>8}")
     pb = result["pattention_saved_bytes"]
     sb = result["step_saved_bytes"]
     print(f"\nPattention saved for backward: official {fmt_bytes(pb['official'])}, ours {fmt_bytes(pb['ours'])}, "
           f"lean {fmt_bytes(pb['lean'])} (bytes autograd keeps, without parameters and the input)")
     print(f"training step saved for backward: official sequence {fmt_bytes(sb['official'])}, "
           f"ours {fmt_bytes(sb['ours'])}, lean {fmt_bytes(sb['lean'])}")
-    r = result["training_fp32"]["flops_per_second"]
+    fp32 = result["training_fp32"]
+    r = fp32["flops_per_second"]
     print(f"achieved fp32 GFLOP/s: ours {r['ours'] / 1e9:.1f} (body {r['ours_body'] / 1e9:.1f}), "
-          f"HF {r['hf'] / 1e9:.1f} (body {r['hf_body'] / 1e9:.1f}); GEMM peak {peak / 1e9:.1f}")
+          f"HF {r['hf'] / 1e9:.1f} (body {r['hf_body'] / 1e9:.1f}); peak {fp32['gemm_peak_flops'] / 1e9:.1f} "
+          f"({fp32['peak_source']})")
     d, p = result["decode_tokens_per_s"], result["prefill_tokens_per_s"]
     print(f"generation tokens/s: prefill ours {p['ours']:.0f} / HF {p['hf']:.0f}; "
           f"decode ours {d['ours']:.1f} / HF {d['hf']:.1f}")
@@ -416,9 +440,42 @@ def main(argv: list[str] | None = None) -> dict:
         rates = {name: r.get("tokens_per_s") for name, r in prep.get("tokenizers", {}).items()}
         print("data preparation tokens/s: " + (", ".join(f"{k} {v:,.0f}" for k, v in rates.items()
                                                          if isinstance(v, (int, float))) or str(prep)))
-    print(f"took {result['seconds']:.0f} s; wrote {args.out}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+    print(f"took {result['seconds']:.0f} s; wrote {out}")
+
+
+def machine_name() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return cpu
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smaller shapes: under 3 minutes")
+    parser.add_argument("--out", type=Path, default=RESULTS, help=f"JSON output (default {RESULTS})")
+    add_device_arguments(parser)
+    args = parser.parse_args(argv)
+    run = resolve(args)
+    s = SHAPES["quick" if args.quick else "full"]
+    transformers = require_transformers()  # fail early, with the install hint
+    started = time.perf_counter()
+    cpu = machine_name()
+    result: dict = {"mode": "quick" if args.quick else "full", "shape": s,
+                    "dtype": "float32" if run.dtype_name == "fp32" else "bfloat16", "device": str(run.device),
+                    "gpu": torch.cuda.get_device_name(run.device) if run.cuda else None,
+                    "torch": torch.__version__, "transformers": transformers.__version__,
+                    "cpu": cpu, "threads": torch.get_num_threads()}
+    print(f"bench.compare ({result['mode']}): width {s['hidden']}, {s['layers']} layers, {s['heads']} heads, "
+          f"batch {s['batch']} x seq {s['seq']}, vocab 50304; {s['reps']} alternating repetitions; "
+          f"torch {torch.__version__}, {run.describe()}, {cpu}", flush=True)
+    result.update(run_suite(s, run, args.quick, args.threads))
+    result["seconds"] = time.perf_counter() - started
+    args.out.parent.mkdir(parents=True, exist_ok=True)  # first: a report bug must not lose the run
     args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    print_report(result, args.out)
     return result
 
 

@@ -5,6 +5,7 @@ language model (`tokenformer train`, tokens/s, DDP and FSDP2) or the image class
     python -m bench.distributed_speed [--preset small] [--micro-batch 4] [--steps 20] [--nproc 2]
     python -m bench.distributed_speed --task vision [--preset fmnist-28] [--batch 128] [--steps 60] \
         [--log-interval 10] [--nproc 2]
+    (both: [--device cpu|cuda|auto] [--dtype fp32|bf16])
 
 Every run is the real command in a subprocess, on synthetic data written here: one process with
 every core, one process with one thread, then `torchrun --standalone --nproc_per_node=nproc` for
@@ -24,7 +25,12 @@ Not a test: the numbers depend on the machine and on what else runs on it (the 1
 average before and after is recorded).
 
 One process uses every core (intra-op threads); each torchrun rank gets cores / nproc threads, so
-on a CPU the comparison is intra-op threading against data parallelism on the same cores.
+on a CPU the comparison is intra-op threading against data parallelism on the same cores. On GPUs
+(`--device cuda`) every rank takes one GPU. `--dtype` is the language model's training `precision`
+(bf16: autocast, and FSDP2's bf16 compute on a GPU; train-vision runs fp32 only). Each language
+model row also gives its MFU: analytic matmul FLOPs (`tokenformer.flops`) per second against
+`bench.common.peak_flops` (a GPU's datasheet figure times the ranks, or a matmul measured here with
+every core); the vision model has no FLOP count in `tokenformer.flops`, so no MFU.
 """
 
 from __future__ import annotations
@@ -44,6 +50,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from bench.common import add_device_arguments, peak_flops, resolve
+from tokenformer import Config
+from tokenformer.flops import tokenformer_flops
 from tokenformer.training.distributed import usable_cores
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,7 +77,8 @@ def write_corpus(directory: Path, num_tokens: int, vocab: int = 256, seed: int =
     writer.close()
     tokenizer = ByteTokenizer()
     tokenizer.save(directory / "tokenizer.json")
-    (directory / "prepare.json").write_text(json.dumps({"vocab_size": tokenizer.vocab_size}))
+    (directory / "prepare.json").write_text(json.dumps({"vocab_size": tokenizer.vocab_size,
+                                                        "eod_id": tokenizer.eos_id}))
     return directory
 
 
@@ -94,11 +104,11 @@ def load_average() -> float | None:
 
 
 def timed_run(command: str, fields: dict[str, Any], save: Path, nproc: int, rate_key: str,
-              parallelism: str = "ddp", threads: int | None = None) -> dict:
+              parallelism: str = "ddp", threads: int | None = None, device: str = "cpu") -> dict:
     """`tokenformer COMMAND --field value ...` in one process, or under torchrun with `nproc` ranks;
     returns its table row: the median `rate_key` over logging intervals after the first, and the
     last train loss."""
-    fields = {**fields, "save": str(save), "plot": "false", "progress": "false", "device": "cpu", "seed": 1}
+    fields = {**fields, "save": str(save), "plot": "false", "progress": "false", "device": device, "seed": 1}
     if threads is not None:
         fields["num_threads"] = threads
     overrides = [token for key, value in fields.items() for token in (f"--{key}", str(value))]
@@ -119,14 +129,16 @@ def timed_run(command: str, fields: dict[str, Any], save: Path, nproc: int, rate
 
 
 def compare(command: str, fields_for: Callable[[int, str], dict[str, Any]], workdir: Path, nproc: int,
-            parallelisms: list[str], rate_key: str) -> list[dict]:
+            parallelisms: list[str], rate_key: str, device: str = "cpu") -> list[dict]:
     """The rows of one process and of `nproc` ranks per parallelism, each with its ratio to the
     faster one-process run; `fields_for(nproc, parallelism)` gives the command's fields."""
     # one process with every core, and with one thread: on a busy machine intra-op threads
     # can lose badly to contention, so the faster of the two is the baseline
-    rows = [timed_run(command, fields_for(1, "ddp"), workdir / f"single-{threads}", 1, rate_key, threads=threads)
+    rows = [timed_run(command, fields_for(1, "ddp"), workdir / f"single-{threads}", 1, rate_key, threads=threads,
+                      device=device)
             for threads in sorted({usable_cores(), 1}, reverse=True)]
-    rows += [timed_run(command, fields_for(nproc, parallelism), workdir / parallelism, nproc, rate_key, parallelism)
+    rows += [timed_run(command, fields_for(nproc, parallelism), workdir / parallelism, nproc, rate_key, parallelism,
+                       device=device)
              for parallelism in parallelisms]
     single = max(row[rate_key] for row in rows if row["processes"] == 1)
     for row in rows:
@@ -140,10 +152,14 @@ def report(rows: list[dict], rate_key: str, title: str, settings: dict[str, Any]
     label = rate_key.replace("_per_s", "/s")  # tokens/s, images/s
     print(f"{title}, {usable_cores()} CPU cores, torch {torch.__version__}, "
           f"load average {load_before:.1f} -> {load_after:.1f}")
-    print(f"{'processes':>9}  {'parallelism':<11}{'threads':>8}{label:>12}{'vs 1 process':>14}{'final loss':>12}")
+    print(f"{'processes':>9}  {'parallelism':<11}{'threads':>8}{label:>12}{'vs 1 process':>14}{'final loss':>12}"
+          f"{'MFU' if 'mfu' in rows[0] else '':>8}")
     for row in rows:
         print(f"{row['processes']:>9}  {row['parallelism']:<11}{row['threads_per_process']:>8}"
-              f"{row[rate_key]:>12,.0f}{row['speedup_vs_1_process']:>13.2f}x{row['final_loss']:>12.4f}")
+              f"{row[rate_key]:>12,.0f}{row['speedup_vs_1_process']:>13.2f}x{row['final_loss']:>12.4f}"
+              + (f"{row['mfu']:>8.3f}" if "mfu" in row else ""))
+    if "peak_source" in rows[0]:
+        print(f"(MFU against the {rows[0]['peak_source']})")
     print("(vs 1 process: against the faster one-process run; equal final losses show the same training)")
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({"runs": rows, **settings, "cpu_cores": usable_cores(),
@@ -164,9 +180,15 @@ def lm_runs(args: argparse.Namespace, workdir: Path) -> tuple[list[dict], dict[s
                 "train_iters": args.steps, "log_interval": args.log_interval, "eval_iters": 0,
                 "save_interval": 10 * args.steps, "parallelism": parallelism,
                 "train_micro_batch_size_per_gpu": args.micro_batch * (args.nproc if nproc == 1 else 1),
-                "gradient_accumulation_steps": args.accumulation}
+                "gradient_accumulation_steps": args.accumulation, "precision": args.dtype}
 
-    rows = compare("train", fields_for, workdir, args.nproc, args.parallelism, "tokens_per_s")
+    rows = compare("train", fields_for, workdir, args.nproc, args.parallelism, "tokens_per_s", args.device)
+    run = resolve(args)
+    peak, source = peak_flops(run.device, args.dtype)
+    per_token = tokenformer_flops(Config.from_name(args.preset, seq_length=args.seq)).training().total
+    for row in rows:  # GPUs add up; CPU ranks share the cores the peak was measured on
+        row["mfu"] = row["tokens_per_s"] * per_token / (peak * (row["processes"] if run.cuda else 1))
+        row["peak_source"] = source
     settings = {"preset": args.preset, "seq": args.seq, "global_batch": global_batch,
                 "micro_batch_per_rank": args.micro_batch, "accumulation": args.accumulation, "steps": args.steps}
     return rows, settings, f"{args.preset}, seq {args.seq}, global batch {global_batch} windows, {args.steps} steps"
@@ -178,6 +200,8 @@ def vision_runs(args: argparse.Namespace, workdir: Path) -> tuple[list[dict], di
 
     if args.parallelism != ["ddp"]:
         raise SystemExit("train-vision runs under torchrun with DDP only: drop --parallelism (or pass ddp)")
+    if args.dtype != "fp32":
+        raise SystemExit("train-vision trains in fp32 only (it has no precision setting): drop --dtype")
     if args.batch % args.nproc:
         raise SystemExit(f"--batch {args.batch} (the global batch) must divide by --nproc {args.nproc}")
     config = resolve_vision_config(args.preset)
@@ -189,7 +213,8 @@ def vision_runs(args: argparse.Namespace, workdir: Path) -> tuple[list[dict], di
     # one epoch of exactly `steps` global batches (train-vision drops no images then)
     fields = {"model": args.preset, "data": str(images), "epochs": 1, "max_train_samples": num_train,
               "batch_size": args.batch, "log_interval": args.log_interval, "augment": "none", "tta_flip": "false"}
-    rows = compare("train-vision", lambda nproc, parallelism: fields, workdir, args.nproc, ["ddp"], "images_per_s")
+    rows = compare("train-vision", lambda nproc, parallelism: fields, workdir, args.nproc, ["ddp"], "images_per_s",
+                   args.device)
     settings = {"preset": args.preset, "global_batch": args.batch, "steps": args.steps}
     return rows, settings, f"{args.preset}, global batch {args.batch} images, {args.steps} steps"
 
@@ -222,6 +247,7 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=4, help="lm, per rank; one process uses nproc x this")
     parser.add_argument("--accumulation", type=int, default=1, help="lm")
     parser.add_argument("--batch", type=int, default=128, help="vision: the global batch of every run")
+    add_device_arguments(parser, with_threads=False)
     args = parser.parse_args()
     task = TASKS[args.task]
     for name, value in task.defaults.items():

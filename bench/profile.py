@@ -1,10 +1,12 @@
 """Where the time goes: torch.profiler tables for the shapes of `bench.compare`.
 
     python -m bench.profile decode [--quick] [--threads 1]   # 16 greedy decoding steps
-    python -m bench.profile step [--quick] [--threads 1]     # one fp32 training step (no optimizer)
+    python -m bench.profile step [--quick] [--threads 1]     # one training step (no optimizer)
+    (both: [--device cuda|cpu|auto] [--dtype fp32|bf16])
 
-Prints the top operators by self CPU time, grouped by input shape, for TokenFormer and for
-Hugging Face GPTNeoX of the same width and depth.
+Prints the top operators by self CPU time (self GPU time on a GPU, where the CUDA kernels are
+profiled too), grouped by input shape, for TokenFormer and for Hugging Face GPTNeoX of the same
+width and depth. A profile, not a rate: no MFU here (bench.compare has it).
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ from __future__ import annotations
 import argparse
 
 import torch
-from torch.profiler import profile
+from torch.profiler import ProfilerActivity, profile
 
+from bench.common import add_device_arguments, resolve, synchronize
 from bench.compare import SHAPES, VOCAB, hf_gpt_neox, require_transformers, tokenformer_config
 from tokenformer import TokenFormer
 
@@ -22,16 +25,16 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["decode", "step"])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--rows", type=int, default=12)
+    add_device_arguments(parser)
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    run = resolve(args)
     require_transformers()
     s = SHAPES["quick" if args.quick else "full"]
     torch.manual_seed(0)
-    ours, ref = TokenFormer(tokenformer_config(s)), hf_gpt_neox(s)
-    idx = torch.randint(0, VOCAB, (s["batch"], s["seq"]))
+    ours = TokenFormer(tokenformer_config(s)).to(run.device, run.dtype)
+    ref = hf_gpt_neox(s).to(run.device, run.dtype)
+    idx = torch.randint(0, VOCAB, (s["batch"], s["seq"]), device=run.device)
 
     def decode_ours():
         with torch.no_grad():
@@ -50,21 +53,23 @@ def main(argv: list[str] | None = None) -> None:
         def run():
             for p in model.parameters():
                 p.grad = None
-            torch.nn.functional.cross_entropy(forward().flatten(0, 1), idx.flatten()).backward()
+            torch.nn.functional.cross_entropy(forward().flatten(0, 1).float(), idx.flatten()).backward()
         return run
 
     runs = ({"TokenFormer": decode_ours, "HF GPTNeoX": decode_hf} if args.what == "decode" else
             {"TokenFormer": step(ours.train(), lambda: ours(idx)),
              "HF GPTNeoX": step(ref.train(), lambda: ref(input_ids=idx).logits)})
-    for name, run in runs.items():
-        run()  # warm-up
-        with profile(record_shapes=True) as prof:
-            run()
-        print(f"\n{name}: {args.what} ({'quick' if args.quick else 'full'} shape, "
-              f"{torch.get_num_threads()} threads)")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if run.cuda else [])
+    for name, fn in runs.items():
+        fn()  # warm-up
+        synchronize(run.device)
+        with profile(activities=activities, record_shapes=True) as prof:
+            fn()
+            synchronize(run.device)
+        print(f"\n{name}: {args.what} ({'quick' if args.quick else 'full'} shape, {run.describe()})")
         print(prof.key_averages(group_by_input_shape=True).table(
-            sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=40,
-            max_shapes_column_width=60))
+            sort_by="self_device_time_total" if run.cuda else "self_cpu_time_total", row_limit=args.rows,
+            max_name_column_width=40, max_shapes_column_width=60))
 
 
 if __name__ == "__main__":
