@@ -12,11 +12,15 @@ from tokenformer.__main__ import COMMANDS, build_parser
 # train's fields take both spellings (`--train_iters` and `--train-iters`).
 OWN_OPTIONS = {
     "prepare": ["--out", "--tokenizer", "--vocab-size", "--hf-dataset", "--valid-fraction"],
+    "make-scenes": ["--out", "--train", "--val", "--seed", "--image-size", "--shard-size"],
     "train": ["--train_iters", "--train-iters", "--init_from", "--init-from", "--resume", "--parallelism",
               "--checkpoint_activations"],
     "train-vision": ["--epochs", "--batch_size", "--batch-size", "--augment", "--ema"],
+    "train-captioner": ["--data", "--val_data", "--tokenizer", "--vision_from", "--lm_from", "--caption_samples"],
+    "train-clip": ["--model", "--data", "--val_data", "--val-data", "--classes", "--tokenizer", "--epochs"],
+    "evaluate-clip": ["--checkpoint", "--data", "--zero-shot", "--templates", "--batch-size", "--max-samples"],
     "evaluate": ["--checkpoint", "--tasks", "--data", "--stride", "--context", "--include-path"],
-    "generate": ["--checkpoint", "--prompt", "--max-new-tokens", "--temperature", "--top-k", "--top-p"],
+    "generate": ["--checkpoint", "--prompt", "--max-new-tokens", "--temperature", "--top-k", "--top-p", "--image"],
     "grow": ["--checkpoint", "--out", "--qkv-slot-num", "--proj-slot-num", "--ffn-slot-num", "--mode"],
     "shrink": ["--checkpoint", "--out", "--ffn-slot-num", "--data", "--calibration-windows", "--scale"],
     "convert": ["--config", "--tokenizer", "--dtype"],

@@ -12,14 +12,18 @@ import os
 import sys
 import time
 
-from tokenformer.cli import convert, evaluate, generate, prepare, scaling, train
+from tokenformer.cli import caption, clip, convert, evaluate, generate, prepare, scaling, scenes, train
 from tokenformer.errors import TokenFormerError
 
 # subcommand -> (declare its options, run it)
 COMMANDS = {
     "prepare": (prepare.arguments, prepare.main),
+    "make-scenes": (scenes.arguments, scenes.main),
     "train": (train.arguments, train.main),
     "train-vision": (train.vision_arguments, train.vision_main),
+    "train-captioner": (caption.arguments, caption.main),
+    "train-clip": (clip.train_arguments, clip.train_main),
+    "evaluate-clip": (clip.evaluate_arguments, clip.evaluate_main),
     "evaluate": (evaluate.arguments, evaluate.main),
     "generate": (generate.arguments, generate.main),
     "grow": (scaling.grow_arguments, scaling.grow_main),
@@ -48,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args._run(args)
-    except (TokenFormerError, FileNotFoundError, NotADirectoryError) as e:
+    except (TokenFormerError, OSError) as e:  # OSError: a path the user gave (missing, unreadable, full disk)
         print(f"tokenformer {args.command}: error: {e}", file=sys.stderr)
         _tell_torchrun(f"tokenformer {args.command}: {e}")
         return 2

@@ -13,12 +13,16 @@ from typing import Any
 import torch
 
 from tokenformer.errors import TokenFormerError
-from tokenformer.files import TOKENIZER_FILE, TRAINER_STATE_FILE, atomic_copy, torch_load_safe
+from tokenformer.files import TOKENIZER_FILE, TRAINER_STATE_FILE, atomic_copy
+from tokenformer.inputs import torch_load_safe
+from tokenformer.models.captioner import Captioner
+from tokenformer.models.clip import CLIPTokenFormer
 from tokenformer.models.lm import TokenFormer
 from tokenformer.models.pretrained import PretrainedModel, read_config_values
 from tokenformer.models.vision import VisionTokenFormer
 
-MODEL_CLASSES: dict[str, type[PretrainedModel]] = {cls.model_type: cls for cls in (TokenFormer, VisionTokenFormer)}
+MODEL_CLASSES: dict[str, type[PretrainedModel]] = {cls.model_type: cls for cls in (TokenFormer, VisionTokenFormer,
+                                                                                   Captioner, CLIPTokenFormer)}
 
 
 def model_type_of(directory: str | Path) -> str:

@@ -131,3 +131,38 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 100,
     if on_text is not None and len(text) > len(printed):
         on_text(text[len(printed):])
     return text
+
+
+@torch.no_grad()
+def generate_caption(model, tokenizer, images: torch.Tensor, max_new_tokens: int = 32, temperature: float = 0.0,
+                     top_k: int | None = None, top_p: float | None = None, seed: int | None = None) -> list[str]:
+    """One caption per image of `images` (B, C, H, W), already normalised as the captioner was trained
+    (`tokenformer.models.captioner`): all images share the prefix length, so the batch needs no padding.
+    The prefill runs the image prefix and the opening end-of-text token; each row stops at its
+    end-of-text token (not part of the caption) or after `max_new_tokens`."""
+    if max_new_tokens < 1:
+        raise TokenFormerError(f"max_new_tokens must be a positive integer, got {max_new_tokens}")
+    room = model.config.text.seq_length - model.config.prefix_length - 1
+    if max_new_tokens > room:
+        raise TokenFormerError(f"max_new_tokens {max_new_tokens} does not fit the language model's seq_length "
+                               f"after the image prefix: give at most {room}")
+    device = model.lm.word_embeddings.weight.device
+    generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+    images = images.to(device=device, dtype=model.lm.word_embeddings.weight.dtype)
+    batch = images.shape[0]
+    cache = model.allocate_cache(batch, 1 + max_new_tokens)
+    bos = torch.full((batch, 1), tokenizer.eos_id, dtype=torch.long, device=device)  # (B, 1)
+    logits = model(images, bos, cache=cache, last_only=True)[:, -1]  # (B, V)
+    new: list[list[int]] = [[] for _ in range(batch)]
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    for step in range(max_new_tokens):
+        logits[:, tokenizer.vocab_size:] = float("-inf")  # the embedding's padding rows are no tokens
+        token = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
+        done |= token == tokenizer.eos_id
+        for row, (token_id, finished) in enumerate(zip(token.tolist(), done.tolist())):
+            if not finished:
+                new[row].append(token_id)
+        if bool(done.all()) or step + 1 == max_new_tokens:
+            break
+        logits = model(None, token[:, None], cache=cache)[:, -1]
+    return [tokenizer.decode(ids) for ids in new]

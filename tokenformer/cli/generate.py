@@ -9,13 +9,21 @@ from pathlib import Path
 
 import torch
 
+from tokenformer.checkpoint import model_type_of
+from tokenformer.cli.caption import caption_main
 from tokenformer.console import progress_bar
 from tokenformer.data.tokenizer import check_vocab_fits, load_tokenizer
+from tokenformer.decode import Decoder
 from tokenformer.errors import TokenFormerError
 from tokenformer.files import atomic_write_text
 from tokenformer.generate import generate_batch, generate_text
+from tokenformer.inputs import read_text
+from tokenformer.options import number
+from tokenformer.models.captioner import Captioner
 from tokenformer.models.lm import TokenFormer
 from tokenformer.training.distributed import resolve_device
+
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,31 +34,50 @@ def arguments(parser: argparse.ArgumentParser) -> None:
                         help="official mode: one prompt per line; the continuations go to --output-file")
     parser.add_argument("--output-file", type=Path,
                         help="JSONL file for --input-file results: {\"context\", \"text\"} per line")
+    parser.add_argument("--image", type=Path, action="append",
+                        help="with a captioner checkpoint: an image to caption (repeat for more; one caption a line)")
     parser.add_argument("--tokenizer", help="override the checkpoint's tokenizer ('byte' or a tokenizer.json)")
-    parser.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate (default 100)")
-    parser.add_argument("--temperature", type=float, default=0.0,
+    parser.add_argument("--max-new-tokens", type=number(int, minimum=0), default=100, help="tokens to generate (default 100)")
+    parser.add_argument("--temperature", type=number(float, minimum=0), default=0.0,
                         help="0 = greedy (default); higher = more random sampling")
-    parser.add_argument("--top-k", type=int, default=None, help="sample only from the k most likely tokens")
-    parser.add_argument("--top-p", type=float, default=None,
+    parser.add_argument("--top-k", type=number(int, minimum=1), default=None, help="sample only from the k most likely tokens")
+    parser.add_argument("--top-p", type=number(float, above=0, maximum=1), default=None,
                         help="sample only from the smallest set of tokens whose probability reaches p")
     parser.add_argument("--seed", type=int, default=None, help="random seed for sampling (reproducible output)")
-    parser.add_argument("--batch-size", type=int, default=1,
+    parser.add_argument("--batch-size", type=number(int, minimum=1), default=1,
                         help="--input-file mode: prompts generated together, left-padded (default 1; greedy "
                         "output is the same at any batch size)")
     parser.add_argument("--device", default="auto", help="auto (a GPU if there is one, else the CPU), cpu, cuda, cuda:1, ...")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                        help="weights and activations dtype (default float32)")
+                        type=lambda name: DTYPE_ALIASES.get(name, name),
+                        help="weights and activations dtype: float32 (fp32, default), bfloat16 (bf16), float16 (fp16)")
+    parser.add_argument("--static-cache", action="store_true",
+                        help="decode with tokenformer.decode.Decoder: weights in the decode layout, a static KV cache")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the one-token step (implies --static-cache; the first call compiles)")
+    parser.add_argument("--int8", action="store_true",
+                        help="int8 key/value parameter tokens and head (implies --static-cache; on CPU pair it "
+                        "with --dtype bf16, the dtype the int8 kernel is fast for)")
 
 
 def main(args: argparse.Namespace) -> None:
     """Generate text from a checkpoint: `--prompt` streams one continuation to the terminal;
-    `--input-file`/`--output-file` continue every line of a file (the official generation mode)."""
+    `--input-file`/`--output-file` continue every line of a file (the official generation mode).
+    With a captioner checkpoint (`tokenformer train-captioner`), `--image PATH` (repeatable) prints
+    one caption per image."""
+    if args.image is not None or model_type_of(args.checkpoint) == Captioner.model_type:
+        return caption_main(args)
     if (args.prompt is None) == (args.input_file is None):
         raise TokenFormerError("give exactly one of --prompt or --input-file")
     if args.input_file is not None and args.output_file is None:
         raise TokenFormerError("--input-file needs --output-file to write the continuations to")
     model = TokenFormer.from_pretrained(args.checkpoint, device=resolve_device(args.device),
                                         dtype=getattr(torch, args.dtype))
+    if args.static_cache or args.compile or args.int8:
+        if args.input_file is not None and args.batch_size > 1:
+            raise TokenFormerError("--static-cache, --compile and --int8 decode one prompt at a time: "
+                                   "use --batch-size 1 with them, or drop them")
+        model = Decoder(model, int8=args.int8, compile=args.compile)
     tokenizer = load_tokenizer(args.tokenizer or Path(args.checkpoint))
     check_vocab_fits(tokenizer.vocab_size, model.config.padded_vocab_size,
                      fix="give the checkpoint's own tokenizer (--tokenizer)")
@@ -61,11 +88,8 @@ def main(args: argparse.Namespace) -> None:
                       on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()), **sampling)
         sys.stdout.write("\n")
         return
-    if not args.input_file.is_file():
-        raise FileNotFoundError(f"input file {args.input_file} does not exist")
-    if args.batch_size < 1:
-        raise TokenFormerError(f"--batch-size must be a positive integer, got {args.batch_size}")
-    prompts = [line.rstrip("\n") for line in args.input_file.read_text().splitlines() if line.strip()]
+    text = read_text(args.input_file, "input file", "give a UTF-8 text file of one prompt per line")
+    prompts = [line.rstrip("\n") for line in text.splitlines() if line.strip()]
     lines = []
     bar = progress_bar(len(prompts), desc="generating", unit="prompt")
     for start in range(0, len(prompts), args.batch_size):

@@ -187,8 +187,9 @@ class VisionTokenFormer(PretrainedModel):
         x = x.permute(0, 2, 4, 3, 5, 1)          # (B, gy, gx, py, px, C)
         return x.reshape(B, g * g, p * p * C)    # (B, N, patch_dim)
 
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        """The final-normed class token (B, h)."""
+    def tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """Every final-normed output token, the class token first (B, 1 + N, h): the image prefix
+        of a captioner (`tokenformer.models.captioner`)."""
         patches = self.patchify(images)                                  # (B, N, patch_dim)
         if self.config.patch_bias:
             patches = F.pad(patches, (0, 1), value=1.0)                  # (B, N, patch_dim + 1)
@@ -197,7 +198,12 @@ class VisionTokenFormer(PretrainedModel):
         x = torch.cat([cls, x], dim=1) + self.position_embeddings       # (B, 1+N, h)
         for block in self.layers:
             x = block(x, None, None)
-        return self.final_norm(x[:, 0])                                  # (B, h)
+        return self.final_norm(x)                                        # (B, 1+N, h)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """The final-normed class token (B, h). LayerNorm acts on each token alone, so this is the
+        class token of `tokens`."""
+        return self.tokens(images)[:, 0]                                 # (B, h)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(images))  # (B, num_classes)

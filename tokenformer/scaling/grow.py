@@ -95,14 +95,25 @@ def pattention_groups(model: nn.Module) -> dict[str, dict[str, Pattention]]:
 
 
 def slot_counts(config) -> dict[str, int]:
-    """The three slot counts of a config, e.g. `{"qkv_slot_num": 768, ...}`."""
-    needed = SLOT_FIELDS + tuple(map(scale_field, SLOT_FIELDS)) + ("growth_history",)
+    """The slot counts of a config, e.g. `{"qkv_slot_num": 768, ...}`: the three of `SLOT_FIELDS`, or
+    those a config of several parts lists in its `slot_fields` (a captioner's image tower and
+    language model grow separately)."""
+    fields = tuple(getattr(config, "slot_fields", SLOT_FIELDS))
+    needed = fields + tuple(map(scale_field, fields)) + ("growth_history",)
     missing = [f for f in needed if not hasattr(config, f)]
     if missing:
         raise TokenFormerError(
             f"{type(config).__name__} has no {missing[0]} field: only models whose config has "
             f"qkv/proj/ffn slot and scale counts and a growth_history can be grown or shrunk")
-    return {f: getattr(config, f) for f in SLOT_FIELDS}
+    return {f: getattr(config, f) for f in fields}
+
+
+def replace_config(config, changes: Mapping[str, Any]):
+    """`config` with `changes`: through its own `replace` when it has one (a config of nested
+    parts routes each count to its part), else as a dataclass copy."""
+    if hasattr(config, "replace"):
+        return config.replace(**changes)
+    return dataclasses.replace(config, **changes)
 
 
 def old_slot_counts(config) -> dict[str, int]:
@@ -121,6 +132,9 @@ def target_counts(config, requested: Mapping[str, int | None], factor: float | N
     """The current slot counts and those to `verb` ("grow" or "shrink") to: the requested ones
     (None keeps a count) or the current ones times `factor`, checked to go in `verb`'s direction."""
     current = slot_counts(config)
+    unknown = [f for f, n in requested.items() if n is not None and f not in current]
+    if unknown:
+        raise TokenFormerError(f"{type(config).__name__} has no {unknown[0]}: give one of {', '.join(current)}")
     if factor is not None:
         if any(v is not None for v in requested.values()):
             raise TokenFormerError(f"give either factor or slot counts to {verb}, not both")
@@ -131,11 +145,11 @@ def target_counts(config, requested: Mapping[str, int | None], factor: float | N
         if all(v is None for v in requested.values()):
             raise TokenFormerError(f"nothing to {verb}: give a factor or at least one of "
                                    f"qkv_slot_num, proj_slot_num, ffn_slot_num")
-        target = {f: current[f] if requested[f] is None else requested[f] for f in SLOT_FIELDS}
+        target = {f: current[f] if requested.get(f) is None else requested[f] for f in current}
         for f, n in target.items():
             if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
                 raise TokenFormerError(f"{f} must be a positive integer, got {n!r}")
-    for f in SLOT_FIELDS:
+    for f in current:
         if verb == "grow" and target[f] < current[f]:
             raise TokenFormerError(f"cannot grow {f} from {current[f]} to the smaller {target[f]}: "
                                    f"use shrink to remove tokens")
@@ -207,25 +221,34 @@ def grow_pattention(layer: Pattention, num_tokens: int, mode: str = "exact", *,
 def grow(model: nn.Module, *, qkv_slot_num: int | None = None, proj_slot_num: int | None = None,
          ffn_slot_num: int | None = None, factor: float | None = None, mode: str = "exact",
          value_std: float | None = None, seed: int | None = None,
-         generator: torch.Generator | None = None) -> nn.Module:
+         generator: torch.Generator | None = None, **other_slot_nums: int | None) -> nn.Module:
     """A new model with more parameter tokens; `model` is left untouched.
 
-    Give the new slot counts (`None` keeps one) or `factor` (multiplies all three). `mode` is
+    Give the new slot counts (`None` keeps one; `other_slot_nums` for a config with more than the
+    three, e.g. a captioner's `vision_ffn_slot_num`) or `factor` (multiplies them all). `mode` is
     `exact` (same function; l2_norm_gelu and gelu_l2_norm only) or `official` (random new rows,
     scale follows n). The config records the growth in `growth_history`.
     """
     if mode not in MODES:
         raise TokenFormerError(f"unknown growth mode {mode!r}: use one of {', '.join(MODES)}")
+    if generator is None and seed is not None:
+        generator = torch.Generator().manual_seed(seed)
+    if hasattr(model, "towers"):
+        # A model of several towers (CLIP): each grows by the slot counts of its own config, one
+        # generator for all, and the model states the towers' new configs.
+        return model.with_towers({name: grow(tower, qkv_slot_num=qkv_slot_num, proj_slot_num=proj_slot_num,
+                                             ffn_slot_num=ffn_slot_num, factor=factor, mode=mode,
+                                             value_std=value_std, seed=seed, generator=generator,
+                                             **other_slot_nums)
+                                  for name, tower in model.towers().items()})
     config = model.config
     old, new = target_counts(config, dict(qkv_slot_num=qkv_slot_num, proj_slot_num=proj_slot_num,
-                                          ffn_slot_num=ffn_slot_num), factor, "grow")
+                                          ffn_slot_num=ffn_slot_num, **other_slot_nums), factor, "grow")
     norm = getattr(config, "norm_activation_type", None)
     if mode == "exact" and norm not in EXACT_NORMALISATIONS and new != old:
         raise TokenFormerError(
             f"exact growth cannot preserve a {norm!r} model (with softmax a new token always takes "
             f"weight from the old ones): use mode='official'")
-    if generator is None and seed is not None:
-        generator = torch.Generator().manual_seed(seed)
 
     grown = copy.deepcopy(model)
     if new == old:
@@ -240,7 +263,7 @@ def grow(model: nn.Module, *, qkv_slot_num: int | None = None, proj_slot_num: in
         changes[scale_field(f)] = (getattr(config, scale_field(f)) or old[f]) if mode == "exact" else None
     changes["growth_history"] = list(config.growth_history) + [
         history_entry(mode, old, new, value_std=value_std, seed=seed)]
-    grown.config = dataclasses.replace(config, **changes)
+    grown.config = replace_config(config, changes)
     return grown
 
 

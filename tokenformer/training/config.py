@@ -45,7 +45,7 @@ class TrainConfig(RunConfig):
                              default=False)
     tune_tokens: int = option("token tuning: freeze init_from's model, append this many parameter tokens to "
                              "every Pattention (exact: the run starts at its logits) and train only those; "
-                             "every checkpoint holds them as adapter.safetensors (0 = off)", default=0)
+                             "every checkpoint holds them as adapter.safetensors (0 = off)", minimum=0, default=0)
     # data
     data_path: str | None = option("directory written by `tokenformer prepare` (train/valid indexed files "
                                   "and tokenizer.json)", default=None)
@@ -56,25 +56,25 @@ class TrainConfig(RunConfig):
     tokenizer: str | None = option("tokenizer saved with the checkpoints ('byte' or a tokenizer.json); "
                                   "default: the one in data_path", default=None)
     seq_length: int | None = option("tokens per training window (default: the model's seq_length)",
-                                   default=None)
+                                   minimum=1, default=None)
     # batch
-    train_micro_batch_size_per_gpu: int = option("windows per forward/backward on each process", default=4)
-    gradient_accumulation_steps: int = option("micro-batches accumulated per optimizer step", default=1)
-    train_iters: int = option("optimizer steps", default=1000)
+    train_micro_batch_size_per_gpu: int = option("windows per forward/backward on each process", minimum=1, default=4)
+    gradient_accumulation_steps: int = option("micro-batches accumulated per optimizer step", minimum=1, default=1)
+    train_iters: int = option("optimizer steps", minimum=1, default=1000)
     # optimizer and schedule (the official recipe)
-    lr: float = option("peak learning rate", default=6e-4)
-    min_lr: float = option("learning rate at the end of the decay", default=6e-5)
+    lr: float = option("peak learning rate", minimum=0, default=6e-4)
+    min_lr: float = option("learning rate at the end of the decay", minimum=0, default=6e-5)
     warmup: float = option("linear warmup as a fraction of lr_decay_iters (used when warmup_iters is unset)",
-                          default=0.01)
-    warmup_iters: int | None = option("linear warmup steps (overrides warmup)", default=None)
+                          minimum=0, maximum=1, default=0.01)
+    warmup_iters: int | None = option("linear warmup steps (overrides warmup)", minimum=0, default=None)
     lr_decay_style: str = option("cosine, linear or constant", default="cosine")
     lr_decay_iters: int | None = option("steps over which the lr decays to min_lr (default train_iters)",
-                                       default=None)
-    weight_decay: float = option("AdamW weight decay on Pattention tokens and the embedding", default=0.1)
-    adam_beta1: float = option("AdamW beta1", default=0.9)
-    adam_beta2: float = option("AdamW beta2", default=0.95)
-    adam_eps: float = option("AdamW epsilon", default=1e-8)
-    clip_grad: float = option("clip the global gradient norm to this (0 = no clipping)", default=1.0)
+                                       minimum=1, default=None)
+    weight_decay: float = option("AdamW weight decay on Pattention tokens and the embedding", minimum=0, default=0.1)
+    adam_beta1: float = option("AdamW beta1", minimum=0, below=1, default=0.9)
+    adam_beta2: float = option("AdamW beta2", minimum=0, below=1, default=0.95)
+    adam_eps: float = option("AdamW epsilon", above=0, default=1e-8)
+    clip_grad: float = option("clip the global gradient norm to this (0 = no clipping)", minimum=0, default=1.0)
     # numerics
     precision: str = option("fp32, bf16 (autocast, CPU or GPU) or fp16 (autocast + loss scaling, GPU only)",
                            default="fp32")
@@ -84,14 +84,14 @@ class TrainConfig(RunConfig):
                           default=False)
     seed: int = option("seed of the initialisation and of the data order", default=1234)
     # evaluation, checkpoints, logging
-    eval_interval: int = option("validate every this many steps (and at the start and the end)", default=100)
-    eval_iters: int = option("validation micro-batches (fixed windows, the same every time)", default=10)
+    eval_interval: int = option("validate every this many steps (and at the start and the end)", minimum=1, default=100)
+    eval_iters: int = option("validation micro-batches (fixed windows, the same every time)", minimum=0, default=10)
     save: str | None = option("output directory: checkpoints, metrics.jsonl, loss_curve.png", default=None)
-    save_interval: int = option("write a checkpoint every this many steps (and at the end)", default=100)
-    keep_last_n: int = option("checkpoints kept (older ones are deleted)", default=3)
+    save_interval: int = option("write a checkpoint every this many steps (and at the end)", minimum=1, default=100)
+    keep_last_n: int = option("checkpoints kept (older ones are deleted)", minimum=1, default=3)
     resume: bool = option("continue from the latest checkpoint in `save` (start fresh if there is none)",
                          default=False)
-    log_interval: int = option("write a metrics line every this many steps", default=10)
+    log_interval: int = option("write a metrics line every this many steps", minimum=1, default=10)
     tensorboard_dir: str | None = option("also log to TensorBoard here (extra: tensorboard)", default=None)
     wandb_project: str | None = option("also log to this Weights & Biases project (extra: wandb)",
                                       default=None)
@@ -100,7 +100,8 @@ class TrainConfig(RunConfig):
     # hardware
     device: str = option("auto, cpu, cuda, cuda:1, ...", default="auto")
     parallelism: str = option("under torchrun: ddp (replicated) or fsdp2 (sharded)", default="ddp")
-    num_threads: int | None = option("CPU threads per process (default: torch's choice)", default=None)
+    num_threads: int | None = option("CPU threads per process (default: torch's choice)", minimum=1,
+                                    default=None)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -108,22 +109,7 @@ class TrainConfig(RunConfig):
     # ---- checks and derived values ----------------------------------------------------------
 
     def validate(self) -> None:
-        for name in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_iters",
-                     "eval_interval", "save_interval", "keep_last_n", "log_interval"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise TokenFormerError(f"train config field {name} must be a positive integer, got {value!r}")
-        for name in ("seq_length", "lr_decay_iters", "num_threads"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value <= 0):
-                raise TokenFormerError(f"train config field {name} must be a positive integer, got {value!r}")
-        if not isinstance(self.tune_tokens, int) or isinstance(self.tune_tokens, bool) or self.tune_tokens < 0:
-            raise TokenFormerError(f"train config field tune_tokens must be a non-negative integer, got "
-                                   f"{self.tune_tokens!r}")
-        if self.eval_iters < 0 or (self.warmup_iters is not None and self.warmup_iters < 0):
-            raise TokenFormerError("eval_iters and warmup_iters cannot be negative")
-        if not 0.0 <= self.warmup <= 1.0:
-            raise TokenFormerError(f"warmup is a fraction of the decay steps in [0, 1], got {self.warmup}")
+        self.check_bounds()  # the ranges declared with the fields
         if self.precision not in PRECISIONS:
             raise TokenFormerError(f"unknown precision {self.precision!r}: use one of {', '.join(PRECISIONS)}")
         if self.lr_decay_style not in LR_DECAY_STYLES:
@@ -131,7 +117,7 @@ class TrainConfig(RunConfig):
                 f"unknown lr_decay_style {self.lr_decay_style!r}: use one of {', '.join(LR_DECAY_STYLES)}")
         if self.parallelism not in PARALLELISMS:
             raise TokenFormerError(f"unknown parallelism {self.parallelism!r}: use {' or '.join(PARALLELISMS)}")
-        if self.lr < 0 or self.min_lr < 0 or self.min_lr > self.lr:
+        if self.min_lr > self.lr:
             raise TokenFormerError(f"need 0 <= min_lr <= lr, got min_lr {self.min_lr} and lr {self.lr}")
         if self.resume and not self.save:
             raise TokenFormerError("resume needs `save`: the directory whose latest checkpoint to continue")
@@ -163,36 +149,39 @@ class VisionTrainConfig(RunConfig):
     augment: str = option("training augmentation: none, flip (horizontal), crop (random crop with "
                          "padding), crop-flip (both), inception (random resized crop + flip, for ImageNet)",
                          default="crop-flip")
-    crop_padding: int = option("padding of the random crop (pixels)", default=2)
-    label_smoothing: float = option("label smoothing of the cross-entropy", default=0.0)
-    max_train_samples: int | None = option("use only the first N training images (quick runs)", default=None)
+    crop_padding: int = option("padding of the random crop (pixels)", minimum=0, default=2)
+    label_smoothing: float = option("label smoothing of the cross-entropy", minimum=0, below=1, default=0.0)
+    max_train_samples: int | None = option("use only the first N training images (quick runs)", minimum=1, default=None)
     # schedule
-    epochs: int = option("passes over the training images", default=10)
-    batch_size: int = option("images per optimizer step (under torchrun: over all ranks together)", default=128)
-    eval_batch_size: int = option("images per forward pass in evaluation", default=1000)
-    lr: float = option("peak learning rate", default=1e-3)
-    min_lr: float = option("learning rate at the end of the decay", default=1e-5)
-    warmup_epochs: float = option("linear warmup length in epochs", default=1.0)
+    epochs: int = option("passes over the training images", minimum=1, default=10)
+    batch_size: int = option("images per optimizer step (under torchrun: over all ranks together)", minimum=1,
+                             default=128)
+    eval_batch_size: int = option("images per forward pass in evaluation", minimum=1, default=1000)
+    lr: float = option("peak learning rate", minimum=0, default=1e-3)
+    min_lr: float = option("learning rate at the end of the decay", minimum=0, default=1e-5)
+    warmup_epochs: float = option("linear warmup length in epochs", minimum=0, default=1.0)
     lr_decay_style: str = option("cosine, linear or constant", default="cosine")
-    weight_decay: float = option("AdamW weight decay on matrices (Pattention tokens, embeddings)", default=0.05)
-    adam_beta1: float = option("AdamW beta1", default=0.9)
-    adam_beta2: float = option("AdamW beta2", default=0.999)
-    adam_eps: float = option("AdamW epsilon", default=1e-8)
-    clip_grad: float = option("clip the global gradient norm to this (0 = no clipping)", default=1.0)
+    weight_decay: float = option("AdamW weight decay on matrices (Pattention tokens, embeddings)", minimum=0,
+                                 default=0.05)
+    adam_beta1: float = option("AdamW beta1", minimum=0, below=1, default=0.9)
+    adam_beta2: float = option("AdamW beta2", minimum=0, below=1, default=0.999)
+    adam_eps: float = option("AdamW epsilon", above=0, default=1e-8)
+    clip_grad: float = option("clip the global gradient norm to this (0 = no clipping)", minimum=0, default=1.0)
     ema: float = option("decay of an exponential moving average of the weights, evaluated instead of the "
-                       "raw ones (0 = off; e.g. 0.999)", default=0.0)
+                       "raw ones (0 = off; e.g. 0.999)", minimum=0, below=1, default=0.0)
     tta_flip: bool = option("evaluate on each image and its mirror image, averaging the logits", default=False)
     seed: int = option("seed of the initialisation, data order and augmentation", default=0)
     # evaluation, checkpoints, logging
-    eval_interval: int = option("measure test accuracy every this many epochs (and after the last)", default=1)
+    eval_interval: int = option("measure test accuracy every this many epochs (and after the last)", minimum=1,
+                                default=1)
     save: str | None = option("output directory: checkpoints, metrics.jsonl, accuracy.png, model/", default=None)
-    save_interval: int = option("write a checkpoint every this many epochs (and after the last)", default=1)
-    keep_last_n: int = option("checkpoints kept (older ones are deleted)", default=2)
+    save_interval: int = option("write a checkpoint every this many epochs (and after the last)", minimum=1, default=1)
+    keep_last_n: int = option("checkpoints kept (older ones are deleted)", minimum=1, default=2)
     resume: bool = option("continue from the latest checkpoint in `save`", default=False)
-    log_interval: int = option("write a train-loss metrics line every this many steps", default=50)
+    log_interval: int = option("write a train-loss metrics line every this many steps", minimum=1, default=50)
     plot: bool = option("write accuracy.png (extra: plot)", default=True)
     progress: bool = option("show a progress bar", default=True)
-    num_threads: int | None = option("CPU threads (default: torch's choice)", default=None)
+    num_threads: int | None = option("CPU threads (default: torch's choice)", minimum=1, default=None)
     device: str = option("auto, cpu, cuda, ... (under torchrun: one rank per GPU or CPU process, data-parallel "
                         "with DDP; FSDP2 is not supported here)", default="auto")
 
@@ -202,36 +191,205 @@ class VisionTrainConfig(RunConfig):
         self.validate()
 
     def validate(self) -> None:
-        for name in ("epochs", "batch_size", "eval_batch_size", "eval_interval", "save_interval",
-                     "keep_last_n", "log_interval"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise TokenFormerError(f"train-vision config field {name} must be a positive integer, got {value!r}")
+        self.check_bounds()  # the ranges declared with the fields
         if self.augment not in AUGMENTATIONS:
             raise TokenFormerError(f"unknown augment {self.augment!r}: use one of {', '.join(AUGMENTATIONS)}")
         if self.lr_decay_style not in LR_DECAY_STYLES:
             raise TokenFormerError(
                 f"unknown lr_decay_style {self.lr_decay_style!r}: use one of {', '.join(LR_DECAY_STYLES)}")
-        if not 0.0 <= self.label_smoothing < 1.0 or not 0.0 <= self.ema < 1.0:
-            raise TokenFormerError("label_smoothing and ema must be in [0, 1)")
         if len(self.mean) != len(self.std):
             raise TokenFormerError(f"mean {self.mean} and std {self.std} need one value per channel each")
         if self.resume and not self.save:
             raise TokenFormerError("resume needs `save`: the directory whose latest checkpoint to continue")
 
     def loop_config(self, steps_per_epoch: int, world_size: int) -> TrainConfig:
-        """The same run in the terms of the one training loop: steps instead of epochs, the global
-        batch as one micro-batch per rank."""
-        if self.batch_size % world_size:
-            raise TokenFormerError(f"batch_size {self.batch_size} (the global batch) does not split evenly over "
-                                   f"{world_size} ranks: use a multiple of {world_size}")
-        return TrainConfig(
-            model=self.model, train_micro_batch_size_per_gpu=self.batch_size // world_size,
-            train_iters=self.epochs * steps_per_epoch, lr=self.lr, min_lr=self.min_lr,
-            warmup_iters=int(round(self.warmup_epochs * steps_per_epoch)), lr_decay_style=self.lr_decay_style,
-            weight_decay=self.weight_decay, adam_beta1=self.adam_beta1, adam_beta2=self.adam_beta2,
-            adam_eps=self.adam_eps, clip_grad=self.clip_grad, seed=self.seed,
-            eval_interval=self.eval_interval * steps_per_epoch, save=self.save,
-            save_interval=self.save_interval * steps_per_epoch, keep_last_n=self.keep_last_n,
-            resume=self.resume, log_interval=self.log_interval, plot=self.plot, progress=self.progress,
-            device=self.device, parallelism="ddp", num_threads=self.num_threads)
+        """The same run in the terms of the one training loop (`epoch_loop_config`)."""
+        return epoch_loop_config(self, steps_per_epoch, world_size)
+
+
+def epoch_loop_config(cfg: Any, steps_per_epoch: int, world_size: int, **extra: Any) -> TrainConfig:
+    """An epoch-based run config (`VisionTrainConfig`, `CaptionTrainConfig`) in the terms of the one
+    training loop: steps instead of epochs, the global batch as one micro-batch per rank; the
+    optimizer, logging and hardware fields carry over by name, `extra` adds `TrainConfig` fields."""
+    if cfg.batch_size % world_size:
+        raise TokenFormerError(f"batch_size {cfg.batch_size} (the global batch) does not split evenly over "
+                               f"{world_size} ranks: use a multiple of {world_size}")
+    return TrainConfig(
+        model=cfg.model, train_micro_batch_size_per_gpu=cfg.batch_size // world_size,
+        train_iters=cfg.epochs * steps_per_epoch, lr=cfg.lr, min_lr=cfg.min_lr,
+        warmup_iters=int(round(cfg.warmup_epochs * steps_per_epoch)), lr_decay_style=cfg.lr_decay_style,
+        weight_decay=cfg.weight_decay, adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2,
+        adam_eps=cfg.adam_eps, clip_grad=cfg.clip_grad, seed=cfg.seed,
+        eval_interval=cfg.eval_interval * steps_per_epoch, save=cfg.save,
+        save_interval=cfg.save_interval * steps_per_epoch, keep_last_n=cfg.keep_last_n,
+        resume=cfg.resume, log_interval=cfg.log_interval, plot=cfg.plot, progress=cfg.progress,
+        device=cfg.device, parallelism="ddp", num_threads=cfg.num_threads, **extra)
+
+
+
+@dataclass
+class CaptionTrainConfig(RunConfig):
+    """Everything an image-captioning run needs (`tokenformer train-captioner`; in epochs, as
+    train-vision)."""
+
+    command = "train-captioner"
+
+    model: Any = option("captioner preset name (tiny, B/16-150M) or a mapping of CaptionerConfig fields (`name: "
+                       "PRESET`, then `vision:` / `text:` mappings override single fields of its parts)",
+                       default="tiny")
+    init_from: str | None = option("start from this captioner checkpoint directory's weights (e.g. a grown one)",
+                                  default=None)
+    vision_from: str | None = option("with lm_from: start from a trained image tower (a train-vision model "
+                                    "directory) and a trained language model, with a fresh projector", default=None)
+    lm_from: str | None = option("with vision_from: the trained language model's directory (its tokenizer "
+                                "is used unless `tokenizer` names another)", default=None)
+    data: str | None = option("training image-text samples (a folder of .tar shards, e.g. `tokenformer make-scenes` "
+                              "OUT/train)", default=None)
+    val_data: str | None = option("validation image-text samples (e.g. OUT/val); scene attributes in them add "
+                                  "attribute accuracy", default=None)
+    tokenizer: str | None = option("bpe (a byte-level BPE trained on the training captions), byte, or a "
+                                  "tokenizer.json path; default: lm_from's or init_from's tokenizer, else bpe; "
+                                  "saved with every checkpoint", default=None)
+    bpe_vocab_size: int = option("vocabulary of the BPE trained on the captions (tokenizer bpe)", default=320)
+    max_train_samples: int | None = option("use only the first N training samples (quick runs)", default=None)
+    # schedule
+    epochs: int = option("passes over the training samples", default=10)
+    batch_size: int = option("samples per optimizer step (under torchrun: over all ranks together)", default=64)
+    eval_batch_size: int = option("samples per forward pass in evaluation", default=250)
+    lr: float = option("peak learning rate", default=2e-3)
+    min_lr: float = option("learning rate at the end of the decay", default=1e-5)
+    warmup_epochs: float = option("linear warmup length in epochs", default=0.5)
+    lr_decay_style: str = option("cosine, linear or constant", default="cosine")
+    weight_decay: float = option("AdamW weight decay on matrices (Pattention tokens, embeddings)", default=0.05)
+    adam_beta1: float = option("AdamW beta1", default=0.9)
+    adam_beta2: float = option("AdamW beta2", default=0.98)
+    adam_eps: float = option("AdamW epsilon", default=1e-8)
+    clip_grad: float = option("clip the global gradient norm to this (0 = no clipping)", default=1.0)
+    seed: int = option("seed of the initialisation and the data order", default=0)
+    # evaluation, checkpoints, logging
+    caption_samples: int = option("validation samples captioned greedily at every evaluation (the first N; "
+                                  "0 = none)", default=200)
+    max_new_tokens: int = option("longest generated caption, in tokens", default=40)
+    eval_interval: int = option("validate every this many epochs (and after the last)", default=1)
+    save: str | None = option("output directory: checkpoints, metrics.jsonl, loss_curve.png, captions.jsonl, "
+                              "model/", default=None)
+    save_interval: int = option("write a checkpoint every this many epochs (and after the last)", default=1)
+    keep_last_n: int = option("checkpoints kept (older ones are deleted)", default=2)
+    resume: bool = option("continue from the latest checkpoint in `save`", default=False)
+    log_interval: int = option("write a train-loss metrics line every this many steps", default=50)
+    plot: bool = option("write loss_curve.png (extra: plot)", default=True)
+    progress: bool = option("show a progress bar", default=True)
+    num_threads: int | None = option("CPU threads (default: torch's choice)", default=None)
+    device: str = option("auto, cpu, cuda, ... (under torchrun: data-parallel with DDP)", default="auto")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        for name in ("epochs", "batch_size", "eval_batch_size", "eval_interval", "save_interval", "keep_last_n",
+                     "log_interval", "max_new_tokens", "bpe_vocab_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise TokenFormerError(f"train-captioner config field {name} must be a positive integer, "
+                                       f"got {value!r}")
+        if not isinstance(self.caption_samples, int) or self.caption_samples < 0:
+            raise TokenFormerError(f"caption_samples must be a non-negative integer, got {self.caption_samples!r}")
+        if self.lr_decay_style not in LR_DECAY_STYLES:
+            raise TokenFormerError(
+                f"unknown lr_decay_style {self.lr_decay_style!r}: use one of {', '.join(LR_DECAY_STYLES)}")
+        if (self.vision_from is None) != (self.lm_from is None):
+            raise TokenFormerError("vision_from and lm_from go together: give both (or neither)")
+        if self.init_from and self.vision_from:
+            raise TokenFormerError("give either init_from or vision_from/lm_from, not both")
+        if self.resume and not self.save:
+            raise TokenFormerError("resume needs `save`: the directory whose latest checkpoint to continue")
+
+    def loop_config(self, steps_per_epoch: int, world_size: int) -> TrainConfig:
+        """The same run in the terms of the one training loop (`epoch_loop_config`)."""
+        return epoch_loop_config(self, steps_per_epoch, world_size, init_from=self.init_from)
+
+
+@dataclass
+class ClipTrainConfig(RunConfig):
+    """Everything a contrastive image-text run needs (`tokenformer train-clip`; in epochs, as
+    train-vision; the optimizer defaults are open_clip's)."""
+
+    command = "train-clip"
+
+    model: Any = option("CLIP preset name (tiny, tiny-28, small, B/16) or a mapping of CLIPConfig fields (`name: "
+                       "PRESET`, then `vision:` / `text:` mappings override single fields of its towers); the "
+                       "text vocabulary follows the tokenizer", default="tiny")
+    init_from: str | None = option("start from this CLIP checkpoint directory's weights (e.g. a grown one)",
+                                  default=None)
+    data: str | None = option("training pairs: image-text samples (.tar shards, a folder of them, a brace pattern, "
+                              "or a folder with captions.csv/jsonl; e.g. `tokenformer make-scenes` OUT/train) or a "
+                              "Fashion-MNIST IDX folder, captioned from prompt templates", default=None)
+    val_data: str | None = option("validation image-text samples (e.g. OUT/val) for the loss and retrieval "
+                                  "recall@1/5/10; a Fashion-MNIST `data` validates on its test images", default=None)
+    classes: list[int] | None = option("Fashion-MNIST only: train on these labels only (zero-shot on the others "
+                                       "is reported apart)", default=None)
+    tokenizer: str = option("bpe (a byte-level BPE trained on the training captions), byte, or a tokenizer.json "
+                           "path; saved with every checkpoint", default="bpe")
+    bpe_vocab_size: int = option("vocabulary of the BPE trained on the captions (tokenizer bpe)", default=512)
+    max_train_samples: int | None = option("use only the first N training samples (quick runs)", default=None)
+    max_val_samples: int | None = option("validate on the first N validation samples only", default=None)
+    mean: list[float] = option("per-channel mean subtracted after scaling pixels to [0, 1]",
+                              default_factory=lambda: [0.5])
+    std: list[float] = option("per-channel std divided by", default_factory=lambda: [0.5])
+    augment: str = option("training augmentation: none, flip, crop, crop-flip, inception (see train-vision)",
+                         default="none")
+    crop_padding: int = option("padding of the random crop (pixels)", default=2)
+    # schedule
+    epochs: int = option("passes over the training pairs", default=10)
+    batch_size: int = option("pairs per optimizer step, the contrastive batch (under torchrun: over all ranks "
+                             "together, gathered for the loss)", default=64)
+    eval_batch_size: int = option("pairs per forward pass in evaluation", default=250)
+    lr: float = option("peak learning rate", default=1e-3)
+    min_lr: float = option("learning rate at the end of the decay", default=1e-5)
+    warmup_epochs: float = option("linear warmup length in epochs", default=0.5)
+    lr_decay_style: str = option("cosine, linear or constant", default="cosine")
+    weight_decay: float = option("AdamW weight decay on matrices (Pattention tokens, embeddings)", default=0.2)
+    adam_beta1: float = option("AdamW beta1", default=0.9)
+    adam_beta2: float = option("AdamW beta2", default=0.98)
+    adam_eps: float = option("AdamW epsilon", default=1e-6)
+    clip_grad: float = option("clip the global gradient norm to this (0 = no clipping)", default=1.0)
+    seed: int = option("seed of the initialisation, data order, captions and augmentation", default=0)
+    # evaluation, checkpoints, logging
+    eval_interval: int = option("validate every this many epochs (and after the last)", default=1)
+    save: str | None = option("output directory: checkpoints, metrics.jsonl, loss_curve.png, model/", default=None)
+    save_interval: int = option("write a checkpoint every this many epochs (and after the last)", default=1)
+    keep_last_n: int = option("checkpoints kept (older ones are deleted)", default=2)
+    resume: bool = option("continue from the latest checkpoint in `save`", default=False)
+    log_interval: int = option("write a train-loss metrics line every this many steps", default=50)
+    plot: bool = option("write loss_curve.png (extra: plot)", default=True)
+    progress: bool = option("show a progress bar", default=True)
+    num_threads: int | None = option("CPU threads (default: torch's choice)", default=None)
+    device: str = option("auto, cpu, cuda, ... (under torchrun: data-parallel with DDP)", default="auto")
+
+    def __post_init__(self) -> None:
+        if self.augment is None:  # the shared CLI conversion reads `--augment none` as null
+            self.augment = "none"
+        self.validate()
+
+    def validate(self) -> None:
+        for name in ("epochs", "batch_size", "eval_batch_size", "eval_interval", "save_interval", "keep_last_n",
+                     "log_interval", "bpe_vocab_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise TokenFormerError(f"train-clip config field {name} must be a positive integer, got {value!r}")
+        if self.batch_size < 2:
+            raise TokenFormerError("batch_size must be at least 2: a contrastive batch needs negatives")
+        if self.augment not in AUGMENTATIONS:
+            raise TokenFormerError(f"unknown augment {self.augment!r}: use one of {', '.join(AUGMENTATIONS)}")
+        if self.lr_decay_style not in LR_DECAY_STYLES:
+            raise TokenFormerError(
+                f"unknown lr_decay_style {self.lr_decay_style!r}: use one of {', '.join(LR_DECAY_STYLES)}")
+        if len(self.mean) != len(self.std):
+            raise TokenFormerError(f"mean {self.mean} and std {self.std} need one value per channel each")
+        if self.resume and not self.save:
+            raise TokenFormerError("resume needs `save`: the directory whose latest checkpoint to continue")
+
+    def loop_config(self, steps_per_epoch: int, world_size: int) -> TrainConfig:
+        """The same run in the terms of the one training loop (`epoch_loop_config`): one micro-batch
+        per rank and step, since a contrastive loss cannot be accumulated over micro-batches."""
+        return epoch_loop_config(self, steps_per_epoch, world_size, init_from=self.init_from)

@@ -30,16 +30,18 @@ from tokenformer.evaluation.scoring import to_device
 from tokenformer.files import ADAPTER_FILE, LOSS_PLOT_FILE, METRICS_FILE, TRAIN_CONFIG_FILE, atomic_write_text
 from tokenformer.training import warm_start
 from tokenformer.training.checkpointing import CheckpointManager, capture_rng, restore_rng
-from tokenformer.training.config import TrainConfig, VisionTrainConfig
+from tokenformer.training.config import CaptionTrainConfig, ClipTrainConfig, TrainConfig, VisionTrainConfig
 from tokenformer.training.distributed import (DistEnv, all_reduce_mean, barrier, describe_rank_failure, gradient_sync,
                                               init_distributed, maybe_fail, resume_batch_note, shutdown, unwrap,
                                               wrap_model)
 from tokenformer.training.metrics import MetricsLogger, plot_loss_curve
 from tokenformer.training.optim import build_optimizer, clip_gradients, lr_at
 from tokenformer.training.precision import autocast_context, check_precision, grad_scaler, sharded_param_dtype
-from tokenformer.training.tasks import LanguageModelTask, VisionTask
+from tokenformer.training.tasks import CaptionTask, ClipTask, LanguageModelTask, VisionTask
 
 VISION_CONFIG_FILE = "train_vision_config.json"
+CAPTION_CONFIG_FILE = "train_captioner_config.json"
+CLIP_CONFIG_FILE = "train_clip_config.json"
 
 
 def train(config: TrainConfig, model: nn.Module | None = None, task=None) -> dict[str, Any]:
@@ -58,12 +60,32 @@ def train_vision(cfg: VisionTrainConfig, model: nn.Module | None = None) -> dict
     Under torchrun the model is wrapped in DDP and `batch_size` stays the global batch: rank r of
     N trains on its slice of `batch_size / N` images of every global batch; rank 0 writes the
     checkpoints, metrics, plots and `model/`."""
-    task = VisionTask(cfg)
+    return train_epochs(cfg, VisionTask(cfg), model, VISION_CONFIG_FILE)
 
+
+def train_captioner(cfg: CaptionTrainConfig, model: nn.Module | None = None) -> dict[str, Any]:
+    """Train an image captioner (default: a `Captioner` of `cfg.model`, or `from_parts` of
+    `vision_from` and `lm_from`) on the one loop and return its summary with the per-epoch
+    validation records (caption loss, scene accuracy of greedy captions) and the parameter count.
+    Under torchrun as `train_vision`: DDP, `batch_size` the global batch."""
+    return train_epochs(cfg, CaptionTask(cfg), model, CAPTION_CONFIG_FILE)
+
+
+def train_clip(cfg: ClipTrainConfig, model: nn.Module | None = None) -> dict[str, Any]:
+    """Train a contrastive image-text model (default: a `CLIPTokenFormer` of `cfg.model`; any model
+    with its `forward(images, ids, lengths)` and `logit_scale` trains the same way) on the one loop
+    and return its summary with the per-epoch validation records and the parameter count. Under
+    torchrun as `train_vision`: DDP, `batch_size` the global batch, gathered for the loss."""
+    return train_epochs(cfg, ClipTask(cfg), model, CLIP_CONFIG_FILE)
+
+
+def train_epochs(cfg, task, model: nn.Module | None, config_file: str) -> dict[str, Any]:
+    """Run an epoch-based config (its `loop_config`) with `task` on the one loop; rank 0 writes the
+    config itself as `save/config_file` beside the loop's `train_config.json`."""
     def body(env: DistEnv) -> dict[str, Any]:
         loop_cfg = cfg.loop_config(task.steps_per_epoch, env.world_size)
         if cfg.save and env.is_main:
-            atomic_write_text(Path(cfg.save) / VISION_CONFIG_FILE, json.dumps(cfg.to_dict(), indent=2) + "\n")
+            atomic_write_text(Path(cfg.save) / config_file, json.dumps(cfg.to_dict(), indent=2) + "\n")
         return run(loop_cfg, model, env, task)
 
     return run_distributed(cfg.device, cfg.save, body)

@@ -20,10 +20,13 @@ A task has these members:
 - `finish(model, save, env) -> dict`: outputs written at the end (rank 0 writes files).
 
 One file a task: `language.LanguageModelTask` (`tokenformer train`), `vision.VisionTask`
-(`tokenformer train-vision`).
+(`tokenformer train-vision`), `caption.CaptionTask` (`tokenformer train-captioner`),
+`clip.ClipTask` (`tokenformer train-clip`).
 """
 
+from tokenformer.training.tasks.caption import CaptionTask
+from tokenformer.training.tasks.clip import ClipTask
 from tokenformer.training.tasks.language import LanguageModelTask
 from tokenformer.training.tasks.vision import VisionTask
 
-__all__ = ["LanguageModelTask", "VisionTask"]
+__all__ = ["CaptionTask", "ClipTask", "LanguageModelTask", "VisionTask"]

@@ -1,0 +1,86 @@
+"""`tokenformer train-captioner`: an image captioner on the one training loop from a YAML config and
+`--field value` overrides; and `caption_images`, what `tokenformer generate --image` prints."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import torch
+
+from tokenformer.checkpoint import load_model
+from tokenformer.cli.train import _refuse_mixing_runs
+from tokenformer.data import images
+from tokenformer.data.tokenizer import check_vocab_fits, load_tokenizer
+from tokenformer.errors import TokenFormerError
+from tokenformer.generate import generate_caption
+from tokenformer.models.captioner import Captioner
+from tokenformer.options import add_options
+from tokenformer.training.config import CaptionTrainConfig
+from tokenformer.training.distributed import resolve_device
+from tokenformer.training.loop import train_captioner
+
+
+def arguments(parser: argparse.ArgumentParser) -> None:
+    add_options(parser, CaptionTrainConfig, "configs/captioner-scenes.yaml")
+
+
+def main(args: argparse.Namespace) -> None:
+    """Train an image captioner: a vision TokenFormer's tokens as the prefix of a TokenFormer LM.
+
+    Fields come from the YAML CONFIG, then `--field value` overrides (every field below). Data are
+    image-text samples (`tokenformer make-scenes` writes some); the tokenizer (by default a small
+    BPE trained on the training captions) is saved with every checkpoint. Each evaluation reports
+    the validation caption loss and, for scenes, the accuracy of greedy captions (whole scene and per
+    attribute). `save` gets checkpoints, metrics.jsonl, loss_curve.png, captions.jsonl and model/;
+    `--resume` continues exactly; under `torchrun`, DDP with `batch_size` the global batch. Caption
+    images with `tokenformer generate --checkpoint SAVE/model --image PATH`."""
+    cfg = CaptionTrainConfig.from_args(args)
+    _refuse_mixing_runs(cfg.save, cfg.resume)
+    result = train_captioner(cfg)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    last = result["validation"] or {}
+    line = f"trained {result['epochs']} epochs ({result['step']} steps, {result['wall_time_s']:.0f} s, " \
+           f"{result['num_parameters']:,} parameters)"
+    if "val_loss" in last:
+        line += f": validation caption loss {last['val_loss']:.4f}"
+    if "exact_match" in last:
+        line += f", exact scenes {100 * last['exact_match']:.1f}%"
+    print(line)
+
+
+def caption_images(checkpoint: str | Path, paths: list[Path], max_new_tokens: int, device: torch.device,
+                   dtype: torch.dtype, tokenizer: str | None = None, **sampling) -> list[str]:
+    """One caption per image file, from a captioner checkpoint directory; the images are read as the
+    captioner's channels, resized and centre-cropped to its size, normalised as in training."""
+    model = load_model(checkpoint, device=device, dtype=dtype)
+    if not isinstance(model, Captioner):
+        raise TokenFormerError(f"--image captions images with a captioner checkpoint, and {checkpoint} holds a "
+                               f"{model.model_type!r} model: give a `tokenformer train-captioner` checkpoint")
+    tok = load_tokenizer(tokenizer or Path(checkpoint))
+    check_vocab_fits(tok.vocab_size, model.config.text.padded_vocab_size,
+                     fix="give the checkpoint's own tokenizer (--tokenizer)")
+    config = model.config
+    transform = images.make_transform(False, "none", config.image_mean, config.image_std, config.vision.image_size)
+    for path in paths:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"image {path} does not exist")
+    pixels = torch.cat([transform(images.read_image(p, config.vision.num_channels)[None]) for p in paths])
+    # a caption ends at its end-of-text token: the context left after the image prefix is the most it can use
+    room = config.text.seq_length - config.prefix_length - 1
+    return generate_caption(model, tok, pixels, min(max_new_tokens, room), **sampling)  # pixels (B, C, H, W)
+
+
+def caption_main(args: argparse.Namespace) -> None:
+    """`tokenformer generate` with a captioner checkpoint or `--image`: one caption a line."""
+    if not args.image:
+        raise TokenFormerError(f"{args.checkpoint} is an image captioner: give the images to caption with "
+                               f"--image PATH (instead of --prompt / --input-file)")
+    if args.prompt is not None or args.input_file is not None:
+        raise TokenFormerError("--image captions images and takes no --prompt or --input-file: give one or the other")
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    for caption in caption_images(args.checkpoint, args.image, args.max_new_tokens, resolve_device(args.device),
+                                  getattr(torch, args.dtype), args.tokenizer, **sampling):
+        print(caption)

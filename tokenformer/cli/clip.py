@@ -1,0 +1,107 @@
+"""`tokenformer train-clip` (contrastive image-text training on the one loop) and `tokenformer
+evaluate-clip` (retrieval recall and zero-shot accuracy of a trained checkpoint, as JSON)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tokenformer.checkpoint import load_model
+from tokenformer.cli.train import _is_rank_zero, _refuse_mixing_runs
+from tokenformer.data import images
+from tokenformer.data.image_text import open_image_text, take_image_text
+from tokenformer.data.prompts import FASHION_MNIST_CLASSES, HELD_OUT_TEMPLATES, TRAIN_TEMPLATES
+from tokenformer.data.tokenizer import load_tokenizer
+from tokenformer.errors import TokenFormerError
+from tokenformer.evaluation.retrieval import (encode_dataset, encode_images, retrieval_recall, zero_shot_accuracy,
+                                               zero_shot_classifier)
+from tokenformer.files import TOKENIZER_FILE
+from tokenformer.options import add_options, number
+from tokenformer.training.config import ClipTrainConfig
+from tokenformer.training.distributed import resolve_device
+from tokenformer.training.loop import train_clip
+
+TEMPLATES = {"train": TRAIN_TEMPLATES, "held-out": HELD_OUT_TEMPLATES}
+
+
+def train_arguments(parser: argparse.ArgumentParser) -> None:
+    add_options(parser, ClipTrainConfig, "configs/clip-scenes.yaml")
+
+
+def train_main(args: argparse.Namespace) -> None:
+    """Train a CLIP TokenFormer contrastively on image-caption pairs and report its validation metrics.
+
+    Fields come from the YAML CONFIG, then `--field value` overrides (every field below). `data` is
+    image-text samples (`tokenformer make-scenes` OUT/train, WebDataset .tar shards, a captions.csv
+    folder) or a Fashion-MNIST IDX folder (captioned from prompt templates; zero-shot accuracy with
+    held-out templates). The output directory `save` gets checkpoints, metrics.jsonl, loss_curve.png
+    and model/ (with the tokenizer); `--resume` continues exactly. Under `torchrun`: DDP,
+    `batch_size` the global batch, whose features every rank gathers for the loss."""
+    cfg = ClipTrainConfig.from_args(args)
+    _refuse_mixing_runs(cfg.save, cfg.resume)
+    result = train_clip(cfg)
+    if not _is_rank_zero():
+        return
+    last = result["validation"] or {}
+    shown = {k: round(v, 4) for k, v in last.items() if k.startswith(("val_loss", "zero_shot", "image_to", "text_to"))}
+    print(f"trained {result['epochs']} epochs ({result['step']} steps, {result['wall_time_s']:.0f} s, "
+          f"{result['num_parameters']:,} parameters): {json.dumps(shown)}")
+
+
+def evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, type=Path,
+                        help="a CLIP model directory (e.g. SAVE/model from train-clip, with its tokenizer.json)")
+    parser.add_argument("--data", required=True,
+                        help="image-text samples (.tar shards, a folder of them, a captions.csv folder) for "
+                             "recall@1/5/10; with --zero-shot fashion-mnist, a Fashion-MNIST IDX folder")
+    parser.add_argument("--zero-shot", choices=["fashion-mnist"], default=None,
+                        help="classify the test images of --data among the Fashion-MNIST classes instead")
+    parser.add_argument("--templates", choices=sorted(TEMPLATES), default="held-out",
+                        help="prompt templates of the zero-shot classes (default: held-out, unseen in training)")
+    parser.add_argument("--mean", type=float, nargs="+", default=[0.5], help="the training run's mean (default 0.5)")
+    parser.add_argument("--std", type=number(float, above=0), nargs="+", default=[0.5],
+                        help="the training run's std (default 0.5)")
+    parser.add_argument("--batch-size", type=number(int, minimum=1), default=250, help="pairs per forward pass (default 250)")
+    parser.add_argument("--max-samples", type=number(int, minimum=1), default=None, help="evaluate the first N samples only")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+
+
+def evaluate_main(args: argparse.Namespace) -> None:
+    """Evaluate a CLIP checkpoint and print its metrics as JSON.
+
+    On image-text samples: image->text and text->image recall@1/5/10 (one caption per image). With
+    `--zero-shot fashion-mnist`: top-1/top-5 accuracy on the test images of a Fashion-MNIST IDX
+    folder, each class the mean embedding of its prompts (`--templates`). Images are normalised with
+    `--mean` / `--std`, which must be the training run's."""
+    if args.batch_size <= 0 or (args.max_samples is not None and args.max_samples <= 0):
+        raise TokenFormerError("--batch-size and --max-samples must be positive")
+    if not (args.checkpoint / TOKENIZER_FILE).is_file():
+        raise FileNotFoundError(f"{args.checkpoint} has no {TOKENIZER_FILE}: give the model/ directory of a "
+                                f"train-clip run (it is saved with its tokenizer)")
+    model = load_model(args.checkpoint, device=resolve_device(args.device))
+    if not hasattr(model, "encode_text"):
+        raise TokenFormerError(f"{args.checkpoint} holds a {model.model_type!r} model, not a CLIP: give a "
+                               f"train-clip model directory")
+    tokenizer = load_tokenizer(args.checkpoint / TOKENIZER_FILE)
+    vision = model.config.vision
+    transform = images.make_transform(False, "none", args.mean * vision.num_channels if len(args.mean) == 1
+                                      else args.mean, args.std * vision.num_channels if len(args.std) == 1
+                                      else args.std, vision.image_size)
+    result: dict[str, Any] = {"checkpoint": str(args.checkpoint), "data": args.data}
+    if args.zero_shot:
+        x, labels = images.load_mnist(args.data, "test")
+        x, labels = x[:args.max_samples], labels[:args.max_samples]
+        image_features = encode_images(model.eval(), (transform(chunk) for chunk in x.split(args.batch_size)))
+        classifier = zero_shot_classifier(model, tokenizer, list(FASHION_MNIST_CLASSES), TEMPLATES[args.templates])
+        result.update(samples=len(labels), templates=args.templates,
+                      **zero_shot_accuracy(image_features, labels, classifier))
+    else:
+        samples = open_image_text(args.data, channels=vision.num_channels)
+        index = torch.arange(min(len(samples), args.max_samples or len(samples)))
+        batches = (take_image_text(samples, chunk, transform) for chunk in index.split(args.batch_size))
+        result.update(samples=len(index), **retrieval_recall(*encode_dataset(model, tokenizer, batches)))
+    print(json.dumps(result, indent=2))

@@ -1,0 +1,247 @@
+"""Image captioning: epochs of shuffled image-caption samples, the next-token loss of the captions
+after the image prefix, and greedy captions scored against the scenes they describe
+(`tokenformer train-captioner`, the model `tokenformer.models.captioner`)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from tokenformer.data import images
+from tokenformer.data.image_text import ImageTextSamples, open_image_text, take_image_text
+from tokenformer.data.prepare import train_bpe
+from tokenformer.data.scenes import parse_caption
+from tokenformer.data.tokenizer import Tokenizer, check_vocab_fits, load_tokenizer
+from tokenformer.errors import TokenFormerError
+from tokenformer.files import FINAL_MODEL_DIR, TOKENIZER_FILE, atomic_write_text
+from tokenformer.generate import generate_caption
+from tokenformer.models.captioner import Captioner, caption_loss, resolve_captioner_config
+from tokenformer.models.pretrained import save_model
+from tokenformer.training.config import CaptionTrainConfig
+from tokenformer.training.distributed import DistEnv, all_reduce_mean, unwrap
+from tokenformer.training.tasks.vision import epoch_order
+
+CAPTIONS_FILE = "captions.jsonl"
+# the attributes of one object of a scene caption, in the order `parse_caption` gives them
+ATTRIBUTES = ("count", "colour", "shape", "position")
+
+
+def resolve_tokenizer(cfg: CaptionTrainConfig, captions: list[str]) -> Tokenizer:
+    """`cfg.tokenizer`: a file or 'byte'; by default the tokenizer of `lm_from` or `init_from` when
+    they have one, else a byte-level BPE of `bpe_vocab_size` trained on the training `captions`."""
+    spec = cfg.tokenizer
+    if spec is None:
+        spec = next((str(Path(d) / TOKENIZER_FILE) for d in (cfg.lm_from, cfg.init_from)
+                     if d and (Path(d) / TOKENIZER_FILE).is_file()), "bpe")
+    return train_bpe(captions, cfg.bpe_vocab_size) if spec == "bpe" else load_tokenizer(spec)
+
+
+def caption_rows(encoded: list[list[int]], eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows `[eos, caption..., eos]` right-padded with eos (B, L), and their lengths (B,): the
+    end-of-text token opens a caption (the position that predicts its first word) and closes it."""
+    rows = [[eos_id, *ids, eos_id] for ids in encoded]
+    width = max(len(row) for row in rows)
+    ids = torch.tensor([row + [eos_id] * (width - len(row)) for row in rows])  # (B, L)
+    return ids, torch.tensor([len(row) for row in rows])
+
+
+def scene_groups(extra: dict | None) -> list[tuple] | None:
+    """The (count, colour, shape, position) groups of a sample's scene attributes
+    (`tokenformer.data.scenes.Scene.attributes`, the sample's KEY.json), or None without them."""
+    if not isinstance(extra, dict) or not isinstance(extra.get("groups"), list):
+        return None
+    return [tuple(group) for group in extra["groups"]]
+
+
+def attribute_matches(truth: list[tuple], predicted: list[tuple]) -> np.ndarray:
+    """[whole scene right, then per attribute of ATTRIBUTES the groups it matches, then the group
+    count it is divided by] for one caption's groups (`parse_caption`) against its scene's.
+
+    Groups are compared as multisets, whatever the order the caption lists them in; an attribute
+    matches min(true, predicted) groups per value, divided by the larger of the two group counts,
+    so an invented group costs as much as a missing one, and a caption that does not parse (no
+    group) matches nothing.
+    """
+    objects = max(len(truth), len(predicted), 1)
+    exact = float(Counter(truth) == Counter(predicted))
+    matched = [sum((Counter(t[a] for t in truth) & Counter(p[a] for p in predicted)).values())
+               for a in range(len(ATTRIBUTES))]
+    return np.array([exact, *matched, objects], dtype=np.float64)
+
+
+def accuracy_record(totals: np.ndarray, scenes: float) -> dict[str, float]:
+    """`attribute_matches` summed over `scenes` captions as accuracies."""
+    exact, *matched, objects = (float(t) for t in totals)  # plain floats: checkpoints hold the records
+    return {"exact_match": exact / float(scenes),
+            **{f"{a}_accuracy": m / objects for a, m in zip(ATTRIBUTES, matched)}}
+
+
+class CaptionTask:
+    """Captioning: epochs of shuffled samples (`drop_last`), the caption loss on the validation
+    samples and, on the first `caption_samples` of them, greedy captions with scene accuracy."""
+
+    unit = "captions"
+    units_per_sample = 1
+    validate_at_start = True
+
+    def __init__(self, cfg: CaptionTrainConfig) -> None:
+        if cfg.data is None:
+            raise TokenFormerError("train-captioner needs `data`: image-text shards (e.g. `tokenformer make-scenes` "
+                                   "OUT/train) or a folder of images with captions.csv")
+        self.cfg = cfg
+        self.train = open_image_text(cfg.data)  # fail on missing data before building a model
+        self.num_train = min(len(self.train), cfg.max_train_samples or len(self.train))
+        self.steps_per_epoch = self.num_train // cfg.batch_size
+        if self.steps_per_epoch == 0:
+            raise TokenFormerError(f"{self.num_train} training samples make no batch of {cfg.batch_size}")
+        self.val = open_image_text(cfg.val_data) if cfg.val_data else None
+        captions = self.train.captions[:self.num_train]
+        self.tokenizer = resolve_tokenizer(cfg, captions)
+        self.train_ids = self.tokenizer.encode_batch(captions)
+        self.history: list[dict[str, Any]] = []
+        self.captions: list[dict[str, Any]] = []  # the last evaluation's generated captions
+        self._order: tuple[int, torch.Tensor] | None = None
+        self.name = "train-captioner"
+
+    def build_model(self) -> nn.Module:
+        if self.cfg.vision_from:
+            return Captioner.from_parts(self.cfg.vision_from, self.cfg.lm_from).train()
+        config = resolve_captioner_config(self.cfg.model)
+        return Captioner(config.replace(vocab_size=self.tokenizer.vocab_size))
+
+    def prepare(self, model: nn.Module, env: DistEnv) -> None:
+        if not isinstance(model, Captioner):
+            raise TokenFormerError(f"train-captioner trains a captioner, not a {type(model).__name__}: give a "
+                                   f"captioner checkpoint as init_from")
+        config = model.config
+        check_vocab_fits(self.tokenizer.vocab_size, config.text.padded_vocab_size,
+                         fix="use the tokenizer the captioner was trained with (`tokenizer`)")
+        self.train.channels = config.vision.num_channels
+        splits = [("training", self.train, self.train_ids)]
+        if self.val is not None:
+            self.val.channels = config.vision.num_channels
+            self.val_ids = self.tokenizer.encode_batch(self.val.captions)
+            splits.append(("validation", self.val, self.val_ids))
+        for what, _, encoded in splits:
+            longest = max(len(ids) for ids in encoded) + 2
+            if config.prefix_length + longest - 1 > config.text.seq_length:
+                raise TokenFormerError(
+                    f"the longest {what} caption takes {longest} tokens, which with {config.prefix_length} image "
+                    f"tokens exceeds the language model's seq_length {config.text.seq_length}: raise it "
+                    f"(model: {{text: {{seq_length: ...}}}})")
+        self.transform = images.make_transform(False, "none", config.image_mean, config.image_std,
+                                               config.vision.image_size)
+
+    @property
+    def samples_per_epoch(self) -> int:
+        return self.steps_per_epoch * self.cfg.batch_size
+
+    def batch(self, samples: ImageTextSamples, encoded: list[list[int]], index: torch.Tensor) -> tuple:
+        x, _ = take_image_text(samples, index, self.transform)  # (B, C, H, W)
+        ids, lengths = caption_rows([encoded[int(i)] for i in index], self.tokenizer.eos_id)
+        return x, ids, lengths
+
+    def train_batch(self, first: int, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        epoch, position = divmod(first, self.samples_per_epoch)
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, epoch_order(self.cfg.seed, epoch, self.num_train))
+        return self.batch(self.train, self.train_ids, self._order[1][position:position + size])
+
+    def loss(self, model: nn.Module, batch: tuple) -> tuple[torch.Tensor, int]:
+        images_, ids, lengths = batch
+        return caption_loss(model, images_, ids, lengths), int((lengths - 1).sum())
+
+    def after_step(self, model: nn.Module, step: int) -> None:
+        pass
+
+    def log_extras(self, env: DistEnv) -> dict[str, float]:
+        return {}
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, env: DistEnv, step: int) -> dict[str, Any] | None:
+        """The validation caption loss over every validation sample, and the scene accuracy of the
+        greedy captions of the first `caption_samples` (collective: each rank takes its share and the
+        sums are all-reduced; the plain model runs, not its DDP wrapper, since ranks may hold
+        different numbers of batches)."""
+        if self.val is None:
+            return None
+        model = unwrap(model)
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        shard = (env.rank, env.world_size)
+        totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, tokens
+        for index in images.batch_indices(len(self.val), self.cfg.eval_batch_size, False, None, False, shard):
+            x, ids, lengths = (t.to(device) for t in self.batch(self.val, self.val_ids, index))
+            loss = caption_loss(model, x, ids, lengths, reduction="sum")
+            totals += torch.stack([loss.double(), (lengths - 1).sum().double()])
+        loss_sum, tokens = all_reduce_mean(totals, env).tolist()
+        record: dict[str, Any] = {"epoch": step // self.steps_per_epoch, "val_loss": loss_sum / tokens}
+        if self.cfg.caption_samples:
+            record.update(self.caption_accuracy(model, env, device))
+        model.train(was_training)
+        self.history.append(record)
+        return record
+
+    def caption_accuracy(self, model: Captioner, env: DistEnv, device: torch.device) -> dict[str, Any]:
+        """Greedy captions of this rank's share of the first `caption_samples` validation samples,
+        scored against their scenes when the samples carry scene attributes."""
+        count = min(self.cfg.caption_samples, len(self.val))
+        totals = np.zeros(2 + len(ATTRIBUTES) + 1)  # scenes, exact, per attribute, objects
+        self.captions = []
+        mine = torch.arange(count).tensor_split(env.world_size)[env.rank]
+        for index in mine.split(self.cfg.eval_batch_size):
+            x, references = take_image_text(self.val, index, self.transform)
+            texts = generate_caption(model, self.tokenizer, x.to(device), self.cfg.max_new_tokens)
+            for i, reference, text in zip(index.tolist(), references, texts):
+                truth = scene_groups(self.val.extra(i))
+                self.captions.append({"key": self.val.key(i), "reference": reference, "caption": text})
+                if truth is not None:
+                    totals += np.concatenate([[1.0], attribute_matches(truth, parse_caption(text))])
+        summed = all_reduce_mean(torch.tensor(totals, device=device), env).double().cpu().numpy()
+        scenes = summed[0]
+        record: dict[str, Any] = {"captioned": count}
+        if scenes > 0:
+            record.update(accuracy_record(summed[1:], scenes))
+        if self.captions:
+            record["example"] = self.captions[0]["caption"]
+        return record
+
+    def describe(self, record: dict[str, Any]) -> str:
+        line = f"epoch {record['epoch']}: validation caption loss {record['val_loss']:.4f}"
+        if "exact_match" in record:
+            line += (f", exact scenes {100 * record['exact_match']:.1f}% ("
+                     + ", ".join(f"{a} {100 * record[f'{a}_accuracy']:.1f}%" for a in ATTRIBUTES) + ")")
+        if "example" in record:
+            line += f"; e.g. {record['example']!r}"
+        return line
+
+    def state(self) -> dict[str, Any]:
+        return {"history": self.history}
+
+    def load_state(self, state: dict[str, Any], path: Path) -> None:
+        self.history = list(state.get("history", []))
+        saved = load_tokenizer(path)  # the run's tokenizer: a BPE trained again could differ
+        if saved.vocab_size != self.tokenizer.vocab_size:
+            raise TokenFormerError(f"{path} was trained with a tokenizer of {saved.vocab_size} tokens, this run has "
+                                   f"{self.tokenizer.vocab_size}: resume with the same `tokenizer` settings")
+        self.tokenizer = saved
+        self.train_ids = saved.encode_batch(self.train.captions[:self.num_train])
+        if self.val is not None:
+            self.val_ids = saved.encode_batch(self.val.captions)
+
+    def finish(self, model: nn.Module, save: Path | None, env: DistEnv) -> dict[str, Any]:
+        """Write `model/` (the final weights and the tokenizer) and the last evaluation's captions
+        (`captions.jsonl`: under torchrun, those rank 0 generated)."""
+        model = unwrap(model)
+        if save is not None and env.is_main:
+            save_model(model, save / FINAL_MODEL_DIR, tokenizer=self.tokenizer)
+            atomic_write_text(save / CAPTIONS_FILE, "".join(json.dumps(c) + "\n" for c in self.captions))
+        return {"history": self.history, "epochs": self.cfg.epochs,
+                "num_parameters": sum(p.numel() for p in model.parameters())}
