@@ -18,10 +18,14 @@ from tokenformer.models.vision import VisionConfig
 
 
 class ViTBlock(nn.Module):
-    def __init__(self, config: VisionConfig) -> None:
+    """A pre-LN Transformer block; `causal` masks the future (the CLIP baseline's text tower).
+    `config` needs only hidden_size, num_attention_heads, ffn_slot_num and layernorm_epsilon."""
+
+    def __init__(self, config: VisionConfig, causal: bool = False) -> None:
         super().__init__()
         h = config.hidden_size
         self.num_heads = config.num_attention_heads
+        self.causal = causal
         self.norm1 = nn.LayerNorm(h, eps=config.layernorm_epsilon)
         self.qkv = nn.Linear(h, 3 * h)
         self.proj = nn.Linear(h, h)
@@ -33,7 +37,7 @@ class ViTBlock(nn.Module):
         B, T, h = x.shape
         H = self.num_heads
         qkv = self.qkv(self.norm1(x)).view(B, T, 3, H, h // H).permute(2, 0, 3, 1, 4)  # (3, B, H, T, D)
-        y = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])                    # (B, H, T, D)
+        y = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=self.causal)  # (B, H, T, D)
         x = x + self.proj(y.transpose(1, 2).reshape(B, T, h))
         return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
 
@@ -54,7 +58,12 @@ class ViT(PretrainedModel):
         self.layers = nn.ModuleList(ViTBlock(config) for _ in range(config.num_layers))
         self.final_norm = nn.LayerNorm(h, eps=config.layernorm_epsilon)
         self.head = nn.Linear(h, config.num_classes)
-        for module in self.modules():  # the usual ViT init: truncated normal 0.02, zero biases
+        if self.cls_token.device.type != "meta":  # from_pretrained builds on meta, then loads the weights
+            self._init_weights()
+
+    def _init_weights(self) -> None:
+        """The usual ViT init: truncated normal 0.02, zero biases."""
+        for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.trunc_normal_(module.weight, std=0.02)
                 nn.init.zeros_(module.bias)
