@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 BENCH_STAMP := $(VENV)/.bench-stamp
 BENCH_ARGS ?=
 
-.PHONY: install test demo clean bench bench-quick
+.PHONY: install test demo clean bench bench-quick bench-gpu
 
 install: $(STAMP)
 
@@ -63,6 +63,11 @@ bench: $(BENCH_STAMP)
 
 bench-quick: $(BENCH_STAMP)
 	$(PY) -m bench.compare --quick $(BENCH_ARGS)
+
+# The GPU suite on one CUDA device (bench/gpu.sh, under 8 minutes): bench/results/gpu.json.
+# `make bench-gpu BENCH_ARGS="--device cpu --tiny"` is the dry run anywhere.
+bench-gpu: $(BENCH_STAMP)
+	bench/gpu.sh $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -15,7 +15,7 @@
    a card not in its table). `mfu_peak_source` says which.
 4. Generation with the KV cache (greedy, batch 1): prefill and decode tokens/s, ours vs HF `generate`.
 5. Activation memory of a training step: our model vs the same model running the official sequence.
-6. Data preparation tokens/s (`bench/data_prep.py`, when present).
+6. Data preparation tokens/s (`bench/data_prep.py`).
 7. The decode suite (`bench/decode.py`'s `run`, when present): its headline keys and table rows
    join ours (the rest of its result under `decode`).
 
@@ -30,8 +30,6 @@ reading. Writes bench/results/compare.json.
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import json
 import platform
 import sys
@@ -42,6 +40,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from bench import data_prep, decode
 from bench.common import Run, add_device_arguments, alternate, datasheet_peak, gemm, resolve
 from bench.reference import official_pattentions
 from tokenformer import Config, Pattention, TokenFormer
@@ -298,22 +297,12 @@ def bench_generation(s: dict, run: Run = Run(torch.device("cpu"), "fp32")) -> di
 
 
 def bench_data_prep(quick: bool) -> dict:
-    """Item 6: from the data helper's `bench/data_prep.py`, when it is there."""
-    try:
-        from bench import data_prep
-    except ImportError:
-        print("skipped: bench.data_prep not available")
-        return {"data_prep": "skipped: bench.data_prep not available"}
+    """Item 6: `bench/data_prep.py`."""
     return {"data_prep": data_prep.run(quick)}
 
 
 def bench_decode(quick: bool, run: Run, threads: int | None) -> dict:
-    """Item 7: the decode suite of `bench/decode.py` (its `run` gives ratios and table rows), when
-    the module is there. A missing module is a clear skip; a broken one fails loudly."""
-    if importlib.util.find_spec("bench.decode") is None:
-        print("skipped: bench.decode not available")
-        return {"decode": "skipped: bench.decode not available"}
-    decode = importlib.import_module("bench.decode")
+    """Item 7: the decode suite of `bench/decode.py` (its `run` gives ratios and table rows)."""
     return decode.run(quick=quick, device=run.device.type, dtype=run.dtype_name, threads=threads)
 
 
@@ -325,21 +314,18 @@ DECODE_KEYS = ("decode_speed_ratio", "decode_speed_ratio_plain", "decode_speed_r
                "memory_bandwidth_gb_s", "bytes_per_token")
 
 
-def merge_decode(result: dict, decode: dict) -> list[tuple]:
+def merge_decode(result: dict, suite: dict) -> list[tuple]:
     """Put the decode suite's headline keys at the top of `result`, the whole of it under
     `result["decode"]`, and return its table rows. Where a key clashes with item 4's
     (`decode_speed_ratio`), item 4's figure stays as `generation_<key>`."""
-    if "rows" not in decode:  # the skip
-        result.update(decode)
-        return []
-    rows = [tuple(row) for row in decode["rows"]]
+    rows = [tuple(row) for row in suite["rows"]]
     for key in DECODE_KEYS:
-        if key not in decode:
+        if key not in suite:
             continue
         if key in result:
             result[f"generation_{key}"] = result[key]
-        result[key] = decode[key]
-    result["decode"] = {k: v for k, v in decode.items() if k != "rows"}
+        result[key] = suite[key]
+    result["decode"] = {k: v for k, v in suite.items() if k != "rows"}
     result["decode_rows"] = rows
     return rows
 

@@ -52,6 +52,8 @@ VOCAB = 50277  # GPT-NeoX-20B; both models pad to 50304
 SHAPES = {
     "full": dict(hidden=512, layers=4, heads=8, prompt=240, new_tokens=32, reps=7, stream_mib=256),
     "quick": dict(hidden=256, layers=4, heads=4, prompt=224, new_tokens=16, reps=3, stream_mib=128),
+    # the released TokenFormer-150M's shape, for a GPU (`bench/gpu.py`); on 2 CPU cores about 10 minutes
+    "150M": dict(hidden=768, layers=12, heads=12, prompt=240, new_tokens=64, reps=5, stream_mib=1024),
 }
 
 
@@ -188,15 +190,18 @@ def timed_paths(s: dict, device: torch.device, dtype: torch.dtype) -> tuple[dict
     return {**ours, **hf}, runs, bytes_read
 
 
-def run(quick: bool = False, device: str = "cpu", dtype: str = "fp32", threads: int | None = None) -> dict:
-    """Measure every decode path; the keys of issue 17 plus `rows` (label, ratio, unit, target)."""
+def run(quick: bool = False, device: str = "cpu", dtype: str = "fp32", threads: int | None = None,
+        shape: str | None = None) -> dict:
+    """Measure every decode path; the keys of issue 17 plus `rows` (label, ratio, unit, target).
+    `shape` names one of SHAPES (default: "quick" with `quick`, else "full")."""
     if threads:
         torch.set_num_threads(threads)
-    s = SHAPES["quick" if quick else "full"]
+    shape = shape or ("quick" if quick else "full")
+    s = SHAPES[shape]
     dev, dt = torch.device(device), DTYPES[dtype]
     started = time.perf_counter()
     models, runs, bytes_read = timed_paths(s, dev, dt)
-    print(f"bench.decode ({'quick' if quick else 'full'}): width {s['hidden']}, {s['layers']} layers, "
+    print(f"bench.decode ({shape}): width {s['hidden']}, {s['layers']} layers, "
           f"{s['heads']} heads, prompt {s['prompt']}, {s['new_tokens']} new tokens, batch 1, {dtype} on {device}, "
           f"{torch.get_num_threads()} threads; compiling the decode steps ...", flush=True)
     compile_start = time.perf_counter()
@@ -219,7 +224,7 @@ def run(quick: bool = False, device: str = "cpu", dtype: str = "fp32", threads: 
     best = max(("ours_static", "ours_compiled", "ours_plain"), key=tps.get)
     hf_bf16 = tps.get("hf_bf16", tps["hf"] if dt == torch.bfloat16 else None)
     result = {
-        "mode": "quick" if quick else "full", "shape": s, "device": device, "dtype": dtype,
+        "mode": shape, "shape": s, "device": device, "dtype": dtype,
         "threads": torch.get_num_threads(), "torch": torch.__version__,
         "parameters": {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()
                        if isinstance(m, torch.nn.Module) and not isinstance(m, Decoder)},
@@ -257,10 +262,12 @@ def run(quick: bool = False, device: str = "cpu", dtype: str = "fp32", threads: 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="width 256, 16 new tokens, 3 rounds")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default=None,
+                        help="the model shape (default: full, or quick with --quick); 150M: the released 150M's")
     add_device_arguments(parser)  # --device, --dtype (of the main comparison), --threads
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    result = run(args.quick, resolve(args).device.type, args.dtype, args.threads)
+    result = run(args.quick, resolve(args).device.type, args.dtype, args.threads, args.shape)
     result["cpu"] = platform.processor() or platform.machine()
     tps, nbytes = result["decode_tokens_per_s"], result["bytes_per_token_all"]
     fraction = result["roofline_fraction_all"]

@@ -8,8 +8,8 @@
    alternation, and MFU against the card's peak (`bench/common.py`).
 2. `fsdp`: training steps of the 150M preset sharded with FSDP2 on one rank (`torchrun
    --nproc_per_node 1 -m bench.fsdp_step`, bf16), eager and with each block compiled: tokens/s, MFU.
-3. `decode`: `bench/decode.py`'s `run` (ours vs HF GPTNeoX, plain, static cache, compiled, bf16),
-   when the module is there.
+3. `decode`: `bench/decode.py`'s `run` at the 150M preset's shape (ours vs HF GPTNeoX: plain,
+   static cache, compiled, bf16, int8; the roofline fraction against the measured bandwidth).
 
 Without a CUDA device it stops with one sentence, unless `--device cpu` asks for a dry run; `--tiny`
 shrinks every shape (the tiny preset, width 64) so that the dry run takes seconds. `--dtype` (default
@@ -20,9 +20,6 @@ the GPU (`torch.cuda.synchronize`). Every ratio is > 1 when ours is better.
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
-import inspect
 import json
 import os
 import subprocess
@@ -33,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from bench import decode
 from bench.common import Run, add_device_arguments, mfu, peak_flops, resolve
 from bench.compare import bench_pattention
 from tokenformer.flops import pattention_flops
@@ -87,14 +85,8 @@ def fsdp_section(shape: dict, run: Run, peak_matmul: int | None = None) -> dict:
 
 
 def decode_section(tiny: bool, run: Run) -> dict:
-    """Item 3: `bench.decode.run`, asked for the 150M preset when its signature takes a preset."""
-    if importlib.util.find_spec("bench.decode") is None:
-        return {"skipped": "bench.decode not available"}
-    decode = importlib.import_module("bench.decode")
-    kwargs = dict(quick=tiny, device=run.device.type, dtype=run.dtype_name, threads=None)
-    if "preset" in inspect.signature(decode.run).parameters and not tiny:
-        kwargs["preset"] = "150M"
-    result = decode.run(**kwargs)
+    """Item 3: `bench.decode.run` at the 150M preset's shape (`--tiny`: its quick shape)."""
+    result = decode.run(device=run.device.type, dtype=run.dtype_name, shape="quick" if tiny else "150M")
     result["rows"] = [list(row) for row in result.get("rows", [])]
     return result
 

@@ -151,9 +151,6 @@ def test_merge_decode_keeps_item_4_and_takes_the_decode_suite():
     assert result["device"] == "cpu" and result["decode_tokens_per_s"] == {"ours": 30.0, "hf": 36.0}
     assert result["decode"]["device"] == "cuda" and "rows" not in result["decode"]
     assert [row[0] for row in compare.table_rows({**TABLE_KEYS, **result})][-1] == "decode, best"
-    skipped = {"decode_speed_ratio": 0.84}
-    assert compare.merge_decode(skipped, {"decode": "skipped: bench.decode not available"}) == []
-    assert skipped == {"decode_speed_ratio": 0.84, "decode": "skipped: bench.decode not available"}
 
 
 # the other figures table_rows reads (values do not matter for the order of its rows)
@@ -231,15 +228,14 @@ def test_gpu_dry_run_writes_the_documented_json(tmp_path, monkeypatch):
 
 
 def test_gpu_decode_section_takes_the_decode_suite(monkeypatch):
-    decode = pytest.importorskip("bench.decode", reason="bench/decode.py is not there yet")
     seen = {}
 
-    def fake_run(quick, device, dtype, threads):
-        seen.update(quick=quick, device=device, dtype=dtype)
+    def fake_run(device, dtype, shape):
+        seen.update(shape=shape, device=device, dtype=dtype)
         return {"decode_speed_ratio": 1.2, "decode_compiled_speedup": 1.7, "rows": [("a", 1.2, "x", "")]}
 
-    monkeypatch.setattr(decode, "run", fake_run)
+    monkeypatch.setattr(gpu.decode, "run", fake_run)
     section = gpu.decode_section(True, common.Run(torch.device("cpu"), "bf16"))
-    assert seen == {"quick": True, "device": "cpu", "dtype": "bf16"}
+    assert seen == {"shape": "quick", "device": "cpu", "dtype": "bf16"}
     assert section["rows"] == [["a", 1.2, "x", ""]]
     assert gpu.summary({"decode": section}) == {"decode_speed_ratio": 1.2, "decode_compiled_speedup": 1.7}
