@@ -11,6 +11,7 @@ from tokenformer.decode import Decoder
 from tokenformer.errors import TokenFormerError
 from tokenformer.generate import generate_batch, generate_caption, generate_text, generate_tokens
 from tokenformer.models.captioner import Captioner, CaptionerConfig
+from tokenformer.models.clip import CLIP_PRESETS, CLIPConfig, CLIPTokenFormer
 from tokenformer.models.config import PRESETS, Config
 from tokenformer.models.lm import KVCache, TokenFormer
 from tokenformer.models.official import export_official, load_official, weight_map
@@ -31,5 +32,5 @@ __all__ = [
     "prepare", "load_prepared", "load_model",
     "add_tuning_tokens", "save_adapter", "load_adapter", "load_adapters", "merge_adapters",
     "VISION_PRESETS", "VisionConfig", "VisionTokenFormer",
-    "Captioner", "CaptionerConfig", "generate_caption",
+    "Captioner", "CaptionerConfig", "generate_caption", "CLIP_PRESETS", "CLIPConfig", "CLIPTokenFormer",
 ]

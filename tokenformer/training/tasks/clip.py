@@ -125,8 +125,12 @@ class ClipTask:
         self.name = "train-clip"
 
     def training_captions(self) -> list[str]:
+        """The captions training can see (the BPE is trained on them): with `classes`, the prompts of
+        those classes only, so that a held-out class's name is no part of training at all."""
         if self.data.labelled:
-            return [prompt for prompts in format_prompts(self.data.classnames, TRAIN_TEMPLATES) for prompt in prompts]
+            seen = [name for label, name in enumerate(self.data.classnames)
+                    if not self.cfg.classes or label in self.cfg.classes]
+            return [prompt for prompts in format_prompts(seen, TRAIN_TEMPLATES) for prompt in prompts]
         return self.data.train.captions[:self.data.num_train]
 
     def resolve_tokenizer(self) -> Tokenizer:
