@@ -11,14 +11,17 @@ but never crash. `TALLY` counts the inputs tried; the last test prints it.
 
 from __future__ import annotations
 
+import csv
 import gzip
 import hashlib
+import io
 import json
 import os
 import random
 import shutil
 import subprocess
 import sys
+import tarfile
 from collections import Counter
 from pathlib import Path
 from typing import Callable, Iterator
@@ -32,15 +35,20 @@ from hypothesis import strategies as st
 import tokenformer as tf
 from tokenformer.__main__ import main
 from tokenformer.data.documents import iter_documents
+from tokenformer.data.image_text import iter_shards, open_image_text
 from tokenformer.data.images import ImageFolder, read_idx, write_idx
 from tokenformer.data.indexed import IndexedDataset
 from tokenformer.data.prepare import load_prepared, prepare
+from tokenformer.data.scenes import write_scene_dataset
 from tokenformer.errors import TokenFormerError
 from tokenformer.inputs import read_safetensors, torch_load_safe
+from tokenformer.models.captioner import Captioner, resolve_captioner_config
+from tokenformer.models.clip import CLIPConfig, CLIPTokenFormer
 from tokenformer.models.config import Config
 from tokenformer.training.checkpointing import CheckpointManager
 from tokenformer.training.config import TrainConfig
 from tokenformer.training.loop import train
+from tokenformer.training.tasks.caption import scene_groups
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 
@@ -146,9 +154,24 @@ def world(tmp_path_factory) -> dict[str, Path]:
     Image = pytest.importorskip("PIL.Image", reason="Pillow is in the dev extra")
     for i in range(2):
         Image.fromarray(pixels[i]).save(folder / f"{i}.png")
+    # image-text: a few 32x32 scenes (shards of 3), their val images again under a captions.csv,
+    # and untrained tiny CLIP and captioner directories
+    write_scene_dataset(root / "scenes", train=6, val=4, shard_size=3)
+    captioned = root / "captioned"
+    captioned.mkdir()
+    val = open_image_text(root / "scenes" / "val")
+    with open(captioned / "captions.csv", "w", newline="") as f:
+        table = csv.writer(f)  # quoted as needed: captions hold commas
+        table.writerow(["file", "caption"])
+        for i in range(len(val)):
+            (captioned / f"{val.key(i)}.png").write_bytes(val.image_bytes(i))
+            table.writerow([f"{val.key(i)}.png", val.caption(i)])
+    CLIPTokenFormer(CLIPConfig.from_name("tiny")).save_pretrained(root / "clip", tokenizer=tf.ByteTokenizer())
+    Captioner(resolve_captioner_config("tiny")).save_pretrained(root / "captioner", tokenizer=tf.ByteTokenizer())
     return {"root": root, "docs": docs, "data": root / "data", "run": root / "run",
             "checkpoint": root / "run" / "step_00000002", "model": root / "model", "official": root / "official.bin",
-            "yml": root / "official.yml", "mnist": images, "folder": root / "folder"}
+            "yml": root / "official.yml", "mnist": images, "folder": root / "folder", "scenes": root / "scenes",
+            "captioned": captioned, "clip": root / "clip", "captioner": root / "captioner"}
 
 
 @pytest.fixture
@@ -373,6 +396,170 @@ def test_damaged_idx_and_images(world, copy_of):
                        "image file")
 
 
+# ---- image-text readers ------------------------------------------------------------------------
+
+def read_every_sample(source) -> list:
+    """Every sample of `source` read as training reads it: indexed (image, caption, extra) and streamed."""
+    samples = open_image_text(source)
+    indexed = [(samples.image(i), samples.caption(i), samples.extra(i)) for i in range(len(samples))]
+    return indexed + list(iter_shards(source))
+
+
+def shard_members(shard: Path) -> list[tuple[str, bytes]]:
+    with tarfile.open(shard) as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar if m.isfile()]
+
+
+def write_members(shard: Path, members: list[tuple[str, bytes]]) -> None:
+    """A shard of these members, in this order (a stand-in for a shard damaged before it was written)."""
+    with tarfile.open(shard, "w", format=tarfile.GNU_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_damaged_tar_shards(world, copy_of):
+    """A damaged shard, in a folder of shards or named alone: indexed and streamed reading both refuse it."""
+    name = "shard-000000.tar"
+    pristine = (world["scenes"] / "train" / name).read_bytes()
+    for label, data, must_fail in damaged_versions(pristine, seed=20):
+        if label.startswith("truncated"):
+            # a tar ends with zero blocks padded to 10 kB: a cut in the padding may leave a whole tar
+            must_fail = pristine[len(data):].strip(b"\0") != b""
+        folder = copy_of("scenes") / "train"
+        (folder / name).write_bytes(data)
+        before = tree_hash(folder)
+        for source in (folder, folder / name):
+            expect_refused(lambda: read_every_sample(source), folder / name, must_fail, "tar shard")
+        assert tree_hash(folder) == before, label
+
+
+def test_damaged_shard_members(world, copy_of):
+    """A shard whose members are damaged (image, caption, metadata) or missing: the shard and sample named."""
+    shard = world["scenes"] / "train" / "shard-000000.tar"
+    members = shard_members(shard)
+    png, caption, extra = members[3][1], members[4][1], members[5][1]  # the second sample's
+    cases = []
+    for label, data, must_fail in damaged_versions(png, seed=21):
+        harmless = label.startswith("truncated") and int(label.split()[-1]) >= len(png) - 12  # only IEND lost
+        cases.append((f"image {label}", 3, data, must_fail and not harmless))
+    for label, data, must_fail in damaged_versions(extra, seed=22):
+        cases.append((f"metadata {label}", 5, data, must_fail))
+    # any bytes are a caption once they decode: only random bytes (invalid UTF-8) must fail
+    cases += [(f"caption {label}", 4, data, label == "random bytes")
+              for label, data, _ in damaged_versions(caption, seed=23)]
+    for label, position, data, must_fail in cases:
+        damaged = copy_of("scenes") / "train" / shard.name
+        write_members(damaged, [(n, data if i == position else d) for i, (n, d) in enumerate(members)])
+        expect_refused(lambda: read_every_sample(damaged), damaged, must_fail, "shard member")
+    key = members[3][0].partition(".")[0]
+    wrong = {"a sample missing its .txt": [m for m in members if m[0] != f"{key}.txt"],
+             "a sample missing its image": [m for m in members if m[0] != f"{key}.png"],
+             "a caption with no sample": members + [("zzz.txt", b"a caption")],
+             "members out of order": members[3:] + members[:3] + members[3:4],
+             "two images of one key": members[:6] + [(f"{key}.jpg", png)],
+             "metadata nested too deep": [(n, b"[" * 100_000 if n == f"{key}.json" else d) for n, d in members],
+             "a file of another kind": [(p.name, p.read_bytes()) for p in sorted(world["model"].iterdir())]}
+    for label, chosen in wrong.items():
+        damaged = copy_of("scenes") / "train" / shard.name
+        write_members(damaged, chosen)
+        expect_refused(lambda: read_every_sample(damaged), damaged, kind="shard member")
+    for other in (world["docs"] / "corpus.jsonl.gz", world["model"] / "model.safetensors",
+                  world["scenes"] / "scenes.json"):
+        damaged = copy_of("scenes") / "train" / shard.name
+        shutil.copyfile(other, damaged)
+        expect_refused(lambda: read_every_sample(damaged.parent), damaged, kind="other kind")
+
+
+def test_a_directory_or_nothing_where_a_shard_belongs(world, copy_of):
+    folder = copy_of("scenes") / "train"
+    (folder / "shard-000001.tar").unlink()
+    (folder / "shard-000001.tar").mkdir()
+    for source in (folder, f"{folder}/shard-{{000000..000001}}.tar"):
+        expect_refused(lambda: read_every_sample(source), folder / "shard-000001.tar", kind="directory for a file")
+    (folder / "shard-000001.tar").rmdir()
+    for source in (folder / "shard-000001.tar", f"{folder}/shard-{{000000..000001}}.tar"):
+        expect_refused(lambda: read_every_sample(source), folder / "shard-000001.tar", kind="missing shard")
+    (folder / "shard-000002.tar").write_bytes(b"")
+    expect_refused(lambda: read_every_sample(folder), folder / "shard-000002.tar", kind="tar shard")
+    (folder / "shard-000002.tar").unlink()
+    samples = open_image_text(folder)
+    (folder / "shard-000000.tar").unlink()  # indexed, then deleted before a sample is read
+    expect_refused(lambda: samples.image(0), folder / "shard-000000.tar", kind="missing shard")
+
+
+CAPTION_TABLES = {  # (file name, text) of a captions file that must be refused, by what is wrong with it
+    "a row with more fields than the header": ("captions.csv", "file,caption\n{0},two red circles, and more\n"),
+    "a row without caption": ("captions.csv", "file,caption\n{0}\n"),
+    "no caption column": ("captions.csv", "file,words\n{0},a red circle\n"),
+    "no header": ("captions.csv", "{0},a red circle\n"),
+    "an image that does not exist": ("captions.csv", "file,caption\nmissing.png,a red circle\n"),
+    "a directory as image": ("captions.csv", "file,caption\n.,a red circle\n"),
+    "a field above csv's limit": ("captions.csv", "file,caption\n{0},\"" + "a" * 200_000 + "\"\n"),
+    "no rows": ("captions.csv", "file,caption\n"),
+    "a line that is not JSON": ("captions.jsonl", '{{"file": "{0}", "caption": "a"}}\n{{"file": \n'),
+    "a line that is a list": ("captions.jsonl", '["{0}", "a red circle"]\n'),
+    "a number as file name": ("captions.jsonl", '{{"file": 7, "caption": "a red circle"}}\n'),
+    "a list as caption": ("captions.jsonl", '{{"file": "{0}", "caption": ["a"]}}\n'),
+    "a line nested too deep": ("captions.jsonl", "[" * 100_000 + "\n"),
+}
+
+
+def test_damaged_caption_tables(world, copy_of):
+    """A folder of images with a damaged captions.csv / captions.jsonl, or a damaged image it names."""
+    pristine = (world["captioned"] / "captions.csv").read_bytes()
+    header = pristine.index(b"\n") + 1
+    for label, data, must_fail in damaged_versions(pristine, seed=24):
+        # a cut inside a caption leaves a shorter caption, a flip a changed letter (or a missing file)
+        fail = label in ("empty", "random bytes") or (label.startswith("truncated") and len(data) < header)
+        folder = copy_of("captioned")
+        (folder / "captions.csv").write_bytes(data)
+        expect_refused(lambda: read_every_sample(folder), folder / "captions.csv", fail, "captions.csv")
+    rows = list(csv.DictReader(io.StringIO(pristine.decode())))
+    jsonl = "".join(json.dumps(row) + "\n" for row in rows).encode()
+    for label, data, must_fail in damaged_versions(jsonl, seed=25):
+        cut_in_a_line = label.startswith("truncated") and not data.endswith((b"\n", b"}"))
+        fail = label in ("empty", "random bytes") or cut_in_a_line
+        folder = copy_of("captioned")
+        (folder / "captions.csv").unlink()
+        (folder / "captions.jsonl").write_bytes(data)
+        expect_refused(lambda: read_every_sample(folder), folder / "captions.jsonl", fail, "captions.jsonl")
+    first = rows[0]["file"]
+    for label, (name, text) in CAPTION_TABLES.items():
+        folder = copy_of("captioned")
+        (folder / "captions.csv").unlink()
+        (folder / name).write_text(text.format(first))
+        named = folder / ("missing.png" if "does not exist" in label else name)
+        before = tree_hash(folder)
+        expect_refused(lambda: read_every_sample(folder), named, kind=f"{name} row")
+        assert tree_hash(folder) == before, label
+    for label, data, must_fail in [d for d in damaged_versions((world["captioned"] / first).read_bytes(), seed=26)
+                                   if d[2]][:5]:
+        folder = copy_of("captioned")
+        (folder / first).write_bytes(data)
+        expect_refused(lambda: read_every_sample(folder), folder / first, kind="captioned image")
+
+
+def test_damaged_scene_metadata(world, copy_of):
+    """scenes.json is a record for whoever reads the folder, never read back: damaged, the shards
+    still read; the dataset's root is no shard folder (the message names its split folders); scene
+    attributes (KEY.json) of another form are refused by the captioner's scorer, naming the sample."""
+    pristine = (world["scenes"] / "scenes.json").read_bytes()
+    for label, data, _ in [d for d in damaged_versions(pristine, seed=27) if d[2]][:4]:
+        scenes = copy_of("scenes")
+        (scenes / "scenes.json").write_bytes(data)
+        TALLY["scenes.json"] += 1
+        assert len(read_every_sample(scenes / "train")) == 2 * 6, label
+    expect_refused(lambda: open_image_text(world["scenes"]), world["scenes"], kind="scenes root")
+    where = f"sample '00000001' of shard {world['scenes'] / 'train' / 'shard-000000.tar'}"
+    for groups in ([5], [[1, "red", "circle"]], [["one", "red", "circle", "top left"]], [[1, "red", ["circle"], 2]]):
+        expect_refused(lambda: scene_groups({"groups": groups}, where), world["scenes"] / "train" / "shard-000000.tar",
+                       kind="scene attributes")
+    assert scene_groups({"groups": 5}, where) is None  # no groups: a sample that is no scene
+    assert scene_groups({"groups": [[1, "red", "circle", "top left"]]}, where) == [(1, "red", "circle", "top left")]
+
+
 # ---- commands ---------------------------------------------------------------------------------------
 
 def test_commands_on_a_damaged_checkpoint(world, copy_of, tmp_path, capsys):
@@ -465,6 +652,118 @@ def test_train_vision_on_damaged_idx(world, copy_of, capsys):
         assert tree_hash(mnist) == before
 
 
+def clip_argv(data, *extra) -> list:
+    return ["train-clip", "--model", "tiny", "--data", data, "--epochs", "1", "--batch_size", "2", "--tokenizer",
+            "byte", "--progress", "false", "--plot", "false", "--device", "cpu", "--num_threads", "1", *extra]
+
+
+def captioner_argv(data, *extra) -> list:
+    # the BPE of the captions (the byte tokenizer makes a caption longer than the tiny LM's context)
+    return ["train-captioner", "--model", "tiny", "--data", data, "--epochs", "1", "--batch_size", "2",
+            "--bpe_vocab_size", "300", "--caption_samples", "0", "--progress", "false", "--plot", "false",
+            "--device", "cpu", "--num_threads", "1", *extra]
+
+
+def test_image_text_commands_on_damaged_data(world, copy_of, tmp_path, capsys):
+    """train-clip, train-captioner and evaluate-clip on a damaged shard, a directory where a shard
+    belongs and damaged caption tables: one line naming the file, before any training, data untouched."""
+    commands = {
+        "train-clip": lambda data: clip_argv(data),
+        "train-captioner": lambda data: captioner_argv(data),
+        "evaluate-clip": lambda data: ["evaluate-clip", "--checkpoint", world["clip"], "--data", data,
+                                       "--device", "cpu"],
+    }
+    name = "shard-000000.tar"
+    damages = [d for d in damaged_versions((world["scenes"] / "train" / name).read_bytes(), seed=28) if d[2]][:4]
+    for label, data, _ in damages:
+        for command, argv in commands.items():
+            train = copy_of("scenes") / "train"
+            (train / name).write_bytes(data)
+            before = tree_hash(train.parent)
+            run_cli(argv(train), capsys, train / name, kind=command)
+            assert tree_hash(train.parent) == before, (command, label)
+    for command, argv in commands.items():
+        train = copy_of("scenes") / "train"
+        (train / name).unlink()
+        (train / name).mkdir()
+        run_cli(argv(train), capsys, train / name, kind=command)
+        folder = copy_of("captioned")
+        for label in ("a row with more fields than the header", "an image that does not exist"):
+            (folder / "captions.csv").write_text(CAPTION_TABLES[label][1].format("00000000.png"))
+            named = folder / ("missing.png" if "exist" in label else "captions.csv")
+            run_cli(argv(folder), capsys, named, kind=command)
+    scenes = copy_of("scenes")
+    (scenes / "val" / name).write_bytes(damages[0][1])
+    for argv in (clip_argv(scenes / "train", "--val_data", scenes / "val"),
+                 captioner_argv(scenes / "train", "--val_data", scenes / "val")):
+        run_cli(argv, capsys, scenes / "val" / name, kind=f"{argv[0]} val_data")
+    run_cli(clip_argv(world["scenes"]), capsys, world["scenes"], kind="train-clip")  # the root, not OUT/train
+
+
+def test_training_stops_at_a_damaged_sample(world, copy_of, capsys):
+    """Damage that indexing cannot see (an image's pixels, a scene's attributes) ends the run when
+    the sample is read: one line naming the shard, the run's data untouched."""
+    scenes = copy_of("scenes")
+    shard = scenes / "train" / "shard-000000.tar"
+    members = shard_members(shard)
+    write_members(shard, [(n, d[:40] if n.endswith(".png") else d) for n, d in members])
+    before = tree_hash(scenes)
+    run_cli(clip_argv(scenes / "train"), capsys, shard, kind="train-clip image")
+    shard = scenes / "val" / "shard-000000.tar"
+    members = shard_members(shard)
+    write_members(shard, [(n, json.dumps({"groups": [[1, "red"]]}).encode() if n.endswith(".json") else d)
+                          for n, d in members])
+    before = tree_hash(scenes)
+    # the first validation (before any step) captions the val samples and scores them against their scenes
+    run_cli(captioner_argv(scenes / "train", "--val_data", scenes / "val", "--caption_samples", "2",
+                           "--max_new_tokens", "2"), capsys, shard, kind="train-captioner scene attributes")
+    assert tree_hash(scenes) == before
+
+
+def test_clip_and_captioner_checkpoints_and_images(world, copy_of, tmp_path, capsys):
+    """evaluate-clip on a damaged CLIP directory; generate --image on a damaged image or captioner directory."""
+    image = tmp_path / "scene.png"
+    image.write_bytes((world["captioned"] / "00000000.png").read_bytes())
+    commands = {
+        "evaluate-clip": ("clip", lambda d: ["evaluate-clip", "--checkpoint", d, "--data", world["scenes"] / "val",
+                                             "--device", "cpu"]),
+        "generate --image": ("captioner", lambda d: ["generate", "--checkpoint", d, "--image", image,
+                                                     "--max-new-tokens", "2", "--device", "cpu"]),
+    }
+    for command, (model, argv) in commands.items():
+        for name in ("config.json", "model.safetensors", "tokenizer.json"):
+            pristine = (world[model] / name).read_bytes()
+            damages = [d for d in damaged_versions(pristine, seed=29) if d[2]][:3]
+            damages.append(("another kind", (world["data"] / "prepare.json").read_bytes(), True))
+            for label, data, _ in damages:
+                checkpoint = copy_of(model)
+                (checkpoint / name).write_bytes(data)
+                before = tree_hash(checkpoint)
+                run_cli(argv(checkpoint), capsys, checkpoint / name, kind=command)
+                assert tree_hash(checkpoint) == before, (command, name, label)
+        checkpoint = copy_of(model)
+        other = world["clip" if model == "captioner" else "captioner"]
+        shutil.copyfile(other / "config.json", checkpoint / "config.json")
+        run_cli(argv(checkpoint), capsys, checkpoint, kind=command)  # the other model's directory
+    png = image.read_bytes()
+    for label, data, _ in [d for d in damaged_versions(png, seed=30) if d[2]][:5]:
+        image.write_bytes(data)
+        run_cli(commands["generate --image"][1](world["captioner"]), capsys, image, kind="generate --image")
+        assert image.read_bytes() == data
+    for named in (tmp_path, tmp_path / "missing.png"):
+        run_cli(["generate", "--checkpoint", world["captioner"], "--image", named], capsys, named,
+                kind="generate --image")
+
+
+def test_make_scenes_refuses_a_file_as_its_output(tmp_path, capsys):
+    out = tmp_path / "scenes"
+    out.write_text("not a folder")
+    for target in (out, out / "inner"):
+        run_cli(["make-scenes", "--out", target, "--train", "2", "--val", "1", "--quiet"], capsys, out,
+                kind="make-scenes")
+    assert out.read_text() == "not a folder"
+
+
 @pytest.mark.parametrize("argv,option", [
     (["train", "--train_iters", "-5"], "--train_iters"), (["train", "--lr", "-1"], "--lr"),
     (["train", "--warmup", "1.5"], "--warmup"), (["train", "--adam_beta2", "1"], "--adam_beta2"),
@@ -478,6 +777,32 @@ def test_train_vision_on_damaged_idx(world, copy_of, capsys):
     (["evaluate", "--checkpoint", "c", "--limit", "0"], "--limit"),
     (["prepare", "--out", "o", "--valid-fraction", "1"], "--valid-fraction"),
     (["prepare", "--out", "o", "--vocab-size", "100"], "--vocab-size"),
+    (["make-scenes", "--out", "o", "--train", "0"], "--train"), (["make-scenes", "--out", "o", "--val", "-1"], "--val"),
+    (["make-scenes", "--out", "o", "--seed", "-1"], "--seed"),
+    (["make-scenes", "--out", "o", "--image-size", "8"], "--image-size"),
+    (["make-scenes", "--out", "o", "--max-objects", "17"], "--max-objects"),
+    (["make-scenes", "--out", "o", "--shard-size", "0"], "--shard-size"),
+    (["train-clip", "--epochs", "0"], "--epochs"), (["train-clip", "--batch_size", "1"], "--batch_size"),
+    (["train-clip", "--bpe_vocab_size", "100"], "--bpe_vocab_size"),
+    (["train-clip", "--max_train_samples", "0"], "--max_train_samples"),
+    (["train-clip", "--max_val_samples", "0"], "--max_val_samples"),
+    (["train-clip", "--eval_batch_size", "0"], "--eval_batch_size"), (["train-clip", "--lr", "-1"], "--lr"),
+    (["train-clip", "--warmup_epochs", "-1"], "--warmup_epochs"), (["train-clip", "--adam_beta2", "1"], "--adam_beta2"),
+    (["train-clip", "--adam_eps", "0"], "--adam_eps"), (["train-clip", "--crop_padding", "-1"], "--crop_padding"),
+    (["train-clip", "--seed", "-1"], "--seed"), (["train-clip", "--keep_last_n", "0"], "--keep_last_n"),
+    (["train-clip", "--num_threads", "0"], "--num_threads"),
+    (["train-captioner", "--epochs", "0"], "--epochs"), (["train-captioner", "--batch_size", "0"], "--batch_size"),
+    (["train-captioner", "--bpe_vocab_size", "256"], "--bpe_vocab_size"),
+    (["train-captioner", "--max_train_samples", "0"], "--max_train_samples"),
+    (["train-captioner", "--caption_samples", "-1"], "--caption_samples"),
+    (["train-captioner", "--max_new_tokens", "0"], "--max_new_tokens"),
+    (["train-captioner", "--eval_interval", "0"], "--eval_interval"),
+    (["train-captioner", "--weight_decay", "-0.1"], "--weight_decay"),
+    (["train-captioner", "--adam_beta1", "1.5"], "--adam_beta1"),
+    (["evaluate-clip", "--checkpoint", "c", "--data", "d", "--batch-size", "0"], "--batch-size"),
+    (["evaluate-clip", "--checkpoint", "c", "--data", "d", "--max-samples", "0"], "--max-samples"),
+    (["evaluate-clip", "--checkpoint", "c", "--data", "d", "--std", "0"], "--std"),
+    (["generate", "--checkpoint", "c", "--image", "x.png", "--max-new-tokens", "-1"], "--max-new-tokens"),
 ])
 def test_out_of_range_numbers_are_usage_errors(argv, option, capsys):
     TALLY["cli numbers"] += 1
@@ -522,4 +847,4 @@ def test_zz_tally(request, capsys):
     selected = [item for item in request.session.items if item.module is request.module]
     if len(selected) < 40:
         pytest.skip("the tally is checked when the whole file runs")
-    assert total >= 400, TALLY  # what the tests above try between them; fewer means one stopped early
+    assert total >= 700, TALLY  # what the tests above try between them; fewer means one stopped early

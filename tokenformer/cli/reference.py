@@ -10,7 +10,11 @@ import argparse
 
 from tokenformer.__main__ import build_parser
 from tokenformer.options import reference_markdown
-from tokenformer.training.config import TrainConfig, VisionTrainConfig
+from tokenformer.training.config import CaptionTrainConfig, ClipTrainConfig, TrainConfig, VisionTrainConfig
+
+# the commands whose options are the fields of a run config: their table gives types and ranges
+CONFIG_COMMANDS = {"train": TrainConfig, "train-vision": VisionTrainConfig, "train-clip": ClipTrainConfig,
+                   "train-captioner": CaptionTrainConfig}
 
 
 def _options_table(parser: argparse.ArgumentParser) -> str:
@@ -20,7 +24,8 @@ def _options_table(parser: argparse.ArgumentParser) -> str:
             continue
         names = ", ".join(f"`{n}`" for n in action.option_strings) or f"`{action.dest}` (positional)"
         meaning = (action.help or "").replace("|", "/").replace("%%", "%")
-        if action.default not in (None, argparse.SUPPRESS, False) and "default" not in meaning:
+        # `is`, not `in`: a default of 0 equals False and is still worth saying
+        if all(action.default is not v for v in (None, argparse.SUPPRESS, False)) and "default" not in meaning:
             meaning += f" (default {action.default})"
         lines.append(f"| {names} | {meaning} |")
     return "\n".join(lines) + "\n"
@@ -30,13 +35,14 @@ def reference() -> str:
     parts = ["# Reference\n",
              "Generated from the code by `python -m tokenformer.cli.reference > docs/reference.md`; "
              "`tokenformer COMMAND --help` says the same.\n",
-             "## `tokenformer train` config fields\n",
-             "Set them in the YAML config or as `--field value` (`--field-name` works too; a bare "
-             "`--flag` means true).\n", reference_markdown(TrainConfig),
-             "## `tokenformer train-vision` config fields\n", reference_markdown(VisionTrainConfig)]
+             "The fields of the run configs (train, train-vision, train-clip, train-captioner) are set in a YAML "
+             "config or as `--field value` (`--field-name` works too; a bare "
+             "`--flag` means true).\n"]
+    for name, config in CONFIG_COMMANDS.items():
+        parts += [f"## `tokenformer {name}` config fields\n", reference_markdown(config)]
     subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     for name, parser in subparsers.choices.items():
-        if name in ("train", "train-vision"):
+        if name in CONFIG_COMMANDS:
             continue
         summary = (parser.description or "").split("\n\n")[0].replace("\n", " ")
         parts += [f"## `tokenformer {name}`\n", f"{summary}\n", _options_table(parser)]

@@ -5,17 +5,23 @@ from __future__ import annotations
 import argparse
 import time
 
-from tokenformer.data.scenes import write_scene_dataset
+from tokenformer.data.scenes import POSITIONS, SLOTS_PER_POSITION, write_scene_dataset
+from tokenformer.options import number
+
+MAX_OBJECTS = SLOTS_PER_POSITION * len(POSITIONS)  # four per quadrant
 
 
 def arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output directory (OUT/train, OUT/val, OUT/scenes.json)")
-    parser.add_argument("--train", type=int, default=20000, help="number of training scenes")
-    parser.add_argument("--val", type=int, default=1000, help="number of validation scenes")
-    parser.add_argument("--seed", type=int, default=0, help="seed: the same seed draws the same scenes")
-    parser.add_argument("--image-size", type=int, default=32, help="image height and width in pixels (at least 16)")
-    parser.add_argument("--max-objects", type=int, default=3, help="objects per scene are 1 to this many (at most 16)")
-    parser.add_argument("--shard-size", type=int, default=1000, help="scenes per tar shard")
+    parser.add_argument("--train", type=number(int, minimum=1), default=20000, help="number of training scenes")
+    parser.add_argument("--val", type=number(int, minimum=0), default=1000, help="number of validation scenes")
+    parser.add_argument("--seed", type=number(int, minimum=0), default=0,
+                        help="seed: the same seed draws the same scenes")
+    parser.add_argument("--image-size", type=number(int, minimum=16), default=32,
+                        help="image height and width in pixels (at least 16)")
+    parser.add_argument("--max-objects", type=number(int, minimum=1, maximum=MAX_OBJECTS), default=3,
+                        help=f"objects per scene are 1 to this many (at most {MAX_OBJECTS})")
+    parser.add_argument("--shard-size", type=number(int, minimum=1), default=1000, help="scenes per tar shard")
     parser.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
 
 

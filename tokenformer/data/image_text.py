@@ -28,6 +28,7 @@ import io
 import itertools
 import json
 import os
+import re
 import tarfile
 import threading
 import zlib
@@ -42,6 +43,7 @@ from tokenformer.data.images import ImageFolder, Transform, _pillow, to_float
 from tokenformer.data.tar_shards import (CAPTION_FILES, CAPTION_SUFFIX, EXTRA_SUFFIX, IMAGE_SUFFIXES, encode_image,
                                          expand_braces, shard_paths, split_member_name, write_shards)
 from tokenformer.errors import TokenFormerError
+from tokenformer.inputs import require_file
 
 # the writing half lives in tar_shards; it is named here too, so that one import serves a user
 __all__ = ["ImageTextSamples", "TarSamples", "FolderSamples", "open_image_text", "iter_shards", "take_image_text",
@@ -113,8 +115,9 @@ class ImageTextSamples(ABC):
 
 
 def _reason(error: BaseException) -> str:
-    """The first line of an exception's message (tarfile and Pillow write several)."""
-    text = str(error).strip()
+    """The first line of an exception's message (tarfile and Pillow write several), without the
+    in-memory file Pillow names (`<_io.BytesIO object at 0x...>`)."""
+    text = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(error)).strip()
     return text.splitlines()[0] if text else type(error).__name__
 
 
@@ -145,6 +148,8 @@ def _decode_json(data: bytes, where: str) -> dict:
         extra = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise TokenFormerError(f"the metadata (.json) of {where} is not valid JSON ({e}): rewrite it") from None
+    except RecursionError:  # `[[[[...` nested deeper than Python's stack
+        raise TokenFormerError(f"the metadata (.json) of {where} nests too deeply to be metadata: rewrite it") from None
     if not isinstance(extra, dict):
         raise TokenFormerError(f"the metadata (.json) of {where} is a {type(extra).__name__}, not an object")
     return extra
@@ -178,10 +183,14 @@ class TarSamples(ImageTextSamples):
             if self._pid != os.getpid():  # forked: the parent's file offsets are shared, so reopen
                 self._handles, self._pid = {}, os.getpid()
             handle = self._handles.get(shard)
-            if handle is None:
-                handle = self._handles[shard] = open(self.shards[shard], "rb")
-            handle.seek(offset)
-            data = handle.read(size)
+            try:
+                if handle is None:
+                    handle = self._handles[shard] = open(self.shards[shard], "rb")
+                handle.seek(offset)
+                data = handle.read(size)
+            except OSError as e:  # moved, deleted or unreadable since it was indexed
+                raise TokenFormerError(f"shard {self.shards[shard]} cannot be read any more ({_reason(e)}): "
+                                       f"restore it, or open the samples again") from None
         if len(data) != size:
             raise TokenFormerError(f"shard {self.shards[shard]} is shorter than when it was indexed "
                                    f"(sample {self.keys[index]!r}): it was truncated or rewritten; open it again")
@@ -314,14 +323,16 @@ def _open_caption_table(table: Path, channels: int) -> FolderSamples:
         name, caption = row[file_column], row[caption_column]
         if not name:
             raise TokenFormerError(f"{table} {where} has a caption but no image file: add the file or drop the row")
-        file = table.parent / str(name)
-        if not file.is_file():
-            raise FileNotFoundError(f"{table} {where} names image {file}, which does not exist")
+        if not isinstance(name, str):
+            raise TokenFormerError(f"{table} {where} gives {name!r} as its image, not a file name: write the image's "
+                                   f"path relative to {table.parent} as a string")
+        file = require_file(table.parent / name, "image", f"{table} {where} names it; add the image or drop the row "
+                                                          f"(paths are relative to its folder)")
         if not isinstance(caption, str) or not caption:
             raise TokenFormerError(f"{table} {where} ({name}) has an image but no caption: add one or drop the row")
         rest = {k: v for k, v in row.items() if k not in (file_column, caption_column)}
         files.append(file)
-        keys.append(str(Path(str(name)).with_suffix("").as_posix()))
+        keys.append(Path(name).with_suffix("").as_posix())
         captions.append(caption)
         extras.append(rest or None)
     if not files:
@@ -336,7 +347,15 @@ def _read_table(table: Path) -> list[tuple[str, dict]]:
     except (OSError, UnicodeDecodeError) as e:
         raise TokenFormerError(f"captions file {table} cannot be read as UTF-8 text ({e}): check it") from None
     if table.name.endswith(".csv"):
-        return [(f"row {number}", row) for number, row in enumerate(csv.DictReader(io.StringIO(text)), start=2)]
+        try:
+            rows = [(f"row {number}", row) for number, row in enumerate(csv.DictReader(io.StringIO(text)), start=2)]
+        except csv.Error as e:  # a field above csv's size limit, a NUL byte in older Pythons
+            raise TokenFormerError(f"captions file {table} is not valid CSV ({e}): check it") from None
+        for where, row in rows:
+            if None in row:  # csv files the fields beyond the header under the key None
+                raise TokenFormerError(f"{table} {where} has {len(row[None])} more fields than the header: quote "
+                                       f"captions that hold commas (\"a, b\") or drop the extra fields")
+        return rows
     rows = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -345,6 +364,8 @@ def _read_table(table: Path) -> list[tuple[str, dict]]:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise TokenFormerError(f"{table} line {number} is not valid JSON ({e.msg})") from None
+        except RecursionError:  # `[[[[...` nested deeper than Python's stack
+            raise TokenFormerError(f"{table} line {number} nests too deeply to be a row of file and caption") from None
         if not isinstance(row, dict):
             raise TokenFormerError(f"{table} line {number} is a {type(row).__name__}, not an object with file and caption")
         rows.append((f"line {number}", row))

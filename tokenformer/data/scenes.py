@@ -301,6 +301,8 @@ def write_scene_dataset(out: str | Path, train: int = 20000, val: int = 1000, se
     if train < 1 or val < 0:
         raise TokenFormerError(f"need at least one train scene and no negative val count, got train={train} val={val}")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise TokenFormerError(f"output {out} is a file, not a directory: give a new or existing directory")
     bar = progress_bar(train + val, desc="scenes", unit="scene", enabled=progress)
     seen: set[tuple] = set()
     sizes = {"train": Counter(), "val": Counter()}

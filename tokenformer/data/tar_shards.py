@@ -21,11 +21,13 @@ import torch
 from tokenformer.data.images import _pillow
 from tokenformer.errors import TokenFormerError
 from tokenformer.files import atomic_path
+from tokenformer.inputs import MissingFileError, require_dir, require_file
 
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
 CAPTION_SUFFIX, EXTRA_SUFFIX = "txt", "json"
 CAPTION_FILES = ("captions.csv", "captions.jsonl")
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+SHARD_FIX = "write the shard again, or move it out of the folder"
 
 
 def split_member_name(name: str) -> tuple[str, str]:
@@ -67,20 +69,25 @@ def shard_paths(source: str | Path | Sequence[str | Path]) -> list[Path]:
     text = str(source)
     if "{" in text:
         paths = [Path(p) for p in expand_braces(text)]
-        missing = [p for p in paths if not p.is_file()]
+        missing = [p for p in paths if not p.exists()]
         if missing:
-            raise FileNotFoundError(f"shard {missing[0]} of pattern {text} does not exist "
-                                    f"({len(missing)} of {len(paths)} missing): check the pattern's range")
-        return paths
+            raise MissingFileError(f"shard {missing[0]} of pattern {text} does not exist "
+                                   f"({len(missing)} of {len(paths)} missing): check the pattern's range")
+        return [require_file(p, "shard", SHARD_FIX) for p in paths]
     path = Path(source)
     if path.is_dir():
-        shards = sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(SHARD_SUFFIXES))
+        require_dir(path, "image-text folder")
+        # a directory (or an empty file) named like a shard is a shard gone wrong: not skipped in silence
+        shards = [require_file(p, "shard", SHARD_FIX)
+                  for p in sorted(path.iterdir()) if p.name.endswith(SHARD_SUFFIXES)]
         if not shards:
-            raise TokenFormerError(f"folder {path} holds no .tar shards and no {' or '.join(CAPTION_FILES)}: "
+            nested = sorted(p.name for p in path.iterdir() if p.is_dir() and any(p.glob("*.tar")))
+            hint = f" (its sub-folders {', '.join(nested)} hold shards: give one of them)" if nested else ""
+            raise TokenFormerError(f"folder {path} holds no .tar shards and no {' or '.join(CAPTION_FILES)}{hint}: "
                                    f"give WebDataset shards or a folder of images with a captions file")
         return shards
     if not path.exists():
-        raise FileNotFoundError(f"image-text data {path} does not exist")
+        raise MissingFileError(f"image-text data {path} does not exist: check the path")
     if not path.name.endswith(SHARD_SUFFIXES):
         raise TokenFormerError(f"{path} is not a tar shard (.tar, .tar.gz, .tgz) nor a captions file: "
                                f"give shards, a folder of them or a folder with {' or '.join(CAPTION_FILES)}")

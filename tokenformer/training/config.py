@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tokenformer.data.images import AUGMENTATIONS
+from tokenformer.data.tokenizer import BYTE_VOCAB_SIZE
 from tokenformer.errors import TokenFormerError
 from tokenformer.options import RunConfig, option
 from tokenformer.training.distributed import PARALLELISMS
@@ -250,50 +251,47 @@ class CaptionTrainConfig(RunConfig):
     tokenizer: str | None = option("bpe (a byte-level BPE trained on the training captions), byte, or a "
                                   "tokenizer.json path; default: lm_from's or init_from's tokenizer, else bpe; "
                                   "saved with every checkpoint", default=None)
-    bpe_vocab_size: int = option("vocabulary of the BPE trained on the captions (tokenizer bpe)", default=320)
-    max_train_samples: int | None = option("use only the first N training samples (quick runs)", default=None)
+    bpe_vocab_size: int = option("vocabulary of the BPE trained on the captions (tokenizer bpe)",
+                                 minimum=BYTE_VOCAB_SIZE, default=320)
+    max_train_samples: int | None = option("use only the first N training samples (quick runs)", minimum=1,
+                                           default=None)
     # schedule
-    epochs: int = option("passes over the training samples", default=10)
-    batch_size: int = option("samples per optimizer step (under torchrun: over all ranks together)", default=64)
-    eval_batch_size: int = option("samples per forward pass in evaluation", default=250)
-    lr: float = option("peak learning rate", default=2e-3)
-    min_lr: float = option("learning rate at the end of the decay", default=1e-5)
-    warmup_epochs: float = option("linear warmup length in epochs", default=0.5)
+    epochs: int = option("passes over the training samples", minimum=1, default=10)
+    batch_size: int = option("samples per optimizer step (under torchrun: over all ranks together)", minimum=1,
+                             default=64)
+    eval_batch_size: int = option("samples per forward pass in evaluation", minimum=1, default=250)
+    lr: float = option("peak learning rate", minimum=0, default=2e-3)
+    min_lr: float = option("learning rate at the end of the decay", minimum=0, default=1e-5)
+    warmup_epochs: float = option("linear warmup length in epochs", minimum=0, default=0.5)
     lr_decay_style: str = option("cosine, linear or constant", default="cosine")
-    weight_decay: float = option("AdamW weight decay on matrices (Pattention tokens, embeddings)", default=0.05)
-    adam_beta1: float = option("AdamW beta1", default=0.9)
-    adam_beta2: float = option("AdamW beta2", default=0.98)
-    adam_eps: float = option("AdamW epsilon", default=1e-8)
-    clip_grad: float = option("clip the global gradient norm to this (0 = no clipping)", default=1.0)
+    weight_decay: float = option("AdamW weight decay on matrices (Pattention tokens, embeddings)", minimum=0,
+                                 default=0.05)
+    adam_beta1: float = option("AdamW beta1", minimum=0, below=1, default=0.9)
+    adam_beta2: float = option("AdamW beta2", minimum=0, below=1, default=0.98)
+    adam_eps: float = option("AdamW epsilon", above=0, default=1e-8)
+    clip_grad: float = option("clip the global gradient norm to this (0 = no clipping)", minimum=0, default=1.0)
     seed: int = option("seed of the initialisation and the data order", default=0)
     # evaluation, checkpoints, logging
     caption_samples: int = option("validation samples captioned greedily at every evaluation (the first N; "
-                                  "0 = none)", default=200)
-    max_new_tokens: int = option("longest generated caption, in tokens", default=40)
-    eval_interval: int = option("validate every this many epochs (and after the last)", default=1)
+                                  "0 = none)", minimum=0, default=200)
+    max_new_tokens: int = option("longest generated caption, in tokens", minimum=1, default=40)
+    eval_interval: int = option("validate every this many epochs (and after the last)", minimum=1, default=1)
     save: str | None = option("output directory: checkpoints, metrics.jsonl, loss_curve.png, captions.jsonl, "
                               "model/", default=None)
-    save_interval: int = option("write a checkpoint every this many epochs (and after the last)", default=1)
-    keep_last_n: int = option("checkpoints kept (older ones are deleted)", default=2)
+    save_interval: int = option("write a checkpoint every this many epochs (and after the last)", minimum=1, default=1)
+    keep_last_n: int = option("checkpoints kept (older ones are deleted)", minimum=1, default=2)
     resume: bool = option("continue from the latest checkpoint in `save`", default=False)
-    log_interval: int = option("write a train-loss metrics line every this many steps", default=50)
+    log_interval: int = option("write a train-loss metrics line every this many steps", minimum=1, default=50)
     plot: bool = option("write loss_curve.png (extra: plot)", default=True)
     progress: bool = option("show a progress bar", default=True)
-    num_threads: int | None = option("CPU threads (default: torch's choice)", default=None)
+    num_threads: int | None = option("CPU threads (default: torch's choice)", minimum=1, default=None)
     device: str = option("auto, cpu, cuda, ... (under torchrun: data-parallel with DDP)", default="auto")
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
-        for name in ("epochs", "batch_size", "eval_batch_size", "eval_interval", "save_interval", "keep_last_n",
-                     "log_interval", "max_new_tokens", "bpe_vocab_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise TokenFormerError(f"train-captioner config field {name} must be a positive integer, "
-                                       f"got {value!r}")
-        if not isinstance(self.caption_samples, int) or self.caption_samples < 0:
-            raise TokenFormerError(f"caption_samples must be a non-negative integer, got {self.caption_samples!r}")
+        self.check_bounds()  # the ranges declared with the fields
         if self.lr_decay_style not in LR_DECAY_STYLES:
             raise TokenFormerError(
                 f"unknown lr_decay_style {self.lr_decay_style!r}: use one of {', '.join(LR_DECAY_STYLES)}")
@@ -330,40 +328,44 @@ class ClipTrainConfig(RunConfig):
                                        "is reported apart)", default=None)
     tokenizer: str = option("bpe (a byte-level BPE trained on the training captions), byte, or a tokenizer.json "
                            "path; saved with every checkpoint", default="bpe")
-    bpe_vocab_size: int = option("vocabulary of the BPE trained on the captions (tokenizer bpe)", default=512)
-    max_train_samples: int | None = option("use only the first N training samples (quick runs)", default=None)
-    max_val_samples: int | None = option("validate on the first N validation samples only", default=None)
+    bpe_vocab_size: int = option("vocabulary of the BPE trained on the captions (tokenizer bpe)",
+                                 minimum=BYTE_VOCAB_SIZE, default=512)
+    max_train_samples: int | None = option("use only the first N training samples (quick runs)", minimum=1,
+                                           default=None)
+    max_val_samples: int | None = option("validate on the first N validation samples only", minimum=1, default=None)
     mean: list[float] = option("per-channel mean subtracted after scaling pixels to [0, 1]",
                               default_factory=lambda: [0.5])
     std: list[float] = option("per-channel std divided by", default_factory=lambda: [0.5])
     augment: str = option("training augmentation: none, flip, crop, crop-flip, inception (see train-vision)",
                          default="none")
-    crop_padding: int = option("padding of the random crop (pixels)", default=2)
+    crop_padding: int = option("padding of the random crop (pixels)", minimum=0, default=2)
     # schedule
-    epochs: int = option("passes over the training pairs", default=10)
-    batch_size: int = option("pairs per optimizer step, the contrastive batch (under torchrun: over all ranks "
-                             "together, gathered for the loss)", default=64)
-    eval_batch_size: int = option("pairs per forward pass in evaluation", default=250)
-    lr: float = option("peak learning rate", default=1e-3)
-    min_lr: float = option("learning rate at the end of the decay", default=1e-5)
-    warmup_epochs: float = option("linear warmup length in epochs", default=0.5)
+    epochs: int = option("passes over the training pairs", minimum=1, default=10)
+    batch_size: int = option("pairs per optimizer step, the contrastive batch: each pair's negatives are the "
+                             "others (under torchrun: over all ranks together, gathered for the loss)", minimum=2,
+                             default=64)
+    eval_batch_size: int = option("pairs per forward pass in evaluation", minimum=1, default=250)
+    lr: float = option("peak learning rate", minimum=0, default=1e-3)
+    min_lr: float = option("learning rate at the end of the decay", minimum=0, default=1e-5)
+    warmup_epochs: float = option("linear warmup length in epochs", minimum=0, default=0.5)
     lr_decay_style: str = option("cosine, linear or constant", default="cosine")
-    weight_decay: float = option("AdamW weight decay on matrices (Pattention tokens, embeddings)", default=0.2)
-    adam_beta1: float = option("AdamW beta1", default=0.9)
-    adam_beta2: float = option("AdamW beta2", default=0.98)
-    adam_eps: float = option("AdamW epsilon", default=1e-6)
-    clip_grad: float = option("clip the global gradient norm to this (0 = no clipping)", default=1.0)
-    seed: int = option("seed of the initialisation, data order, captions and augmentation", default=0)
+    weight_decay: float = option("AdamW weight decay on matrices (Pattention tokens, embeddings)", minimum=0,
+                                 default=0.2)
+    adam_beta1: float = option("AdamW beta1", minimum=0, below=1, default=0.9)
+    adam_beta2: float = option("AdamW beta2", minimum=0, below=1, default=0.98)
+    adam_eps: float = option("AdamW epsilon", above=0, default=1e-6)
+    clip_grad: float = option("clip the global gradient norm to this (0 = no clipping)", minimum=0, default=1.0)
+    seed: int = option("seed of the initialisation, data order, captions and augmentation", minimum=0, default=0)
     # evaluation, checkpoints, logging
-    eval_interval: int = option("validate every this many epochs (and after the last)", default=1)
+    eval_interval: int = option("validate every this many epochs (and after the last)", minimum=1, default=1)
     save: str | None = option("output directory: checkpoints, metrics.jsonl, loss_curve.png, model/", default=None)
-    save_interval: int = option("write a checkpoint every this many epochs (and after the last)", default=1)
-    keep_last_n: int = option("checkpoints kept (older ones are deleted)", default=2)
+    save_interval: int = option("write a checkpoint every this many epochs (and after the last)", minimum=1, default=1)
+    keep_last_n: int = option("checkpoints kept (older ones are deleted)", minimum=1, default=2)
     resume: bool = option("continue from the latest checkpoint in `save`", default=False)
-    log_interval: int = option("write a train-loss metrics line every this many steps", default=50)
+    log_interval: int = option("write a train-loss metrics line every this many steps", minimum=1, default=50)
     plot: bool = option("write loss_curve.png (extra: plot)", default=True)
     progress: bool = option("show a progress bar", default=True)
-    num_threads: int | None = option("CPU threads (default: torch's choice)", default=None)
+    num_threads: int | None = option("CPU threads (default: torch's choice)", minimum=1, default=None)
     device: str = option("auto, cpu, cuda, ... (under torchrun: data-parallel with DDP)", default="auto")
 
     def __post_init__(self) -> None:
@@ -372,13 +374,7 @@ class ClipTrainConfig(RunConfig):
         self.validate()
 
     def validate(self) -> None:
-        for name in ("epochs", "batch_size", "eval_batch_size", "eval_interval", "save_interval", "keep_last_n",
-                     "log_interval", "bpe_vocab_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise TokenFormerError(f"train-clip config field {name} must be a positive integer, got {value!r}")
-        if self.batch_size < 2:
-            raise TokenFormerError("batch_size must be at least 2: a contrastive batch needs negatives")
+        self.check_bounds()  # the ranges declared with the fields (batch_size 2 or more: a pair needs negatives)
         if self.augment not in AUGMENTATIONS:
             raise TokenFormerError(f"unknown augment {self.augment!r}: use one of {', '.join(AUGMENTATIONS)}")
         if self.lr_decay_style not in LR_DECAY_STYLES:

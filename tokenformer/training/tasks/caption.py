@@ -5,6 +5,7 @@ after the image prefix, and greedy captions scored against the scenes they descr
 from __future__ import annotations
 
 import json
+import reprlib
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -51,11 +52,17 @@ def caption_rows(encoded: list[list[int]], eos_id: int) -> tuple[torch.Tensor, t
     return ids, torch.tensor([len(row) for row in rows])
 
 
-def scene_groups(extra: dict | None) -> list[tuple] | None:
+def scene_groups(extra: dict | None, where: str = "a sample") -> list[tuple] | None:
     """The (count, colour, shape, position) groups of a sample's scene attributes
-    (`tokenformer.data.scenes.Scene.attributes`, the sample's KEY.json), or None without them."""
+    (`tokenformer.data.scenes.Scene.attributes`, the sample's KEY.json), or None without them; a
+    group of another form is one sentence naming `where` the sample is."""
     if not isinstance(extra, dict) or not isinstance(extra.get("groups"), list):
         return None
+    for group in extra["groups"]:
+        if not (isinstance(group, list) and len(group) == 4 and isinstance(group[0], int)
+                and all(isinstance(part, str) for part in group[1:])):
+            raise TokenFormerError(f"the scene attributes (.json) of {where} hold the group {reprlib.repr(group)}, "
+                                   f"not [count, colour, shape, position]: write them again (Scene.attributes())")
     return [tuple(group) for group in extra["groups"]]
 
 
@@ -200,7 +207,7 @@ class CaptionTask:
             x, references = take_image_text(self.val, index, self.transform)
             texts = generate_caption(model, self.tokenizer, x.to(device), self.cfg.max_new_tokens)
             for i, reference, text in zip(index.tolist(), references, texts):
-                truth = scene_groups(self.val.extra(i))
+                truth = scene_groups(self.val.extra(i), self.val.where(i))
                 self.captions.append({"key": self.val.key(i), "reference": reference, "caption": text})
                 if truth is not None:
                     totals += np.concatenate([[1.0], attribute_matches(truth, parse_caption(text))])
