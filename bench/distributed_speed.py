@@ -196,7 +196,7 @@ def lm_runs(args: argparse.Namespace, workdir: Path) -> tuple[list[dict], dict[s
 
 def vision_runs(args: argparse.Namespace, workdir: Path) -> tuple[list[dict], dict[str, Any], str]:
     """`tokenformer train-vision`: the rows, the settings for the JSON and the table's title."""
-    from tokenformer.models.vision import resolve_vision_config
+    from tokenformer.models.vision import VisionConfig
 
     if args.parallelism != ["ddp"]:
         raise SystemExit("train-vision runs under torchrun with DDP only: drop --parallelism (or pass ddp)")
@@ -204,7 +204,7 @@ def vision_runs(args: argparse.Namespace, workdir: Path) -> tuple[list[dict], di
         raise SystemExit("train-vision trains in fp32 only (it has no precision setting): drop --dtype")
     if args.batch % args.nproc:
         raise SystemExit(f"--batch {args.batch} (the global batch) must divide by --nproc {args.nproc}")
-    config = resolve_vision_config(args.preset)
+    config = VisionConfig.resolve(args.preset)
     if config.num_channels != 1:
         raise SystemExit(f"preset {args.preset} takes {config.num_channels}-channel images but the synthetic "
                          f"data here is grey (MNIST IDX): use tiny-28, fmnist-28 or small-28")

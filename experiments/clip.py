@@ -44,7 +44,7 @@ from tokenformer.data.scenes import write_scene_dataset
 from tokenformer.data.tokenizer import load_tokenizer
 from tokenformer.evaluation.retrieval import zero_shot_classifier
 from tokenformer.files import FINAL_MODEL_DIR, TOKENIZER_FILE
-from tokenformer.models.clip import CLIPTokenFormer, resolve_clip_config
+from tokenformer.models.clip import CLIPConfig, CLIPTokenFormer
 from tokenformer.training.config import ClipTrainConfig
 from tokenformer.training.loop import train_clip
 
@@ -91,7 +91,7 @@ def runs_of(part: str, scale: dict[str, Any], out: Path, seed: int = 0) -> dict[
 
 def build(kind: str, cfg: ClipTrainConfig) -> torch.nn.Module:
     """One of MODELS for the config's preset; both from the same `CLIPConfig`."""
-    config = resolve_clip_config(cfg.model)
+    config = CLIPConfig.resolve(cfg.model)
     return CLIPTokenFormer(config) if kind == "CLIPTokenFormer" else CLIPBaseline(config)
 
 

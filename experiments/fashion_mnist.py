@@ -32,7 +32,7 @@ MODELS = ("VisionTokenFormer", "ViT")
 def run_one(kind: str, values: dict, out: str) -> dict:
     """Train one model (`kind` in MODELS) with the train-vision config `values`."""
     from experiments.vit import ViT
-    from tokenformer.models.vision import VisionTokenFormer, resolve_vision_config
+    from tokenformer.models.vision import VisionConfig, VisionTokenFormer
     from tokenformer.training.config import VisionTrainConfig
     from tokenformer.training.loop import train_vision
 
@@ -40,7 +40,7 @@ def run_one(kind: str, values: dict, out: str) -> dict:
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     torch.manual_seed(cfg.seed)
-    config = resolve_vision_config(cfg.model)
+    config = VisionConfig.resolve(cfg.model)
     model = VisionTokenFormer(config) if kind == "VisionTokenFormer" else ViT(config)
     cpu_start = time.process_time()  # this process only (rank 0 under torchrun)
     result = train_vision(cfg, model)

@@ -12,14 +12,14 @@ import tokenformer as tf
 from tokenformer.checkpoint import load_model
 from tokenformer.data import scenes
 from tokenformer.generate import generate_caption
-from tokenformer.models.captioner import Captioner, CaptionerConfig, caption_loss, resolve_captioner_config
+from tokenformer.models.captioner import Captioner, CaptionerConfig, caption_loss
 from tokenformer.training.tasks.caption import accuracy_record, attribute_matches, caption_rows
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 def tiny(**text) -> Captioner:
-    config = resolve_captioner_config({"name": "tiny", "text": text})
+    config = CaptionerConfig.resolve({"name": "tiny", "text": text})
     return Captioner(config).eval()
 
 
@@ -52,9 +52,9 @@ def test_config_parts_presets_and_errors():
     again = CaptionerConfig.from_dict(json.loads(json.dumps(config.to_dict())))
     assert again == config
     with pytest.raises(tf.TokenFormerError, match="must equal the language model's hidden_size 64"):
-        resolve_captioner_config({"name": "tiny", "vision": {"num_classes": 10}})
+        CaptionerConfig.resolve({"name": "tiny", "vision": {"num_classes": 10}})
     with pytest.raises(tf.TokenFormerError, match="leaves no room for a caption"):
-        resolve_captioner_config({"name": "tiny", "text": {"seq_length": 18}})
+        CaptionerConfig.resolve({"name": "tiny", "text": {"seq_length": 18}})
 
 
 def test_projector_is_the_head_on_every_token_and_every_parameter_gets_a_gradient():

@@ -117,3 +117,27 @@ def test_missing_files():
         Config.from_neox_yaml("nowhere.yml")
     with pytest.raises(FileNotFoundError, match="nowhere.json"):
         Config.from_json("nowhere.json")
+
+
+def test_resolve_reads_a_run_configs_model_field_the_same_way_for_every_model():
+    from tokenformer.models.captioner import CAPTIONER_PRESETS, CaptionerConfig
+    from tokenformer.models.clip import CLIP_PRESETS, CLIPConfig
+    from tokenformer.models.vision import VisionConfig
+
+    # a preset name, the config itself, and a mapping that starts from the preset named in it
+    assert Config.resolve("tiny") == Config.from_name("tiny")
+    assert Config.resolve(Config.from_name("tiny")).name == "tiny"
+    vision = VisionConfig.resolve({"name": "tiny-28", "num_layers": 3})
+    assert vision.num_layers == 3 and vision.hidden_size == VisionConfig.from_name("tiny-28").hidden_size
+    # without a preset's name the mapping is the fields themselves
+    assert Config.resolve({"num_layers": 1, "hidden_size": 32, "num_attention_heads": 2}).name == "custom"
+    # a mapping over a part (vision, text) changes single fields of the preset's part, not the part
+    for cls, presets in ((CLIPConfig, CLIP_PRESETS), (CaptionerConfig, CAPTIONER_PRESETS)):
+        config = cls.resolve({"name": "tiny", "text": {"num_layers": 3}})
+        assert config.text.num_layers == 3
+        assert config.text.hidden_size == presets["tiny"]["text"]["hidden_size"]
+        assert config.vision == cls.from_name("tiny").vision
+    with pytest.raises(TokenFormerError, match=r"CLIP preset name \(B/16, tiny, .*\) or a mapping of CLIP config fields"):
+        CLIPConfig.resolve(42)
+    with pytest.raises(TokenFormerError, match="unknown vision preset 'huge'"):
+        VisionConfig.resolve("huge")

@@ -42,7 +42,7 @@ from tokenformer.data.prepare import load_prepared, prepare
 from tokenformer.data.scenes import write_scene_dataset
 from tokenformer.errors import TokenFormerError
 from tokenformer.inputs import read_safetensors, torch_load_safe
-from tokenformer.models.captioner import Captioner, resolve_captioner_config
+from tokenformer.models.captioner import Captioner, CaptionerConfig
 from tokenformer.models.clip import CLIPConfig, CLIPTokenFormer
 from tokenformer.models.config import Config
 from tokenformer.training.checkpointing import CheckpointManager
@@ -167,7 +167,7 @@ def world(tmp_path_factory) -> dict[str, Path]:
             (captioned / f"{val.key(i)}.png").write_bytes(val.image_bytes(i))
             table.writerow([f"{val.key(i)}.png", val.caption(i)])
     CLIPTokenFormer(CLIPConfig.from_name("tiny")).save_pretrained(root / "clip", tokenizer=tf.ByteTokenizer())
-    Captioner(resolve_captioner_config("tiny")).save_pretrained(root / "captioner", tokenizer=tf.ByteTokenizer())
+    Captioner(CaptionerConfig.resolve("tiny")).save_pretrained(root / "captioner", tokenizer=tf.ByteTokenizer())
     return {"root": root, "docs": docs, "data": root / "data", "run": root / "run",
             "checkpoint": root / "run" / "step_00000002", "model": root / "model", "official": root / "official.bin",
             "yml": root / "official.yml", "mnist": images, "folder": root / "folder", "scenes": root / "scenes",

@@ -61,6 +61,7 @@ class CaptionerConfig(PresetConfig):
     slot_fields = BLOCK_SLOT_FIELDS + tuple(VISION_PREFIX + f for f in BLOCK_SLOT_FIELDS)
     config_label = "captioner config"
     preset_label = "captioner preset"
+    part_fields = ("vision", "text")  # mappings over a preset change single fields of its parts
 
     def __post_init__(self) -> None:
         # a saved config.json holds the parts as mappings; `None` means the parts' defaults
@@ -160,23 +161,6 @@ CAPTIONER_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def resolve_captioner_config(spec: Any) -> CaptionerConfig:
-    """A `CaptionerConfig` from a preset name or a mapping (`name` picks the preset; `vision` and
-    `text` mappings override single fields of the preset's parts)."""
-    if isinstance(spec, CaptionerConfig):
-        return spec
-    if isinstance(spec, str):
-        return CaptionerConfig.from_name(spec)
-    if isinstance(spec, dict):
-        values = dict(spec)
-        name = values.get("name")
-        if name in CAPTIONER_PRESETS:
-            preset = CAPTIONER_PRESETS[name]
-            for part in ("vision", "text"):
-                values[part] = {**preset[part], **(values.get(part) or {})}
-        return CaptionerConfig.from_dict(values)
-    raise TokenFormerError(f"model must be a captioner preset name ({', '.join(CAPTIONER_PRESETS)}) or a mapping "
-                           f"of CaptionerConfig fields, got {spec!r}")
 
 
 class Captioner(PretrainedModel):

@@ -90,22 +90,11 @@ class CLIPConfig(PresetConfig):
 
     config_label = "CLIP config"
     preset_label = "CLIP preset"
+    part_fields = ("vision", "text")  # `vision={"num_layers": 4}` over a preset changes only the layer count
 
     @classmethod
     def presets(cls) -> dict[str, dict[str, Any]]:
         return CLIP_PRESETS
-
-    @classmethod
-    def from_name(cls, name: str, **overrides: Any) -> "CLIPConfig":
-        """A named preset; `vision` / `text` overrides are merged into the preset's towers field by
-        field (`vision={"num_layers": 4}` changes only the layer count)."""
-        preset = cls.presets().get(name)
-        if preset is None:
-            return super().from_name(name, **overrides)  # the error that lists the presets
-        for tower in ("vision", "text"):
-            if isinstance(overrides.get(tower), dict):
-                overrides[tower] = {**preset[tower], **overrides[tower]}
-        return super().from_name(name, **overrides)
 
     def to_dict(self) -> dict[str, Any]:
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -142,20 +131,6 @@ CLIP_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def resolve_clip_config(spec: Any) -> CLIPConfig:
-    """A `CLIPConfig` from a preset name or a mapping of fields (`name` picks the preset)."""
-    if isinstance(spec, CLIPConfig):
-        return spec
-    if isinstance(spec, str):
-        return CLIPConfig.from_name(spec)
-    if isinstance(spec, dict):
-        values = dict(spec)
-        name = values.pop("name", None)
-        if name in CLIP_PRESETS:
-            return CLIPConfig.from_name(name, **values)
-        return CLIPConfig.from_dict({**values, **({"name": name} if name else {})})
-    raise TokenFormerError(f"model must be a CLIP preset name ({', '.join(CLIP_PRESETS)}) or a mapping of "
-                           f"CLIPConfig fields, got {spec!r}")
 
 
 class TextTower(LanguageModelCore, nn.Module):

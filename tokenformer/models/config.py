@@ -53,6 +53,9 @@ class PresetConfig:
     # Values `to_dict` writes although they follow from the fields (the LM's `padded_vocab_size`):
     # `from_dict` accepts and drops them, so that a saved config reads back; the class recomputes them.
     derived_fields: ClassVar[tuple[str, ...]] = ()
+    # Fields that hold a nested part's config (CLIP's and the captioner's `vision` and `text`): an
+    # override that is a mapping changes single fields of the preset's part, not the whole part.
+    part_fields: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def presets(cls) -> dict[str, dict[str, Any]]:
@@ -67,7 +70,28 @@ class PresetConfig:
         if name not in presets:
             raise TokenFormerError(
                 f"unknown {cls.preset_label} {name!r}: valid presets are {', '.join(presets)}")
-        return cls.from_dict({**presets[name], "name": name, **overrides})
+        preset = presets[name]
+        for part in cls.part_fields:
+            if isinstance(overrides.get(part), dict) and isinstance(preset.get(part), dict):
+                overrides[part] = {**preset[part], **overrides[part]}
+        return cls.from_dict({**preset, "name": name, **overrides})
+
+    @classmethod
+    def resolve(cls: type[PresetConfigT], spec: Any) -> PresetConfigT:
+        """A config from a preset name, a mapping of fields (`name: PRESET` starts from that preset
+        and the other keys override its fields), or a config itself: what a run config's `model`
+        field may hold."""
+        if isinstance(spec, cls):
+            return spec
+        if isinstance(spec, str):
+            return cls.from_name(spec)
+        if isinstance(spec, dict):
+            values = dict(spec)
+            if values.get("name") in cls.presets():
+                return cls.from_name(values.pop("name"), **values)
+            return cls.from_dict(values)
+        raise TokenFormerError(f"model must be a {cls.preset_label} name ({', '.join(cls.presets())}) or a "
+                               f"mapping of {cls.config_label} fields, got {spec!r}")
 
     @classmethod
     def from_dict(cls: type[PresetConfigT], values: dict[str, Any]) -> PresetConfigT:
@@ -262,14 +286,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 def resolve_model_config(spec: Any) -> Config:
     """A model `Config` from a preset name, a .json/.yml path, or a mapping of fields (with
     `name: PRESET` to start from a preset)."""
-    if isinstance(spec, Config):
-        return spec
-    if isinstance(spec, dict):
-        values = dict(spec)
-        name = values.get("name")
-        if name in PRESETS:
-            return Config.from_name(values.pop("name"), **values)
-        return Config.from_dict(values)
+    if isinstance(spec, (Config, dict)):
+        return Config.resolve(spec)
     spec = str(spec)
     if spec in PRESETS:
         return Config.from_name(spec)

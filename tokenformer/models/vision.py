@@ -209,16 +209,3 @@ class VisionTokenFormer(PretrainedModel):
         return self.head(self.features(images))  # (B, num_classes)
 
 
-def resolve_vision_config(spec: Any) -> VisionConfig:
-    """A `VisionConfig` from a preset name or a mapping of fields (`name` picks the preset)."""
-    if isinstance(spec, VisionConfig):
-        return spec
-    if isinstance(spec, str):
-        return VisionConfig.from_name(spec)
-    if isinstance(spec, dict):
-        values = dict(spec)
-        name = values.pop("name", None)
-        if name in VISION_PRESETS:
-            return VisionConfig.from_name(name, **values)
-        return VisionConfig.from_dict({**values, **({"name": name} if name else {})})
-    raise TokenFormerError(f"model must be a vision preset name or a mapping of VisionConfig fields, got {spec!r}")

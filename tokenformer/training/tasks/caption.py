@@ -22,7 +22,7 @@ from tokenformer.data.tokenizer import Tokenizer, check_vocab_fits, load_tokeniz
 from tokenformer.errors import TokenFormerError
 from tokenformer.files import FINAL_MODEL_DIR, TOKENIZER_FILE, atomic_write_text
 from tokenformer.generate import generate_caption
-from tokenformer.models.captioner import Captioner, caption_loss, resolve_captioner_config
+from tokenformer.models.captioner import Captioner, CaptionerConfig, caption_loss
 from tokenformer.models.pretrained import save_model
 from tokenformer.training.config import CaptionTrainConfig
 from tokenformer.training.distributed import DistEnv, all_reduce_mean, unwrap
@@ -119,7 +119,7 @@ class CaptionTask:
     def build_model(self) -> nn.Module:
         if self.cfg.vision_from:
             return Captioner.from_parts(self.cfg.vision_from, self.cfg.lm_from).train()
-        config = resolve_captioner_config(self.cfg.model)
+        config = CaptionerConfig.resolve(self.cfg.model)
         return Captioner(config.replace(vocab_size=self.tokenizer.vocab_size))
 
     def prepare(self, model: nn.Module, env: DistEnv) -> None:

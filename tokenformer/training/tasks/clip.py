@@ -27,7 +27,7 @@ from tokenformer.data.tokenizer import Tokenizer, check_vocab_fits, load_tokeniz
 from tokenformer.errors import TokenFormerError
 from tokenformer.evaluation.retrieval import encode_dataset, retrieval_recall, zero_shot_accuracy, zero_shot_classifier
 from tokenformer.files import FINAL_MODEL_DIR, TOKENIZER_FILE
-from tokenformer.models.clip import CLIPConfig, CLIPTokenFormer, resolve_clip_config, tokenize_captions
+from tokenformer.models.clip import CLIPConfig, CLIPTokenFormer, tokenize_captions
 from tokenformer.models.pretrained import save_model
 from tokenformer.training.config import ClipTrainConfig
 from tokenformer.training.contrastive import clamp_logit_scale, clip_loss, contrastive_loss, gather_rows
@@ -94,7 +94,7 @@ def model_config(cfg: ClipTrainConfig, tokenizer: Tokenizer | None = None) -> CL
     for a trained BPE (which may stop short of it: the shape must not depend on the captions), else
     the tokenizer's size (`tokenizer`, or the one `cfg.tokenizer` names). What a model trained with
     `train_clip(cfg, model)` must be built with, whatever its class."""
-    config = resolve_clip_config(cfg.model)
+    config = CLIPConfig.resolve(cfg.model)
     if cfg.tokenizer == "bpe":
         vocab = cfg.bpe_vocab_size
     else:

@@ -17,7 +17,7 @@ from tokenformer.data import images
 from tokenformer.errors import TokenFormerError
 from tokenformer.files import ACCURACY_PLOT_FILE, FINAL_MODEL_DIR
 from tokenformer.models.pretrained import save_model
-from tokenformer.models.vision import VisionTokenFormer, resolve_vision_config
+from tokenformer.models.vision import VisionConfig, VisionTokenFormer
 from tokenformer.training.config import VisionTrainConfig
 from tokenformer.training.distributed import DistEnv, all_reduce_mean, unwrap
 from tokenformer.training.metrics import plot_accuracy
@@ -131,7 +131,7 @@ class VisionTask:
         self.name = "train-vision"
 
     def build_model(self) -> nn.Module:
-        return VisionTokenFormer(resolve_vision_config(self.cfg.model))
+        return VisionTokenFormer(VisionConfig.resolve(self.cfg.model))
 
     def prepare(self, model: nn.Module, env: DistEnv) -> None:
         cfg, config = self.cfg, model.config
