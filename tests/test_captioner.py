@@ -46,6 +46,7 @@ def test_tokens_keep_the_class_token_features():
 def test_config_parts_presets_and_errors():
     config = CaptionerConfig.from_name("tiny")
     assert config.vision.num_classes == config.text.hidden_size == 64 and config.prefix_length == 17
+    assert config.caption_room == config.text.seq_length - 17 - 1  # the end-of-text token that opens a caption
     assert Captioner(config).num_parameters() == config.num_parameters
     big = CaptionerConfig.from_name("B/16-150M")
     assert (big.prefix_length, big.vision.num_classes, big.text.num_layers) == (197, 768, 12)

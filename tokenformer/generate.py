@@ -142,7 +142,7 @@ def generate_caption(model, tokenizer, images: torch.Tensor, max_new_tokens: int
     end-of-text token (not part of the caption) or after `max_new_tokens`."""
     if max_new_tokens < 1:
         raise TokenFormerError(f"max_new_tokens must be a positive integer, got {max_new_tokens}")
-    room = model.config.text.seq_length - model.config.prefix_length - 1
+    room = model.config.caption_room
     if max_new_tokens > room:
         raise TokenFormerError(f"max_new_tokens {max_new_tokens} does not fit the language model's seq_length "
                                f"after the image prefix: give at most {room}")

@@ -69,8 +69,7 @@ def caption_images(checkpoint: str | Path, paths: list[Path], max_new_tokens: in
             raise FileNotFoundError(f"image {path} does not exist")
     pixels = torch.cat([transform(images.read_image(p, config.vision.num_channels)[None]) for p in paths])
     # a caption ends at its end-of-text token: the context left after the image prefix is the most it can use
-    room = config.text.seq_length - config.prefix_length - 1
-    return generate_caption(model, tok, pixels, min(max_new_tokens, room), **sampling)  # pixels (B, C, H, W)
+    return generate_caption(model, tok, pixels, min(max_new_tokens, config.caption_room), **sampling)
 
 
 def caption_main(args: argparse.Namespace) -> None:

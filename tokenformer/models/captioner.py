@@ -83,6 +83,12 @@ class CaptionerConfig(PresetConfig):
         return 1 + self.vision.num_patches
 
     @property
+    def caption_room(self) -> int:
+        """The longest caption generation can write: the language model's seq_length after the
+        image prefix and the opening end-of-text token."""
+        return self.text.seq_length - self.prefix_length - 1
+
+    @property
     def num_parameters(self) -> int:
         return self.vision.num_parameters + self.text.num_parameters
 

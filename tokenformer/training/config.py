@@ -274,7 +274,8 @@ class CaptionTrainConfig(RunConfig):
     # evaluation, checkpoints, logging
     caption_samples: int = option("validation samples captioned greedily at every evaluation (the first N; "
                                   "0 = none)", minimum=0, default=200)
-    max_new_tokens: int = option("longest generated caption, in tokens", minimum=1, default=40)
+    max_new_tokens: int = option("longest generated caption, in tokens (at most what the language model's "
+                                 "seq_length leaves after the image prefix)", minimum=1, default=64)
     eval_interval: int = option("validate every this many epochs (and after the last)", minimum=1, default=1)
     save: str | None = option("output directory: checkpoints, metrics.jsonl, loss_curve.png, captions.jsonl, "
                               "model/", default=None)

@@ -205,7 +205,8 @@ class CaptionTask:
         mine = torch.arange(count).tensor_split(env.world_size)[env.rank]
         for index in mine.split(self.cfg.eval_batch_size):
             x, references = take_image_text(self.val, index, self.transform)
-            texts = generate_caption(model, self.tokenizer, x.to(device), self.cfg.max_new_tokens)
+            texts = generate_caption(model, self.tokenizer, x.to(device),
+                                     min(self.cfg.max_new_tokens, model.config.caption_room))
             for i, reference, text in zip(index.tolist(), references, texts):
                 truth = scene_groups(self.val.extra(i), self.val.where(i))
                 self.captions.append({"key": self.val.key(i), "reference": reference, "caption": text})
