@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from collections import Counter
@@ -115,6 +116,7 @@ def main() -> None:
                                 f"jobs, timings are noisy"},
         "num_parameters": summary["num_parameters"], "steps": summary["step"],
         "train_time_s": summary["wall_time_s"], "data_time_s": data_s,
+        "total_wall_time_s": time.perf_counter() - started, "load_average_after": os.getloadavg(),
         "history": history, "final": history[-1], "baselines": base,
         "examples": captions[:12],
         "exact_by_objects": exact_by_size(captions, data / "val"),

@@ -167,8 +167,6 @@ CAPTIONER_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-
-
 class Captioner(PretrainedModel):
     """`model(images, ids)`: logits (B, T, padded_vocab) of caption ids (B, T) after the images'
     prefix. `vision` is the image tower (its head the projector), `lm` the language model."""

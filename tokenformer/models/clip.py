@@ -131,8 +131,6 @@ CLIP_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-
-
 class TextTower(LanguageModelCore, nn.Module):
     """The language model's embedding, causal rotary blocks and final norm, pooled at the end-of-text
     position and projected by a Pattention: `tower(ids, lengths)` -> (B, embed_dim)."""

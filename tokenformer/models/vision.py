@@ -207,5 +207,3 @@ class VisionTokenFormer(PretrainedModel):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(images))  # (B, num_classes)
-
-
