@@ -86,7 +86,7 @@ def main() -> None:
     parser.add_argument("--val", type=int, default=500)
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is faster on a loaded machine)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="1000 train / 100 val scenes, 2 epochs")

@@ -260,7 +260,7 @@ class CaptionTrainConfig(RunConfig):
     batch_size: int = option("samples per optimizer step (under torchrun: over all ranks together)", minimum=1,
                              default=64)
     eval_batch_size: int = option("samples per forward pass in evaluation", minimum=1, default=250)
-    lr: float = option("peak learning rate", minimum=0, default=2e-3)
+    lr: float = option("peak learning rate", minimum=0, default=1e-3)
     min_lr: float = option("learning rate at the end of the decay", minimum=0, default=1e-5)
     warmup_epochs: float = option("linear warmup length in epochs", minimum=0, default=0.5)
     lr_decay_style: str = option("cosine, linear or constant", default="cosine")
