@@ -1,6 +1,6 @@
 """Distributed training for real: `torchrun --nproc_per_node=2` on CPU (gloo) running the
-`tokenformer train` and `tokenformer train-vision` commands, compared against a single-process run
-with the same global batch.
+`tokenformer train`, `train-vision` and `train-captioner` commands, compared against a
+single-process run with the same global batch.
 
 Six torchrun launches serve every test (module-scoped fixtures):
   - DDP, rank 1 failing on purpose after step 3 (TOKENFORMER_FAIL_AT_STEP), then `--resume`;
@@ -413,6 +413,52 @@ def test_train_vision_global_batch_must_split_over_the_ranks(toy_images, tmp_pat
     with pytest.raises(D.TokenFormerError, match="batch_size 16 .* does not split evenly over 3 ranks"):
         cfg.loop_config(steps_per_epoch=4, world_size=3)
     assert cfg.loop_config(steps_per_epoch=4, world_size=2).train_micro_batch_size_per_gpu == 8
+
+
+# ---- train-captioner under torchrun ---------------------------------------------------------------
+
+# The ranks' shares of a step hold different numbers of caption tokens, so the loop weights each by
+# its count (`loss_terms_vary`); what is left between 2 ranks and 1 process is float32 summation
+# order, which AdamW's first steps magnify where a gradient is near zero: measured 1.5e-5 after 2
+# and 4 steps (without the weighting: 1e-2, and step 1's loss off by 7e-5).
+CAPTIONER_ATOL = 1e-4
+
+def captioner_fields(scenes_dir: Path, save: Path) -> dict:
+    """32 scenes, a global batch of 16, 2 epochs = 4 steps; 6 validation scenes captioned greedily,
+    3 per rank."""
+    return dict(model="tiny", data=str(scenes_dir / "train"), val_data=str(scenes_dir / "val"), epochs=2,
+                batch_size=16, eval_batch_size=4, lr=3e-3, caption_samples=6, max_new_tokens=12,
+                bpe_vocab_size=280, save=str(save), log_interval=1, seed=1, num_threads=1, device="cpu",
+                progress=False, plot=False)
+
+
+def test_train_captioner_two_ranks_match_one_process_on_the_same_global_batch(tmp_path):
+    """DDP over 2 ranks gives one process's per-step losses, weights and validation: the caption
+    loss and the greedy captions' scene accuracy are sums over both ranks' shares."""
+    from tokenformer.data.scenes import write_scene_dataset
+    from tokenformer.training.config import CaptionTrainConfig
+    from tokenformer.training.loop import train_captioner
+
+    write_scene_dataset(tmp_path / "scenes", train=32, val=6, progress=False)
+    result = torchrun(captioner_fields(tmp_path / "scenes", tmp_path / "ddp"), command="train-captioner")
+    assert result.returncode == 0, result.stderr[-3000:]
+    threads = torch.get_num_threads()
+    try:
+        train_captioner(CaptionTrainConfig(**captioner_fields(tmp_path / "scenes", tmp_path / "single")))
+    finally:
+        torch.set_num_threads(threads)
+    ddp, single = tmp_path / "ddp", tmp_path / "single"
+    for checkpoint in ("step_00000002", "step_00000004", "model"):
+        assert_close_weights(vision_weights(ddp / checkpoint), vision_weights(single / checkpoint), CAPTIONER_ATOL)
+    assert_same_losses(losses_of(ddp), losses_of(single))
+    got = [r for r in read_metrics(ddp / "metrics.jsonl") if "val_loss" in r]
+    expected = [r for r in read_metrics(single / "metrics.jsonl") if "val_loss" in r]
+    assert [r["epoch"] for r in got] == [r["epoch"] for r in expected] == [0, 1, 2]
+    for mine, theirs in zip(got, expected):
+        assert abs(mine["val_loss"] - theirs["val_loss"]) <= LOSS_ATOL, (mine, theirs)
+        assert mine["captioned"] == theirs["captioned"] == 6
+        for key in ("exact_match", "count_accuracy", "colour_accuracy", "shape_accuracy", "position_accuracy"):
+            assert mine[key] == pytest.approx(theirs[key]), key
 
 
 # ---- gradient sync, in this process on a one-rank group ------------------------------------------

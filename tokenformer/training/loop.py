@@ -222,18 +222,29 @@ def train_step(run: Run, iteration: int) -> tuple[float, float, float]:
         group["lr"] = lr
     optimizer.zero_grad(set_to_none=True)
     micro, accumulation = cfg.train_micro_batch_size_per_gpu, cfg.gradient_accumulation_steps
+    # A task whose batches hold different numbers of loss terms (caption tokens) backpropagates each
+    # micro-batch's sum; the gradients are divided by the step's global count below, so that the step
+    # minimises the mean over every term of the global batch however it is split over ranks and
+    # micro-batches. Any other task: the mean of the micro-batches' means.
+    by_count = getattr(run.task, "loss_terms_vary", False)
     loss_sum = torch.zeros((), device=env.device)
+    terms = torch.zeros((), device=env.device)
     for micro_step in range(accumulation):
         first = micro_batch_start(run.consumed_samples, micro_step, env.rank, env.world_size, micro)
         batch = to_device(run.task.train_batch(first, micro), env.device)
         with gradient_sync(model, sync=micro_step == accumulation - 1):
             with autocast_context(cfg.precision, env.device):
-                loss, _ = run.task.loss(model, batch)
-            scaled = loss / accumulation
+                loss, count = run.task.loss(model, batch)
+            scaled = loss * count if by_count else loss / accumulation
             (run.scaler.scale(scaled) if run.scaler is not None else scaled).backward()
-        loss_sum += loss.detach()
+        loss_sum += loss.detach() * count if by_count else loss.detach()
+        terms += count
     run.consumed_samples += micro * accumulation * env.world_size
-    step_loss = float(all_reduce_mean(loss_sum / accumulation, env))
+    if by_count:  # DDP averaged the ranks' sums: times world_size / all terms is the global mean
+        factor = env.world_size / float(all_reduce_mean(terms, env) * env.world_size)
+        step_loss = float(all_reduce_mean(loss_sum, env)) * factor
+    else:
+        step_loss = float(all_reduce_mean(loss_sum / accumulation, env))
     if not math.isfinite(step_loss):
         latest = run.manager.latest() if run.manager is not None else None
         kept = f"the last good checkpoint {latest} is kept" if latest else "no checkpoint was written yet"
@@ -241,6 +252,10 @@ def train_step(run: Run, iteration: int) -> tuple[float, float, float]:
                                f"lower lr, raise warmup or use fp32/bf16")
     if run.scaler is not None:
         run.scaler.unscale_(optimizer)
+    if by_count:
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(factor)
     grad_norm = clip_gradients(model, cfg.clip_grad)
     if run.scaler is not None:
         run.scaler.step(optimizer)

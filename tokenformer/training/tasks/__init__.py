@@ -11,7 +11,9 @@ A task has these members:
 - `prepare(model, env)`: load and check the data against the model (once, after seeding);
 - `train_batch(first, size)`: global samples `first .. first + size - 1`, a deterministic
   function of the index: this is what makes resume and any number of ranks exact;
-- `loss(model, batch) -> (mean loss, count)`;
+- `loss(model, batch) -> (mean loss, count)`; `loss_terms_vary` (optional, default false): the
+  count differs between batches (caption tokens), so the loop weights each micro-batch by it and a
+  step minimises the mean over all the global batch's terms, however it is split over ranks;
 - `after_step(model, step)` (e.g. an average of the weights), `log_extras(env)` (more values for
   the metrics lines; collective: every rank calls it at the same steps);
 - `evaluate(model, env, step) -> record | None`: the validation metrics (collective), and

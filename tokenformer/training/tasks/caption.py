@@ -160,6 +160,10 @@ class CaptionTask:
             self._order = (epoch, epoch_order(self.cfg.seed, epoch, self.num_train))
         return self.batch(self.train, self.train_ids, self._order[1][position:position + size])
 
+    # the captions' token counts differ from batch to batch: the loop weights each micro-batch by
+    # its count, so a step's loss is the mean over the global batch's caption tokens
+    loss_terms_vary = True
+
     def loss(self, model: nn.Module, batch: tuple) -> tuple[torch.Tensor, int]:
         images_, ids, lengths = batch
         return caption_loss(model, images_, ids, lengths), int((lengths - 1).sum())
