@@ -5,10 +5,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from tokenformer.data.scenes import POSITIONS, SLOTS_PER_POSITION, write_scene_dataset
+from tokenformer.data.scenes import MAX_OBJECTS, MIN_IMAGE_SIZE, write_scene_dataset
 from tokenformer.options import number
-
-MAX_OBJECTS = SLOTS_PER_POSITION * len(POSITIONS)  # four per quadrant
 
 
 def arguments(parser: argparse.ArgumentParser) -> None:
@@ -17,8 +15,8 @@ def arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val", type=number(int, minimum=0), default=1000, help="number of validation scenes")
     parser.add_argument("--seed", type=number(int, minimum=0), default=0,
                         help="seed: the same seed draws the same scenes")
-    parser.add_argument("--image-size", type=number(int, minimum=16), default=32,
-                        help="image height and width in pixels (at least 16)")
+    parser.add_argument("--image-size", type=number(int, minimum=MIN_IMAGE_SIZE), default=32,
+                        help=f"image height and width in pixels (at least {MIN_IMAGE_SIZE})")
     parser.add_argument("--max-objects", type=number(int, minimum=1, maximum=MAX_OBJECTS), default=3,
                         help=f"objects per scene are 1 to this many (at most {MAX_OBJECTS})")
     parser.add_argument("--shard-size", type=number(int, minimum=1), default=1000, help="scenes per tar shard")

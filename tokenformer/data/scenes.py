@@ -49,6 +49,8 @@ COLOURS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (40, 90, 235),
            "yellow": (235, 215, 40), "purple": (170, 60, 210), "white": (235, 235, 235)}
 POSITIONS = {"top left": (0, 0), "top right": (0, 1), "bottom left": (1, 0), "bottom right": (1, 1)}  # (row, col)
 SLOTS_PER_POSITION = 4  # the 2x2 sub-cells of a quadrant
+MAX_OBJECTS = SLOTS_PER_POSITION * len(POSITIONS)  # a scene holds at most four per quadrant
+MIN_IMAGE_SIZE = 16  # pixels: below it a sub-cell's shape is no longer recognisable
 COUNT_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
 # "there is " becomes "there are " before a first group of several
 PREFIXES = ("", "a photo of ", "an image of ", "a picture of ", "a drawing of ", "there is ", "this image shows ")
@@ -93,9 +95,8 @@ def _group_order(group: Group) -> tuple[int, int, int]:
 
 def random_scene(rng: np.random.Generator, max_objects: int = 3) -> Scene:
     """1 to `max_objects` objects (at most 16: four per quadrant) in random groups of identical ones."""
-    capacity = SLOTS_PER_POSITION * len(POSITIONS)
-    if not 1 <= max_objects <= capacity:
-        raise TokenFormerError(f"max_objects must be between 1 and {capacity} (four per quadrant), got {max_objects}")
+    if not 1 <= max_objects <= MAX_OBJECTS:
+        raise TokenFormerError(f"max_objects must be between 1 and {MAX_OBJECTS} (four per quadrant), got {max_objects}")
     remaining = int(rng.integers(1, max_objects + 1))
     free = dict.fromkeys(POSITIONS, SLOTS_PER_POSITION)
     objects: list[SceneObject] = []
@@ -164,8 +165,8 @@ def shape_mask(shape: str, dy: np.ndarray, dx: np.ndarray, radius: float) -> np.
 def draw(scene: Scene, image_size: int = 32, rng: np.random.Generator | None = None) -> np.ndarray:
     """The scene as uint8 (H, W, 3). Without rng: black background, exact colours, canonical
     layout; with one: a dark random background with noise, dimmed colours, varied layout."""
-    if image_size < 16:
-        raise TokenFormerError(f"image_size must be at least 16 pixels, got {image_size}")
+    if image_size < MIN_IMAGE_SIZE:
+        raise TokenFormerError(f"image_size must be at least {MIN_IMAGE_SIZE} pixels, got {image_size}")
     for obj in scene.objects:
         if obj.colour not in COLOURS or obj.position not in POSITIONS:
             raise TokenFormerError(f"unknown colour {obj.colour!r} or position {obj.position!r}: use "
