@@ -227,8 +227,7 @@ def train_step(run: Run, iteration: int) -> tuple[float, float, float]:
     # minimises the mean over every term of the global batch however it is split over ranks and
     # micro-batches. Any other task: the mean of the micro-batches' means.
     by_count = getattr(run.task, "loss_terms_vary", False)
-    loss_sum = torch.zeros((), device=env.device)
-    terms = torch.zeros((), device=env.device)
+    loss_sum, terms = torch.zeros((), device=env.device), 0
     for micro_step in range(accumulation):
         first = micro_batch_start(run.consumed_samples, micro_step, env.rank, env.world_size, micro)
         batch = to_device(run.task.train_batch(first, micro), env.device)
@@ -240,9 +239,11 @@ def train_step(run: Run, iteration: int) -> tuple[float, float, float]:
         loss_sum += loss.detach() * count if by_count else loss.detach()
         terms += count
     run.consumed_samples += micro * accumulation * env.world_size
-    if by_count:  # DDP averaged the ranks' sums: times world_size / all terms is the global mean
-        factor = env.world_size / float(all_reduce_mean(terms, env) * env.world_size)
-        step_loss = float(all_reduce_mean(loss_sum, env)) * factor
+    if by_count:  # one collective: the global loss sum and term count; DDP averaged the ranks' sums
+        totals = all_reduce_mean(torch.stack([loss_sum, torch.tensor(float(terms), device=env.device)]), env)
+        global_loss_sum, global_terms = (totals * env.world_size).tolist()
+        factor = env.world_size / global_terms
+        step_loss = global_loss_sum / global_terms
     else:
         step_loss = float(all_reduce_mean(loss_sum / accumulation, env))
     if not math.isfinite(step_loss):
