@@ -43,11 +43,11 @@ $(DEMO_STAMP): pyproject.toml constraints.txt
 demo: $(DEMO_STAMP) $(DEMO)/data/prepare.json
 	rm -rf $(DEMO)/checkpoints $(DEMO)/grown $(DEMO)/grown-checkpoints
 	$(VENV)/bin/tokenformer train configs/demo.yaml --data_path $(DEMO)/data --save $(DEMO)/checkpoints
-	$(ONE_THREAD) $(VENV)/bin/tokenformer grow --checkpoint $(DEMO)/checkpoints/$$(cat $(DEMO)/checkpoints/latest) \
+	$(ONE_THREAD) $(VENV)/bin/tokenformer grow --checkpoint $(DEMO)/checkpoints \
 		--out $(DEMO)/grown --factor 2 --mode exact --data $(DEMO)/data
 	$(VENV)/bin/tokenformer train configs/demo.yaml --data_path $(DEMO)/data --save $(DEMO)/grown-checkpoints \
 		--init_from $(DEMO)/grown --train_iters 100 --eval_interval 50
-	$(ONE_THREAD) $(VENV)/bin/tokenformer generate --checkpoint $(DEMO)/grown-checkpoints/$$(cat $(DEMO)/grown-checkpoints/latest) \
+	$(ONE_THREAD) $(VENV)/bin/tokenformer generate --checkpoint $(DEMO)/grown-checkpoints \
 		--prompt "def " --max-new-tokens 60 --temperature 0.8 --top-k 50 --seed 0
 
 $(DEMO)/data/prepare.json: | $(DEMO_STAMP)

@@ -34,11 +34,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tokenformer.checkpoint import load_model
+from tokenformer.checkpoint import CHECKPOINT_NAME, load_model
 from tokenformer.data.prepare import prepare
 from tokenformer.files import LATEST_FILE, METRICS_FILE, TRAINER_STATE_FILE, WEIGHTS_FILE
 from tokenformer.inputs import torch_load_safe
-from tokenformer.training.checkpointing import CHECKPOINT_NAME, CheckpointManager
+from tokenformer.training.checkpointing import CheckpointManager
 
 RESULTS = Path(__file__).resolve().parent / "results" / "kill_trials.json"
 TEXTS = [f"def f_{i}(x):\n    return x * {i} + {i % 7}  # line {i}\n" * (1 + i % 4) for i in range(300)]

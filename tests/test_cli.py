@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from tokenformer.__main__ import COMMANDS, build_parser
+from tokenformer.__main__ import COMMANDS, build_parser, main
 
 # A few options each subcommand's --help must show, written out here (not read from its parser):
 # train's fields take both spellings (`--train_iters` and `--train-iters`).
@@ -82,3 +82,11 @@ def test_module_entry_point_runs(capsys):
     out = subprocess.run([sys.executable, "-m", "tokenformer", "--help"], capture_output=True, text=True)
     assert out.returncode == 0
     assert squeeze(out.stdout) == squeeze(help_of([], capsys))  # the same parser (wrapped at its own width)
+
+
+def test_version(capsys):
+    import tokenformer
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out == f"tokenformer {tokenformer.__version__}\n"

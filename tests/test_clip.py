@@ -481,3 +481,19 @@ def test_train_clip_config_errors(tmp_path):
         ClipTrainConfig(batch_size=1)
     with pytest.raises(tf.TokenFormerError, match="unknown train-clip config field"):
         ClipTrainConfig.from_dict({"epoch": 3})
+
+
+def test_the_trained_normalisation_travels_with_the_model(scenes, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train_clip_cli(scenes, run, "--epochs", "1", "--mean", "0.9", "--std", "0.1") == 0
+    assert json.loads((run / "model" / "config.json").read_text())["vision"]["image_std"] == [0.1]
+    validation = [r for r in read_metrics(run / "metrics.jsonl") if "val_loss" in r][-1]
+    capsys.readouterr()
+    # no --mean/--std: the model's own, so the recall is the one its training validation measured
+    assert main(["evaluate-clip", "--checkpoint", str(run), "--data", str(scenes / "val")]) == 0
+    result = json.loads(capsys.readouterr().out)
+    keys = [k for k in result if "recall" in k]
+    assert len(keys) == 6 and all(result[k] == pytest.approx(validation[k]) for k in keys)
+    assert main(["evaluate-clip", "--checkpoint", str(run), "--data", str(scenes / "val"),
+                 "--mean", "0.5", "--std", "0.5"]) == 0  # the old default: other pixels, other features
+    assert json.loads(capsys.readouterr().out) != result

@@ -55,6 +55,8 @@ def test_static_decoder_logits_equal_the_model_and_its_greedy_tokens():
     torch.testing.assert_close(decoder_logits(decoder, ids, 25), reference, atol=1e-5, rtol=1e-5)
     for prompt in ([5], list(range(3, 20)), torch.randint(0, 257, (70,)).tolist()):
         assert list(generate_tokens(decoder, prompt, 30)) == list(generate_tokens(model, prompt, 30))
+    # past the context (64): the static cache slides its window as the model's cache does
+    assert list(generate_tokens(decoder, [5, 6], 150, slide=3)) == list(generate_tokens(model, [5, 6], 150, slide=3))
 
 
 def test_static_cache_is_zeroed_rounded_and_bounded():
@@ -169,3 +171,11 @@ def test_generate_cli_takes_the_decode_flags(tmp_path, capsys, monkeypatch):
     assert main(["generate", "--checkpoint", str(tmp_path / "ckpt"), "--input-file", str(tmp_path / "in.txt"),
                  "--output-file", str(tmp_path / "out.jsonl"), "--batch-size", "2", "--int8"]) == 2
     assert "--batch-size 1" in capsys.readouterr().err
+
+
+def test_generate_compile_says_that_it_waits(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch, "compile", lambda function, **options: function)  # the message, not the wait
+    tiny_model().save_pretrained(tmp_path / "m", tokenizer=ByteTokenizer())
+    assert main(["generate", "--checkpoint", str(tmp_path / "m"), "--prompt", "a", "--max-new-tokens", "2",
+                 "--compile"]) == 0
+    assert "compiling the one-token step (torch.compile): the first token waits" in capsys.readouterr().err

@@ -51,6 +51,7 @@ def test_the_readme_python_example_runs(tmp_path):
     result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr
+    assert result.stdout and "\ufffd" not in result.stdout  # prints no replacement characters
 
 
 def test_the_reference_is_generated_from_the_code():

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tokenformer import ByteTokenizer, Config, TokenFormer, generate_text, generate_tokens
+from tokenformer import ByteTokenizer, Config, TokenFormer, TokenFormerError, generate_text, generate_tokens
 from tokenformer.__main__ import main
 from tokenformer.generate import generate_batch, sample_next
 
@@ -90,3 +90,29 @@ def test_generate_cli(tmp_path, capsys):
     assert (tmp_path / "batched.jsonl").read_text().splitlines() == lines  # greedy: the same in a batch
     assert main(["generate", "--checkpoint", str(tmp_path / "nothing"), "--prompt", "x"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def sliding_reference(model, prompt: list[int], steps: int, slide: int) -> list[int]:
+    """Greedy tokens without a cache: each step reads the whole window, which starts over with its
+    oldest `slide` tokens dropped whenever it would exceed the context (nanoGPT's crop for slide 1)."""
+    context = model.config.seq_length
+    ids, start = list(prompt), max(0, len(prompt) - context)
+    for _ in range(steps):
+        if len(ids) - start > context:
+            start += slide
+        with torch.no_grad():
+            ids.append(int(model(torch.tensor([ids[start:]]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+@pytest.mark.parametrize("slide", [1, 5, None])
+def test_generation_slides_the_window_past_the_context(one_thread, slide):
+    model = tiny_model()  # context 64: 150 new tokens slide the window several times
+    prompt = torch.randint(0, 257, (20,)).tolist()
+    expected = sliding_reference(model, prompt, 150, slide or 64 // 4)
+    assert list(generate_tokens(model, prompt, 150, slide=slide)) == expected
+    long_prompt = torch.randint(0, 257, (100,)).tolist()  # longer than the context: its last 64 tokens
+    assert list(generate_tokens(model, long_prompt, 10, slide=slide)) == \
+        sliding_reference(model, long_prompt[-64:], 10, slide or 16)
+    with pytest.raises(TokenFormerError, match="slide 65 must be between 1"):
+        list(generate_tokens(model, prompt, 5, slide=65))

@@ -268,3 +268,26 @@ def test_cli_perplexity_in_bfloat16_is_close_to_float32(checkpoint, tmp_path, ca
         losses[dtype] = json.loads((tmp_path / f"{dtype}.json").read_text())["loss"]
     assert losses["bfloat16"] == pytest.approx(losses["float32"], abs=0.05)
     assert losses["bfloat16"] != losses["float32"]  # it really ran in bfloat16
+
+
+def test_cli_progress_has_a_total_and_no_results_file_lands_uninvited(checkpoint, tmp_path, capsys, monkeypatch):
+    from tokenformer.evaluation import scoring
+
+    totals = []
+    real_bar = scoring.progress_bar
+
+    def recording_bar(total=None, **options):
+        if options["desc"] == "perplexity":
+            totals.append(total)
+        return real_bar(total, **options)
+
+    monkeypatch.setattr(scoring, "progress_bar", recording_bar)
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS) + json.dumps({"text": ""}) + "\n")
+    monkeypatch.chdir(tmp_path)
+    code, out, _ = run_cli(["--checkpoint", checkpoint, "--data", jsonl], capsys)
+    assert code == 0 and "bits per byte" in out and "wrote" not in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl"]  # printed only: no eval_results.json
+    assert totals == [len(TEXTS) + 1]  # every document of the file, the empty one too
+    code, _, _ = run_cli(["--checkpoint", checkpoint, "--data", jsonl, "--limit", 3], capsys)
+    assert totals[-1] == 3

@@ -498,3 +498,40 @@ def test_compiled_blocks_train_like_eager_and_save_plain_names(corpus, tmp_path,
     assert compiled_blocks == ["Block", "Block"]  # the tiny preset's two blocks
     names = TokenFormer.from_pretrained(tmp_path / "run" / (tmp_path / "run" / "latest").read_text().strip())
     assert all("_orig_mod" not in name for name in names.state_dict())
+
+
+# ---- what a run tells its user ------------------------------------------------------------------
+
+def test_a_run_without_save_says_that_it_keeps_nothing(corpus, capsys):
+    train(tiny_config(corpus, None, train_iters=1, eval_iters=0))
+    assert "warning: no `save` directory: the trained model is not kept" in capsys.readouterr().err
+
+
+def test_resume_names_its_step_and_explains_a_stretched_schedule(corpus, tmp_path, capsys):
+    save = tmp_path / "run"
+    train(tiny_config(corpus, save, eval_iters=0))  # 6 steps: warmup 2, cosine down to min_lr at step 6
+    capsys.readouterr()
+    train(tiny_config(corpus, save, eval_iters=0, train_iters=12, resume=True))
+    out, err = capsys.readouterr()
+    assert f"resuming from {save / 'step_00000006'} at step 6 of 12" in out
+    # by hand: at step 6 the 6-step run had reached min_lr; over 12 steps the cosine is 4/10 of the way
+    stretched = 6e-5 + (3e-3 - 6e-5) * 0.5 * (1 + math.cos(math.pi * 4 / 10))
+    assert (f"warning: the learning-rate schedule changed: at step 6 the run's lr was {6e-5:.3g} and the new "
+            f"settings give {stretched:.3g} (it moves back up); to go on at min_lr instead, pass "
+            f"--lr_decay_iters 6") in err
+    train(tiny_config(corpus, save, eval_iters=0, train_iters=18, lr_decay_iters=6, resume=True))
+    out, err = capsys.readouterr()
+    assert "at step 12 of 18" in out and "schedule changed" not in err  # the advice taken: nothing to explain
+
+
+def test_the_default_model_takes_the_prepared_datas_vocabulary(tmp_path):
+    tokenizer_docs = text_docs(TEXTS[:10])
+    corpus = write_corpus(tmp_path / "data", tokenizer_docs, tokenizer_docs[:2])
+    metadata = json.loads((corpus / "prepare.json").read_text())
+    (corpus / "prepare.json").write_text(json.dumps({**metadata, "vocab_size": 300}))  # as a 300-token BPE
+    cfg = tiny_config(corpus, train_iters=1, eval_iters=0)
+    assert LanguageModelTask(dataclasses.replace(cfg, model="tiny")).build_model().config.vocab_size == 300
+    assert LanguageModelTask(dataclasses.replace(cfg, model={"name": "tiny", "seq_length": 16})) \
+        .build_model().config.vocab_size == 300
+    stated = dataclasses.replace(cfg, model={"name": "tiny", "vocab_size": 512})  # what the user wrote wins
+    assert LanguageModelTask(stated).build_model().config.vocab_size == 512

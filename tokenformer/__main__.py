@@ -13,6 +13,7 @@ import sys
 import time
 
 from tokenformer.cli import caption, clip, convert, evaluate, generate, prepare, scaling, scenes, train
+from tokenformer import __version__
 from tokenformer.errors import TokenFormerError
 
 # subcommand -> (declare its options, run it)
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tokenformer",
         description="TokenFormer: a Transformer whose linear layers are attention over parameter tokens. "
                     "Run `tokenformer COMMAND --help` for the options of each command.")
+    parser.add_argument("--version", action="version", version=f"tokenformer {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (arguments, run) in COMMANDS.items():
         doc = (run.__doc__ or "").strip()

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+SIGNIFICANT_DIGITS = 6  # what a printed metric keeps: float32's own precision is about 7 digits
+
 
 def progress_bar(total: int | None = None, *, desc: str, unit: str, enabled: bool = True, initial: int = 0,
                  **options: Any):
@@ -24,3 +26,15 @@ def note(message: str, progress: bool = True) -> None:
         tqdm.write(message)
     else:
         print(message)
+
+
+def rounded(value: Any, digits: int = SIGNIFICANT_DIGITS) -> Any:
+    """`value` with every float (in dicts and lists too) rounded to `digits` significant digits, for
+    printing: a float32 metric shows as 0.021, not 0.020999999716877937."""
+    if isinstance(value, float):
+        return float(f"{value:.{digits}g}")
+    if isinstance(value, dict):
+        return {k: rounded(v, digits) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [rounded(v, digits) for v in value]
+    return value

@@ -1,7 +1,8 @@
 """Text generation with the KV cache: greedy or sampled (temperature, top-k, top-p), streaming; and
 batches of prompts of different lengths, left-padded under an attention mask.
 
-The prompt is run once (prefill); each new token then costs one position (decode).
+The prompt is run once (prefill); each new token then costs one position (decode). One prompt can
+go on past the model's context: the window slides (`generate_tokens`).
 """
 
 from __future__ import annotations
@@ -37,24 +38,31 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
 def generate_tokens(model, prompt: list[int], max_new_tokens: int, temperature: float = 0.0,
                     top_k: int | None = None, top_p: float | None = None,
                     eos_id: int | None = None, seed: int | None = None,
-                    vocab_size: int | None = None) -> Iterator[int]:
+                    vocab_size: int | None = None, slide: int | None = None) -> Iterator[int]:
     """Yield new token ids one by one (stops after `max_new_tokens` or at `eos_id`, not yielded).
 
     `vocab_size` masks the padding rows of the embedding so that only real tokens are produced.
+    Generation goes on past the model's context (`seq_length`) by sliding the window, as nanoGPT
+    crops to its block: when the window is full, its oldest `slide` tokens are dropped and the kept
+    tail is encoded again from position 0 (the cached keys carry their old positions, so the cache
+    cannot simply shift). `slide=1` is nanoGPT exactly (every token sees the last `seq_length`
+    tokens, at the cost of a re-encode per token); the default, a quarter of the context, re-encodes
+    once every `seq_length // 4` tokens and every token still sees at least three quarters of it.
+    A prompt longer than the context keeps its last `seq_length` tokens.
     """
     if not prompt:
         raise TokenFormerError("the prompt is empty: give at least one token")
-    config = model.config
-    if max_new_tokens >= config.seq_length:
-        raise TokenFormerError(
-            f"max_new_tokens {max_new_tokens} must be below the model's context {config.seq_length}")
-    prompt = prompt[-(config.seq_length - max_new_tokens):]  # keep the end of a long prompt
+    context = model.config.seq_length
+    slide = max(1, context // 4) if slide is None else slide
+    if not 1 <= slide <= context:
+        raise TokenFormerError(f"slide {slide} must be between 1 and the model's context {context}")
+    window = list(prompt[-context:])
     device = model.word_embeddings.weight.device
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
-    cache = model.allocate_cache(1, len(prompt) + max_new_tokens)
-    logits = model(torch.tensor([prompt], device=device), cache=cache, last_only=True)[:, -1]  # (1, V)
+    cache = model.allocate_cache(1, min(len(window) + max_new_tokens, context))
+    logits = model(torch.tensor([window], device=device), cache=cache, last_only=True)[:, -1]  # (1, V)
     for step in range(max_new_tokens):
         if vocab_size is not None:
             logits[:, vocab_size:] = float("-inf")
@@ -63,8 +71,15 @@ def generate_tokens(model, prompt: list[int], max_new_tokens: int, temperature: 
         if eos_id is not None and token_id == eos_id:
             return
         yield token_id
-        if step + 1 < max_new_tokens:  # the last token needs no forward pass of its own
+        if step + 1 == max_new_tokens:  # the last token needs no forward pass of its own
+            return
+        window.append(token_id)
+        if len(window) <= context:
             logits = model(token[:, None], cache=cache)[:, -1]
+        else:  # the window is full: drop its oldest tokens, encode the kept tail afresh
+            window = window[slide:]
+            cache.length = 0
+            logits = model(torch.tensor([window], device=device), cache=cache, last_only=True)[:, -1]
 
 
 @torch.no_grad()
@@ -81,9 +96,10 @@ def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, tempera
     if not prompts or any(not prompt for prompt in prompts):
         raise TokenFormerError("every prompt needs at least one token (and the batch at least one prompt)")
     config = model.config
-    if max_new_tokens >= config.seq_length:
+    if max_new_tokens >= config.seq_length:  # rows of one batch would slide at different steps
         raise TokenFormerError(
-            f"max_new_tokens {max_new_tokens} must be below the model's context {config.seq_length}")
+            f"a batch of prompts does not slide the window: max_new_tokens {max_new_tokens} must be below the "
+            f"model's context {config.seq_length} (generate_tokens, one prompt at a time, goes on past it)")
     prompts = [list(p[-(config.seq_length - max_new_tokens):]) for p in prompts]  # keep the end of long prompts
     device = model.word_embeddings.weight.device
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 
-from tokenformer.checkpoint import load_model
+from tokenformer.checkpoint import checkpoint_tokenizer, load_model
 from tokenformer.cli.train import _refuse_mixing_runs
 from tokenformer.data import images
-from tokenformer.data.tokenizer import check_vocab_fits, load_tokenizer
+from tokenformer.data.tokenizer import check_vocab_fits
 from tokenformer.errors import TokenFormerError
 from tokenformer.generate import generate_caption
 from tokenformer.models.captioner import Captioner
@@ -51,7 +51,7 @@ def main(args: argparse.Namespace) -> None:
     print(line)
 
 
-def caption_images(checkpoint: str | Path, paths: list[Path], max_new_tokens: int, device: torch.device,
+def caption_images(checkpoint: str | Path, paths: list[Path], max_new_tokens: int | None, device: torch.device,
                    dtype: torch.dtype, tokenizer: str | None = None, **sampling) -> list[str]:
     """One caption per image file, from a captioner checkpoint directory; the images are read as the
     captioner's channels, resized and centre-cropped to its size, normalised as in training."""
@@ -59,7 +59,7 @@ def caption_images(checkpoint: str | Path, paths: list[Path], max_new_tokens: in
     if not isinstance(model, Captioner):
         raise TokenFormerError(f"--image captions images with a captioner checkpoint, and {checkpoint} holds a "
                                f"{model.model_type!r} model: give a `tokenformer train-captioner` checkpoint")
-    tok = load_tokenizer(tokenizer or Path(checkpoint))
+    tok = checkpoint_tokenizer(checkpoint, tokenizer)
     check_vocab_fits(tok.vocab_size, model.config.text.padded_vocab_size,
                      fix="give the checkpoint's own tokenizer (--tokenizer)")
     config = model.config
@@ -69,7 +69,9 @@ def caption_images(checkpoint: str | Path, paths: list[Path], max_new_tokens: in
             raise FileNotFoundError(f"image {path} does not exist")
     pixels = torch.cat([transform(images.read_image(p, config.vision.num_channels)[None]) for p in paths])
     # a caption ends at its end-of-text token: the context left after the image prefix is the most it can use
-    return generate_caption(model, tok, pixels, min(max_new_tokens, config.caption_room), **sampling)
+    room = config.caption_room
+    return generate_caption(model, tok, pixels, room if max_new_tokens is None else min(max_new_tokens, room),
+                            **sampling)
 
 
 def caption_main(args: argparse.Namespace) -> None:

@@ -4,14 +4,16 @@ evaluate-clip` (retrieval recall and zero-shot accuracy of a trained checkpoint,
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from tokenformer.checkpoint import load_model
+from tokenformer.checkpoint import load_model, resolve_checkpoint
 from tokenformer.cli.train import _is_rank_zero, _refuse_mixing_runs
+from tokenformer.console import rounded
 from tokenformer.data import images
 from tokenformer.data.image_text import open_image_text, take_image_text
 from tokenformer.data.prompts import FASHION_MNIST_CLASSES, HELD_OUT_TEMPLATES, TRAIN_TEMPLATES
@@ -21,6 +23,7 @@ from tokenformer.evaluation.retrieval import (encode_dataset, encode_images, ret
                                                zero_shot_classifier)
 from tokenformer.files import TOKENIZER_FILE
 from tokenformer.options import add_options, number
+from tokenformer.threads import add_threads_option, use_threads
 from tokenformer.training.config import ClipTrainConfig
 from tokenformer.training.distributed import resolve_device
 from tokenformer.training.loop import train_clip
@@ -47,14 +50,14 @@ def train_main(args: argparse.Namespace) -> None:
     if not _is_rank_zero():
         return
     last = result["validation"] or {}
-    shown = {k: round(v, 4) for k, v in last.items() if k.startswith(("val_loss", "zero_shot", "image_to", "text_to"))}
+    shown = {k: rounded(v, 4) for k, v in last.items() if k.startswith(("val_loss", "zero_shot", "image_to", "text_to"))}
     print(f"trained {result['epochs']} epochs ({result['step']} steps, {result['wall_time_s']:.0f} s, "
           f"{result['num_parameters']:,} parameters): {json.dumps(shown)}")
 
 
 def evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, type=Path,
-                        help="a CLIP model directory (e.g. SAVE/model from train-clip, with its tokenizer.json)")
+                        help="a CLIP checkpoint: a train-clip run's `save` folder (its model/), or a model directory")
     parser.add_argument("--data", required=True,
                         help="image-text samples (.tar shards, a folder of them, a captions.csv folder) for "
                              "recall@1/5/10; with --zero-shot fashion-mnist, a Fashion-MNIST IDX folder")
@@ -62,12 +65,15 @@ def evaluate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="classify the test images of --data among the Fashion-MNIST classes instead")
     parser.add_argument("--templates", choices=sorted(TEMPLATES), default="held-out",
                         help="prompt templates of the zero-shot classes (default: held-out, unseen in training)")
-    parser.add_argument("--mean", type=float, nargs="+", default=[0.5], help="the training run's mean (default 0.5)")
-    parser.add_argument("--std", type=number(float, above=0), nargs="+", default=[0.5],
-                        help="the training run's std (default 0.5)")
+    parser.add_argument("--mean", type=float, nargs="+", default=None,
+                        help="override the image normalisation mean (default: the one the model was trained with, "
+                        "saved in its config)")
+    parser.add_argument("--std", type=number(float, above=0), nargs="+", default=None,
+                        help="override the image normalisation std (default: the model's own)")
     parser.add_argument("--batch-size", type=number(int, minimum=1), default=250, help="pairs per forward pass (default 250)")
     parser.add_argument("--max-samples", type=number(int, minimum=1), default=None, help="evaluate the first N samples only")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    add_threads_option(parser)
 
 
 def evaluate_main(args: argparse.Namespace) -> None:
@@ -75,22 +81,26 @@ def evaluate_main(args: argparse.Namespace) -> None:
 
     On image-text samples: image->text and text->image recall@1/5/10 (one caption per image). With
     `--zero-shot fashion-mnist`: top-1/top-5 accuracy on the test images of a Fashion-MNIST IDX
-    folder, each class the mean embedding of its prompts (`--templates`). Images are normalised with
-    `--mean` / `--std`, which must be the training run's."""
+    folder, each class the mean embedding of its prompts (`--templates`). Images are normalised as in
+    training (the mean and std saved in the model's config; `--mean` / `--std` override them)."""
     if args.batch_size <= 0 or (args.max_samples is not None and args.max_samples <= 0):
         raise TokenFormerError("--batch-size and --max-samples must be positive")
+    args.checkpoint = resolve_checkpoint(args.checkpoint)
     if not (args.checkpoint / TOKENIZER_FILE).is_file():
         raise FileNotFoundError(f"{args.checkpoint} has no {TOKENIZER_FILE}: give the model/ directory of a "
                                 f"train-clip run (it is saved with its tokenizer)")
     model = load_model(args.checkpoint, device=resolve_device(args.device))
+    use_threads(args.num_threads, model.num_parameters())
     if not hasattr(model, "encode_text"):
         raise TokenFormerError(f"{args.checkpoint} holds a {model.model_type!r} model, not a CLIP: give a "
                                f"train-clip model directory")
     tokenizer = load_tokenizer(args.checkpoint / TOKENIZER_FILE)
     vision = model.config.vision
-    transform = images.make_transform(False, "none", args.mean * vision.num_channels if len(args.mean) == 1
-                                      else args.mean, args.std * vision.num_channels if len(args.std) == 1
-                                      else args.std, vision.image_size)
+    if args.mean is not None or args.std is not None:
+        vision = dataclasses.replace(vision, image_mean=args.mean or vision.image_mean,
+                                     image_std=args.std or vision.image_std)
+    mean, std = vision.normalisation()
+    transform = images.make_transform(False, "none", mean, std, vision.image_size)
     result: dict[str, Any] = {"checkpoint": str(args.checkpoint), "data": args.data}
     if args.zero_shot:
         x, labels = images.load_mnist(args.data, "test")
@@ -104,4 +114,4 @@ def evaluate_main(args: argparse.Namespace) -> None:
         index = torch.arange(min(len(samples), args.max_samples or len(samples)))
         batches = (take_image_text(samples, chunk, transform) for chunk in index.split(args.batch_size))
         result.update(samples=len(index), **retrieval_recall(*encode_dataset(model, tokenizer, batches)))
-    print(json.dumps(result, indent=2))
+    print(json.dumps(rounded(result), indent=2))

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from tokenformer.checkpoint import resolve_checkpoint
 from tokenformer.data.tokenizer import Tokenizer, check_vocab_fits, load_tokenizer
 from tokenformer.errors import TokenFormerError
 from tokenformer.files import TOKENIZER_FILE, atomic_path
@@ -28,8 +29,8 @@ def arguments(parser: argparse.ArgumentParser) -> None:
                         help="what to write: native (our directory), official (a .bin), or hf (a transformers "
                         "directory for AutoModelForCausalLM, needs the hf extra); default: official from one of "
                         "our directories, native from an official file or a sharded checkpoint")
-    parser.add_argument("--config", help="official .yml config (or a preset name: 150M, 450M, 900M, 1.5B) "
-                        "for an official source; not needed for a Hub name")
+    parser.add_argument("--config", help="official .yml config, a config.json (a model directory's own too), or "
+                        "a preset name (150M, 450M, 900M, 1.5B) for an official source; not needed for a Hub name")
     parser.add_argument("--tokenizer", default=None,
                         help="tokenizer.json (or 'byte') to store in the output directory (the GPT-NeoX-20B one "
                         "for the released models); --format hf needs one, by default the source directory's")
@@ -50,6 +51,8 @@ def main(args: argparse.Namespace) -> None:
     `import tokenformer.hf`) and this package reads too; needs the hf extra."""
     source, output = Path(args.source), Path(args.output)
     sharded = source.is_dir() and is_sharded_checkpoint(source)
+    if source.is_dir() and not sharded:  # a training run's folder: its latest checkpoint
+        source = resolve_checkpoint(source)
     kind = args.format or ("native" if sharded and output.suffix not in (".bin", ".pt")
                            else "official" if source.is_dir() else "native")
     if sharded and kind == "native":

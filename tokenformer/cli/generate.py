@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 
-from tokenformer.checkpoint import model_type_of
+from tokenformer.checkpoint import checkpoint_tokenizer, load_model, model_type_of, resolve_checkpoint
 from tokenformer.cli.caption import caption_main
 from tokenformer.console import progress_bar
-from tokenformer.data.tokenizer import check_vocab_fits, load_tokenizer
+from tokenformer.data.tokenizer import check_vocab_fits
 from tokenformer.decode import Decoder
 from tokenformer.errors import TokenFormerError
 from tokenformer.files import atomic_write_text
@@ -21,6 +21,7 @@ from tokenformer.inputs import read_text
 from tokenformer.options import number
 from tokenformer.models.captioner import Captioner
 from tokenformer.models.lm import TokenFormer
+from tokenformer.threads import add_threads_option, use_threads
 from tokenformer.training.distributed import resolve_device
 
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -28,7 +29,8 @@ DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 def arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True,
-                        help="checkpoint directory (config.json, model.safetensors, tokenizer.json)")
+                        help="a checkpoint: a model directory (config.json, model.safetensors, tokenizer.json), a training run's "
+                        "`save` folder (its latest checkpoint), or an official .bin (with --tokenizer)")
     parser.add_argument("--prompt", help="text to continue; streamed to the terminal")
     parser.add_argument("--input-file", type=Path,
                         help="official mode: one prompt per line; the continuations go to --output-file")
@@ -37,7 +39,9 @@ def arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image", type=Path, action="append",
                         help="with a captioner checkpoint: an image to caption (repeat for more; one caption a line)")
     parser.add_argument("--tokenizer", help="override the checkpoint's tokenizer ('byte' or a tokenizer.json)")
-    parser.add_argument("--max-new-tokens", type=number(int, minimum=0), default=100, help="tokens to generate (default 100)")
+    parser.add_argument("--max-new-tokens", type=number(int, minimum=0), default=None,
+                        help="tokens to generate (default 100; past the model's context the window slides, "
+                        "except for --batch-size above 1, whose default stays below the context)")
     parser.add_argument("--temperature", type=number(float, minimum=0), default=0.0,
                         help="0 = greedy (default); higher = more random sampling")
     parser.add_argument("--top-k", type=number(int, minimum=1), default=None, help="sample only from the k most likely tokens")
@@ -58,6 +62,7 @@ def arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--int8", action="store_true",
                         help="int8 key/value parameter tokens and head (implies --static-cache; on CPU pair it "
                         "with --dtype bf16, the dtype the int8 kernel is fast for)")
+    add_threads_option(parser)
 
 
 def main(args: argparse.Namespace) -> None:
@@ -71,16 +76,24 @@ def main(args: argparse.Namespace) -> None:
         raise TokenFormerError("give exactly one of --prompt or --input-file")
     if args.input_file is not None and args.output_file is None:
         raise TokenFormerError("--input-file needs --output-file to write the continuations to")
-    model = TokenFormer.from_pretrained(args.checkpoint, device=resolve_device(args.device),
-                                        dtype=getattr(torch, args.dtype))
+    checkpoint = resolve_checkpoint(args.checkpoint)
+    model = load_model(checkpoint, device=resolve_device(args.device), dtype=getattr(torch, args.dtype),
+                       expect=TokenFormer)
+    use_threads(args.num_threads, model.num_parameters())
     if args.static_cache or args.compile or args.int8:
         if args.input_file is not None and args.batch_size > 1:
             raise TokenFormerError("--static-cache, --compile and --int8 decode one prompt at a time: "
                                    "use --batch-size 1 with them, or drop them")
+        if args.compile:
+            print("compiling the one-token step (torch.compile): the first token waits, about 20 s on a CPU",
+                  file=sys.stderr)
         model = Decoder(model, int8=args.int8, compile=args.compile)
-    tokenizer = load_tokenizer(args.tokenizer or Path(args.checkpoint))
+    tokenizer = checkpoint_tokenizer(checkpoint, args.tokenizer)
     check_vocab_fits(tokenizer.vocab_size, model.config.padded_vocab_size,
                      fix="give the checkpoint's own tokenizer (--tokenizer)")
+    if args.max_new_tokens is None:
+        batched = args.input_file is not None and args.batch_size > 1
+        args.max_new_tokens = min(100, model.config.seq_length - 1) if batched else 100
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     if args.prompt is not None:
         sys.stdout.write(args.prompt)

@@ -12,14 +12,15 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from tokenformer.checkpoint import copy_tokenizer, load_model
+from tokenformer.checkpoint import checkpoint_tokenizer, copy_tokenizer, load_model, resolve_checkpoint
 from tokenformer.data.documents import token_documents
-from tokenformer.data.tokenizer import check_vocab_fits, load_tokenizer
+from tokenformer.data.tokenizer import check_vocab_fits
 from tokenformer.data.windows import token_windows
 from tokenformer.errors import TokenFormerError
 from tokenformer.evaluation.scoring import mean_loss
 from tokenformer.files import TRAINER_STATE_FILE
 from tokenformer.options import number
+from tokenformer.threads import add_threads_option, use_threads
 from tokenformer.scaling.grow import MODES, grow_checkpoint, slot_counts
 from tokenformer.scaling.shrink import SHRINK_SCALES, shrink
 
@@ -28,7 +29,9 @@ DATA_HELP = ("a `tokenformer prepare` directory (its valid split), an indexed da
 
 
 def _slot_arguments(parser: argparse.ArgumentParser, example: str, factor: Callable[[str], float]) -> None:
-    parser.add_argument("--checkpoint", required=True, type=Path, help="checkpoint directory to read")
+    parser.add_argument("--checkpoint", required=True, type=Path,
+                        help="checkpoint to read: a model directory, a training run's `save` folder (its latest "
+                        "checkpoint) or an official .bin")
     parser.add_argument("--out", required=True, type=Path, help="checkpoint directory to write")
     for group in ("qkv", "proj", "ffn"):
         parser.add_argument(f"--{group}-slot-num", type=number(int, minimum=1), default=None,
@@ -38,6 +41,7 @@ def _slot_arguments(parser: argparse.ArgumentParser, example: str, factor: Calla
     parser.add_argument("--seq-length", type=number(int, minimum=1), default=None,
                         help="tokens per window of --data (default: the model's seq_length, at most 512)")
     parser.add_argument("--batch-size", type=number(int, minimum=1), default=4, help="windows per forward pass (default 4)")
+    add_threads_option(parser)
 
 
 def _slot_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -65,7 +69,7 @@ def _data_windows(model: nn.Module, checkpoint: Path, data: Path, seq_length: in
         raise TokenFormerError(f"--data scores a language model on text, not a {model.model_type!r} model; call "
                                f"tokenformer.shrink with batches of its own inputs")
     # --seq-length and --data-tokens are positive: their argparse types say so
-    tokenizer = load_tokenizer(checkpoint)
+    tokenizer = checkpoint_tokenizer(checkpoint)
     check_vocab_fits(tokenizer.vocab_size, model.config.padded_vocab_size, "the checkpoint's tokenizer")
     length = seq_length or min(model.config.seq_length, 512)
     documents = (ids for ids, _ in token_documents(data, tokenizer))
@@ -96,7 +100,10 @@ def grow_main(args: argparse.Namespace) -> None:
     A training checkpoint's optimizer state is mapped to the grown shapes (trainer.pt), for
     `tokenformer train --init-from OUT --init-from-optimizer --init-from-schedule continue`.
     With `--data`, the mean next-token loss before and after on the same windows is printed."""
-    model, grown = grow_checkpoint(args.checkpoint, args.out, mode=args.mode, value_std=args.value_std,
+    args.checkpoint = resolve_checkpoint(args.checkpoint)
+    model = load_model(args.checkpoint)
+    use_threads(args.num_threads, model.num_parameters())
+    model, grown = grow_checkpoint(args.checkpoint, args.out, model, mode=args.mode, value_std=args.value_std,
                                    seed=args.seed, **_slot_kwargs(args))
     print(f"old: {_describe(model)}")
     print(f"new: {_describe(grown)}  ({args.mode} growth, written to {args.out})")
@@ -128,7 +135,9 @@ def shrink_main(args: argparse.Namespace) -> None:
     `--calibration-windows` windows of `--data`; the top ones are kept and the normalisation's n is
     set so that their weights stay the same on average (`--scale`). The mean next-token loss on the
     last `--validation-windows` windows (held out) is printed before and after. The tokenizer is copied."""
+    args.checkpoint = resolve_checkpoint(args.checkpoint)
     model = load_model(args.checkpoint)
+    use_threads(args.num_threads, model.num_parameters())
     windows, length = _data_windows(model, args.checkpoint, args.data, args.seq_length)
     needed = args.calibration_windows + args.validation_windows
     if len(windows) < needed:

@@ -256,6 +256,17 @@ def token_documents(path: str | Path, tokenizer, text_field: str = "text",
     return _indexed_documents(IndexedDataset(prefix), tokenizer, limit)
 
 
+def count_documents(path: str | Path, text_field: str = "text", limit: int | None = None) -> int:
+    """How many documents `token_documents(path, ...)` yields (at most `limit`), without tokenizing:
+    an indexed dataset's index says it, a JSONL file is read once."""
+    path = Path(path)
+    if path.name.endswith(JSONL_SUFFIXES + TEXT_SUFFIXES):
+        return sum(1 for _ in itertools.islice(file_documents(path, text_field), limit))
+    prefix = resolve_indexed_prefix(path)
+    count = len(IndexedDataset(prefix).doc_idx) - 1 if prefix is not None else 0
+    return count if limit is None else min(count, limit)
+
+
 def _indexed_documents(dataset: IndexedDataset, tokenizer, limit: int | None):
     doc_starts = dataset.doc_idx  # document d is items doc_starts[d] .. doc_starts[d + 1]
     for d in range(len(doc_starts) - 1):

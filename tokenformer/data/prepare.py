@@ -35,7 +35,7 @@ from tokenformer.data.documents import DEFAULT_GLOB, iter_documents, resolve_inp
 from tokenformer.data.indexed import IndexedDatasetWriter, best_dtype
 from tokenformer.data.tokenizer import BYTE_VOCAB_SIZE, END_OF_TEXT, ByteTokenizer, Tokenizer, load_tokenizer
 from tokenformer.errors import TokenFormerError
-from tokenformer.files import PREPARE_METADATA_FILE, SPLIT_PREFIXES, TOKENIZER_FILE
+from tokenformer.files import PREPARE_METADATA_FILE, SPLIT_PREFIXES, TOKENIZER_FILE, current_umask
 from tokenformer.inputs import read_json
 
 CHUNK_DOCUMENTS = 1024          # documents per encode_batch call ...
@@ -200,7 +200,7 @@ def prepare(inputs: Iterable[str | Path] | None = None, out: str | Path = "data/
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        tmp.chmod(0o755)  # mkdtemp makes it private; the dataset is an ordinary folder
+        tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes it private; the dataset is an ordinary folder
         counts = _write_splits(documents(), tok, tmp, dtype, eod, valid_fraction, seed, progress)
         total_tokens = counts["train"]["tokens"] + counts["valid"]["tokens"]
         total_documents = counts["train"]["documents"] + counts["valid"]["documents"]

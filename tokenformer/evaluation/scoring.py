@@ -185,28 +185,31 @@ class Perplexity:
 
 def perplexity(model, documents: Iterable[tuple[Sequence[int], int]], prefix_id: int,
                context: int | None = None, stride: int | None = None, batch_size: int = 8,
-               progress: bool = True) -> Perplexity:
+               progress: bool = True, total_documents: int | None = None) -> Perplexity:
     """Score `documents`, each `(token ids, UTF-8 byte count of its text)`, one by one.
 
     Each document is scored on its own with `sliding_windows` (so no document sees another).
     Windows of consecutive documents are gathered a few batches at a time, so that batches of
-    short documents stay full and the progress bar moves.
+    short documents stay full and the progress bar moves (in documents, out of `total_documents`).
     """
     context = context or model.config.seq_length
     if context > model.config.seq_length:
         raise TokenFormerError(
             f"context {context} is longer than the model's seq_length {model.config.seq_length}")
     total, tokens, n_bytes, n_docs = 0.0, 0, 0, 0
-    bar = progress_bar(desc="perplexity", unit="tok", enabled=progress)
+    bar = progress_bar(total_documents, desc="perplexity", unit="doc", enabled=progress)
     group: list[tuple[list[int], list[int]]] = []
+    pending = 0  # documents read but not yet scored
 
     def flush() -> None:
-        nonlocal total
+        nonlocal total, pending
         total += sum(score for score, _ in score_windows(model, group, batch_size, context))
-        bar.update(sum(len(continuation) for _, continuation in group))
+        bar.update(pending)
         group.clear()
+        pending = 0
 
     for ids, size in documents:
+        pending += 1
         if len(ids) == 0:
             continue
         group.extend(sliding_windows(ids, prefix_id, context, stride))
@@ -215,7 +218,7 @@ def perplexity(model, documents: Iterable[tuple[Sequence[int], int]], prefix_id:
         n_docs += 1
         if len(group) >= 4 * batch_size:
             flush()
-    if group:
+    if group or pending:
         flush()
     bar.close()
     if tokens == 0:

@@ -15,9 +15,20 @@ from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 from tokenformer.errors import TokenFormerError
+from tokenformer.files import CONFIG_FILE
 from tokenformer.inputs import read_json, read_yaml
 
 NORM_ACTIVATION_TYPES = ("l2_norm_gelu", "gelu_l2_norm", "softmax")
+
+# Keys transformers writes into config.json beside the model's fields (the integration's and its own
+# generic ones); they say nothing about the model's shape or numerics, so this package's loader
+# skips them. Any other unknown key is still an error, so that a typo is not silently dropped.
+TRANSFORMERS_KEYS = (
+    "architectures", "auto_map", "transformers_version", "dtype", "torch_dtype",
+    "bos_token_id", "eos_token_id", "pad_token_id", "use_cache", "tie_word_embeddings",
+    "output_hidden_states", "output_attentions", "return_dict", "chunk_size_feed_forward",
+    "is_encoder_decoder", "id2label", "label2id", "problem_type", "tokenizer_class", "_name_or_path",
+)
 
 
 def check_block_fields(config: Any, positive: tuple[str, ...], what: str) -> None:
@@ -223,7 +234,13 @@ class Config(LanguageModelShape, PresetConfig):
 
     @classmethod
     def from_file_values(cls, values: dict[str, Any], path: Path) -> "Config":
-        """`from_dict` of values read from the file `path`, whose name any error then carries."""
+        """`from_dict` of values read from the file `path`, whose name any error then carries. A model
+        directory's config.json (its `model_type`, and a transformers directory's own keys) reads too."""
+        model_type = values.get("model_type", "tokenformer")
+        if model_type != "tokenformer":
+            raise TokenFormerError(f"config file {path} is the config of a {model_type!r} model, not of a TokenFormer "
+                                   f"language model: give a language model's config")
+        values = {k: v for k, v in values.items() if k != "model_type" and k not in TRANSFORMERS_KEYS}
         try:
             return cls.from_dict(values)
         except (TokenFormerError, TypeError) as e:  # TypeError: a value of a type no field can take
@@ -284,14 +301,16 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def resolve_model_config(spec: Any) -> Config:
-    """A model `Config` from a preset name, a .json/.yml path, or a mapping of fields (with
-    `name: PRESET` to start from a preset)."""
+    """A model `Config` from a preset name, a .json/.yml path (a model directory's config.json too, or
+    the directory itself), or a mapping of fields (with `name: PRESET` to start from a preset)."""
     if isinstance(spec, (Config, dict)):
         return Config.resolve(spec)
     spec = str(spec)
     if spec in PRESETS:
         return Config.from_name(spec)
     path = Path(spec)
+    if path.is_dir() and (path / CONFIG_FILE).is_file():  # a model directory: its config
+        path = path / CONFIG_FILE
     if path.suffix == ".json":
         return Config.from_json(path)
     if path.suffix in (".yml", ".yaml"):

@@ -68,6 +68,29 @@ def load_official(checkpoint: str | Path | Mapping[str, torch.Tensor],
     return model.eval()
 
 
+RELEASED_PRESETS = ("150M", "450M", "900M", "1.5B", "354M", "757M")
+
+
+def infer_official_config(state: Mapping[str, torch.Tensor], source: str | Path = "official checkpoint") -> Config:
+    """The released model an official state dict is, told from its tensor shapes (the layer count,
+    the width, the three token counts and the vocabulary; heads and context are the preset's)."""
+    official = _strip_module_prefix(state)
+    embedding = official.get("sequential.0.word_embeddings.weight")
+    layers = sum(1 for key in official if key.endswith(".attention.query.key_param_tokens"))
+    if embedding is None or not layers:
+        raise TokenFormerError(f"{source} is not an official TokenFormer checkpoint (no word embeddings or layers)")
+    shape = dict(num_layers=layers, hidden_size=int(embedding.shape[1]),
+                 qkv_slot_num=int(official["sequential.2.attention.query.key_param_tokens"].shape[0]),
+                 proj_slot_num=int(official["sequential.2.attention.proj.key_param_tokens"].shape[0]),
+                 ffn_slot_num=int(official["sequential.2.mlp.key_param_tokens"].shape[0]))
+    for name in RELEASED_PRESETS:
+        config = Config.from_name(name)
+        if all(getattr(config, k) == v for k, v in shape.items()) and config.padded_vocab_size == embedding.shape[0]:
+            return config
+    raise TokenFormerError(f"{source} has the shape {shape}, which is no released model: convert it with its "
+                           f"config (tokenformer convert {source} DIR --config ITS.yml)")
+
+
 def export_official(model: TokenFormer, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The official-layout state dict of `model` (what `pytorch_model.bin` holds)."""
     c = model.config

@@ -22,18 +22,8 @@ from torch import nn
 from tokenformer.errors import TokenFormerError
 from tokenformer.files import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, atomic_path, atomic_write_text
 from tokenformer.inputs import read_json, read_safetensors, require_file
+from tokenformer.models.config import TRANSFORMERS_KEYS
 from tokenformer.models.pattention import Pattention
-
-
-# Keys transformers writes into config.json beside the model's fields (the integration's and its own
-# generic ones); they say nothing about the model's shape or numerics, so this package's loader
-# skips them. Any other unknown key is still an error, so that a typo is not silently dropped.
-TRANSFORMERS_KEYS = (
-    "architectures", "auto_map", "transformers_version", "dtype", "torch_dtype",
-    "bos_token_id", "eos_token_id", "pad_token_id", "use_cache", "tie_word_embeddings",
-    "output_hidden_states", "output_attentions", "return_dict", "chunk_size_feed_forward",
-    "is_encoder_decoder", "id2label", "label2id", "problem_type", "tokenizer_class", "_name_or_path",
-)
 
 
 def check_state_dict(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor],

@@ -65,6 +65,10 @@ class VisionConfig(PresetConfig):
     proj_scale_num: int | None = None
     ffn_scale_num: int | None = None
     growth_history: list[dict[str, Any]] = field(default_factory=list)
+    # How pixels in [0, 1] were normalised in training ((x - mean) / std, one value or one per channel):
+    # saved with the model so that evaluation normalises alike (train-vision and train-clip set them).
+    image_mean: list[float] = field(default_factory=lambda: [0.5])
+    image_std: list[float] = field(default_factory=lambda: [0.5])
 
     def __post_init__(self) -> None:
         self.validate()
@@ -110,6 +114,16 @@ class VisionConfig(PresetConfig):
             raise TokenFormerError(
                 f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}: "
                 f"choose a patch size that divides it")
+        if len(self.image_mean) not in (1, self.num_channels) or len(self.image_std) != len(self.image_mean) \
+                or min(self.image_std) <= 0:
+            raise TokenFormerError(f"image_mean {self.image_mean} and image_std {self.image_std} need one value, or one "
+                                   f"per channel ({self.num_channels}), each; the std above 0")
+
+    def normalisation(self) -> tuple[list[float], list[float]]:
+        """`image_mean` and `image_std` with one value per channel."""
+        channels = self.num_channels
+        return ([*self.image_mean] * channels if len(self.image_mean) == 1 else list(self.image_mean),
+                [*self.image_std] * channels if len(self.image_std) == 1 else list(self.image_std))
 
     # ---- constructors -----------------------------------------------------------------------
 

@@ -47,7 +47,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from tokenformer.checkpoint import copy_tokenizer, load_model, read_trainer_state
+from tokenformer.checkpoint import copy_tokenizer, load_model, read_trainer_state, resolve_checkpoint
 from tokenformer.errors import TokenFormerError
 from tokenformer.files import TRAINER_STATE_FILE, atomic_path
 from tokenformer.models.pattention import Pattention
@@ -299,9 +299,10 @@ def grow_optimizer_state(optimizer_state: Mapping[str, Any], old_model: nn.Modul
     return state
 
 
-def grow_checkpoint(checkpoint: str | Path, out: str | Path, **grow_kwargs: Any) -> tuple[nn.Module, nn.Module]:
-    """Grow the model of checkpoint directory `checkpoint` into `out` (weights, config, tokenizer);
-    returns (old model, grown model). `grow_kwargs` go to `grow`.
+def grow_checkpoint(checkpoint: str | Path, out: str | Path, model: nn.Module | None = None,
+                    **grow_kwargs: Any) -> tuple[nn.Module, nn.Module]:
+    """Grow the model of `checkpoint` (anything `resolve_checkpoint` reads) into `out` (weights, config, tokenizer);
+    returns (old model, grown model). `model`: the checkpoint's, if already loaded. `grow_kwargs` go to `grow`.
 
     When `checkpoint` is a training checkpoint (`SAVE/step_N` with a `trainer.pt`), `out` gets a
     `trainer.pt` too: the optimizer state mapped to the grown shapes (`grow_optimizer_state`: old
@@ -309,8 +310,8 @@ def grow_checkpoint(checkpoint: str | Path, out: str | Path, **grow_kwargs: Any)
     `train --init-from OUT` can carry the optimizer (`init_from_optimizer`) and continue the
     schedule (`init_from_schedule continue`).
     """
-    checkpoint, out = Path(checkpoint), Path(out)
-    model = load_model(checkpoint)
+    checkpoint, out = resolve_checkpoint(checkpoint), Path(out)
+    model = load_model(checkpoint) if model is None else model
     grown = grow(model, **grow_kwargs)
     grown.save_pretrained(out)
     copy_tokenizer(checkpoint, out)

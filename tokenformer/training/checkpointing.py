@@ -12,7 +12,6 @@ from __future__ import annotations
 import errno
 import os
 import random
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
+from tokenformer.checkpoint import latest_checkpoint
 from tokenformer.errors import TokenFormerError
 from tokenformer.files import (ADAPTER_FILE, LATEST_FILE, SHARDED_DIR, TRAINER_STATE_FILE, WEIGHTS_FILE,
                                atomic_write_text, fsync_dir, fsync_tree)
@@ -32,7 +32,6 @@ from tokenformer.training.distributed import (DistEnv, barrier, load_full_into_s
                                               unwrap)
 
 
-CHECKPOINT_NAME = re.compile(r"step_\d{8,}")
 
 
 class CheckpointWriteError(TokenFormerError, OSError):
@@ -85,14 +84,7 @@ class CheckpointManager:
         return sorted(found, key=lambda p: p.name)
 
     def latest(self) -> Path | None:
-        pointer = self.directory / LATEST_FILE
-        if pointer.is_file():
-            # a pointer damaged by hand or by a disk fault names no checkpoint: only `step_N` counts
-            name = pointer.read_bytes().decode("utf-8", errors="replace").strip()
-            if CHECKPOINT_NAME.fullmatch(name) and (self.directory / name / TRAINER_STATE_FILE).is_file():
-                return self.directory / name
-        found = self.checkpoints()  # a pointer lost to an old crash: fall back to the newest
-        return found[-1] if found else None
+        return latest_checkpoint(self.directory)
 
     def remove_leftovers(self) -> None:
         if self.env.is_main and self.directory.is_dir():

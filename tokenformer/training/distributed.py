@@ -24,6 +24,7 @@ from torch import nn
 from tokenformer.errors import TokenFormerError
 from tokenformer.files import CONFIG_FILE, SHARDED_DIR, TOKENIZER_FILE, WEIGHTS_FILE, atomic_copy, atomic_path
 from tokenformer.optimizer_state import names_by_index
+from tokenformer.threads import usable_cores
 
 PARALLELISMS = ("ddp", "fsdp2")
 # fault injection for tests and failure drills: "STEP" or "STEP:RANK" (default rank: the last one)
@@ -74,13 +75,6 @@ def collective_timeout_minutes(default: float = 30.0) -> float:
     if not minutes > 0:
         raise TokenFormerError(f"{TIMEOUT_ENV}={value!r} must be a positive number of minutes")
     return minutes
-
-
-def usable_cores() -> int:
-    """Cores this process may run on (a slurm or container CPU set, not the whole machine)."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return os.cpu_count() or 1
 
 
 def init_distributed(device: str = "auto", timeout_minutes: float | None = None) -> DistEnv:

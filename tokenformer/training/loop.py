@@ -28,6 +28,7 @@ from tokenformer.console import note, progress_bar
 from tokenformer.errors import TokenFormerError
 from tokenformer.evaluation.scoring import to_device
 from tokenformer.files import ADAPTER_FILE, LOSS_PLOT_FILE, METRICS_FILE, TRAIN_CONFIG_FILE, atomic_write_text
+from tokenformer.threads import use_threads
 from tokenformer.training import warm_start
 from tokenformer.training.checkpointing import CheckpointManager, capture_rng, restore_rng
 from tokenformer.training.config import CaptionTrainConfig, ClipTrainConfig, TrainConfig, VisionTrainConfig
@@ -158,20 +159,22 @@ class Run:
 def start_run(cfg: TrainConfig, model: nn.Module | None, env: DistEnv, task) -> Run:
     """Seed, build or load the model, let the task load its data, wrap the model for the
     parallelism, build the optimizer, and resume from the latest checkpoint when asked."""
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
     check_precision(cfg.precision, env.device)
     sharded = env.distributed and cfg.parallelism == "fsdp2"
     seed_everything(cfg.seed)
     if model is None:
         model = load_model(cfg.init_from).train() if cfg.init_from else task.build_model()
     model = warm_start.tune_model(cfg, model)  # token tuning: the base and its new tokens
+    use_threads(cfg.num_threads, sum(p.numel() for p in model.parameters()))
     task.prepare(model, env)
     model.to(env.device).train()
     model.gradient_checkpointing = cfg.checkpoint_activations
     if cfg.compile:
         # Block by block and in place (nn.Module.compile): parameter names stay those of the
         # checkpoints, and FSDP2 can still shard each block afterwards.
+        if env.is_main:
+            print("compiling the model's blocks (torch.compile): the first steps wait, 20 s or more",
+                  file=sys.stderr)
         for block in getattr(model, "layers", []):
             block.compile()
     warm = warm_start.prepare_model(cfg, model)  # freezes before the optimizer sees the parameters
@@ -186,6 +189,9 @@ def start_run(cfg: TrainConfig, model: nn.Module | None, env: DistEnv, task) -> 
         resume(run)
         if env.is_main:
             atomic_write_text(Path(cfg.save) / TRAIN_CONFIG_FILE, json.dumps(cfg.to_dict(), indent=2) + "\n")
+    elif env.is_main:
+        print("warning: no `save` directory: the trained model is not kept (pass --save DIR to keep it)",
+              file=sys.stderr)
     return run
 
 
@@ -207,10 +213,30 @@ def resume(run: Run) -> None:
         run.scaler.load_state_dict(state["scaler"])
     restore_rng(state["rng"])
     run.resumed_from = latest
+    if env.is_main:
+        print(f"resuming from {latest} at step {run.step} of {cfg.train_iters}")
+        lr_note = resume_schedule_note(state, run.step, cfg)
+        if lr_note:
+            print(f"warning: {lr_note}", file=sys.stderr)
     message = resume_batch_note(state, cfg.train_micro_batch_size_per_gpu, cfg.gradient_accumulation_steps,
                                 env.world_size)
     if message and env.is_main:
         print(f"warning: {message}", file=sys.stderr)
+
+
+def resume_schedule_note(state: dict[str, Any], step: int, cfg) -> str | None:
+    """A sentence when the learning rate the run had at `step` differs from the one the new settings give
+    there (a longer `train_iters` stretches the decay, so the lr moves back up): explained, not refused,
+    because extending a schedule can be what the user wants; the sentence names how not to."""
+    before = (state.get("scheduler") or {}).get("lr")
+    now = lr_at(max(step, 1), cfg.schedule)
+    if before is None or math.isclose(before, now, rel_tol=1e-6, abs_tol=1e-12):
+        return None
+    saved = json.loads(state.get("train_config") or "{}")
+    old_decay = saved.get("lr_decay_iters") or saved.get("train_iters")
+    fix = f"; to go on at min_lr instead, pass --lr_decay_iters {old_decay}" if old_decay else ""
+    return (f"the learning-rate schedule changed: at step {step} the run's lr was {before:.3g} and the new "
+            f"settings give {now:.3g}{' (it moves back up)' if now > before else ''}{fix}")
 
 
 def train_step(run: Run, iteration: int) -> tuple[float, float, float]:

@@ -26,7 +26,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from tokenformer.checkpoint import read_trainer_state
+from tokenformer.checkpoint import read_trainer_state, resolve_checkpoint
 from tokenformer.errors import TokenFormerError
 from tokenformer.optimizer_state import plain_name, state_by_name
 from tokenformer.scaling.freeze import freeze_old_tokens
@@ -123,7 +123,7 @@ def start_optimizer(cfg, start: WarmStart, optimizer: torch.optim.Optimizer, sha
     if start.frozen is not None:
         start.frozen.attach(optimizer)
     needs_state = cfg.init_from_optimizer or cfg.init_from_schedule == "continue"
-    source = read_trainer_state(cfg.init_from) if needs_state else None
+    source = read_trainer_state(resolve_checkpoint(cfg.init_from)) if needs_state else None
     if needs_state and source is None:
         wanted = "init_from_optimizer" if cfg.init_from_optimizer else "init_from_schedule continue"
         raise TokenFormerError(

@@ -157,8 +157,8 @@ class ClipTask:
         text = config.text
         check_vocab_fits(self.tokenizer.vocab_size, getattr(text, "padded_vocab_size", text.vocab_size),
                          fix="raise the model's text vocab_size or use a smaller tokenizer")
-        mean = cfg.mean * channels if len(cfg.mean) == 1 else cfg.mean
-        std = cfg.std * channels if len(cfg.std) == 1 else cfg.std
+        config.vision.image_mean, config.vision.image_std = list(cfg.mean), list(cfg.std)  # saved with the model
+        mean, std = config.vision.normalisation()
         self.train_transform = images.make_transform(True, cfg.augment, mean, std, size, cfg.crop_padding)
         self.test_transform = images.make_transform(False, "none", mean, std, size)
         if self.data.labelled:

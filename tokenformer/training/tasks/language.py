@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ from tokenformer.data.windows import WindowDataset
 from tokenformer.errors import TokenFormerError
 from tokenformer.evaluation.scoring import mean_loss, window_loss
 from tokenformer.files import PREPARE_METADATA_FILE, SPLIT_PREFIXES, TOKENIZER_FILE
-from tokenformer.models.config import resolve_model_config
+from tokenformer.models.config import PRESETS, resolve_model_config
 from tokenformer.models.lm import TokenFormer
 from tokenformer.training.config import TrainConfig
 from tokenformer.training.distributed import DistEnv, all_reduce_mean
@@ -96,7 +97,17 @@ class LanguageModelTask:
         self._validation: tuple[list[torch.Tensor], list[float]] | None = None
 
     def build_model(self) -> nn.Module:
-        return TokenFormer(resolve_model_config(self.cfg.model))
+        """The model of `model`; a preset name, or a mapping that names no `vocab_size`, takes the
+        vocabulary of the data (prepare.json's, else its tokenizer's): the model's vocabulary is the data's."""
+        config, spec = resolve_model_config(self.cfg.model), self.cfg.model
+        vocab = self.sources.metadata.get("vocab_size")
+        if vocab is None and self.sources.tokenizer:
+            vocab = load_tokenizer(self.sources.tokenizer).vocab_size
+        takes_data_vocab = (isinstance(spec, str) and spec in PRESETS) or \
+            (isinstance(spec, dict) and "vocab_size" not in spec)
+        if isinstance(vocab, int) and takes_data_vocab and vocab != config.vocab_size:
+            config = dataclasses.replace(config, vocab_size=vocab)
+        return TokenFormer(config)
 
     def prepare(self, model: nn.Module, env: DistEnv) -> None:
         cfg = self.cfg

@@ -145,8 +145,8 @@ class VisionTask:
         if self.data.num_classes > config.num_classes:
             raise TokenFormerError(f"{cfg.data} has {self.data.num_classes} classes but the model predicts "
                                    f"{config.num_classes}: set num_classes in the model config")
-        mean = cfg.mean * channels if len(cfg.mean) == 1 else cfg.mean
-        std = cfg.std * channels if len(cfg.std) == 1 else cfg.std
+        config.image_mean, config.image_std = list(cfg.mean), list(cfg.std)  # saved with the model
+        mean, std = config.normalisation()
         self.train_transform = images.make_transform(True, cfg.augment, mean, std, config.image_size,
                                                      cfg.crop_padding)
         self.test_transform = images.make_transform(False, "none", mean, std, config.image_size)
