@@ -5,7 +5,7 @@
 
 Generates the 32x32 scenes (`tokenformer.data.scenes`; the val scenes avoid the object sets of the
 train scenes), trains the tiny captioner (`tokenformer.models.captioner`) on the one loop
-(`train_captioner`), and reports per epoch the validation caption loss and the scene accuracy of
+(`train`, the train-captioner task), and reports per epoch the validation caption loss and the scene accuracy of
 greedy captions of held-out scenes: the whole scene exactly, and per attribute (count, colour,
 shape, position; groups compared as multisets, see `attribute_matches`). For honesty it also
 scores baselines computed from the training captions alone, with the same metric: always
@@ -30,7 +30,7 @@ import torch
 from tokenformer.data import scenes
 from tokenformer.data.image_text import open_image_text
 from tokenformer.training.config import CaptionTrainConfig
-from tokenformer.training.loop import train_captioner
+from tokenformer.training.loop import train
 from tokenformer.training.tasks.caption import ATTRIBUTES, accuracy_record, attribute_matches, scene_groups
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -106,7 +106,7 @@ def main() -> None:
                              num_threads=args.threads, keep_last_n=1)
     if Path(cfg.save).exists():
         raise SystemExit(f"{cfg.save} exists: remove it (or give another --out) for a fresh run")
-    summary = train_captioner(cfg)
+    summary = train(cfg)
     history = summary["history"]
     captions = [json.loads(line) for line in (Path(cfg.save) / "captions.jsonl").read_text().splitlines()]
     result = {

@@ -3,7 +3,7 @@
     python -m experiments.clip [--quick] [--part scenes|fashion|all] [--seed S] [--epochs N]
                                [--out runs/clip] [--sequential]
 
-Both models are trained through the one `train_clip` with the same recipe (steps, batch, learning
+Both models are trained through the one `train` (train-clip) with the same recipe (steps, batch, learning
 rate schedule, seed, data order, captions) in the same run: by default at the same time, each in its
 own process on one thread (the machine's two cores, one each, under the same load); `--sequential`
 trains one after the other. Both have the same width, depth, heads, embed_dim, context length and
@@ -46,7 +46,7 @@ from tokenformer.evaluation.retrieval import zero_shot_classifier
 from tokenformer.files import FINAL_MODEL_DIR, TOKENIZER_FILE
 from tokenformer.models.clip import CLIPConfig, CLIPTokenFormer
 from tokenformer.training.config import ClipTrainConfig
-from tokenformer.training.loop import train_clip
+from tokenformer.training.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
@@ -123,7 +123,7 @@ def run_one(kind: str, values: dict[str, Any], save: str) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     model = build(kind, cfg)
     cpu_start = time.process_time()
-    result = train_clip(cfg, model)
+    result = train(cfg, model)
     result["cpu_time_s"] = time.process_time() - cpu_start
     if Path(cfg.data) == FASHION_MNIST:
         model = type(model).from_pretrained(Path(save) / FINAL_MODEL_DIR)  # what the run saved

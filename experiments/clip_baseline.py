@@ -38,7 +38,7 @@ MLP_RATIO = 4  # open_clip's width of the MLP hidden layer, in units of the towe
 
 class CLIPBaseline(PretrainedModel):
     """`model(images, ids, lengths)` -> (normalised image features (B, E), normalised text features
-    (B, E), exp(logit_scale)): the interface of `CLIPTokenFormer`, so both train through `train_clip`."""
+    (B, E), exp(logit_scale)): the interface of `CLIPTokenFormer`, so both train through `train` (train-clip)."""
 
     model_type = "clip_baseline"
     config_class = CLIPConfig

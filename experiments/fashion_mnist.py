@@ -34,7 +34,7 @@ def run_one(kind: str, values: dict, out: str) -> dict:
     from experiments.vit import ViT
     from tokenformer.models.vision import VisionConfig, VisionTokenFormer
     from tokenformer.training.config import VisionTrainConfig
-    from tokenformer.training.loop import train_vision
+    from tokenformer.training.loop import train
 
     cfg = VisionTrainConfig.from_dict({**values, "save": str(Path(out) / kind)})
     if cfg.num_threads:
@@ -43,7 +43,7 @@ def run_one(kind: str, values: dict, out: str) -> dict:
     config = VisionConfig.resolve(cfg.model)
     model = VisionTokenFormer(config) if kind == "VisionTokenFormer" else ViT(config)
     cpu_start = time.process_time()  # this process only (rank 0 under torchrun)
-    result = train_vision(cfg, model)
+    result = train(cfg, model)
     result["cpu_time_s"] = time.process_time() - cpu_start
     result["model"] = kind
     result["threads"] = torch.get_num_threads()

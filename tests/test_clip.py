@@ -24,7 +24,7 @@ from tokenformer.data.tokenizer import ByteTokenizer
 from tokenformer.models.clip import CLIP_PRESETS, CLIPConfig, CLIPTokenFormer, tokenize_captions
 from tokenformer.training.config import ClipTrainConfig
 from tokenformer.training.contrastive import clamp_logit_scale, clip_loss, scale_gradient
-from tokenformer.training.loop import train_clip
+from tokenformer.training.loop import train
 from tokenformer.training.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -218,7 +218,7 @@ from tokenformer.models.clip import CLIPConfig, CLIPTokenFormer
 from tokenformer.training.config import ClipTrainConfig
 from tokenformer.training.contrastive import clip_loss
 from tokenformer.training.distributed import init_distributed, shutdown
-from tokenformer.training.loop import train_clip
+from tokenformer.training.loop import train
 
 env = init_distributed("cpu")
 # 1. one loss and its gradients, rank r holding pairs 4r .. 4r + 3 of the global 8
@@ -232,7 +232,7 @@ loss.backward()
 if env.rank == 0:
     torch.save({"loss": loss.detach(), "grads": {n: p.grad for n, p in model.named_parameters()}}, sys.argv[2])
 # 2. a whole train-clip run in the same process group (its metrics.jsonl is compared)
-train_clip(ClipTrainConfig(**json.loads(sys.argv[3])))
+train(ClipTrainConfig(**json.loads(sys.argv[3])))
 shutdown()
 """
 
@@ -271,7 +271,7 @@ def test_two_ranks_give_the_loss_gradients_and_run_of_one_process(tmp_path, scen
         assert torch.allclose(ranks["grads"][name], p.grad, rtol=1e-4, atol=1e-4 * float(p.grad.abs().max())), name
     assert torch.allclose(ranks["grads"]["logit_scale"], model.logit_scale.grad, rtol=1e-5)
 
-    alone = train_clip(ClipTrainConfig(**clip_run_fields(scenes, tmp_path / "alone")))
+    alone = train(ClipTrainConfig(**clip_run_fields(scenes, tmp_path / "alone")))
     records = read_metrics(tmp_path / "ranks" / "metrics.jsonl")
     losses = {r["step"]: r["loss"] for r in records if "loss" in r}
     assert sorted(losses) == sorted(alone["losses"]) == [1, 2, 3]
@@ -404,6 +404,8 @@ def write_toy_fashion_mnist(directory: Path, train: int = 60, test: int = 30) ->
 
 def test_fashion_mnist_zero_shot_on_held_out_classes(tmp_path, capsys):
     from tokenformer.data.prompts import FASHION_MNIST_CLASSES, TRAIN_TEMPLATES, format_prompts
+    from tokenformer.training.distributed import DistEnv
+    from tokenformer.training.tasks.base import TaskContext
     from tokenformer.training.tasks.clip import ClipTask
 
     write_toy_fashion_mnist(tmp_path / "fmnist")
@@ -413,14 +415,14 @@ def test_fashion_mnist_zero_shot_on_held_out_classes(tmp_path, capsys):
     task = ClipTask(cfg)
     assert task.data.num_train == 48  # 60 images, 12 of them of labels 8 and 9
     model = task.build_model()
-    task.prepare(model, task.env)
+    task.prepare(model, TaskContext(DistEnv()))
     images, ids, lengths = task.train_batch(0, 16)
     captions = [task.tokenizer.decode(row[:n - 1].tolist()) for row, n in zip(ids, lengths)]
     allowed = {p for prompts in format_prompts(FASHION_MNIST_CLASSES[:8], TRAIN_TEMPLATES) for p in prompts}
     assert images.shape == (16, 1, 28, 28) and set(captions) <= allowed and len(set(captions)) > 1
     assert torch.equal(task.train_batch(0, 16)[1], ids)  # a function of the position: the same again
 
-    result = train_clip(cfg)
+    result = train(cfg)
     record = result["validation"]
     assert {"zero_shot_top1", "zero_shot_top5", "zero_shot_unseen_top1", "val_loss"} <= set(record)
     capsys.readouterr()
@@ -468,7 +470,7 @@ def test_train_clip_trains_another_model_with_the_same_interface(scenes):
     assert baseline.config.text.vocab_size == 257  # the byte tokenizer's; a BPE run's is bpe_vocab_size
     assert model_config(ClipTrainConfig(bpe_vocab_size=300)).text.vocab_size == 300
     before = baseline.image.weight.detach().clone()
-    result = train_clip(cfg, model=baseline)
+    result = train(cfg, model=baseline)
     assert result["step"] == 3 and "image_to_text_recall@1" in result["validation"]
     assert not torch.equal(baseline.image.weight, before)
     assert result["num_parameters"] == sum(p.numel() for p in baseline.parameters())
@@ -476,7 +478,7 @@ def test_train_clip_trains_another_model_with_the_same_interface(scenes):
 
 def test_train_clip_config_errors(tmp_path):
     with pytest.raises(tf.TokenFormerError, match="needs `data`"):
-        train_clip(ClipTrainConfig(progress=False))
+        train(ClipTrainConfig(progress=False))
     with pytest.raises(tf.TokenFormerError, match="batch_size"):
         ClipTrainConfig(batch_size=1)
     with pytest.raises(tf.TokenFormerError, match="unknown train-clip config field"):

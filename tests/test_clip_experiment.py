@@ -1,7 +1,7 @@
 """The CLIP experiment (`experiments/clip.py`) and its open_clip-shaped baseline
 (`experiments/clip_baseline.py`): the baseline's interface against the CLIP TokenFormer's, its
 pooling and causal blocks against hand computations, its parameter count against OpenAI CLIP's
-published one, training through `train_clip`, and the experiment end to end on a few scenes."""
+published one, training through `train` (train-clip), and the experiment end to end on a few scenes."""
 
 import json
 import math
@@ -16,7 +16,7 @@ from experiments.vit import ViTBlock
 from tokenformer.data.scenes import write_scene_dataset
 from tokenformer.models.clip import CLIPConfig, CLIPTokenFormer
 from tokenformer.training.config import ClipTrainConfig
-from tokenformer.training.loop import train_clip
+from tokenformer.training.loop import train
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 
@@ -113,7 +113,7 @@ def test_train_clip_lowers_the_loss_of_both_models_on_one_batch(scenes, tmp_path
                       save=str(tmp_path / kind), progress=False, plot=False)
         cfg = ClipTrainConfig.from_dict(values)
         model = experiment.build(kind, cfg)
-        result = train_clip(cfg, model)
+        result = train(cfg, model)
         losses = result["losses"]
         assert type(model).__name__ == kind and len(losses) == 6
         assert losses[6] < losses[1] - 0.1, (kind, losses)

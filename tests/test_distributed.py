@@ -9,7 +9,7 @@ Six torchrun launches serve every test (module-scoped fixtures):
   - train-vision with DDP, then `--resume` of a copy of it that lost its last epoch.
 The reference is the same `train()` in this process: micro batch 4 x accumulation 2 x 1 rank
 against micro batch 2 x accumulation 2 x 2 ranks, i.e. the same 8 windows per optimizer step; for
-train-vision, `train_vision()` on the same global batch of 16 images (8 per rank under torchrun).
+train-vision, `train()` on the same global batch of 16 images (8 per rank under torchrun).
 """
 
 import json
@@ -31,7 +31,7 @@ from tokenformer import ByteTokenizer, TokenFormer
 from tokenformer.data.indexed import IndexedDatasetWriter
 from tokenformer.training.config import TrainConfig, VisionTrainConfig
 from tokenformer.training import loop
-from tokenformer.training.loop import train, train_vision
+from tokenformer.training.loop import train
 from tokenformer.training.metrics import read_metrics
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
@@ -344,7 +344,7 @@ def vision_reference(toy_images, tmp_path_factory):
     save = tmp_path_factory.mktemp("vision_single")
     threads = torch.get_num_threads()
     try:
-        summary = train_vision(VisionTrainConfig(**vision_fields(toy_images, save)))
+        summary = train(VisionTrainConfig(**vision_fields(toy_images, save)))
     finally:
         torch.set_num_threads(threads)
     return {"save": save, "summary": summary}
@@ -437,14 +437,14 @@ def test_train_captioner_two_ranks_match_one_process_on_the_same_global_batch(tm
     loss and the greedy captions' scene accuracy are sums over both ranks' shares."""
     from tokenformer.data.scenes import write_scene_dataset
     from tokenformer.training.config import CaptionTrainConfig
-    from tokenformer.training.loop import train_captioner
+    from tokenformer.training.loop import train
 
     write_scene_dataset(tmp_path / "scenes", train=32, val=6, progress=False)
     result = torchrun(captioner_fields(tmp_path / "scenes", tmp_path / "ddp"), command="train-captioner")
     assert result.returncode == 0, result.stderr[-3000:]
     threads = torch.get_num_threads()
     try:
-        train_captioner(CaptionTrainConfig(**captioner_fields(tmp_path / "scenes", tmp_path / "single")))
+        train(CaptionTrainConfig(**captioner_fields(tmp_path / "scenes", tmp_path / "single")))
     finally:
         torch.set_num_threads(threads)
     ddp, single = tmp_path / "ddp", tmp_path / "single"

@@ -23,7 +23,7 @@ from tokenformer.training.config import TrainConfig
 from tokenformer.training.loop import micro_batch_start, train
 from tokenformer.training.metrics import read_metrics
 from tokenformer.training.optim import build_optimizer, lr_at
-from tokenformer.training.tasks import LanguageModelTask
+from tokenformer.training.tasks.language import LanguageModelTask
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -461,7 +461,7 @@ def test_a_custom_task_reuses_the_loop(corpus, tmp_path):
     """Another trainer brings its own data and loss (here: predict only the last token of a window)."""
 
     class LastTokenTask(LanguageModelTask):
-        def loss(self, model, batch):
+        def loss(self, model, batch, ctx=None):
             logits = model(batch[:, :-1])[:, -1]  # (B, V)
             return torch.nn.functional.cross_entropy(logits.float(), batch[:, -1]), batch.shape[0]
 

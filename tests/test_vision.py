@@ -281,14 +281,16 @@ def test_batches_cover_the_dataset_once():
 def test_rank_shards_split_every_global_batch_and_augment_differently(tmp_path):
     from tokenformer.training.config import VisionTrainConfig
     from tokenformer.training.loop import micro_batch_start
-    from tokenformer.training.tasks.vision import VisionTask, augment_generator, epoch_order
+    from tokenformer.training.distributed import DistEnv
+    from tokenformer.training.tasks.base import TaskContext, epoch_order
+    from tokenformer.training.tasks.vision import VisionTask, augment_generator
 
     # evaluation keeps the short last batch: 10 items over 4 ranks in batches of 4 leave rank 3 one item
     assert [b.tolist() for b in vd.batch_indices(10, 4, False, None, False, shard=(3, 4))] == [[3], [7]]
     # training: the global batch of a step is one slice of the epoch's order, split over the ranks
     write_toy_mnist(tmp_path, n_train=10, n_test=4)
     task = VisionTask(VisionTrainConfig(model="tiny-28", data=str(tmp_path), batch_size=4, augment="none"))
-    task.prepare(tf.VisionTokenFormer(tf.VisionConfig.from_name("tiny-28")), None)
+    task.prepare(tf.VisionTokenFormer(tf.VisionConfig.from_name("tiny-28")), TaskContext(DistEnv()))
     assert task.steps_per_epoch == 2  # drop_last: 10 images make two batches of 4
     order = epoch_order(0, 1, 10)
     for step in range(2):

@@ -167,7 +167,7 @@ def test_init_from_option_errors_are_one_sentence(corpus, source, tmp_path):
         (dict(init_from=str(plain), init_from_schedule="continue"), "holds no trainer.pt"),
         (dict(init_from=str(source["checkpoint"]), freeze_old=True), "has no growth"),
         (dict(init_from=str(source["grown"]), init_from_schedule="continue", train_iters=4), "set train_iters > 4"),
-        (dict(init_from=str(source["grown"]), init_from_schedule="later"), "use restart or continue"),
+        (dict(init_from=str(source["grown"]), init_from_schedule="later"), "use one of restart, continue"),
     ]
     for changes, message in cases:
         with pytest.raises(TokenFormerError, match=message):

@@ -1,7 +1,9 @@
 """The `tokenformer` command: its table of subcommands.
 
 Each subcommand is a pair of functions in `tokenformer.cli`: one declares its options on an
-argparse parser, the other runs it and its docstring is the command's `--help` text.
+argparse parser, the other runs it and its docstring is the command's `--help` text. The training
+commands come from their registry (`tokenformer.training.registry`): one implementation,
+`tokenformer.cli.train`, runs them all.
 """
 
 from __future__ import annotations
@@ -12,18 +14,15 @@ import os
 import sys
 import time
 
-from tokenformer.cli import caption, clip, convert, evaluate, generate, prepare, scaling, scenes, train
 from tokenformer import __version__
+from tokenformer.cli import clip, convert, evaluate, generate, prepare, scaling, scenes, train
 from tokenformer.errors import TokenFormerError
+from tokenformer.training.registry import training_commands
 
-# subcommand -> (declare its options, run it)
+# subcommand -> (declare its options, run it); the training commands join after make-scenes
 COMMANDS = {
     "prepare": (prepare.arguments, prepare.main),
     "make-scenes": (scenes.arguments, scenes.main),
-    "train": (train.arguments, train.main),
-    "train-vision": (train.vision_arguments, train.vision_main),
-    "train-captioner": (caption.arguments, caption.main),
-    "train-clip": (clip.train_arguments, clip.train_main),
     "evaluate-clip": (clip.evaluate_arguments, clip.evaluate_main),
     "evaluate": (evaluate.arguments, evaluate.main),
     "generate": (generate.arguments, generate.main),
@@ -40,13 +39,18 @@ def build_parser() -> argparse.ArgumentParser:
                     "Run `tokenformer COMMAND --help` for the options of each command.")
     parser.add_argument("--version", action="version", version=f"tokenformer {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, (arguments, run) in COMMANDS.items():
-        doc = (run.__doc__ or "").strip()
+
+    def add(name: str, doc: str, arguments, run) -> None:
         summary = doc.split("\n\n")[0].replace("\n", " ")
-        p = sub.add_parser(name, help=summary, description=doc,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = sub.add_parser(name, help=summary, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
         arguments(p)
         p.set_defaults(_run=run)
+
+    for i, (name, (arguments, run)) in enumerate(COMMANDS.items()):
+        add(name, (run.__doc__ or "").strip(), arguments, run)
+        if i == 1:
+            for command in training_commands().values():
+                add(command.name, command.help.strip(), lambda p, c=command: train.arguments(p, c), train.main)
     return parser
 
 

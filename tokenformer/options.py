@@ -153,6 +153,11 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def listed_fields(cls) -> list[dataclasses.Field]:
+        """The fields in the order `--help` and the reference list them."""
+        return list(dataclasses.fields(cls))
+
     def check_bounds(self) -> None:
         """Every numeric field declared with a range lies in it."""
         for f in dataclasses.fields(self):
@@ -258,7 +263,7 @@ def add_options(parser: argparse.ArgumentParser, config_class: type, example: st
     parser.usage = "%(prog)s [CONFIG.yaml] [--field value ...]"
     parser.add_argument("config", nargs="?", help=f"YAML file of {config_class.command} config fields "
                                                   f"(e.g. {example})")
-    for f in dataclasses.fields(config_class):
+    for f in config_class.listed_fields():
         names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
         kwargs: dict[str, Any] = dict(dest=f"field_{f.name}", default=argparse.SUPPRESS, metavar="VALUE",
                                       help=f"{f.metadata['help']} (default {_default_text(f)})")
@@ -291,7 +296,7 @@ def _field_parser(config_class: type, name: str, bounds: Bounds):
 def reference_markdown(config_class: type) -> str:
     """A Markdown table of the fields of `config_class`: name, type, default, help."""
     lines = ["| field | type | default | meaning |", "| --- | --- | --- | --- |"]
-    for f in dataclasses.fields(config_class):
+    for f in config_class.listed_fields():
         kind = field_type(config_class, f.name)
         kind = getattr(kind, "__name__", str(kind).replace("typing.", ""))
         default = _default_text(f).replace("|", "\\|")

@@ -1,54 +1,20 @@
-"""`tokenformer train-captioner`: an image captioner on the one training loop from a YAML config and
-`--field value` overrides; and `caption_images`, what `tokenformer generate --image` prints."""
+"""Captioning images with a trained captioner: `caption_images`, what `tokenformer generate --image`
+prints (`tokenformer train-captioner` is one of the training commands, `tokenformer.cli.train`)."""
 
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 import torch
 
 from tokenformer.checkpoint import checkpoint_tokenizer, load_model
-from tokenformer.cli.train import _refuse_mixing_runs
 from tokenformer.data import images
 from tokenformer.data.tokenizer import check_vocab_fits
 from tokenformer.errors import TokenFormerError
 from tokenformer.generate import generate_caption
 from tokenformer.models.captioner import Captioner
-from tokenformer.options import add_options
-from tokenformer.training.config import CaptionTrainConfig
 from tokenformer.training.distributed import resolve_device
-from tokenformer.training.loop import train_captioner
-
-
-def arguments(parser: argparse.ArgumentParser) -> None:
-    add_options(parser, CaptionTrainConfig, "configs/captioner-scenes.yaml")
-
-
-def main(args: argparse.Namespace) -> None:
-    """Train an image captioner: a vision TokenFormer's tokens as the prefix of a TokenFormer LM.
-
-    Fields come from the YAML CONFIG, then `--field value` overrides (every field below). Data are
-    image-text samples (`tokenformer make-scenes` writes some); the tokenizer (by default a small
-    BPE trained on the training captions) is saved with every checkpoint. Each evaluation reports
-    the validation caption loss and, for scenes, the accuracy of greedy captions (whole scene and per
-    attribute). `save` gets checkpoints, metrics.jsonl, loss_curve.png, captions.jsonl and model/;
-    `--resume` continues exactly; under `torchrun`, DDP with `batch_size` the global batch. Caption
-    images with `tokenformer generate --checkpoint SAVE/model --image PATH`."""
-    cfg = CaptionTrainConfig.from_args(args)
-    _refuse_mixing_runs(cfg.save, cfg.resume)
-    result = train_captioner(cfg)
-    if int(os.environ.get("RANK", "0")) != 0:
-        return
-    last = result["validation"] or {}
-    line = f"trained {result['epochs']} epochs ({result['step']} steps, {result['wall_time_s']:.0f} s, " \
-           f"{result['num_parameters']:,} parameters)"
-    if "val_loss" in last:
-        line += f": validation caption loss {last['val_loss']:.4f}"
-    if "exact_match" in last:
-        line += f", exact scenes {100 * last['exact_match']:.1f}%"
-    print(line)
 
 
 def caption_images(checkpoint: str | Path, paths: list[Path], max_new_tokens: int | None, device: torch.device,

@@ -1,5 +1,5 @@
-"""`tokenformer train-clip` (contrastive image-text training on the one loop) and `tokenformer
-evaluate-clip` (retrieval recall and zero-shot accuracy of a trained checkpoint, as JSON)."""
+"""`tokenformer evaluate-clip`: retrieval recall and zero-shot accuracy of a trained CLIP checkpoint,
+as JSON (`tokenformer train-clip` is one of the training commands, `tokenformer.cli.train`)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from typing import Any
 import torch
 
 from tokenformer.checkpoint import load_model, resolve_checkpoint
-from tokenformer.cli.train import _is_rank_zero, _refuse_mixing_runs
 from tokenformer.console import rounded
 from tokenformer.data import images
 from tokenformer.data.image_text import open_image_text, take_image_text
@@ -22,37 +21,11 @@ from tokenformer.errors import TokenFormerError
 from tokenformer.evaluation.retrieval import (encode_dataset, encode_images, retrieval_recall, zero_shot_accuracy,
                                                zero_shot_classifier)
 from tokenformer.files import TOKENIZER_FILE
-from tokenformer.options import add_options, number
+from tokenformer.options import number
 from tokenformer.threads import add_threads_option, use_threads
-from tokenformer.training.config import ClipTrainConfig
 from tokenformer.training.distributed import resolve_device
-from tokenformer.training.loop import train_clip
 
 TEMPLATES = {"train": TRAIN_TEMPLATES, "held-out": HELD_OUT_TEMPLATES}
-
-
-def train_arguments(parser: argparse.ArgumentParser) -> None:
-    add_options(parser, ClipTrainConfig, "configs/clip-scenes.yaml")
-
-
-def train_main(args: argparse.Namespace) -> None:
-    """Train a CLIP TokenFormer contrastively on image-caption pairs and report its validation metrics.
-
-    Fields come from the YAML CONFIG, then `--field value` overrides (every field below). `data` is
-    image-text samples (`tokenformer make-scenes` OUT/train, WebDataset .tar shards, a captions.csv
-    folder) or a Fashion-MNIST IDX folder (captioned from prompt templates; zero-shot accuracy with
-    held-out templates). The output directory `save` gets checkpoints, metrics.jsonl, loss_curve.png
-    and model/ (with the tokenizer); `--resume` continues exactly. Under `torchrun`: DDP,
-    `batch_size` the global batch, whose features every rank gathers for the loss."""
-    cfg = ClipTrainConfig.from_args(args)
-    _refuse_mixing_runs(cfg.save, cfg.resume)
-    result = train_clip(cfg)
-    if not _is_rank_zero():
-        return
-    last = result["validation"] or {}
-    shown = {k: rounded(v, 4) for k, v in last.items() if k.startswith(("val_loss", "zero_shot", "image_to", "text_to"))}
-    print(f"trained {result['epochs']} epochs ({result['step']} steps, {result['wall_time_s']:.0f} s, "
-          f"{result['num_parameters']:,} parameters): {json.dumps(shown)}")
 
 
 def evaluate_arguments(parser: argparse.ArgumentParser) -> None:

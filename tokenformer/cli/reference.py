@@ -10,11 +10,7 @@ import argparse
 
 from tokenformer.__main__ import build_parser
 from tokenformer.options import reference_markdown
-from tokenformer.training.config import CaptionTrainConfig, ClipTrainConfig, TrainConfig, VisionTrainConfig
-
-# the commands whose options are the fields of a run config: their table gives types and ranges
-CONFIG_COMMANDS = {"train": TrainConfig, "train-vision": VisionTrainConfig, "train-clip": ClipTrainConfig,
-                   "train-captioner": CaptionTrainConfig}
+from tokenformer.training.registry import training_commands
 
 
 def _options_table(parser: argparse.ArgumentParser) -> str:
@@ -32,17 +28,20 @@ def _options_table(parser: argparse.ArgumentParser) -> str:
 
 
 def reference() -> str:
+    commands = training_commands()
     parts = ["# Reference\n",
              "Generated from the code by `python -m tokenformer.cli.reference > docs/reference.md`; "
              "`tokenformer COMMAND --help` says the same.\n",
-             "The fields of the run configs (train, train-vision, train-clip, train-captioner) are set in a YAML "
+             f"The fields of the training commands' configs ({', '.join(commands)}) are set in a YAML "
              "config or as `--field value` (`--field-name` works too; a bare "
              "`--flag` means true).\n"]
-    for name, config in CONFIG_COMMANDS.items():
-        parts += [f"## `tokenformer {name}` config fields\n", reference_markdown(config)]
+    for name, command in commands.items():
+        parts += [f"## `tokenformer {name}` config fields\n",
+                  f"Trains a `{command.model.__name__}` (`init_from` must hold one); e.g. `{command.example}`.\n",
+                  reference_markdown(command.config)]
     subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     for name, parser in subparsers.choices.items():
-        if name in CONFIG_COMMANDS:
+        if name in commands:
             continue
         summary = (parser.description or "").split("\n\n")[0].replace("\n", " ")
         parts += [f"## `tokenformer {name}`\n", f"{summary}\n", _options_table(parser)]

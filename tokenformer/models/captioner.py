@@ -200,8 +200,8 @@ class Captioner(PretrainedModel):
 
     @gradient_checkpointing.setter
     def gradient_checkpointing(self, value: bool) -> None:
-        # the training loop sets it on the model it trains; the language model's blocks honour it
-        self.lm.gradient_checkpointing = value
+        # the training loop sets it on the model it trains; both parts' blocks honour it
+        self.lm.gradient_checkpointing = self.vision.gradient_checkpointing = value
 
     def image_prefix(self, images: torch.Tensor) -> torch.Tensor:
         """The image tokens in the language model's width (B, P, h_text)."""

@@ -180,6 +180,15 @@ class CLIPTokenFormer(PretrainedModel):
         self.logit_scale = nn.Parameter(torch.full((), config.init_logit_scale, device=device,
                                                    dtype=dtype or torch.float32))
 
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return self.visual.gradient_checkpointing
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, value: bool) -> None:
+        # the training loop sets it on the model it trains; both towers' blocks honour it
+        self.visual.gradient_checkpointing = self.text.gradient_checkpointing = value
+
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """Image embeddings (B, E), not normalised."""
         return self.visual(images)

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from tokenformer.errors import TokenFormerError
@@ -184,6 +185,7 @@ class VisionTokenFormer(PretrainedModel):
         self.layers = nn.ModuleList(Block(config, causal=False, **factory) for _ in range(config.num_layers))
         self.final_norm = nn.LayerNorm(h, eps=config.layernorm_epsilon, **factory)
         self.head = Pattention(h, config.num_classes, config.head_slot_num, value_std=value_std, **common)
+        self.gradient_checkpointing = False  # recompute each block in the backward pass (training only)
         if self.cls_token.device.type != "meta":
             nn.init.normal_(self.cls_token, std=config.init_method_std)
             nn.init.normal_(self.position_embeddings, std=config.init_method_std)
@@ -210,8 +212,12 @@ class VisionTokenFormer(PretrainedModel):
         x = self.patch_embed(patches)                                    # (B, N, h)
         cls = self.cls_token.expand(x.shape[0], -1, -1)                 # (B, 1, h)
         x = torch.cat([cls, x], dim=1) + self.position_embeddings       # (B, 1+N, h)
+        checkpointing = self.gradient_checkpointing and self.training
         for block in self.layers:
-            x = block(x, None, None)
+            if checkpointing:
+                x = torch.utils.checkpoint.checkpoint(block, x, None, None, use_reentrant=False)
+            else:
+                x = block(x, None, None)
         return self.final_norm(x)                                        # (B, 1+N, h)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 A checkpoint is a folder `SAVE/step_00000100/` holding an ordinary model directory
 (`config.json`, `model.safetensors`, `tokenizer.json`: `tokenformer generate --checkpoint` works
-on it; a token-tuning run adds `adapter.safetensors`, the tuned tokens alone) plus `trainer.pt`
+on it; the run may add files beside it, e.g. a token-tuning run's adapter) plus `trainer.pt`
 (optimizer, schedule position, RNG states, data position, the task's state) and, under FSDP2,
 `sharded/` (torch.distributed.checkpoint). `SAVE/latest` names the newest complete one.
 """
@@ -14,7 +14,7 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -23,11 +23,10 @@ from torch import nn
 
 from tokenformer.checkpoint import latest_checkpoint
 from tokenformer.errors import TokenFormerError
-from tokenformer.files import (ADAPTER_FILE, LATEST_FILE, SHARDED_DIR, TRAINER_STATE_FILE, WEIGHTS_FILE,
-                               atomic_write_text, fsync_dir, fsync_tree)
+from tokenformer.files import (LATEST_FILE, SHARDED_DIR, TRAINER_STATE_FILE, WEIGHTS_FILE, atomic_write_text,
+                               fsync_dir, fsync_tree)
 from tokenformer.inputs import read_safetensors, torch_load_safe
 from tokenformer.models.pretrained import save_model
-from tokenformer.scaling.tune import save_adapter
 from tokenformer.training.distributed import (DistEnv, barrier, load_full_into_sharded, load_sharded, save_sharded,
                                               unwrap)
 
@@ -94,9 +93,11 @@ class CheckpointManager:
                 path.unlink(missing_ok=True)
 
     def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-             trainer_state: dict[str, Any], tokenizer=None, sharded: bool = False, adapter: bool = False) -> Path:
-        """Write checkpoint `step` (every rank calls this; rank 0 writes the files); with `adapter`, the
-        tokens of a token-tuned model as `adapter.safetensors` too."""
+             trainer_state: dict[str, Any], tokenizer=None, sharded: bool = False,
+             extra_files: Sequence[Callable[[Path, nn.Module, dict | None], None]] = ()) -> Path:
+        """Write checkpoint `step` (every rank calls this; rank 0 writes the files); each of
+        `extra_files` is called with the folder being written, the plain model and its full state
+        (None unless sharded) to add its files."""
         name = self.name_of(step)
         tmp, final = self.directory / f".tmp-{name}", self.directory / name
         if self.env.is_main:
@@ -114,8 +115,8 @@ class CheckpointManager:
             previous = self.latest()
             try:
                 self._write_model(tmp, model, tokenizer, state)
-                if adapter:
-                    save_adapter(unwrap(model), tmp / ADAPTER_FILE, state)
+                for write in extra_files:
+                    write(tmp, unwrap(model), state)
                 self._write_trainer_state(tmp, {**trainer_state, "optimizer": optimizer_state, "step": step})
                 fsync_tree(tmp)
                 self._publish(tmp, final, name)

@@ -103,6 +103,14 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+def blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of any model here: the members of every `layers` list in it (a language
+    model's, a vision tower's, both towers of a CLIP or a captioner). What torch.compile compiles
+    and FSDP2 shards one by one."""
+    return [block for module in model.modules() if isinstance(getattr(module, "layers", None), nn.ModuleList)
+            for block in module.layers]
+
+
 def wrap_model(model: nn.Module, env: DistEnv, parallelism: str = "ddp",
                param_dtype: torch.dtype | None = None) -> nn.Module:
     """`ddp` (replicated weights) or `fsdp2` (`fully_shard` per block, then the root); a no-op alone.
@@ -122,7 +130,7 @@ def wrap_model(model: nn.Module, env: DistEnv, parallelism: str = "ddp",
 
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) \
         if param_dtype is not None else MixedPrecisionPolicy()
-    for block in getattr(model, "layers", []):
+    for block in blocks(model):
         fully_shard(block, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
     return model

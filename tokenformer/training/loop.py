@@ -1,11 +1,13 @@
-"""The one training loop, for one process and for `torchrun`, whatever the task (language
-modelling, image classification: `tokenformer.training.tasks`).
+"""The one training loop, for one process and for `torchrun`, whatever the task: `train(cfg)` trains
+the task that `cfg`'s command registers (`tokenformer.training.registry`; the contract is
+`tokenformer.training.tasks.base.Task`).
 
 A step takes `gradient_accumulation_steps` micro-batches on every rank: rank r of N takes every
 N-th micro-batch of the global order of samples (`micro_batch_start`), so a step's global batch is
 the same for any N. The learning rate follows the schedule; gradients are clipped; checkpoints are
 complete and crash-safe (`checkpointing`), and `resume` continues with the same losses as an
 uninterrupted run: sample i of the global order, the RNG states and the optimizer all come back.
+The loop reads the options of `training.config` and knows no particular task or model.
 """
 
 from __future__ import annotations
@@ -27,67 +29,34 @@ from tokenformer.checkpoint import load_model
 from tokenformer.console import note, progress_bar
 from tokenformer.errors import TokenFormerError
 from tokenformer.evaluation.scoring import to_device
-from tokenformer.files import ADAPTER_FILE, LOSS_PLOT_FILE, METRICS_FILE, TRAIN_CONFIG_FILE, atomic_write_text
 from tokenformer.threads import use_threads
 from tokenformer.training import warm_start
 from tokenformer.training.checkpointing import CheckpointManager, capture_rng, restore_rng
-from tokenformer.training.config import CaptionTrainConfig, ClipTrainConfig, TrainConfig, VisionTrainConfig
-from tokenformer.training.distributed import (DistEnv, all_reduce_mean, barrier, describe_rank_failure, gradient_sync,
-                                              init_distributed, maybe_fail, resume_batch_note, shutdown, unwrap,
-                                              wrap_model)
+from tokenformer.training.config import LoopConfig
+from tokenformer.training.distributed import (DistEnv, all_reduce_mean, barrier, blocks, describe_rank_failure,
+                                              gradient_sync, init_distributed, maybe_fail, resume_batch_note,
+                                              shutdown, unwrap, wrap_model)
 from tokenformer.training.metrics import MetricsLogger, plot_loss_curve
 from tokenformer.training.optim import build_optimizer, clip_gradients, lr_at
 from tokenformer.training.precision import autocast_context, check_precision, grad_scaler, sharded_param_dtype
-from tokenformer.training.tasks import CaptionTask, ClipTask, LanguageModelTask, VisionTask
-
-VISION_CONFIG_FILE = "train_vision_config.json"
-CAPTION_CONFIG_FILE = "train_captioner_config.json"
-CLIP_CONFIG_FILE = "train_clip_config.json"
+from tokenformer.training.registry import command_of
+from tokenformer.training.run_folder import RunFolder
+from tokenformer.training.tasks.base import Task, TaskContext
 
 
-def train(config: TrainConfig, model: nn.Module | None = None, task=None) -> dict[str, Any]:
-    """Train `model` (or the one `config` describes) and return a summary: steps, final train and
-    validation loss, tokens seen, last checkpoint, metrics and plot paths, per-step losses.
+def train(cfg: Any, model: nn.Module | None = None, task: Task | None = None) -> dict[str, Any]:
+    """Train `model` (default: the task's own, or `init_from`'s) on the task of `cfg`'s command and
+    return a summary: steps, final train and validation loss, samples seen, last checkpoint, metrics
+    and plot paths, per-step losses, and the task's own outputs (`Task.finish`).
 
-    `task` supplies data and loss (default `LanguageModelTask(config)`; see `training.tasks`)."""
-    task = task or LanguageModelTask(config)
-    return run_distributed(config.device, config.save, lambda env: run(config, model, env, task))
+    `cfg` is a command's config (`TrainConfig`, `VisionTrainConfig`, ...); `task` replaces the
+    command's task. Under torchrun an epoch command's `batch_size` stays the global batch: rank r of
+    N trains on its share of every global batch; rank 0 writes the run folder."""
+    command = command_of(cfg)
+    task = task or command.task(cfg)
 
-
-def train_vision(cfg: VisionTrainConfig, model: nn.Module | None = None) -> dict[str, Any]:
-    """Train an image classifier (default: a `VisionTokenFormer` of `cfg.model`) on the one loop and
-    return its summary with the test accuracy, the per-epoch records and the parameter count.
-
-    Under torchrun the model is wrapped in DDP and `batch_size` stays the global batch: rank r of
-    N trains on its slice of `batch_size / N` images of every global batch; rank 0 writes the
-    checkpoints, metrics, plots and `model/`."""
-    return train_epochs(cfg, VisionTask(cfg), model, VISION_CONFIG_FILE)
-
-
-def train_captioner(cfg: CaptionTrainConfig, model: nn.Module | None = None) -> dict[str, Any]:
-    """Train an image captioner (default: a `Captioner` of `cfg.model`, or `from_parts` of
-    `vision_from` and `lm_from`) on the one loop and return its summary with the per-epoch
-    validation records (caption loss, scene accuracy of greedy captions) and the parameter count.
-    Under torchrun as `train_vision`: DDP, `batch_size` the global batch."""
-    return train_epochs(cfg, CaptionTask(cfg), model, CAPTION_CONFIG_FILE)
-
-
-def train_clip(cfg: ClipTrainConfig, model: nn.Module | None = None) -> dict[str, Any]:
-    """Train a contrastive image-text model (default: a `CLIPTokenFormer` of `cfg.model`; any model
-    with its `forward(images, ids, lengths)` and `logit_scale` trains the same way) on the one loop
-    and return its summary with the per-epoch validation records and the parameter count. Under
-    torchrun as `train_vision`: DDP, `batch_size` the global batch, gathered for the loss."""
-    return train_epochs(cfg, ClipTask(cfg), model, CLIP_CONFIG_FILE)
-
-
-def train_epochs(cfg, task, model: nn.Module | None, config_file: str) -> dict[str, Any]:
-    """Run an epoch-based config (its `loop_config`) with `task` on the one loop; rank 0 writes the
-    config itself as `save/config_file` beside the loop's `train_config.json`."""
     def body(env: DistEnv) -> dict[str, Any]:
-        loop_cfg = cfg.loop_config(task.steps_per_epoch, env.world_size)
-        if cfg.save and env.is_main:
-            atomic_write_text(Path(cfg.save) / config_file, json.dumps(cfg.to_dict(), indent=2) + "\n")
-        return run(loop_cfg, model, env, task)
+        return run(cfg.loop_config(task.steps_per_epoch, env.world_size), model, env, task, cfg, command.model)
 
     return run_distributed(cfg.device, cfg.save, body)
 
@@ -131,14 +100,16 @@ def seed_everything(seed: int) -> None:
 class Run:
     """Everything one training run holds while it runs."""
 
-    cfg: TrainConfig
+    cfg: LoopConfig
     env: DistEnv
-    task: Any
+    task: Task
     model: nn.Module              # as trained: wrapped by DDP, or sharded in place by FSDP2
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler | None
     manager: CheckpointManager | None
     sharded: bool
+    warm: warm_start.WarmStart
+    folder: RunFolder | None
     step: int = 0
     consumed_samples: int = 0
     resumed_from: Path | None = None
@@ -155,40 +126,67 @@ class Run:
         return (cfg.train_micro_batch_size_per_gpu * cfg.gradient_accumulation_steps * self.env.world_size
                 * self.task.units_per_sample)
 
+    def context(self) -> TaskContext:
+        return TaskContext(self.env, self.folder, self.step)
 
-def start_run(cfg: TrainConfig, model: nn.Module | None, env: DistEnv, task) -> Run:
-    """Seed, build or load the model, let the task load its data, wrap the model for the
-    parallelism, build the optimizer, and resume from the latest checkpoint when asked."""
-    check_precision(cfg.precision, env.device)
-    sharded = env.distributed and cfg.parallelism == "fsdp2"
-    seed_everything(cfg.seed)
-    if model is None:
-        model = load_model(cfg.init_from).train() if cfg.init_from else task.build_model()
-    model = warm_start.tune_model(cfg, model)  # token tuning: the base and its new tokens
-    use_threads(cfg.num_threads, sum(p.numel() for p in model.parameters()))
-    task.prepare(model, env)
-    model.to(env.device).train()
-    model.gradient_checkpointing = cfg.checkpoint_activations
+
+def initial_model(cfg: LoopConfig, model: nn.Module | None, task: Task, model_class: type | None) -> nn.Module:
+    """The model given, else `init_from`'s (which must be of the command's `model_class`), else the task's."""
+    if model is not None:
+        return model
+    if not cfg.init_from:
+        return task.build_model()
+    model = load_model(cfg.init_from).train()
+    if model_class is not None and not isinstance(model, model_class):
+        raise TokenFormerError(f"init_from {cfg.init_from} holds a {type(model).__name__}, and this command trains "
+                               f"a {model_class.__name__}: give a checkpoint of one")
+    return model
+
+
+def set_up_blocks(cfg: LoopConfig, model: nn.Module, env: DistEnv) -> None:
+    """Activation checkpointing and torch.compile, for whatever model: a model honours
+    `gradient_checkpointing`, and its repeated blocks (`distributed.blocks`) are compiled."""
+    if cfg.checkpoint_activations and not hasattr(model, "gradient_checkpointing"):
+        raise TokenFormerError(f"checkpoint_activations: a {type(model).__name__} cannot recompute its blocks "
+                               f"(it has no gradient_checkpointing switch); drop the option")
+    if hasattr(model, "gradient_checkpointing"):
+        model.gradient_checkpointing = cfg.checkpoint_activations
     if cfg.compile:
         # Block by block and in place (nn.Module.compile): parameter names stay those of the
         # checkpoints, and FSDP2 can still shard each block afterwards.
         if env.is_main:
             print("compiling the model's blocks (torch.compile): the first steps wait, 20 s or more",
                   file=sys.stderr)
-        for block in getattr(model, "layers", []):
+        for block in blocks(model):
             block.compile()
+
+
+def start_run(cfg: LoopConfig, model: nn.Module | None, env: DistEnv, task: Task,
+              command_config: Any = None, model_class: type | None = None) -> Run:
+    """Seed, build or load the model, let the task load its data, wrap the model for the
+    parallelism, build the optimizer, and resume from the latest checkpoint when asked."""
+    check_precision(cfg.precision, env.device)
+    sharded = env.distributed and cfg.parallelism == "fsdp2"
+    seed_everything(cfg.seed)
+    model = warm_start.tune_model(cfg, initial_model(cfg, model, task, model_class))  # token tuning: base + new tokens
+    use_threads(cfg.num_threads, sum(p.numel() for p in model.parameters()))
+    folder = RunFolder.of(cfg.save)
+    task.prepare(model, TaskContext(env, folder))
+    model.to(env.device).train()
+    set_up_blocks(cfg, model, env)
     warm = warm_start.prepare_model(cfg, model)  # freezes before the optimizer sees the parameters
     model = wrap_model(model, env, cfg.parallelism if sharded else "ddp",
                        param_dtype=sharded_param_dtype(cfg.precision, env.device) if sharded else None)
     optimizer = build_optimizer(unwrap(model), cfg)
     warm = warm_start.start_optimizer(cfg, warm, optimizer, sharded=sharded)
     run = Run(cfg, env, task, model, optimizer, grad_scaler(cfg.precision),
-              CheckpointManager(cfg.save, cfg.keep_last_n, env) if cfg.save else None, sharded,
+              CheckpointManager(cfg.save, cfg.keep_last_n, env) if cfg.save else None, sharded, warm, folder,
               step=warm.step, consumed_samples=warm.consumed_samples)
     if run.manager is not None:
         resume(run)
         if env.is_main:
-            atomic_write_text(Path(cfg.save) / TRAIN_CONFIG_FILE, json.dumps(cfg.to_dict(), indent=2) + "\n")
+            source = command_config if command_config is not None else cfg
+            folder.write_configs(source.command, source.to_dict(), cfg.to_dict())
     elif env.is_main:
         print("warning: no `save` directory: the trained model is not kept (pass --save DIR to keep it)",
               file=sys.stderr)
@@ -248,18 +246,19 @@ def train_step(run: Run, iteration: int) -> tuple[float, float, float]:
         group["lr"] = lr
     optimizer.zero_grad(set_to_none=True)
     micro, accumulation = cfg.train_micro_batch_size_per_gpu, cfg.gradient_accumulation_steps
+    ctx = TaskContext(env, run.folder, iteration)
     # A task whose batches hold different numbers of loss terms (caption tokens) backpropagates each
     # micro-batch's sum; the gradients are divided by the step's global count below, so that the step
     # minimises the mean over every term of the global batch however it is split over ranks and
     # micro-batches. Any other task: the mean of the micro-batches' means.
-    by_count = getattr(run.task, "loss_terms_vary", False)
+    by_count = run.task.loss_terms_vary
     loss_sum, terms = torch.zeros((), device=env.device), 0
     for micro_step in range(accumulation):
         first = micro_batch_start(run.consumed_samples, micro_step, env.rank, env.world_size, micro)
         batch = to_device(run.task.train_batch(first, micro), env.device)
         with gradient_sync(model, sync=micro_step == accumulation - 1):
             with autocast_context(cfg.precision, env.device):
-                loss, count = run.task.loss(model, batch)
+                loss, count = run.task.loss(model, batch, ctx)
             scaled = loss * count if by_count else loss / accumulation
             (run.scaler.scale(scaled) if run.scaler is not None else scaled).backward()
         loss_sum += loss.detach() * count if by_count else loss.detach()
@@ -290,7 +289,7 @@ def train_step(run: Run, iteration: int) -> tuple[float, float, float]:
     else:
         optimizer.step()
     run.step = iteration
-    run.task.after_step(unwrap(model), iteration)
+    run.task.after_step(unwrap(model), ctx)
     return step_loss, lr, grad_norm
 
 
@@ -298,22 +297,23 @@ def save_checkpoint(run: Run) -> Path | None:
     """Write checkpoint `run.step` (every rank calls this) and redraw the loss curve."""
     if run.manager is None:
         return None
-    cfg = run.cfg
-    state = {"consumed_samples": run.consumed_samples, "task": run.task.state(), "rng": capture_rng(),
+    cfg, task = run.cfg, run.task
+    state = {"consumed_samples": run.consumed_samples, "task": task.state(), "rng": capture_rng(),
              "scheduler": {"iteration": run.step, "lr": lr_at(max(run.step, 1), cfg.schedule)},
              "scaler": run.scaler.state_dict() if run.scaler is not None else None,
              "train_config": json.dumps(cfg.to_dict()), "world_size": run.env.world_size,
              "elapsed_s": run.elapsed}
-    path = run.manager.save(run.step, run.model, run.optimizer, state, tokenizer=run.task.tokenizer,
-                            sharded=run.sharded, adapter=cfg.tune_tokens > 0)
+    path = run.manager.save(run.step, run.model, run.optimizer, state, tokenizer=task.tokenizer,
+                            sharded=run.sharded, extra_files=run.warm.checkpoint_files)
     if run.env.is_main and cfg.plot:
-        plot_loss_curve(Path(cfg.save) / METRICS_FILE, Path(cfg.save) / LOSS_PLOT_FILE)
+        plot_loss_curve(run.folder.metrics, run.folder.loss_plot, title=task.plot_title, ylabel=task.loss_label,
+                        validation=task.validation_label)
     return path
 
 
 def validate(run: Run, logger: MetricsLogger) -> dict[str, Any] | None:
     """The task's validation record at this step, logged and shown (collective)."""
-    record = run.task.evaluate(run.model, run.env, run.step)
+    record = run.task.evaluate(run.model, run.context())
     if record is None:
         return None
     record.update(step=run.step, elapsed_s=run.elapsed)  # in place: the task's own history sees them too
@@ -323,12 +323,21 @@ def validate(run: Run, logger: MetricsLogger) -> dict[str, Any] | None:
     return record
 
 
-def run(cfg: TrainConfig, model: nn.Module | None, env: DistEnv, task) -> dict[str, Any]:
+def log_step(run: Run, logger: MetricsLogger, loss: float, lr: float, grad_norm: float, rate: float) -> None:
+    """A metrics line of the step just taken (collective: the task's extras may all-reduce)."""
+    task = run.task
+    logger.log({"step": run.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                task.unit: run.consumed_samples * task.units_per_sample, f"{task.unit}_per_s": rate,
+                **task.log_extras(unwrap(run.model), run.context())})
+
+
+def run(cfg: LoopConfig, model: nn.Module | None, env: DistEnv, task: Task, command_config: Any = None,
+        model_class: type | None = None) -> dict[str, Any]:
     """The loop: steps until `train_iters`, validating every `eval_interval` steps and saving
     every `save_interval` (and both at the end); returns the summary `train` describes."""
-    state = start_run(cfg, model, env, task)
-    metrics_path = Path(cfg.save) / METRICS_FILE if cfg.save else None
-    logger = MetricsLogger(metrics_path if env.is_main else None,
+    state = start_run(cfg, model, env, task, command_config, model_class)
+    folder = state.folder
+    logger = MetricsLogger(folder.metrics if folder is not None and env.is_main else None,
                            resume_step=state.step if state.resumed_from is not None else None,
                            tensorboard_dir=cfg.tensorboard_dir if env.is_main else None,
                            wandb_project=cfg.wandb_project if env.is_main else None, run_config=cfg.to_dict())
@@ -351,9 +360,7 @@ def run(cfg: TrainConfig, model: nn.Module | None, env: DistEnv, task) -> dict[s
                 now = time.perf_counter()
                 rate = interval_units / max(now - interval_start, 1e-9)
                 interval_start, interval_units = now, 0
-                logger.log({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                            task.unit: state.consumed_samples * task.units_per_sample,
-                            f"{task.unit}_per_s": rate, **task.log_extras(env)})
+                log_step(state, logger, loss, lr, grad_norm, rate)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", **{f"{task.unit}_s": f"{rate:,.0f}"},
                                 refresh=False)
             if step % cfg.eval_interval == 0 or end:
@@ -363,19 +370,18 @@ def run(cfg: TrainConfig, model: nn.Module | None, env: DistEnv, task) -> dict[s
     finally:
         bar.close()
         logger.close()
-    outputs = task.finish(state.model, Path(cfg.save) if cfg.save else None, env)
+    outputs = task.finish(state.model, state.context())
     barrier(env)  # every rank returns once the outputs exist
     elapsed = time.perf_counter() - state.started
-    plot = Path(cfg.save) / LOSS_PLOT_FILE if cfg.save else None
-    val_loss = last.get("val_loss") if last else None
+    plot = folder.loss_plot if folder is not None else None
     return {"step": state.step, "train_loss": losses.get(state.step),
-            "val_loss_initial": first.get("val_loss") if first else None, "val_loss": val_loss,
-            "val_ppl": math.exp(min(val_loss, 50.0)) if val_loss is not None else None, "validation": last,
+            "val_loss_initial": first.get("val_loss") if first else None,
+            "val_loss": last.get("val_loss") if last else None, "validation": last,
             f"{task.unit}_seen": state.consumed_samples * task.units_per_sample,
             "checkpoint": str(last_checkpoint) if last_checkpoint else None,
-            "adapter": str(last_checkpoint / ADAPTER_FILE) if last_checkpoint and cfg.tune_tokens else None,
-            "metrics": str(metrics_path) if metrics_path else None,
+            "metrics": str(folder.metrics) if folder is not None else None,
             "plot": str(plot) if plot is not None and plot.is_file() else None, "losses": losses,
             "wall_time_s": elapsed, "total_time_s": state.elapsed,
             f"{task.unit}_per_s": (state.step - start_step) * state.units_per_step / max(elapsed, 1e-9),
-            "resumed_from": str(state.resumed_from) if state.resumed_from else None, **outputs}
+            "resumed_from": str(state.resumed_from) if state.resumed_from else None,
+            **state.warm.outputs(last_checkpoint), **outputs}

@@ -100,19 +100,22 @@ def _save_plot(png_path: str | Path, draw, xlabel: str, ylabel: str, title: str)
     return png_path
 
 
-def plot_loss_curve(metrics_path: str | Path, png_path: str | Path) -> Path | None:
-    """Train and validation loss against step, from a metrics JSONL file, as a PNG."""
+def plot_loss_curve(metrics_path: str | Path, png_path: str | Path, title: str = "training",
+                    ylabel: str = "loss", validation: str = "validation") -> Path | None:
+    """Train and validation loss against step, from a metrics JSONL file, as a PNG; the task names
+    the title, the loss with its units and the held-out set. Series of a single point (a run
+    shorter than log_interval, one validation) are drawn as markers, not as an invisible line."""
     records = read_metrics(metrics_path)
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     valid = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
 
     def draw(ax) -> None:
         if train:
-            ax.plot(*zip(*train), label="train", linewidth=1)
+            ax.plot(*zip(*train), ".-" if len(train) < 50 else "-", label="train", linewidth=1)
         if valid:
-            ax.plot(*zip(*valid), "o-", label="validation")
+            ax.plot(*zip(*valid), "o-", label=validation)
 
-    return _save_plot(png_path, draw, "step", "loss (nats/token)", "TokenFormer training")
+    return _save_plot(png_path, draw, "step", ylabel, title)
 
 
 def plot_accuracy(histories: dict[str, Iterable[dict[str, Any]]], png_path: str | Path,

@@ -1,6 +1,6 @@
 """Starting a training run from another run's weights (`train --init-from DIR`), e.g. a grown model.
 
-Three choices, each a `TrainConfig` field:
+The choices, each a field of every training command (`training.config.WarmStartOptions`):
 
 - `init_from_optimizer`: carry the AdamW state (moments, step count) of `DIR` instead of starting
   a fresh optimizer. `DIR` must hold a `trainer.pt` with the optimizer state: a training checkpoint
@@ -21,16 +21,18 @@ A lower peak learning rate after growth is just `lr`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from pathlib import Path
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
 
 from tokenformer.checkpoint import read_trainer_state, resolve_checkpoint
 from tokenformer.errors import TokenFormerError
+from tokenformer.files import ADAPTER_FILE
 from tokenformer.optimizer_state import plain_name, state_by_name
 from tokenformer.scaling.freeze import freeze_old_tokens
-from tokenformer.scaling.tune import add_tuning_tokens
+from tokenformer.scaling.tune import add_tuning_tokens, save_adapter
 
 def load_optimizer_state_by_name(optimizer: torch.optim.Optimizer, state_dict: Mapping[str, Any],
                                  source: str = "the source") -> int:
@@ -72,13 +74,27 @@ def load_optimizer_state_by_name(optimizer: torch.optim.Optimizer, state_dict: M
 
 @dataclass
 class WarmStart:
-    """Where a run that starts from `init_from` begins: step, data position, frozen rows."""
+    """Where a run that starts from `init_from` begins: step, data position, frozen rows; and what a
+    token-tuning run adds to every checkpoint (`checkpoint_files`) and to its summary (`outputs`)."""
 
     step: int = 0
     consumed_samples: int = 0
     frozen: Any = None  # scaling.FrozenOldTokens when freeze_old
     carried_parameters: int = 0
     source_step: int | None = None
+    tuning: bool = False
+
+    @property
+    def checkpoint_files(self) -> list[Callable[[Path, nn.Module, dict | None], None]]:
+        """Writers `(checkpoint folder, plain model, full state or None)` of the files beside the
+        weights: a token-tuning run's adapter (the tuned tokens alone)."""
+        if not self.tuning:
+            return []
+        return [lambda folder, model, state: save_adapter(model, folder / ADAPTER_FILE, state)]
+
+    def outputs(self, checkpoint: Path | None) -> dict[str, Any]:
+        """The summary's `adapter`: the last checkpoint's adapter file of a token-tuning run."""
+        return {"adapter": str(checkpoint / ADAPTER_FILE) if self.tuning and checkpoint else None}
 
 
 def tune_model(cfg, model: nn.Module) -> nn.Module:
@@ -104,7 +120,7 @@ def prepare_model(cfg, model: nn.Module) -> WarmStart:
         if wants:
             raise TokenFormerError(f"{wants[0]} needs init_from: the checkpoint directory to start from")
         return WarmStart()
-    start = WarmStart()
+    start = WarmStart(tuning=cfg.tune_tokens > 0)
     if cfg.tune_tokens:
         start.frozen = freeze_old_tokens(model)  # tune_model's growth is the last one
     elif cfg.freeze_old:

@@ -20,13 +20,13 @@ from tokenformer.data.prepare import train_bpe
 from tokenformer.data.scenes import parse_caption
 from tokenformer.data.tokenizer import Tokenizer, check_vocab_fits, load_tokenizer
 from tokenformer.errors import TokenFormerError
-from tokenformer.files import FINAL_MODEL_DIR, TOKENIZER_FILE, atomic_write_text
+from tokenformer.files import TOKENIZER_FILE, atomic_write_text
 from tokenformer.generate import generate_caption
 from tokenformer.models.captioner import Captioner, CaptionerConfig, caption_loss
-from tokenformer.models.pretrained import save_model
 from tokenformer.training.config import CaptionTrainConfig
 from tokenformer.training.distributed import DistEnv, all_reduce_mean, unwrap
-from tokenformer.training.tasks.vision import epoch_order
+from tokenformer.training.registry import TrainingCommand, register
+from tokenformer.training.tasks.base import EpochTask, TaskContext
 
 CAPTIONS_FILE = "captions.jsonl"
 # the attributes of one object of a scene caption, in the order `parse_caption` gives them
@@ -89,31 +89,29 @@ def accuracy_record(totals: np.ndarray, scenes: float) -> dict[str, float]:
             **{f"{a}_accuracy": m / objects for a, m in zip(ATTRIBUTES, matched)}}
 
 
-class CaptionTask:
+class CaptionTask(EpochTask):
     """Captioning: epochs of shuffled samples (`drop_last`), the caption loss on the validation
     samples and, on the first `caption_samples` of them, greedy captions with scene accuracy."""
 
     unit = "captions"
-    units_per_sample = 1
     validate_at_start = True
+    plot_title = "image captioning"
+    loss_label = "caption loss (nats/token)"
+    # the captions' token counts differ from batch to batch: the loop weights each micro-batch by
+    # its count, so a step's loss is the mean over the global batch's caption tokens
+    loss_terms_vary = True
 
     def __init__(self, cfg: CaptionTrainConfig) -> None:
         if cfg.data is None:
             raise TokenFormerError("train-captioner needs `data`: image-text shards (e.g. `tokenformer make-scenes` "
                                    "OUT/train) or a folder of images with captions.csv")
-        self.cfg = cfg
         self.train = open_image_text(cfg.data)  # fail on missing data before building a model
-        self.num_train = min(len(self.train), cfg.max_train_samples or len(self.train))
-        self.steps_per_epoch = self.num_train // cfg.batch_size
-        if self.steps_per_epoch == 0:
-            raise TokenFormerError(f"{self.num_train} training samples make no batch of {cfg.batch_size}")
+        super().__init__(cfg, min(len(self.train), cfg.max_train_samples or len(self.train)))
         self.val = open_image_text(cfg.val_data) if cfg.val_data else None
         captions = self.train.captions[:self.num_train]
         self.tokenizer = resolve_tokenizer(cfg, captions)
         self.train_ids = self.tokenizer.encode_batch(captions)
-        self.history: list[dict[str, Any]] = []
         self.captions: list[dict[str, Any]] = []  # the last evaluation's generated captions
-        self._order: tuple[int, torch.Tensor] | None = None
         self.name = "train-captioner"
 
     def build_model(self) -> nn.Module:
@@ -122,7 +120,7 @@ class CaptionTask:
         config = CaptionerConfig.resolve(self.cfg.model)
         return Captioner(config.replace(vocab_size=self.tokenizer.vocab_size))
 
-    def prepare(self, model: nn.Module, env: DistEnv) -> None:
+    def prepare(self, model: nn.Module, ctx: TaskContext) -> None:
         if not isinstance(model, Captioner):
             raise TokenFormerError(f"train-captioner trains a captioner, not a {type(model).__name__}: give a "
                                    f"captioner checkpoint as init_from")
@@ -145,43 +143,28 @@ class CaptionTask:
         self.transform = images.make_transform(False, "none", config.image_mean, config.image_std,
                                                config.vision.image_size)
 
-    @property
-    def samples_per_epoch(self) -> int:
-        return self.steps_per_epoch * self.cfg.batch_size
-
     def batch(self, samples: ImageTextSamples, encoded: list[list[int]], index: torch.Tensor) -> tuple:
         x, _ = take_image_text(samples, index, self.transform)  # (B, C, H, W)
         ids, lengths = caption_rows([encoded[int(i)] for i in index], self.tokenizer.eos_id)
         return x, ids, lengths
 
     def train_batch(self, first: int, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        epoch, position = divmod(first, self.samples_per_epoch)
-        if self._order is None or self._order[0] != epoch:
-            self._order = (epoch, epoch_order(self.cfg.seed, epoch, self.num_train))
-        return self.batch(self.train, self.train_ids, self._order[1][position:position + size])
+        _, _, index = self.epoch_slice(first, size)
+        return self.batch(self.train, self.train_ids, index)
 
-    # the captions' token counts differ from batch to batch: the loop weights each micro-batch by
-    # its count, so a step's loss is the mean over the global batch's caption tokens
-    loss_terms_vary = True
-
-    def loss(self, model: nn.Module, batch: tuple) -> tuple[torch.Tensor, int]:
+    def loss(self, model: nn.Module, batch: tuple, ctx: TaskContext) -> tuple[torch.Tensor, int]:
         images_, ids, lengths = batch
         return caption_loss(model, images_, ids, lengths), int((lengths - 1).sum())
 
-    def after_step(self, model: nn.Module, step: int) -> None:
-        pass
-
-    def log_extras(self, env: DistEnv) -> dict[str, float]:
-        return {}
-
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, env: DistEnv, step: int) -> dict[str, Any] | None:
+    def evaluate(self, model: nn.Module, ctx: TaskContext) -> dict[str, Any] | None:
         """The validation caption loss over every validation sample, and the scene accuracy of the
         greedy captions of the first `caption_samples` (collective: each rank takes its share and the
         sums are all-reduced; the plain model runs, not its DDP wrapper, since ranks may hold
         different numbers of batches)."""
         if self.val is None:
             return None
+        env = ctx.env
         model = unwrap(model)
         was_training = model.training
         model.eval()
@@ -193,12 +176,11 @@ class CaptionTask:
             loss = caption_loss(model, x, ids, lengths, reduction="sum")
             totals += torch.stack([loss.double(), (lengths - 1).sum().double()])
         loss_sum, tokens = all_reduce_mean(totals, env).tolist()
-        record: dict[str, Any] = {"epoch": step // self.steps_per_epoch, "val_loss": loss_sum / tokens}
+        record: dict[str, Any] = {"val_loss": loss_sum / tokens}
         if self.cfg.caption_samples:
             record.update(self.caption_accuracy(model, env, device))
         model.train(was_training)
-        self.history.append(record)
-        return record
+        return self.add_record(ctx, record)
 
     def caption_accuracy(self, model: Captioner, env: DistEnv, device: torch.device) -> dict[str, Any]:
         """Greedy captions of this rank's share of the first `caption_samples` validation samples,
@@ -234,11 +216,8 @@ class CaptionTask:
             line += f"; e.g. {record['example']!r}"
         return line
 
-    def state(self) -> dict[str, Any]:
-        return {"history": self.history}
-
     def load_state(self, state: dict[str, Any], path: Path) -> None:
-        self.history = list(state.get("history", []))
+        super().load_state(state, path)
         saved = load_tokenizer(path)  # the run's tokenizer: a BPE trained again could differ
         if saved.vocab_size != self.tokenizer.vocab_size:
             raise TokenFormerError(f"{path} was trained with a tokenizer of {saved.vocab_size} tokens, this run has "
@@ -248,12 +227,34 @@ class CaptionTask:
         if self.val is not None:
             self.val_ids = saved.encode_batch(self.val.captions)
 
-    def finish(self, model: nn.Module, save: Path | None, env: DistEnv) -> dict[str, Any]:
+    def finish(self, model: nn.Module, ctx: TaskContext) -> dict[str, Any]:
         """Write `model/` (the final weights and the tokenizer) and the last evaluation's captions
         (`captions.jsonl`: under torchrun, those rank 0 generated)."""
-        model = unwrap(model)
-        if save is not None and env.is_main:
-            save_model(model, save / FINAL_MODEL_DIR, tokenizer=self.tokenizer)
-            atomic_write_text(save / CAPTIONS_FILE, "".join(json.dumps(c) + "\n" for c in self.captions))
-        return {"history": self.history, "epochs": self.cfg.epochs,
-                "num_parameters": sum(p.numel() for p in model.parameters())}
+        outputs = super().finish(model, ctx)
+        if ctx.folder is not None and ctx.env.is_main:
+            atomic_write_text(ctx.folder.output(CAPTIONS_FILE), "".join(json.dumps(c) + "\n" for c in self.captions))
+        return outputs
+
+    @staticmethod
+    def report(summary: dict[str, Any]) -> str:
+        last = summary["validation"] or {}
+        line = (f"trained {summary['epochs']} epochs ({summary['step']} steps, {summary['wall_time_s']:.0f} s, "
+                f"{summary['num_parameters']:,} parameters)")
+        if "val_loss" in last:
+            line += f": validation caption loss {last['val_loss']:.4f}"
+        if "exact_match" in last:
+            line += f", exact scenes {100 * last['exact_match']:.1f}%"
+        return line
+
+
+register(TrainingCommand(
+    "train-captioner", CaptionTrainConfig, CaptionTask, Captioner, example="configs/captioner-scenes.yaml",
+    help="""Train an image captioner: a vision TokenFormer's tokens as the prefix of a TokenFormer LM.
+
+Fields come from the YAML CONFIG, then `--field value` overrides (every field below). Data are
+image-text samples (`tokenformer make-scenes` writes some); the tokenizer (by default a small
+BPE trained on the training captions) is saved with every checkpoint. Each evaluation reports
+the validation caption loss and, for scenes, the accuracy of greedy captions (whole scene and per
+attribute). `save` gets checkpoints, metrics.jsonl, loss_curve.png, captions.jsonl and model/;
+`--resume` continues exactly; under `torchrun`, DDP with `batch_size` the global batch. Caption
+images with `tokenformer generate --checkpoint SAVE/model --image PATH`."""))

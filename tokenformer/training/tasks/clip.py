@@ -10,6 +10,7 @@ of the seed and the sample's position in the epoch, so resume and any rank count
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from tokenformer.console import rounded
 from tokenformer.data import images
 from tokenformer.data.image_text import ImageTextSamples, open_image_text, take_image_text
 from tokenformer.data.prepare import train_bpe
@@ -26,13 +28,14 @@ from tokenformer.data.prompts import (FASHION_MNIST_CLASSES, HELD_OUT_TEMPLATES,
 from tokenformer.data.tokenizer import Tokenizer, check_vocab_fits, load_tokenizer
 from tokenformer.errors import TokenFormerError
 from tokenformer.evaluation.retrieval import encode_dataset, retrieval_recall, zero_shot_accuracy, zero_shot_classifier
-from tokenformer.files import FINAL_MODEL_DIR, TOKENIZER_FILE
+from tokenformer.files import TOKENIZER_FILE
 from tokenformer.models.clip import CLIPConfig, CLIPTokenFormer, tokenize_captions
-from tokenformer.models.pretrained import save_model
 from tokenformer.training.config import ClipTrainConfig
 from tokenformer.training.contrastive import clamp_logit_scale, clip_loss, contrastive_loss, gather_rows
 from tokenformer.training.distributed import DistEnv, unwrap
-from tokenformer.training.tasks.vision import augment_generator, epoch_order
+from tokenformer.training.registry import TrainingCommand, register
+from tokenformer.training.tasks.base import EpochTask, TaskContext
+from tokenformer.training.tasks.vision import augment_generator
 
 # Fashion-MNIST validation captions are drawn once, from a stream of their own: a seed of two
 # numbers is never one of the training draws' three.
@@ -102,26 +105,21 @@ def model_config(cfg: ClipTrainConfig, tokenizer: Tokenizer | None = None) -> CL
     return dataclasses.replace(config, text=dataclasses.replace(config.text, vocab_size=vocab))
 
 
-class ClipTask:
+class ClipTask(EpochTask):
     """Contrastive training of a `CLIPTokenFormer` (or any model with its interface) on image-caption
     pairs; validation loss, recall@1/5/10 and, for Fashion-MNIST, zero-shot accuracy."""
 
     unit = "images"
-    units_per_sample = 1
-    validate_at_start = False
+    sample_noun = "pairs"
+    plot_title = "contrastive image-text training"
+    loss_label = "contrastive loss (nats/pair)"
 
     def __init__(self, cfg: ClipTrainConfig) -> None:
-        self.cfg = cfg
-        self.data = load_pair_data(cfg)  # fail on missing data before building a model
-        self.steps_per_epoch = self.data.num_train // cfg.batch_size
-        if self.steps_per_epoch == 0:
-            raise TokenFormerError(f"{self.data.num_train} training pairs make no batch of {cfg.batch_size}: "
-                                   f"lower batch_size")
+        data = load_pair_data(cfg)  # fail on missing data before building a model
+        super().__init__(cfg, data.num_train)
+        self.data = data
         self.tokenizer = self.resolve_tokenizer()
-        self.history: list[dict[str, Any]] = []
-        self.env = DistEnv()
-        self.model: nn.Module | None = None
-        self._order: tuple[int, torch.Tensor] | None = None
+        self.context_length = 0
         self.name = "train-clip"
 
     def training_captions(self) -> list[str]:
@@ -142,9 +140,9 @@ class ClipTask:
     def build_model(self) -> nn.Module:
         return CLIPTokenFormer(model_config(self.cfg, self.tokenizer))
 
-    def prepare(self, model: nn.Module, env: DistEnv) -> None:
+    def prepare(self, model: nn.Module, ctx: TaskContext) -> None:
         cfg, config = self.cfg, model.config
-        self.env, self.model, self.name = env, model, type(model).__name__
+        self.name, self.context_length = type(model).__name__, config.text.seq_length
         channels, size = config.vision.num_channels, config.vision.image_size
         for split in (self.data.train, self.data.val):
             if isinstance(split, ImageTextSamples):
@@ -166,19 +164,12 @@ class ClipTask:
             self.val_captions = fashion_mnist_captions(labels, HELD_OUT_TEMPLATES,
                                                        np.random.default_rng([cfg.seed, VAL_CAPTION_STREAM]))
 
-    @property
-    def samples_per_epoch(self) -> int:
-        return self.steps_per_epoch * self.cfg.batch_size
-
     def tokenize(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        return tokenize_captions(self.tokenizer, captions, self.model.config.text.seq_length)
+        return tokenize_captions(self.tokenizer, captions, self.context_length)
 
     def train_batch(self, first: int, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Pairs `first .. first + size - 1` of the global order: images (B, C, H, W), ids (B, L), lengths (B,)."""
-        epoch, position = divmod(first, self.samples_per_epoch)
-        if self._order is None or self._order[0] != epoch:
-            self._order = (epoch, epoch_order(self.cfg.seed, epoch, self.data.num_train))
-        index = self._order[1][position:position + size]
+        epoch, position, index = self.epoch_slice(first, size)
         generator = augment_generator(self.cfg.seed, epoch, position)
         if self.data.labelled:
             x, labels = images.take(self.data.train, index, self.train_transform, generator)
@@ -187,15 +178,17 @@ class ClipTask:
             x, captions = take_image_text(self.data.train, index, self.train_transform, generator)
         return (x, *self.tokenize(captions))
 
-    def loss(self, model: nn.Module, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, int]:
+    def loss(self, model: nn.Module, batch: tuple[torch.Tensor, ...], ctx: TaskContext) -> tuple[torch.Tensor, int]:
+        """The symmetric InfoNCE of the micro-batch's pairs, gathered over the ranks: with gradient
+        accumulation each micro-batch is a contrastive batch of its own."""
         image_features, text_features, logit_scale = model(*batch)
-        return clip_loss(image_features, text_features, logit_scale, self.env), len(batch[0])
+        return clip_loss(image_features, text_features, logit_scale, ctx.env), len(batch[0])
 
-    def after_step(self, model: nn.Module, step: int) -> None:
+    def after_step(self, model: nn.Module, ctx: TaskContext) -> None:
         clamp_logit_scale(model)
 
-    def log_extras(self, env: DistEnv) -> dict[str, float]:
-        return {"logit_scale": float(unwrap(self.model).logit_scale.detach().exp())}
+    def log_extras(self, model: nn.Module, ctx: TaskContext) -> dict[str, float]:
+        return {"logit_scale": float(unwrap(model).logit_scale.detach().exp())}
 
     # ---- evaluation ---------------------------------------------------------------------------
 
@@ -209,20 +202,19 @@ class ClipTask:
             else:
                 yield take_image_text(self.data.val, index, self.test_transform)
 
-    def evaluate(self, model: nn.Module, env: DistEnv, step: int) -> dict[str, Any] | None:
+    def evaluate(self, model: nn.Module, ctx: TaskContext) -> dict[str, Any] | None:
+        env = ctx.env
         if self.data.num_val < env.world_size:
             return None  # no validation pairs (or fewer than ranks)
         plain = unwrap(model)  # the ranks' shards differ in size: no collective forward passes
         image_features, text_features = (gather_rows(f, env) for f in encode_dataset(plain, self.tokenizer,
                                                                                      self.val_batches(env)))
-        record: dict[str, Any] = {"epoch": step // self.steps_per_epoch,
-                                  "val_loss": self.val_loss(image_features, text_features, plain)}
+        record: dict[str, Any] = {"val_loss": self.val_loss(image_features, text_features, plain)}
         if self.data.labelled:
             record.update(self.zero_shot(plain, image_features))
         else:
             record.update(retrieval_recall(image_features, text_features))
-        self.history.append(record)
-        return record
+        return self.add_record(ctx, record)
 
     @torch.no_grad()
     def val_loss(self, image_features: torch.Tensor, text_features: torch.Tensor, model: nn.Module) -> float:
@@ -257,18 +249,27 @@ class ClipTask:
 
     # ---- checkpoints and outputs ----------------------------------------------------------------
 
-    def state(self) -> dict[str, Any]:
-        return {"history": self.history}
-
     def load_state(self, state: dict[str, Any], path: Path) -> None:
-        self.history = list(state.get("history", []))
+        super().load_state(state, path)
         if (Path(path) / TOKENIZER_FILE).is_file():  # the run's own tokenizer, whatever trains today
             self.tokenizer = load_tokenizer(Path(path) / TOKENIZER_FILE)
 
-    def finish(self, model: nn.Module, save: Path | None, env: DistEnv) -> dict[str, Any]:
-        """Write `model/` with the tokenizer (rank 0)."""
-        plain = unwrap(model)
-        if save is not None and env.is_main:
-            save_model(plain, save / FINAL_MODEL_DIR, self.tokenizer)
-        return {"history": self.history, "epochs": self.cfg.epochs,
-                "num_parameters": sum(p.numel() for p in plain.parameters())}
+    @staticmethod
+    def report(summary: dict[str, Any]) -> str:
+        last = summary["validation"] or {}
+        shown = {k: rounded(v, 4) for k, v in last.items()
+                 if k.startswith(("val_loss", "zero_shot", "image_to", "text_to"))}
+        return (f"trained {summary['epochs']} epochs ({summary['step']} steps, {summary['wall_time_s']:.0f} s, "
+                f"{summary['num_parameters']:,} parameters): {json.dumps(shown)}")
+
+
+register(TrainingCommand(
+    "train-clip", ClipTrainConfig, ClipTask, CLIPTokenFormer, example="configs/clip-scenes.yaml",
+    help="""Train a CLIP TokenFormer contrastively on image-caption pairs and report its validation metrics.
+
+Fields come from the YAML CONFIG, then `--field value` overrides (every field below). `data` is
+image-text samples (`tokenformer make-scenes` OUT/train, WebDataset .tar shards, a captions.csv
+folder) or a Fashion-MNIST IDX folder (captioned from prompt templates; zero-shot accuracy with
+held-out templates). The output directory `save` gets checkpoints, metrics.jsonl, loss_curve.png
+and model/ (with the tokenizer); `--resume` continues exactly. Under `torchrun`: DDP,
+`batch_size` the global batch, whose features every rank gathers for the loss."""))

@@ -23,6 +23,8 @@ from tokenformer.models.lm import TokenFormer
 from tokenformer.training.config import TrainConfig
 from tokenformer.training.distributed import DistEnv, all_reduce_mean
 from tokenformer.training.precision import autocast_context
+from tokenformer.training.registry import TrainingCommand, register
+from tokenformer.training.tasks.base import Task, TaskContext
 
 
 @dataclass
@@ -82,19 +84,22 @@ def validation_batches(dataset: WindowDataset, eval_iters: int, micro_batch_size
     return batches, weights
 
 
-class LanguageModelTask:
+class LanguageModelTask(Task):
     """Next-token prediction on windows of `seq_length + 1` tokens of GPT-NeoX indexed files."""
 
     name = "train"
     unit = "tokens"
     validate_at_start = True
+    plot_title = "language model training"
+    loss_label = "loss (nats/token)"
 
     def __init__(self, cfg: TrainConfig) -> None:
-        self.cfg = cfg
+        super().__init__(cfg)
         self.sources = resolve_data(cfg)  # fail on missing data before building a model
         self.tokenizer = None
         self.seq_length = 0
         self._validation: tuple[list[torch.Tensor], list[float]] | None = None
+        self.last_record: dict[str, Any] | None = None
 
     def build_model(self) -> nn.Module:
         """The model of `model`; a preset name, or a mapping that names no `vocab_size`, takes the
@@ -109,8 +114,8 @@ class LanguageModelTask:
             config = dataclasses.replace(config, vocab_size=vocab)
         return TokenFormer(config)
 
-    def prepare(self, model: nn.Module, env: DistEnv) -> None:
-        cfg = self.cfg
+    def prepare(self, model: nn.Module, ctx: TaskContext) -> None:
+        cfg, env = self.cfg, ctx.env
         spec = self.sources.tokenizer
         if spec is None and cfg.init_from and (Path(cfg.init_from) / TOKENIZER_FILE).is_file():
             spec = str(Path(cfg.init_from) / TOKENIZER_FILE)
@@ -137,23 +142,18 @@ class LanguageModelTask:
     def train_batch(self, first: int, size: int) -> torch.Tensor:
         return self.train_data.batch(first, size)  # (size, T + 1)
 
-    def loss(self, model: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, int]:
+    def loss(self, model: nn.Module, batch: torch.Tensor, ctx: TaskContext | None = None) -> tuple[torch.Tensor, int]:
         return window_loss(model, batch)
 
-    def after_step(self, model: nn.Module, step: int) -> None:
-        pass
-
-    def log_extras(self, env: DistEnv) -> dict[str, float]:
-        return {}
-
-    def evaluate(self, model: nn.Module, env: DistEnv, step: int) -> dict[str, float] | None:
+    def evaluate(self, model: nn.Module, ctx: TaskContext) -> dict[str, float] | None:
         if self._validation is None:
             return None
         batches, weights = self._validation
         device = next(model.parameters()).device
-        loss = mean_loss(model, batches, self.loss, weights, reduce=lambda t: all_reduce_mean(t, env),
+        loss = mean_loss(model, batches, self.loss, weights, reduce=lambda t: all_reduce_mean(t, ctx.env),
                          autocast=lambda: autocast_context(self.cfg.precision, device))
-        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+        self.last_record = {"val_loss": loss, "val_ppl": perplexity(loss)}
+        return self.last_record
 
     def describe(self, record: dict[str, Any]) -> str:
         return f"step {record['step']}: validation loss {record['val_loss']:.4f}, perplexity {record['val_ppl']:.4g}"
@@ -167,5 +167,40 @@ class LanguageModelTask:
                                    f"for {self.seq_length}: the data position would not carry over; keep "
                                    f"seq_length or use a new `save` directory")
 
-    def finish(self, model: nn.Module, save: Path | None, env: DistEnv) -> dict[str, Any]:
-        return {}
+    def finish(self, model: nn.Module, ctx: TaskContext) -> dict[str, Any]:
+        last = self.last_record
+        return {"val_ppl": last["val_ppl"] if last else None}
+
+    @staticmethod
+    def report(summary: dict[str, Any]) -> str:
+        before, after = summary["val_loss_initial"], summary["val_loss"]
+        lines = [f"trained to step {summary['step']}: {summary['tokens_seen']:,} tokens, "
+                 f"{summary['tokens_per_s']:,.0f} tokens/s, {summary['wall_time_s']:.1f} s"]
+        if summary["train_loss"] is not None:
+            lines.append(f"final training loss {summary['train_loss']:.4f}")
+        if after is not None:
+            lines.append(f"validation loss {'' if before is None else f'{before:.4f} -> '}{after:.4f} "
+                         f"(perplexity {perplexity(after):.2f})")
+        if summary["checkpoint"]:
+            lines.append(f"checkpoint {summary['checkpoint']}")
+        if summary.get("adapter"):
+            lines.append(f"adapter {summary['adapter']}")
+        if summary["plot"]:
+            lines.append(f"loss curve {summary['plot']}")
+        return "\n".join(lines)
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 50.0))
+
+
+register(TrainingCommand(
+    "train", TrainConfig, LanguageModelTask, TokenFormer, example="configs/demo.yaml",
+    help="""Train a TokenFormer: `tokenformer train CONFIG.yaml [--field value ...]`.
+
+CONFIG is a YAML file of the fields below (see configs/); every field can be set or overridden
+on the command line as `--field value` (`--train_iters 10` or `--train-iters 10`). Data come
+from `data_path` (a `tokenformer prepare` directory) or GPT-NeoX prefixes (`train_data_paths`).
+Checkpoints, metrics.jsonl and loss_curve.png go to `save`; `--resume` continues from the latest
+checkpoint there, with the same losses as an uninterrupted run. Under `torchrun` the same
+command trains with DDP or FSDP2 (`--parallelism`)."""))

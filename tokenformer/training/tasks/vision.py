@@ -15,12 +15,13 @@ from torch import nn
 
 from tokenformer.data import images
 from tokenformer.errors import TokenFormerError
-from tokenformer.files import ACCURACY_PLOT_FILE, FINAL_MODEL_DIR
-from tokenformer.models.pretrained import save_model
+from tokenformer.files import ACCURACY_PLOT_FILE
 from tokenformer.models.vision import VisionConfig, VisionTokenFormer
 from tokenformer.training.config import VisionTrainConfig
 from tokenformer.training.distributed import DistEnv, all_reduce_mean, unwrap
 from tokenformer.training.metrics import plot_accuracy
+from tokenformer.training.registry import TrainingCommand, register
+from tokenformer.training.tasks.base import EpochTask, TaskContext
 
 
 @dataclass
@@ -95,12 +96,6 @@ def update_ema(ema_model: nn.Module, model: nn.Module, decay: float) -> None:
         e.lerp_(p.detach(), 1.0 - decay)
 
 
-def epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
-    """The shuffled order of the `n` training images in `epoch`, from (seed, epoch) alone: the same
-    on every rank and after every resume."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-
-
 def augment_generator(seed: int, epoch: int, first: int) -> torch.Generator:
     """The augmentation generator of the slice of images starting at position `first` of `epoch`'s
     order: a function of the position, so each rank's slice is augmented in its own way and a
@@ -108,24 +103,21 @@ def augment_generator(seed: int, epoch: int, first: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch, first]).generate_state(1)[0]))
 
 
-class VisionTask:
+class VisionTask(EpochTask):
     """Image classification: epochs of shuffled, augmented images (`drop_last`), top-1 accuracy on
     the test images, optionally an average of the weights (`ema`) and test-time flips (`tta_flip`)."""
 
     unit = "images"
-    units_per_sample = 1
-    tokenizer = None
-    validate_at_start = False
+    sample_noun = "images"
+    plot_title = "image classification"
+    loss_label = "cross-entropy (nats/image)"
+    validation_label = "test"
 
     def __init__(self, cfg: VisionTrainConfig) -> None:
-        self.cfg = cfg
-        self.data = load_image_data(cfg, channels=1)  # fail on missing data before building a model
-        self.steps_per_epoch = self.data.num_train // cfg.batch_size
-        if self.steps_per_epoch == 0:
-            raise TokenFormerError(f"{self.data.num_train} training images make no batch of {cfg.batch_size}")
-        self.history: list[dict[str, Any]] = []
+        data = load_image_data(cfg, channels=1)  # fail on missing data before building a model
+        super().__init__(cfg, data.num_train)
+        self.data = data
         self.ema_model: nn.Module | None = None
-        self._order: tuple[int, torch.Tensor] | None = None
         self._running = torch.zeros(3, dtype=torch.float64)  # this epoch's loss sum, correct, images
         self._running_epoch = 0
         self.name = "train-vision"
@@ -133,7 +125,7 @@ class VisionTask:
     def build_model(self) -> nn.Module:
         return VisionTokenFormer(VisionConfig.resolve(self.cfg.model))
 
-    def prepare(self, model: nn.Module, env: DistEnv) -> None:
+    def prepare(self, model: nn.Module, ctx: TaskContext) -> None:
         cfg, config = self.cfg, model.config
         self.name = type(model).__name__
         channels = config.num_channels
@@ -153,21 +145,15 @@ class VisionTask:
         # DDP keeps the weights equal on every rank, so every rank's average is the same too
         self.ema_model = copy.deepcopy(model).eval().requires_grad_(False) if cfg.ema else None
 
-    @property
-    def samples_per_epoch(self) -> int:
-        return self.steps_per_epoch * self.cfg.batch_size
-
     def train_batch(self, first: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        epoch, position = divmod(first, self.samples_per_epoch)
+        epoch, position, index = self.epoch_slice(first, size)
         if epoch != self._running_epoch:  # a new epoch: its running train loss and accuracy start at 0
             self._running_epoch, self._running = epoch, torch.zeros(3, dtype=torch.float64)
-        if self._order is None or self._order[0] != epoch:
-            self._order = (epoch, epoch_order(self.cfg.seed, epoch, self.data.num_train))
-        index = self._order[1][position:position + size]
         return images.take(self.data.train, index, self.train_transform,
                            augment_generator(self.cfg.seed, epoch, position))
 
-    def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor],
+             ctx: TaskContext) -> tuple[torch.Tensor, int]:
         """Cross-entropy (label smoothing as configured); also counts the batch for the running
         train loss and accuracy of the epoch (`log_extras`)."""
         x, y = batch
@@ -178,49 +164,59 @@ class VisionTask:
             self._running += torch.tensor([float(loss.detach()) * len(y), correct, len(y)], dtype=torch.float64)
         return loss, len(y)
 
-    def after_step(self, model: nn.Module, step: int) -> None:
+    def after_step(self, model: nn.Module, ctx: TaskContext) -> None:
         if self.ema_model is not None:
             # warm the average up like timm/MoCo: early on it follows the weights closely
-            update_ema(self.ema_model, model, min(self.cfg.ema, (1 + step) / (10 + step)))
+            update_ema(self.ema_model, model, min(self.cfg.ema, (1 + ctx.step) / (10 + ctx.step)))
 
-    def log_extras(self, env: DistEnv) -> dict[str, float]:
-        loss_sum, correct, seen = all_reduce_mean(self._running, env).tolist()
+    def log_extras(self, model: nn.Module, ctx: TaskContext) -> dict[str, float]:
+        loss_sum, correct, seen = all_reduce_mean(self._running, ctx.env).tolist()
         return {"train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1)}
 
-    def evaluated_model(self, model: nn.Module) -> nn.Module:
+    def final_model(self, model: nn.Module) -> nn.Module:
+        """The evaluated weights: the average with `ema`, else the model's own."""
         return self.ema_model if self.ema_model is not None else unwrap(model)
 
-    def evaluate(self, model: nn.Module, env: DistEnv, step: int) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, ctx: TaskContext) -> dict[str, float]:
+        env = ctx.env
         test = images.batches_of(self.data.test, self.cfg.eval_batch_size, self.test_transform,
                                  shard=(env.rank, env.world_size))
-        record = {"epoch": step // self.steps_per_epoch,
-                  **evaluate_accuracy(self.evaluated_model(model), test, self.cfg.tta_flip, env),
-                  **self.log_extras(env)}
-        self.history.append(record)
-        return record
+        return self.add_record(ctx, {**evaluate_accuracy(self.final_model(model), test, self.cfg.tta_flip, env),
+                                     **self.log_extras(model, ctx)})
 
     def describe(self, record: dict[str, Any]) -> str:
         return (f"epoch {record['epoch']}: test accuracy {record['val_accuracy']:.4f}, "
                 f"loss {record['val_loss']:.4f}")
 
     def state(self) -> dict[str, Any]:
-        return {"history": self.history, "ema": self.ema_model.state_dict() if self.ema_model is not None else None}
+        return {**super().state(), "ema": self.ema_model.state_dict() if self.ema_model is not None else None}
 
     def load_state(self, state: dict[str, Any], path: Path) -> None:
-        self.history = list(state.get("history", []))
+        super().load_state(state, path)
         if self.ema_model is not None:
             if state.get("ema") is None:
                 raise TokenFormerError(f"{path} was trained without ema, this run asks for it: use a new `save` "
                                        f"directory or the same ema setting")
             self.ema_model.load_state_dict(state["ema"])
 
-    def finish(self, model: nn.Module, save: Path | None, env: DistEnv) -> dict[str, Any]:
+    def finish(self, model: nn.Module, ctx: TaskContext) -> dict[str, Any]:
         """Write `model/` (the evaluated weights: the EMA ones when `ema` is on) and accuracy.png."""
-        evaluated = self.evaluated_model(model)
-        if save is not None and env.is_main:
-            save_model(evaluated, save / FINAL_MODEL_DIR)
-            if self.cfg.plot:
-                plot_accuracy({type(unwrap(model)).__name__: self.history}, save / ACCURACY_PLOT_FILE)
-        return {"test_accuracy": self.history[-1]["val_accuracy"] if self.history else None,
-                "history": self.history, "epochs": self.cfg.epochs,
-                "num_parameters": sum(p.numel() for p in evaluated.parameters())}
+        outputs = super().finish(model, ctx)
+        if ctx.folder is not None and ctx.env.is_main and self.cfg.plot:
+            plot_accuracy({type(unwrap(model)).__name__: self.history}, ctx.folder.output(ACCURACY_PLOT_FILE))
+        return {"test_accuracy": self.history[-1]["val_accuracy"] if self.history else None, **outputs}
+
+    @staticmethod
+    def report(summary: dict[str, Any]) -> str:
+        return (f"test accuracy {100 * summary['test_accuracy']:.2f}% after {summary['epochs']} epochs "
+                f"({summary['step']} steps, {summary['wall_time_s']:.0f} s, {summary['num_parameters']:,} parameters)")
+
+
+register(TrainingCommand(
+    "train-vision", VisionTrainConfig, VisionTask, VisionTokenFormer, example="configs/fashion_mnist.yaml",
+    help="""Train an image classifier (a vision TokenFormer) and report its top-1 accuracy.
+
+Fields come from the YAML CONFIG, then `--field value` overrides (every field below). The
+output directory `save` gets checkpoints, metrics.jsonl, loss_curve.png, accuracy.png and model/
+(the evaluated weights, the EMA ones with `ema`); `--resume` continues from its latest checkpoint
+exactly. Under `torchrun` the same command trains data-parallel (DDP), `batch_size` the global batch."""))
