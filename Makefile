@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 BENCH_STAMP := $(VENV)/.bench-stamp
 BENCH_ARGS ?=
 
-.PHONY: install test demo clean bench bench-quick bench-gpu
+.PHONY: install test test-wheel demo clean bench bench-quick bench-gpu
 
 install: $(STAMP)
 
@@ -20,6 +20,24 @@ $(STAMP): pyproject.toml constraints.txt
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The package as users install it, not the source tree: build the wheel, install it into a fresh
+# venv (the pinned CPU torch, no editable install, run from a folder without the sources), then
+# run commands from it: its version, and save + generate + evaluate a tiny model.
+WHEEL_DIR := build/wheel-test
+test-wheel: $(STAMP)
+	rm -rf $(WHEEL_DIR) && mkdir -p $(WHEEL_DIR)/run
+	$(PY) -m pip wheel --quiet --disable-pip-version-check --no-deps -w $(WHEEL_DIR) .
+	$(PYTHON) -m venv $(WHEEL_DIR)/venv
+	$(WHEEL_DIR)/venv/bin/pip install --quiet --disable-pip-version-check -c constraints.txt torch==2.13.0
+	$(WHEEL_DIR)/venv/bin/pip install --quiet --disable-pip-version-check -c constraints.txt $(WHEEL_DIR)/tokenformer-*.whl
+	cd $(WHEEL_DIR)/run && ../venv/bin/tokenformer --version
+	cd $(WHEEL_DIR)/run && ../venv/bin/python -c "import tokenformer as tf; \
+		assert 'site-packages' in tf.__file__, tf.__file__; \
+		tf.TokenFormer(tf.Config.from_name('tiny')).save_pretrained('tiny', tokenizer=tf.ByteTokenizer())"
+	cd $(WHEEL_DIR)/run && printf 'def add(a, b):\n    return a + b\n' > code.txt && \
+		../venv/bin/tokenformer generate --checkpoint tiny --prompt "def " --max-new-tokens 8 && \
+		../venv/bin/tokenformer evaluate --checkpoint tiny --data code.txt
 
 # The main job: prepare the Python standard library (embedded corpus, BPE 2048), train a small
 # TokenFormer on it (validation loss before -> after, checkpoint + loss_curve.png in

@@ -60,3 +60,18 @@ def test_the_reference_is_generated_from_the_code():
     assert (ROOT / "docs" / "reference.md").read_text() == reference(), \
         "regenerate it: python -m tokenformer.cli.reference > docs/reference.md"
     assert "`train_iters`" in reference() and "`tokenformer grow`" in reference()
+
+
+def test_packaging_states_an_spdx_license_and_ci_installs_the_wheel():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert project["project"]["license"] == "Apache-2.0"  # PEP 639: the table form stops building in 2027
+    requirement = project["build-system"]["requires"][0]
+    assert re.fullmatch(r"setuptools>=(\d+)(\.\d+)*", requirement) and int(requirement.split(">=")[1].split(".")[0]) >= 77
+    assert "make test-wheel" in (ROOT / ".ci" / "run").read_text()
+    assert re.search(r"^test-wheel:", (ROOT / "Makefile").read_text(), flags=re.MULTILINE)
+    import tokenformer
+
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "tokenformer.__version__"}
+    assert tokenformer.__version__

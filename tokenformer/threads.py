@@ -1,22 +1,25 @@
 """How many CPU threads a command computes with: `--num-threads` when given, else `OMP_NUM_THREADS`
-when set, else a rule from the model's size and the cores this process may use.
+when set, else a rule from the model's size, the cores this process may use and how busy they are.
 
-Why a rule: torch's own default is one thread per core, and a small model gains nothing from a second
-thread (each product is too short to split) while on a busy machine the threads mostly wait for
-each other. The rule and its measurement are in docs/performance.md ("CPU threads").
+Why a rule: torch's own default is one thread per core. A tiny model gains nothing from a second
+thread (each product is too short to split), and on a busy machine a thread that waits for a core
+stalls every operation: measured 7-10x slower with 2 threads than with 1 on 2 cores under load,
+while a 1.1M-parameter model trained 1.64x faster with 2 threads on the same cores when quiet. The
+measurements are in docs/performance.md ("CPU threads").
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 
 import torch
 
 from tokenformer.options import number
 
-# One thread per this many parameters, at most one per core: measured on 2 cores (docs/performance.md).
-PARAMETERS_PER_THREAD = 20_000_000
+# One thread per this many parameters, at most one per idle core (docs/performance.md, "CPU threads").
+PARAMETERS_PER_THREAD = 1_000_000
 
 
 def usable_cores() -> int:
@@ -33,15 +36,27 @@ def default_threads(num_parameters: int, cores: int | None = None) -> int:
     return max(1, min(cores, num_parameters // PARAMETERS_PER_THREAD))
 
 
+def idle_cores(cores: int | None = None) -> int:
+    """The cores not taken by other work: the cores less the 1-minute load average, rounded up, at
+    least one (all of them where the platform has no load average)."""
+    cores = cores or usable_cores()
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # Windows
+        return cores
+    return max(1, min(cores, math.ceil(cores - load)))
+
+
 def use_threads(requested: int | None, num_parameters: int) -> int:
     """Set torch's intra-op threads for a model of `num_parameters`: `requested` if given, else
-    the user's OMP_NUM_THREADS if set (left as torch read it), else `default_threads`; returns the count."""
+    the user's OMP_NUM_THREADS if set (left as torch read it), else `default_threads` but no more
+    than the idle cores; returns the count."""
     if requested:
         count = requested
     elif os.environ.get("OMP_NUM_THREADS"):
         return torch.get_num_threads()
     else:
-        count = default_threads(num_parameters)
+        count = min(default_threads(num_parameters), idle_cores())
     torch.set_num_threads(count)
     return count
 
@@ -49,5 +64,5 @@ def use_threads(requested: int | None, num_parameters: int) -> int:
 def add_threads_option(parser: argparse.ArgumentParser) -> None:
     """`--num-threads N` of a command that computes with a model (read by `use_threads`)."""
     parser.add_argument("--num-threads", type=number(int, minimum=1), default=None, metavar="N",
-                        help="CPU threads (default: one per 20M parameters, at most one per core; "
+                        help="CPU threads (default: one per 1M parameters, at most one per idle core; "
                         "OMP_NUM_THREADS when set)")

@@ -151,7 +151,8 @@ class HardwareOptions:
     checkpoint_activations: bool = option("recompute each block in the backward pass to save memory",
                                           default=False)
     parallelism: str = option("under torchrun: ddp (replicated) or fsdp2 (sharded)", default="ddp")
-    num_threads: int | None = option("CPU threads per process (default: torch's choice)", minimum=1, default=None)
+    num_threads: int | None = option("CPU threads per process (default: one per 1M parameters, at most one per "
+                                     "idle core)", minimum=1, default=None)
 
 
 # the sections every command has, in the order `--help` lists them (after the command's own fields)
