@@ -66,6 +66,8 @@ def test_shipped_recipes_still_read_and_refused_fields_are_named():
         C.VisionTrainConfig(parallelism="fsdp2")
     with pytest.raises(TokenFormerError, match="does not split into gradient_accumulation_steps 3"):
         C.CaptionTrainConfig(batch_size=8, gradient_accumulation_steps=3)
+    with pytest.raises(TokenFormerError, match="train-clip cannot use tune_tokens 4: token tuning grows one model"):
+        C.ClipTrainConfig(tune_tokens=4)
     with pytest.raises(TokenFormerError, match="fewer than 2 pairs per contrastive batch"):
         C.ClipTrainConfig(batch_size=4, gradient_accumulation_steps=4)
     loop = C.VisionTrainConfig(batch_size=16, gradient_accumulation_steps=2, precision="bf16", compile=True,
@@ -284,3 +286,15 @@ def test_a_new_task_is_one_file_and_a_recipe_trained_through_the_command_line(tm
     with torch.no_grad():
         assert losses[0] == pytest.approx(float(((model(x) - y) ** 2).mean()), rel=1e-6)
     assert "train-line" in main.__globals__["build_parser"]().format_help()
+
+
+def test_token_tuning_reaches_an_epoch_task(image_data, tmp_path):
+    base = C.VisionTrainConfig(**fields_of("train-vision", image_data, tmp_path / "base"))
+    train(base)
+    cfg = C.VisionTrainConfig(**fields_of("train-vision", image_data, tmp_path / "tuned", tune_tokens=4,
+                                          init_from=str(tmp_path / "base" / "model")))
+    tuned = train(cfg)
+    assert Path(tuned["adapter"]).is_file() and Path(tuned["adapter"]).parent.name == "step_00000002"
+    # the tuned model starts at the base's outputs (exact growth), so its first loss is the base's
+    expected = first_step_loss_by_hand("train-vision", cfg, load_model(tmp_path / "base" / "model"), 1)
+    assert tuned["losses"][1] == pytest.approx(expected, abs=1e-5)

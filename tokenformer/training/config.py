@@ -389,6 +389,13 @@ class ClipTrainConfig(ImageOptions, EpochConfig):
     gradient accumulation each micro-batch is a contrastive batch of its own (its pairs' negatives
     are each other), gathered over the ranks."""
 
+    refuses: ClassVar[dict[str, str]] = {
+        **EpochConfig.refuses,
+        "tune_tokens": "token tuning grows one model by its config's norm, and a CLIP's towers each have their "
+                       "own config; grow and train the towers instead",
+        "freeze_old": "a CLIP records its growths per tower, where freeze_old reads the model's own "
+                      "growth_history; train all its tokens"}
+
     model: Any = option("CLIP preset name (tiny, tiny-28, small, B/16) or a mapping of CLIPConfig fields (`name: "
                         "PRESET`, then `vision:` / `text:` mappings override single fields of its towers); the "
                         "text vocabulary follows the tokenizer", default="tiny")
