@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
 from tokenformer.errors import TokenFormerError
 from tokenformer.options import add_options
-from tokenformer.training.checkpointing import CheckpointManager
 from tokenformer.training.loop import train
 from tokenformer.training.registry import TrainingCommand, command_named
+from tokenformer.training.run_folder import RunFolder
 
 
 def arguments(parser: argparse.ArgumentParser, command: TrainingCommand) -> None:
@@ -31,6 +32,6 @@ def main(args: argparse.Namespace) -> None:
 
 def _refuse_mixing_runs(save: str | None, resume: bool) -> None:
     # a fresh run there would mix its checkpoints with the old run's, and prune the old ones
-    if save and not resume and CheckpointManager(save).checkpoints():
+    if save and not resume and RunFolder(Path(save)).checkpoints().checkpoints():
         raise TokenFormerError(f"{save} already holds checkpoints of a run: pass --resume to continue it, "
                                f"or choose another `save` directory")

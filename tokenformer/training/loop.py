@@ -72,7 +72,7 @@ def run_distributed(device: str, save: str | None, body: Callable[[DistEnv], Any
     except Exception as error:
         if not env.distributed:
             raise
-        latest = CheckpointManager(save).latest() if save else None
+        latest = RunFolder(Path(save)).checkpoints().latest() if save else None
         described = describe_rank_failure(error, env, latest)
         if described is None:
             raise
@@ -180,7 +180,7 @@ def start_run(cfg: LoopConfig, model: nn.Module | None, env: DistEnv, task: Task
     optimizer = build_optimizer(unwrap(model), cfg)
     warm = warm_start.start_optimizer(cfg, warm, optimizer, sharded=sharded)
     run = Run(cfg, env, task, model, optimizer, grad_scaler(cfg.precision),
-              CheckpointManager(cfg.save, cfg.keep_last_n, env) if cfg.save else None, sharded, warm, folder,
+              folder.checkpoints(cfg.keep_last_n, env) if folder is not None else None, sharded, warm, folder,
               step=warm.step, consumed_samples=warm.consumed_samples)
     if run.manager is not None:
         resume(run)

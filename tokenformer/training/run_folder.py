@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from tokenformer.files import FINAL_MODEL_DIR, LOSS_PLOT_FILE, METRICS_FILE, TRAIN_CONFIG_FILE, atomic_write_text
+from tokenformer.training.checkpointing import CheckpointManager
+from tokenformer.training.distributed import DistEnv
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,10 @@ class RunFolder:
     @classmethod
     def of(cls, save: str | Path | None) -> RunFolder | None:
         return cls(Path(save)) if save else None
+
+    def checkpoints(self, keep_last_n: int = 3, env: DistEnv | None = None) -> CheckpointManager:
+        """The checkpoints `step_NNNNNNNN/` and `latest` (written by rank 0 of `env`, `keep_last_n` kept)."""
+        return CheckpointManager(self.root, keep_last_n, env)
 
     @property
     def metrics(self) -> Path:
