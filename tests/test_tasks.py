@@ -300,3 +300,20 @@ def test_token_tuning_reaches_an_epoch_task(image_data, tmp_path):
     # the tuned model starts at the base's outputs (exact growth), so its first loss is the base's
     expected = first_step_loss_by_hand("train-vision", cfg, load_model(tmp_path / "base" / "model"), 1)
     assert tuned["losses"][1] == pytest.approx(expected, abs=1e-5)
+
+
+def test_warm_start_choices_reach_an_epoch_task(image_data, tmp_path):
+    """freeze_old, init_from_optimizer and init_from_schedule continue on train-vision, from `tokenformer
+    grow` of a training checkpoint: the old tokens stay as they were, the schedule goes on."""
+    train(C.VisionTrainConfig(**fields_of("train-vision", image_data, tmp_path / "base")))
+    assert main(["grow", "--checkpoint", str(tmp_path / "base" / "step_00000002"), "--out", str(tmp_path / "grown"),
+                 "--factor", "2"]) == 0
+    grown = load_model(tmp_path / "grown")
+    summary = train(C.VisionTrainConfig(**fields_of(
+        "train-vision", image_data, tmp_path / "run", epochs=2, init_from=str(tmp_path / "grown"), freeze_old=True,
+        init_from_optimizer=True, init_from_schedule="continue")))
+    assert sorted(summary["losses"]) == [3, 4]  # steps 1-2 were the grown run's
+    trained = load_model(tmp_path / "run" / "model")
+    before, after = grown.layers[0].mlp.key_param_tokens, trained.layers[0].mlp.key_param_tokens
+    old = before.shape[0] // 2  # --factor 2 doubled the tokens
+    assert torch.equal(after[:old], before[:old]) and not torch.equal(after[old:], before[old:])
