@@ -2,11 +2,13 @@
 and the docs resolves, and the generated reference matches the code."""
 
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "experiments").glob("*.md")),
@@ -75,3 +77,140 @@ def test_packaging_states_an_spdx_license_and_ci_installs_the_wheel():
 
     assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "tokenformer.__version__"}
     assert tokenformer.__version__
+
+
+# ---- every command of the docs runs ---------------------------------------------------------------
+# Each ```bash block of README.md and docs/*.md runs its `tokenformer ...` lines, in order, in a copy of
+# a small workspace (`docs_workspace`) laid out as the docs assume: runs/demo/data (a prepared
+# dataset), runs/demo/checkpoints (a 5-step run of the demo config shrunk to a tiny model), ckpt/150M
+# and ckpt/small (tiny stand-ins), configs/demo.yaml (tiny and fast), corpus files. Step counts are
+# divided by 100 (--train_iters 1000 runs 10 steps), prepare reads 20 documents, make-scenes draws
+# 16 + 8 images. Other lines (make, pip, python, torchrun) are not run. A block that cannot run
+# here says why in a comment right above it: <!-- docs-test: skip (reason) -->.
+SKIP_MARK = re.compile(r"<!--\s*docs-test:\s*skip\b[^>]*-->\s*\n$")
+STEP_OPTIONS = ("--train_iters", "--train-iters", "--lr_decay_iters", "--lr-decay-iters")
+
+
+def command_blocks(text: str) -> list[tuple[int, list[str], bool]]:
+    """(line number, `tokenformer` commands, skipped) of every ```bash block that holds one."""
+    blocks = []
+    for match in re.finditer(r"^```(?:bash|sh)\n(.*?)^```", text, flags=re.DOTALL | re.MULTILINE):
+        joined = match.group(1).replace("\\\n", " ")
+        commands = [line.strip() for line in joined.splitlines() if re.match(r"\s*tokenformer ", line)]
+        if commands:
+            skipped = bool(SKIP_MARK.search(text[:match.start()][-200:]))
+            blocks.append((text[:match.start()].count("\n") + 1, commands, skipped))
+    return blocks
+
+
+def test_command_blocks_are_found_and_skip_marks_read():
+    text = ("```bash\ntokenformer a --x 1 \\\n  --y 2   # note\nmake test\n```\n"
+            "<!-- docs-test: skip (network) -->\n```bash\ntokenformer b\n```\n```python\ntokenformer c\n```\n")
+    assert command_blocks(text) == [(1, ["tokenformer a --x 1    --y 2   # note"], False), (7, ["tokenformer b"], True)]
+
+
+def fast_argv(command: str) -> list[str]:
+    """The command's arguments (comments dropped) with its step counts and data sizes made small."""
+    import shlex
+
+    argv = shlex.split(command, comments=True)[1:]
+    for i, token in enumerate(argv[:-1]):
+        if token in STEP_OPTIONS:
+            argv[i + 1] = str(max(1, int(argv[i + 1]) // 100))
+    if argv[0] == "prepare" and "--hf-dataset" not in argv:
+        argv += ["--max-documents", "20", "--quiet"]
+    if argv[0] == "make-scenes":
+        argv += ["--train", "16", "--val", "8"]
+    if argv[0].startswith("train"):
+        argv += ["--progress", "false"]
+    if argv[0] in ("train-clip", "train-captioner"):
+        argv += ["--epochs", "1", "--batch_size", "8"]
+    return argv
+
+
+DEMO_CONFIG = """model: {name: tiny, seq_length: 64}
+data_path: runs/demo/data
+save: runs/demo/checkpoints
+train_iters: 5
+train_micro_batch_size_per_gpu: 2
+lr: 5.0e-3
+warmup_iters: 1
+eval_interval: 5
+eval_iters: 1
+save_interval: 5
+log_interval: 1
+plot: false
+"""
+
+
+@pytest.fixture(scope="session")
+def docs_workspace(tmp_path_factory):
+    import json
+    import os
+
+    import tokenformer as tf
+    from tokenformer.__main__ import main
+
+    root = tmp_path_factory.mktemp("docs")
+    shutil.copytree(ROOT / "configs", root / "configs")
+    (root / "configs" / "demo.yaml").write_text(DEMO_CONFIG)
+    (root / "corpus").mkdir()
+    code = "def add(a, b):\n    return a + b\n\n\nclass Stack:\n    def push(self, x):\n        self.items.append(x)\n"
+    for i in range(12):
+        (root / "corpus" / f"part{i}.txt").write_text(code * (i + 1))
+    (root / "notes.txt").write_text(code)
+    (root / "corpus.jsonl").write_text("".join(json.dumps({"text": code * (i + 1)}) + "\n" for i in range(8)))
+    old = os.getcwd()
+    os.chdir(root)
+    try:
+        assert main(["prepare", "corpus", "--out", "runs/demo/data", "--quiet"]) == 0
+        assert main(["train", "configs/demo.yaml", "--progress", "false"]) == 0
+    finally:
+        os.chdir(old)
+    for name, overrides in (("150M", {"seq_length": 2048}), ("small", {})):
+        model = tf.TokenFormer(tf.Config.from_name("tiny", **overrides))
+        model.save_pretrained(root / "ckpt" / name, tokenizer=tf.ByteTokenizer())
+    # training.md trains from it on its 2048-token BPE data
+    tf.TokenFormer(tf.Config.from_name("tiny", vocab_size=2048)).save_pretrained(root / "ckpt" / "grown")
+    from PIL import Image
+
+    for name, colour in (("a.png", (200, 30, 30)), ("b.png", (30, 30, 200))):  # images to caption
+        Image.new("RGB", (32, 32), colour).save(root / name)
+    # the official files: a tiny model in the GPT-NeoX layout, its .yml, a tokenizer.json
+    official = tf.Config.from_name("tiny", vocab_size=50277)
+    torch.save(tf.export_official(tf.TokenFormer(official)), root / "pytorch_model.bin")
+    fields = ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "qkv_slot_num", "proj_slot_num",
+              "ffn_slot_num")
+    (root / "150M_eval.yml").write_text(json.dumps({k.replace("_", "-"): getattr(official, k) for k in fields}))
+    tf.ByteTokenizer().save(root / "tokenizer.json")
+    import zstandard
+    from datasets import Dataset
+
+    for name in ("00", "01"):
+        (root / f"{name}.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(
+            (root / "corpus.jsonl").read_bytes()))
+    Dataset.from_dict({"text": [code] * 8}).save_to_disk(str(root / "saved_dataset_dir"))
+    return root
+
+
+DOC_PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+@pytest.mark.parametrize("document", DOC_PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_command_of_the_docs_runs(document, docs_workspace, tmp_path, monkeypatch, capsys):
+    from tokenformer.__main__ import main
+
+    blocks = [b for b in command_blocks(document.read_text()) if not b[2]]
+    if not blocks:
+        pytest.skip(f"{document.name} has no command block to run")
+    workspace = tmp_path / "w"
+    shutil.copytree(docs_workspace, workspace)
+    if fast_argv(blocks[0][1][0])[:3] == ["prepare", "--out", "runs/demo/data"]:
+        shutil.rmtree(workspace / "runs" / "demo" / "checkpoints")  # a page that starts the demo from scratch
+    monkeypatch.chdir(workspace)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    for line, commands, _ in blocks:
+        for command in commands:
+            code = main(fast_argv(command))
+            err = capsys.readouterr().err
+            assert code == 0, f"{document.name} line {line}: `{command}` failed: {err.strip()[-500:]}"

@@ -24,7 +24,7 @@ def arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated file-name patterns searched for in input folders")
     parser.add_argument("--hf-dataset", default=None,
                         help="a Hugging Face dataset: a save_to_disk directory, a data folder or a Hub name "
-                        "(needs the hf extra)")
+                        "(needs the datasets extra)")
     parser.add_argument("--hf-split", default="train", help="the split of --hf-dataset")
     parser.add_argument("--hf-config", default=None,
                         help="the configuration of a Hub dataset that has several (e.g. wikitext-2-raw-v1)")
