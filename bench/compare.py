@@ -47,6 +47,7 @@ from tokenformer import Config, Pattention, TokenFormer
 from tokenformer.flops import gpt_neox_flops, tokenformer_flops
 from tokenformer.generate import generate_tokens
 from tokenformer.models.lm import rotary_cos_sin
+from tokenformer.training.precision import autocast_context
 
 RESULTS = Path(__file__).parent / "results" / "compare.json"
 VOCAB = 50277  # GPT-NeoX-20B; both models pad to 50304
@@ -113,11 +114,13 @@ def require_transformers():
     return transformers
 
 
-def hf_gpt_neox(s: dict):
+def hf_gpt_neox(s: dict, vocab_size: int | None = None):
+    """HF GPTNeoXForCausalLM of the shape's width, depth, heads and positions (FFN 4 x width, untied
+    head), with our padded vocabulary (default that of GPT-NeoX-20B, 50304)."""
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     h = s["hidden"]
-    config = GPTNeoXConfig(vocab_size=tokenformer_config(s).padded_vocab_size, hidden_size=h,
+    config = GPTNeoXConfig(vocab_size=vocab_size or tokenformer_config(s).padded_vocab_size, hidden_size=h,
                            num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
                            intermediate_size=4 * h, rotary_pct=0.25, max_position_embeddings=max_positions(s),
                            use_parallel_residual=False, attention_dropout=0.0, hidden_dropout=0.0,
@@ -137,16 +140,24 @@ def tokenformer_body(model: TokenFormer, idx: torch.Tensor) -> torch.Tensor:
     return model.final_norm(x)
 
 
-def train_step(model, forward, idx, targets, optimizer, head: bool):
+def train_step(model, forward, idx, targets, optimizer, head: bool, precision: str = "fp32",
+               losses: list | None = None):
+    """One optimizer step as a function: `forward(model, idx)` under the training loop's autocast
+    for `precision`, the loss in float32 (`head`: cross-entropy of the logits; else the mean square
+    of the hidden states), backward, `optimizer.step()`. Each loss is appended to `losses` (on the
+    device: the step does not wait for the GPU)."""
     def step():
         optimizer.zero_grad(set_to_none=True)
-        out = forward(model, idx)
+        with autocast_context(precision, idx.device):
+            out = forward(model, idx)
         if head:
             loss = F.cross_entropy(out.flatten(0, 1).float(), targets.flatten())
         else:
             loss = out.float().square().mean()
         loss.backward()
         optimizer.step()
+        if losses is not None:
+            losses.append(loss.detach())
     return step
 
 

@@ -22,7 +22,10 @@ count within 0.1%, the difference being HF's biases and LayerNorm weights). `--d
 of the main comparison (plain, static, compiled, HF); bf16 and int8 run in any case.
 
 Each path's decode rate is (new - 1) tokens over the time from the first new token to the last
-(ours: when `generate_tokens` yields it; HF: when its logits reach the logits processors).
+(ours: when `generate_tokens` yields it; HF: when its logits reach the logits processors). With
+`run(batch=B)` the prompts are B random rows of equal length, ours decoded by a batched greedy loop
+over the same generation interface, and a step's B tokens count B: the weights are read once per
+step for all rows, the KV cache once per row.
 `run(...)` returns the result dict (with `rows` for `bench.compare`'s table); the command also
 writes bench/results/decode.json. Not a test: numbers depend on the machine and its load.
 """
@@ -54,6 +57,8 @@ SHAPES = {
     "quick": dict(hidden=256, layers=4, heads=4, prompt=224, new_tokens=16, reps=3, stream_mib=128),
     # the released TokenFormer-150M's shape, for a GPU (`bench/gpu.py`); on 2 CPU cores about 10 minutes
     "150M": dict(hidden=768, layers=12, heads=12, prompt=240, new_tokens=64, reps=5, stream_mib=1024),
+    # the GPU suite's dry run (`bench/gpu.py --tiny`): every path in about a second
+    "tiny": dict(hidden=64, layers=2, heads=4, prompt=16, new_tokens=6, reps=2, stream_mib=8),
 }
 
 
@@ -89,13 +94,15 @@ def gpt_neox(s: dict, ffn_multiple: int, tied: bool):
 # ---- bytes and bandwidth --------------------------------------------------------------------------
 
 def kv_cache_bytes(s: dict, element_bytes: int) -> float:
-    """Keys and values of every layer at the mean decode length, prompt + new / 2."""
-    return 2 * s["layers"] * s["hidden"] * (s["prompt"] + s["new_tokens"] / 2) * element_bytes
+    """Keys and values of every layer at the mean decode length, prompt + new / 2, for each of the
+    `s["batch"]` rows (default 1)."""
+    rows = s.get("batch", 1)
+    return rows * 2 * s["layers"] * s["hidden"] * (s["prompt"] + s["new_tokens"] / 2) * element_bytes
 
 
 def tokenformer_bytes(model: TokenFormer, s: dict, element_bytes: int, int8: bool = False) -> float:
     """Bytes one decode step reads: all key/value tokens and the tied head (int8: one byte each plus a
-    scale per row), one embedding row, the final norm, and the KV cache."""
+    scale per row), one embedding row, the final norm, and the KV cache (of every row of a batch)."""
     h = s["hidden"]
 
     def matrix(out_features: int, in_features: int) -> float:  # a product's weight, (out, in)
@@ -145,6 +152,24 @@ def ours_stamps(model, prompt: list[int], new: int) -> list[float]:
     return stamps
 
 
+@torch.no_grad()
+def ours_batch_stamps(model, prompt: torch.Tensor, new: int) -> list[float]:
+    """Greedy decoding of equal-length prompts (B, P) through the generation interface that
+    `generate_tokens` uses (a prefill, then one-token steps on the cache; no padding, so no mask):
+    when each step's B tokens are on the host."""
+    batch, length = prompt.shape
+    cache = model.allocate_cache(batch, length + new)
+    logits = model(prompt, cache=cache, last_only=True)[:, -1]  # (B, V)
+    stamps = []
+    for step in range(new):
+        token = logits.argmax(dim=-1)  # (B,)
+        token.tolist()  # the ids on the host, as a generation loop needs them: synchronised
+        stamps.append(time.perf_counter())
+        if step + 1 < new:
+            logits = model(token[:, None], cache=cache)[:, -1]
+    return stamps
+
+
 def hf_stamps(model, prompt: torch.Tensor, new: int) -> list[float]:
     from transformers import LogitsProcessor, LogitsProcessorList
 
@@ -165,98 +190,162 @@ def hf_stamps(model, prompt: torch.Tensor, new: int) -> list[float]:
     return stamps.stamps
 
 
-def timed_paths(s: dict, device: torch.device, dtype: torch.dtype) -> tuple[dict, dict, dict]:
-    """The models of every path, a generating function per path, and the bytes each reads per token."""
+PATHS = ("ours_plain", "ours_static", "ours_compiled", "ours_bf16", "ours_int8", "hf", "hf_param_matched", "hf_bf16")
+COMPILED_PATHS = ("ours_compiled", "ours_int8")
+
+
+def timed_paths(s: dict, device: torch.device, dtype: torch.dtype,
+                paths: tuple[str, ...] = PATHS) -> tuple[dict, dict, dict]:
+    """The models of the asked-for paths, a generating function per path, and the bytes each reads
+    per decode step (all `s["batch"]` rows). `hf_bf16` is left out when `dtype` is bf16 (it is `hf`)."""
     torch.manual_seed(0)
     model = TokenFormer(tokenformer_config(s)).to(device, dtype).eval()
-    fp32 = model if dtype == torch.float32 else TokenFormer(tokenformer_config(s)).to(device).eval()
+    fp32 = model if dtype == torch.float32 else None
+    if fp32 is None and {"ours_bf16", "ours_int8"} & set(paths):
+        fp32 = TokenFormer(tokenformer_config(s)).to(device).eval()
     size = torch.finfo(dtype).bits // 8
-    prompt = torch.randint(0, VOCAB, (1, s["prompt"]), device=device)
+    builders = {
+        "ours_plain": lambda: model, "ours_static": lambda: Decoder(model),
+        "ours_compiled": lambda: Decoder(model, compile=True),
+        "ours_bf16": lambda: Decoder(fp32, dtype=torch.bfloat16),
+        "ours_int8": lambda: Decoder(fp32, dtype=torch.bfloat16, int8=True, compile=True),
+        "hf": lambda: gpt_neox(s, 4, tied=False).to(device, dtype).eval(),
+        "hf_param_matched": lambda: gpt_neox(s, 6, tied=True).to(device, dtype).eval(),
+        "hf_bf16": lambda: gpt_neox(s, 4, tied=False).to(device, torch.bfloat16).eval(),
+    }
+    if dtype == torch.bfloat16:
+        del builders["hf_bf16"]
+    models = {name: builders[name]() for name in paths if name in builders}
+    ours_bytes = {"ours_plain": (size, False), "ours_static": (size, False), "ours_compiled": (size, False),
+                  "ours_bf16": (2, False), "ours_int8": (2, True)}
+    bytes_read = {name: tokenformer_bytes(model, s, *ours_bytes[name]) if name in ours_bytes else
+                  gpt_neox_bytes(m, s, torch.finfo(next(m.parameters()).dtype).bits // 8)
+                  for name, m in models.items()}
+    prompt = torch.randint(0, VOCAB, (s.get("batch", 1), s["prompt"]), device=device)  # (B, P)
     new = s["new_tokens"]
-    ours = {"ours_plain": model, "ours_static": Decoder(model), "ours_compiled": Decoder(model, compile=True),
-            "ours_bf16": Decoder(fp32, dtype=torch.bfloat16),
-            "ours_int8": Decoder(fp32, dtype=torch.bfloat16, int8=True, compile=True)}
-    hf = {"hf": gpt_neox(s, 4, tied=False).to(device, dtype).eval(),
-          "hf_param_matched": gpt_neox(s, 6, tied=True).to(device, dtype).eval()}
-    if dtype != torch.bfloat16:
-        hf["hf_bf16"] = gpt_neox(s, 4, tied=False).to(device, torch.bfloat16).eval()
-    bytes_read = {"ours_plain": tokenformer_bytes(model, s, size), "ours_static": tokenformer_bytes(model, s, size),
-                  "ours_compiled": tokenformer_bytes(model, s, size), "ours_bf16": tokenformer_bytes(model, s, 2),
-                  "ours_int8": tokenformer_bytes(model, s, 2, int8=True),
-                  **{name: gpt_neox_bytes(m, s, torch.finfo(next(m.parameters()).dtype).bits // 8)
-                     for name, m in hf.items()}}
-    runs = {name: (lambda m=m: ours_stamps(m, prompt[0].tolist(), new)) for name, m in ours.items()}
-    runs.update({name: (lambda m=m: hf_stamps(m, prompt, new)) for name, m in hf.items()})
-    return {**ours, **hf}, runs, bytes_read
+
+    def ours(m):
+        if prompt.shape[0] == 1:
+            return lambda: ours_stamps(m, prompt[0].tolist(), new)
+        return lambda: ours_batch_stamps(m, prompt, new)
+    runs = {name: ours(m) if name in ours_bytes else (lambda m=m: hf_stamps(m, prompt, new))
+            for name, m in models.items()}
+    return models, runs, bytes_read
 
 
-def run(quick: bool = False, device: str = "cpu", dtype: str = "fp32", threads: int | None = None,
-        shape: str | None = None) -> dict:
-    """Measure every decode path; the keys of issue 17 plus `rows` (label, ratio, unit, target).
-    `shape` names one of SHAPES (default: "quick" with `quick`, else "full")."""
-    if threads:
-        torch.set_num_threads(threads)
-    shape = shape or ("quick" if quick else "full")
-    s = SHAPES[shape]
-    dev, dt = torch.device(device), DTYPES[dtype]
-    started = time.perf_counter()
-    models, runs, bytes_read = timed_paths(s, dev, dt)
-    print(f"bench.decode ({shape}): width {s['hidden']}, {s['layers']} layers, "
-          f"{s['heads']} heads, prompt {s['prompt']}, {s['new_tokens']} new tokens, batch 1, {dtype} on {device}, "
-          f"{torch.get_num_threads()} threads; compiling the decode steps ...", flush=True)
-    compile_start = time.perf_counter()
-    for name in ("ours_compiled", "ours_int8"):
-        runs[name]()  # the first call compiles
-    compile_seconds = time.perf_counter() - compile_start
-    new = s["new_tokens"]
+def path_memory(runs: dict, device: torch.device) -> dict | None:
+    """On a GPU, the memory each path takes beyond the models (cache, activations, CUDA graphs):
+    the peak of one run less what was allocated before it, in GiB; one run each, also a warm-up."""
+    if device.type != "cuda":
+        return None
+    extra = {}
+    for name, fn in runs.items():
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        extra[name] = (torch.cuda.max_memory_allocated(device) - before) / 2**30
+    return {"models_gib": torch.cuda.memory_allocated(device) / 2**30, "peak_extra_gib": extra}
+
+
+def measure_rates(s: dict, runs: dict, device: torch.device) -> tuple[dict, dict, dict]:
+    """Tokens/s of each path (medians of the rounds after the first) and of every round, and the
+    memory bandwidth of each STREAM kernel, from one alternation."""
+    new, batch = s["new_tokens"], s.get("batch", 1)
     rates: dict[str, list[float]] = {name: [] for name in runs}
 
     def recorded(name: str):
         def fn():
             stamps = runs[name]()
-            rates[name].append((new - 1) / (stamps[-1] - stamps[0]))
+            rates[name].append(batch * (new - 1) / (stamps[-1] - stamps[0]))
         return fn
-    copies, moved = stream(s["stream_mib"], dev)
+    copies, moved = stream(s["stream_mib"], device)
     seconds = alternate({**{name: recorded(name) for name in runs}, **copies}, s["reps"])
     bandwidth = {name: moved[name] / seconds[name] for name in moved}
-    peak = max(bandwidth.values())
     tps = {name: statistics.median(r[1:]) for name, r in rates.items()}  # r[0]: the warm-up round
-    best = max(("ours_static", "ours_compiled", "ours_plain"), key=tps.get)
-    hf_bf16 = tps.get("hf_bf16", tps["hf"] if dt == torch.bfloat16 else None)
+    return tps, rates, bandwidth
+
+
+def run(quick: bool = False, device: str = "cpu", dtype: str = "fp32", threads: int | None = None,
+        shape: str | None = None, batch: int = 1, paths: tuple[str, ...] = PATHS) -> dict:
+    """Measure the decode paths `paths` (default all) at `batch` prompts of equal length; the keys
+    of issue 17 for the paths measured, plus `rows` (label, ratio, unit, target). `shape` names one
+    of SHAPES (default: "quick" with `quick`, else "full")."""
+    if threads:
+        torch.set_num_threads(threads)
+    shape = shape or ("quick" if quick else "full")
+    s = {**SHAPES[shape], "batch": batch}
+    dev, dt = torch.device(device), DTYPES[dtype]
+    started = time.perf_counter()
+    models, runs, bytes_read = timed_paths(s, dev, dt, paths)
+    print(f"bench.decode ({shape}): width {s['hidden']}, {s['layers']} layers, "
+          f"{s['heads']} heads, prompt {s['prompt']}, {s['new_tokens']} new tokens, batch {batch}, {dtype} on {device}, "
+          f"{torch.get_num_threads()} threads; compiling the decode steps ...", flush=True)
+    compile_start = time.perf_counter()
+    for name in COMPILED_PATHS:
+        if name in runs:
+            runs[name]()  # the first call compiles
+    compile_seconds = time.perf_counter() - compile_start
+    memory = path_memory(runs, dev)
+    tps, rates, bandwidth = measure_rates(s, runs, dev)
+    peak = max(bandwidth.values())
+    # a step reads the weights once for all rows: per token, its bytes over the batch
+    fraction = {name: bytes_read[name] * tps[name] / batch / peak for name in tps}
     result = {
-        "mode": shape, "shape": s, "device": device, "dtype": dtype,
+        "mode": shape, "shape": s, "device": device, "dtype": dtype, "batch": batch,
         "threads": torch.get_num_threads(), "torch": torch.__version__,
         "parameters": {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()
                        if isinstance(m, torch.nn.Module) and not isinstance(m, Decoder)},
-        "decode_tokens_per_s": tps, "decode_tokens_per_s_all_rounds": rates, "bytes_per_token_all": bytes_read,
-        "memory_bandwidth_all_gb_s": {k: v / 1e9 for k, v in bandwidth.items()},
-        "compile_seconds": compile_seconds, "best_fp32_path": best,
-        "decode_speed_ratio": tps[best] / tps["hf"],
-        "decode_speed_ratio_plain": tps["ours_plain"] / tps["hf"],
-        "decode_speed_ratio_param_matched": tps[best] / tps["hf_param_matched"],
-        "decode_speed_ratio_bf16": tps["ours_bf16"] / (hf_bf16 or tps["ours_plain"]),
-        "decode_speed_ratio_bf16_against": "hf_bf16" if hf_bf16 else "ours_plain",
-        "decode_speed_ratio_int8": tps["ours_int8"] / tps["hf"],
-        "decode_static_speedup": tps["ours_static"] / tps["ours_plain"],
-        "decode_compiled_speedup": tps["ours_compiled"] / tps["ours_plain"],
-        "decode_roofline_fraction": bytes_read[best] * tps[best] / peak,
-        "decode_roofline_fraction_hf": bytes_read["hf"] * tps["hf"] / peak,
-        "roofline_fraction_all": {name: bytes_read[name] * tps[name] / peak for name in tps},
-        "memory_bandwidth_gb_s": peak / 1e9, "bytes_per_token": bytes_read[best],
+        "decode_tokens_per_s": tps, "decode_tokens_per_s_all_rounds": rates, "bytes_per_step_all": bytes_read,
+        "bytes_per_token_all": {name: b / batch for name, b in bytes_read.items()},
+        "memory_bandwidth_all_gb_s": {k: v / 1e9 for k, v in bandwidth.items()}, "memory": memory,
+        "compile_seconds": compile_seconds, "roofline_fraction_all": fraction, "memory_bandwidth_gb_s": peak / 1e9,
+        **headline(tps, fraction, dt),
     }
-    result["rows"] = [
-        (f"decode tokens/s, best fp32 path ({best})", result["decode_speed_ratio"], "x HF generate", ">= 1.0"),
-        ("decode tokens/s, plain (KVCache)", result["decode_speed_ratio_plain"], "x HF generate", ""),
-        ("decode tokens/s, best fp32 vs param-matched HF", result["decode_speed_ratio_param_matched"], "x HF (6x FFN, tied)", ">= 1.0"),
-        ("decode tokens/s, bf16", result["decode_speed_ratio_bf16"], f"x {result['decode_speed_ratio_bf16_against']}", ""),
-        ("decode tokens/s, int8 (compiled)", result["decode_speed_ratio_int8"], "x HF generate fp32", ""),
-        ("decode static cache speed-up", result["decode_static_speedup"], "x ours plain", ""),
-        ("decode static + compiled speed-up", result["decode_compiled_speedup"], "x ours plain", ""),
-        ("decode roofline fraction, ours best fp32", result["decode_roofline_fraction"], "of bandwidth", ""),
-        ("decode roofline fraction, HF", result["decode_roofline_fraction_hf"], "of bandwidth", ""),
-    ]
+    result["bytes_per_token"] = result["bytes_per_token_all"][result["best_fp32_path"]]
+    result["rows"] = decode_rows(result)
     result["seconds"] = time.perf_counter() - started
     return result
+
+
+def headline(tps: dict, fraction: dict, dt: torch.dtype) -> dict:
+    """The ratios of issue 17, each where both of its paths were measured. The best path is the
+    fastest of plain, static and compiled, in the main dtype (`best_fp32_path`, named when fp32 was
+    the only main dtype)."""
+    best = max((name for name in ("ours_static", "ours_compiled", "ours_plain") if name in tps), key=tps.get)
+    hf_bf16 = tps.get("hf_bf16", tps.get("hf") if dt == torch.bfloat16 else None)
+    pairs = {"decode_speed_ratio": (best, "hf"), "decode_speed_ratio_plain": ("ours_plain", "hf"),
+             "decode_speed_ratio_param_matched": (best, "hf_param_matched"),
+             "decode_speed_ratio_int8": ("ours_int8", "hf"),
+             "decode_static_speedup": ("ours_static", "ours_plain"),
+             "decode_compiled_speedup": ("ours_compiled", "ours_plain")}
+    out = {key: tps[a] / tps[b] for key, (a, b) in pairs.items() if a in tps and b in tps}
+    out["best_fp32_path"] = best
+    if "ours_bf16" in tps and (hf_bf16 or "ours_plain" in tps):
+        out["decode_speed_ratio_bf16"] = tps["ours_bf16"] / (hf_bf16 or tps["ours_plain"])
+        out["decode_speed_ratio_bf16_against"] = "hf_bf16" if hf_bf16 else "ours_plain"
+    out["decode_roofline_fraction"] = fraction[best]
+    if "hf" in fraction:
+        out["decode_roofline_fraction_hf"] = fraction["hf"]
+    return out
+
+
+def decode_rows(result: dict) -> list[tuple]:
+    """(label, ratio, unit, target) of each headline figure that was measured."""
+    best, dtype = result["best_fp32_path"], result["dtype"]
+    rows = [
+        ("decode_speed_ratio", f"decode tokens/s, best {dtype} path ({best})", "x HF generate", ">= 1.0"),
+        ("decode_speed_ratio_plain", "decode tokens/s, plain (KVCache)", "x HF generate", ""),
+        ("decode_speed_ratio_param_matched", f"decode tokens/s, best {dtype} vs param-matched HF",
+         "x HF (6x FFN, tied)", ">= 1.0"),
+        ("decode_speed_ratio_bf16", "decode tokens/s, bf16", f"x {result.get('decode_speed_ratio_bf16_against')}", ""),
+        ("decode_speed_ratio_int8", "decode tokens/s, int8 (compiled)", f"x HF generate {dtype}", ""),
+        ("decode_static_speedup", "decode static cache speed-up", "x ours plain", ""),
+        ("decode_compiled_speedup", "decode static + compiled speed-up", "x ours plain", ""),
+        ("decode_roofline_fraction", f"decode roofline fraction, ours best {dtype}", "of bandwidth", ""),
+        ("decode_roofline_fraction_hf", "decode roofline fraction, HF", "of bandwidth", ""),
+    ]
+    return [(label, result[key], unit, target) for key, label, unit, target in rows if key in result]
 
 
 def main(argv: list[str] | None = None) -> dict:

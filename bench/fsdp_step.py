@@ -9,12 +9,15 @@ there are several ranks), and this benchmark is about the sharded step itself. T
 loop's: fp32 master weights, FSDP2's mixed-precision policy (`sharded_param_dtype`: bf16 compute,
 fp32 gradient reduction on a GPU) and the loop's autocast; `compiled` compiles each block in place
 before sharding, as `compile: true` does. Random tokens: speed does not depend on them. Rank 0
-writes the JSON: per variant the median step seconds, tokens/s and MFU against `bench.common`'s peak.
+writes the JSON: per variant the median step seconds, tokens/s and MFU against `bench.common`'s peak,
+and the loss of every step; `--reference` adds those of an unsharded copy trained through the same
+steps (the check that sharding changes nothing but rounding).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -23,13 +26,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
 from bench.common import add_device_arguments, mfu, peak_flops, resolve, synchronize
+from bench.compare import train_step
 from tokenformer import Config, TokenFormer
 from tokenformer.flops import tokenformer_flops
-from tokenformer.training.precision import autocast_context, sharded_param_dtype
+from tokenformer.training.precision import sharded_param_dtype
 
 
 def shard(model: TokenFormer, param_dtype: torch.dtype | None) -> None:
@@ -43,30 +46,39 @@ def shard(model: TokenFormer, param_dtype: torch.dtype | None) -> None:
     fully_shard(model, mp_policy=policy)
 
 
+def make_step(model, args: argparse.Namespace, run, batch: torch.Tensor, losses: list):
+    """One optimizer step of `model` on `batch` (B, T + 1) under the loop's autocast (fused AdamW on
+    a GPU), its loss kept in `losses`."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=run.cuda or None)
+    return train_step(model, lambda m, idx: m(idx), batch[:, :-1], batch[:, 1:], optimizer, head=True,
+                      precision=args.dtype, losses=losses)
+
+
+def reference_losses(model: TokenFormer, args: argparse.Namespace, run, batch: torch.Tensor) -> list[float]:
+    """The losses of the same steps on an unsharded copy: what FSDP2 must reproduce (in fp32, to
+    float32 rounding; in bf16 its compute dtype also rounds the weights, which autocast keeps)."""
+    losses: list = []
+    step = make_step(model, args, run, batch, losses)
+    for _ in range(args.warmup + args.steps):
+        step()
+    return [float(loss) for loss in losses]
+
+
 def time_variant(config: Config, compiled: bool, args: argparse.Namespace, run) -> dict:
-    """Median seconds of `args.steps` optimizer steps after `args.warmup`, and what they achieve."""
+    """Median seconds of `args.steps` optimizer steps after `args.warmup`, and what they achieve;
+    with `args.reference`, the losses of an unsharded copy and the largest relative difference."""
     torch.manual_seed(0)
     model = TokenFormer(config).to(run.device).train()
     parameters = model.num_parameters()
+    batch = torch.randint(0, config.vocab_size, (args.micro_batch, config.seq_length + 1), device=run.device)
+    reference = copy.deepcopy(model) if args.reference else None
     if compiled:
         for block in model.layers:
             block.compile()
     shard(model, sharded_param_dtype(args.dtype, run.device))
     sharded = all(isinstance(p, DTensor) for p in model.parameters())  # FSDP2 holds DTensor shards
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=run.cuda or None)
-    batch = torch.randint(0, config.vocab_size, (args.micro_batch, config.seq_length + 1), device=run.device)
-    idx, targets = batch[:, :-1], batch[:, 1:]  # (B, T) each
-    losses: list[float] = []
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        with autocast_context(args.dtype, run.device):
-            logits = model(idx)  # (B, T, V)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.detach())
-
+    losses: list = []
+    step = make_step(model, args, run, batch, losses)
     start = time.perf_counter()
     for _ in range(args.warmup):
         step()
@@ -82,11 +94,16 @@ def time_variant(config: Config, compiled: bool, args: argparse.Namespace, run) 
     tokens = args.micro_batch * config.seq_length
     flops = tokenformer_flops(config).training().total * tokens
     result = {"parameters": parameters, "sharded": sharded, "seconds_per_step": seconds,
-              "tokens_per_s": tokens / seconds, "flops_per_step": flops,
-              "warmup_seconds": warmup_s, "first_loss": float(losses[0]), "last_loss": float(losses[-1])}
+              "tokens_per_s": tokens / seconds, "flops_per_step": flops, "warmup_seconds": warmup_s,
+              "losses": [float(loss) for loss in losses], "first_loss": float(losses[0]),
+              "last_loss": float(losses[-1])}
     if run.cuda:
         result["max_memory_allocated_gib"] = torch.cuda.max_memory_allocated(run.device) / 2**30
         torch.cuda.reset_peak_memory_stats(run.device)
+    if reference is not None:
+        result["reference_losses"] = reference_losses(reference, args, run, batch)
+        result["loss_relative_difference"] = max(abs(a - b) / abs(b) for a, b in
+                                                 zip(result["losses"], result["reference_losses"]))
     return result
 
 
@@ -99,6 +116,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed steps (the median counts)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator)")
     parser.add_argument("--variants", default="eager,compiled", help="eager, compiled or both")
+    parser.add_argument("--reference", action="store_true",
+                        help="also train an unsharded copy through the same steps and compare the losses")
     parser.add_argument("--peak-matmul", type=int, default=None,
                         help="side of the matmul measured when the peak is not in the datasheet table "
                              "(default 8192 on a GPU, 2048 on the CPU; small for dry runs: CPU bf16 is slow)")

@@ -45,13 +45,25 @@ SWEEP = {preset: dict(model={"name": preset, "vocab_size": 2048, "seq_length": 1
                       train_micro_batch_size_per_gpu=8) for preset in ("tiny", "small", "base-cpu")}
 
 
-def synthetic_corpus(directory: Path, num_tokens: int, vocab_size: int = 2048, seed: int = 0) -> Path:
-    """Random documents of 200-2000 tokens, in the layout `tokenformer prepare` writes."""
+def synthetic_corpus(directory: Path, num_tokens: int, vocab_size: int = 2048, seed: int = 0,
+                     learnable: bool = False) -> Path:
+    """Random documents of 200-2000 tokens, in the layout `tokenformer prepare` writes. Uniform
+    random tokens by default (speed does not depend on them); `learnable`: a chain over 64 symbols
+    whose next token is a fixed function of the last one 9 times in 10, so that a model's loss falls
+    within tens of steps from ln(vocab) towards about 0.7 nats (the chain's entropy)."""
     rng = np.random.default_rng(seed)
     writer = IndexedDatasetWriter(directory / "train_text_document", dtype=np.uint16)
     written = 0
     while written < num_tokens:
-        doc = rng.integers(1, vocab_size, size=int(rng.integers(200, 2000)))
+        length = int(rng.integers(200, 2000))
+        if learnable:
+            doc = np.empty(length, dtype=np.int64)
+            doc[0], jumps, noise = rng.integers(64), rng.random(length) < 0.1, rng.integers(64, size=length)
+            for i in range(1, length):  # 1 + (7 x + 3) mod 64: tokens 1..64, never 0 (the separator)
+                doc[i] = noise[i] if jumps[i] else (7 * doc[i - 1] + 3) % 64
+            doc += 1
+        else:
+            doc = rng.integers(1, vocab_size, size=length)
         writer.add_item(np.append(doc, 0))
         written += doc.size + 1
     writer.close()

@@ -8,13 +8,14 @@ import json
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
-from bench import common, compare, fsdp_step, gpu, timing
-from tokenformer import Config, TokenFormer
-from tokenformer.flops import tokenformer_flops
+from bench import common, compare, fsdp_step, gpu, gpu_checks, gpu_speed, timing
+from tokenformer import Config
+from tokenformer.flops import gpt_neox_flops, tokenformer_flops
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 
@@ -60,9 +61,10 @@ def test_resolve_cuda_without_a_gpu_is_one_sentence():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_gpu_suite_without_a_gpu_stops_unless_asked_for_a_dry_run(tmp_path):
     with pytest.raises(SystemExit, match="needs a CUDA GPU.*--device cpu"):
-        gpu.main(["--out", str(tmp_path / "gpu.json")])
-    with pytest.raises(SystemExit, match="unknown section 'train'"):
-        gpu.main(["--device", "cpu", "--only", "pattention,train"])
+        gpu.main([str(tmp_path)])
+    with pytest.raises(SystemExit, match="unknown part 'train'"):
+        gpu.main([str(tmp_path), "--device", "cpu", "--only", "pattention,train"])
+    assert not any(tmp_path.iterdir())
 
 
 # ---- peak FLOP/s and MFU -----------------------------------------------------------------------
@@ -163,7 +165,7 @@ TABLE_KEYS = dict.fromkeys(["pattention_speedup_eager", "pattention_speedup_comp
 # ---- the GPU suite's dry run --------------------------------------------------------------------
 
 def in_process_torchrun(monkeypatch) -> list[list[str]]:
-    """gpu.py's `torchrun --nproc_per_node 1 -m bench.fsdp_step ...`, run as one rank in this
+    """gpu_checks' `torchrun --nproc_per_node 1 -m bench.fsdp_step ...`, run as one rank in this
     process: torchrun's launch costs two Python start-ups (half a minute on a busy machine), and
     what it sets up for one rank is these environment variables. Returns the commands seen."""
     seen: list[list[str]] = []
@@ -182,60 +184,141 @@ def in_process_torchrun(monkeypatch) -> list[list[str]]:
         fsdp_step.main(command[len(launcher):])
         return subprocess.CompletedProcess(command, 0, "", "")
 
-    monkeypatch.setattr(gpu.subprocess, "run", run)
+    monkeypatch.setattr(gpu_checks.subprocess, "run", run)
     return seen
 
 
-def test_gpu_dry_run_writes_the_documented_json(tmp_path, monkeypatch):
-    # torch.compile is torch's to test and costs tens of seconds on a busy CPU: the plumbing around
-    # it is what is checked here (the compiled module is the eager one).
-    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: module)
-    commands = in_process_torchrun(monkeypatch)
-    out = tmp_path / "gpu.json"
-    result = gpu.main(["--device", "cpu", "--tiny", "--only", "pattention,fsdp", "--out", str(out),
-                       "--threads", "1"])
-    assert json.loads(out.read_text()) == json.loads(json.dumps(result, default=str))
-    assert result["tiny"] and result["device"] == "cpu" and "decode" not in result
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    """`bench/gpu.py OUT --device cpu --tiny` once for the module's tests: (result, OUT, torchrun commands).
 
-    p = gpu.SHAPES["tiny"]["pattention"]
-    h, tokens = p["hidden"], p["pattention_tokens"]
+    torch.compile is torch's to test (tests/test_model.py and tests/test_decode.py trace the model and
+    the decode step with aot_eager) and its tracing is half the dry run's time on a busy CPU: here the
+    compiled module is the eager one, and the plumbing around it is what is checked."""
+    monkeypatch = pytest.MonkeyPatch()
+    try:
+        monkeypatch.setattr(torch, "compile", lambda model=None, **kwargs: model)
+        commands = in_process_torchrun(monkeypatch)
+        out = tmp_path_factory.mktemp("gpu")
+        result = gpu.main([str(out), "--device", "cpu", "--tiny", "--threads", "1"])
+    finally:
+        monkeypatch.undo()
+    return result, out, commands
+
+
+def test_dry_run_runs_every_part_and_writes_json_and_log(dry_run):
+    result, out, _ = dry_run
+    assert json.loads((out / "gpu.json").read_text()) == json.loads(json.dumps(result, default=str))
+    log = (out / "gpu.log").read_text()
+    assert list(result["parts"]) == [name for name, _, _ in gpu.PARTS]
+    for name, part in result["parts"].items():
+        assert part["status"] == "ok", (name, part.get("error"), part.get("failed_checks"))
+        assert part["seconds"] > 0 and part["peak_memory_gib"] is None  # no device memory on the CPU
+        assert f"[{name}] ok in" in log
+    assert result["summary"]["parts_not_ok"] == {} and result["summary"]["checks_failed"] == []
+    assert result["tiny"] and result["device"] == "cpu" and result["seconds"] < result["budget_s"]
+
+
+def test_dry_run_correctness_figures_are_measured_and_within_their_limits(dry_run):
+    parts = {name: part["result"] for name, part in dry_run[0]["parts"].items()}
+    errors = parts["logits"]["relative_error"]
+    assert set(errors) == {"l2_norm_gelu", "gelu_l2_norm", "softmax"}
+    for variant, e in errors.items():
+        # measured, not a self-comparison: bf16 is far from float64, fp32 close but not equal
+        assert 0 < e["fp32"] < gpu_checks.FP32_TOLERANCE < 1e-3 < e["bf16_weights_rounded_float64"]
+        assert e["bf16_limit"] == max(gpu_checks.BF16_TOLERANCE, 4 * e["bf16_weights_rounded_float64"])
+        assert e["bf16_weights_rounded_float64"] < e["bf16_autocast"] < e["bf16_limit"]
+    grads = parts["gradients"]
+    assert 0 < grads["fp32"]["relative_error"] < gpu_checks.FP32_TOLERANCE < grads["bf16_autocast"]["relative_error"]
+    assert grads["fp32"]["loss"] == pytest.approx(grads["loss_float64"], rel=1e-6)
+    for precision in ("bf16", "fp16"):
+        run = parts["training"][precision]
+        assert 4 < run["first_loss"] < 8  # about ln(257) = 5.55 at the start
+        assert run["loss_ratio"] < gpu_checks.LOSS_FALL_LIMIT and len(run["losses"]) == gpu.SHAPES["tiny"]["loop"]["steps"]
+    steps = gpu.SHAPES["tiny"]["loop"]["resume_steps"]
+    assert parts["resume"]["resumed_from"].endswith(f"step_{steps // 2:08d}")
+    assert set(parts["resume"]["largest_difference"].values()) == {0.0}
+    assert parts["hf_generate"]["fp32"]["hf"] == parts["hf_generate"]["fp32"]["native"]
+    assert len(parts["hf_generate"]["fp32"]["native"]) == gpu.SHAPES["tiny"]["decode_new_tokens"]
+    compiled = parts["compile"]
+    assert compiled["decode_tokens"]["compiled"] == compiled["decode_tokens"]["plain"]
+    assert compiled["gradient_relative_difference"] < gpu_checks.FP32_TOLERANCE
+
+
+def test_dry_run_fsdp_part_compares_the_sharded_steps_with_an_unsharded_copy(dry_run):
+    _, _, commands = dry_run
+    assert [dict(zip(c[8::2], c[9::2]))["--dtype"] for c in commands] == ["fp32", "bf16"]
+    assert all("--reference" in c for c in commands)
+    fsdp, f = dry_run[0]["parts"]["fsdp"]["result"], gpu.SHAPES["tiny"]["fsdp"]
     for dtype in ("fp32", "bf16"):
-        section = result["pattention"][dtype]
-        positions = tokens // p["batch"]
-        assert section["pattention_shape"] == f"x ({p['batch']}, {positions}, {h}), {4 * h} tokens, {h} -> {h}"
-        assert set(section["pattention_seconds"]) == {"official", "ours", "lean", "compiled"}
-        assert section["flops"] == 3 * tokens * 2 * 4 * h * (h + h)  # hand count: 3 x (2 n d_in + 2 n d_out)
-        for name, seconds in section["pattention_seconds"].items():
-            assert section["mfu"][name] == pytest.approx(section["flops"] / seconds / section["peak_flops"])
-        speedup = section["pattention_seconds"]["official"] / section["pattention_seconds"]["compiled"]
-        assert section["pattention_speedup_compiled"] == pytest.approx(speedup)
-        assert result["summary"][f"pattention_speedup_compiled_{dtype}"] == section["pattention_speedup_compiled"]
-        assert section["pattention_saved_bytes"]["official"] > section["pattention_saved_bytes"]["lean"] > 0
-
-    fsdp, f = result["fsdp"], gpu.SHAPES["tiny"]["fsdp"]
-    (command,) = commands
-    options = dict(zip(command[8::2], command[9::2]))  # after `... -m bench.fsdp_step`
-    assert options["--device"] == "cpu" and options["--dtype"] == "bf16" and options["--preset"] == f["preset"]
-    assert (fsdp["preset"], fsdp["seq"], fsdp["ranks"], fsdp["dtype"]) == (f["preset"], f["seq"], 1, "bf16")
-    config = Config.from_name(f["preset"], seq_length=f["seq"])
-    eager = fsdp["variants"]["eager"]
-    assert eager["parameters"] == TokenFormer(config).num_parameters() and eager["sharded"] is True
-    assert eager["flops_per_step"] == tokenformer_flops(config).training().total * f["micro_batch"] * f["seq"]
-    assert eager["tokens_per_s"] == pytest.approx(f["micro_batch"] * f["seq"] / eager["seconds_per_step"])
-    assert eager["mfu"] == pytest.approx(eager["flops_per_step"] / eager["seconds_per_step"] / fsdp["peak_flops"])
-    assert 0 < eager["last_loss"] < 2 * torch.log(torch.tensor(float(config.vocab_size)))
-    assert result["summary"]["fsdp_eager_tokens_per_s"] == eager["tokens_per_s"]
+        eager = fsdp[dtype]["variants"]["eager"]
+        assert eager["sharded"] is True and len(eager["losses"]) == len(eager["reference_losses"]) == f["steps"] + 1
+        assert eager["loss_relative_difference"] == max(abs(a - b) / b for a, b in
+                                                        zip(eager["losses"], eager["reference_losses"]))
 
 
-def test_gpu_decode_section_takes_the_decode_suite(monkeypatch):
-    seen = {}
+def test_dry_run_speed_figures_follow_from_their_timings(dry_run):
+    parts = {name: part["result"] for name, part in dry_run[0]["parts"].items()}
+    peaks = parts["environment"]["peaks"]
+    assert peaks["bf16_matmul_flops"] > 0 and peaks["copy_bytes_per_s"] > 0
+    train, t = parts["train_mfu"], gpu.SHAPES["tiny"]["train"]
+    assert train["micro_batch"] == max(t["candidates"]) and set(train["micro_batch_tried"].values()) == {"fits"}
+    config = Config.from_name(t["preset"], seq_length=t["seq"])
+    tokens = train["micro_batch"] * t["seq"]
+    assert train["flops_per_step"] == tokenformer_flops(config).training().total * tokens
+    for name in ("eager", "compiled"):
+        v = train[name]
+        assert v["tokens_per_s"] == pytest.approx(tokens / v["seconds_per_step"])
+        assert v["mfu"] == pytest.approx(train["flops_per_step"] / v["seconds_per_step"] / peaks["bf16_matmul_flops"])
+        assert train[f"{name}_flops_ratio_vs_hf"] == pytest.approx(v["flops_per_s"] / train["hf"]["flops_per_s"])
+    hf = train["hf"]
+    h = config.hidden_size
+    assert hf["flops_per_step"] == gpt_neox_flops(h, config.num_layers, 4 * h, config.padded_vocab_size,
+                                                  t["seq"]).training().total * hf["micro_batch"] * t["seq"]
+    p = parts["pattention"]
+    assert p["pattention_speedup_compiled"] == pytest.approx(p["pattention_seconds"]["official"]
+                                                            / p["pattention_seconds"]["compiled"])
+    for part, batch in (("decode", 1), ("decode_batched", gpu.SHAPES["tiny"]["decode"]["batch"])):
+        d = parts[part]
+        tps = d["decode_tokens_per_s"]
+        assert d["batch"] == batch and set(tps) == set(gpu.SHAPES["tiny"]["decode"]["paths"]) and min(tps.values()) > 0
+        best = d["best_fp32_path"]
+        assert d["decode_speed_ratio"] == pytest.approx(tps[best] / tps["hf"])
+        bandwidth = d["memory_bandwidth_gb_s"] * 1e9
+        assert d["decode_roofline_fraction"] == pytest.approx(d["bytes_per_step_all"][best] * tps[best] / batch / bandwidth)
+        assert d["roofline_tokens_per_s"][best] == pytest.approx(tps[best] / d["decode_roofline_fraction"])
+    summary = dry_run[0]["summary"]
+    assert summary["train_mfu_compiled"] == train["compiled"]["mfu"] and summary["decode_speed_ratio_batch_1"] > 0
 
-    def fake_run(device, dtype, shape):
-        seen.update(shape=shape, device=device, dtype=dtype)
-        return {"decode_speed_ratio": 1.2, "decode_compiled_speedup": 1.7, "rows": [("a", 1.2, "x", "")]}
 
-    monkeypatch.setattr(gpu.decode, "run", fake_run)
-    section = gpu.decode_section(True, common.Run(torch.device("cpu"), "bf16"))
-    assert seen == {"shape": "quick", "device": "cpu", "dtype": "bf16"}
-    assert section["rows"] == [["a", 1.2, "x", ""]]
-    assert gpu.summary({"decode": section}) == {"decode_speed_ratio": 1.2, "decode_compiled_speedup": 1.7}
+def test_a_part_that_fails_is_recorded_and_the_rest_still_run_within_the_budget(tmp_path, monkeypatch):
+    def boom(suite):
+        raise RuntimeError("a kernel broke")
+
+    def slow(suite):
+        time.sleep(30)
+
+    parts = [("boom", boom, 0), ("missed", lambda s: {"checks": {"x": gpu_checks.check(2.0, 1.0)}}, 0),
+             ("fine", lambda s: {"checks": {"y": gpu_checks.check(0.5, 1.0)}}, 0), ("slow", slow, 0),
+             ("after", lambda s: {}, 1)]
+    monkeypatch.setattr(gpu, "PARTS", parts)
+    started = time.perf_counter()
+    result = gpu.main([str(tmp_path), "--device", "cpu", "--budget", "1.5"])
+    assert time.perf_counter() - started < 10  # the slow part was cut at the budget
+    status = {name: part["status"] for name, part in result["parts"].items()}
+    assert status == {"boom": "error", "missed": "failed", "fine": "ok", "slow": "timeout", "after": "skipped"}
+    assert result["parts"]["boom"]["error"] == "RuntimeError: a kernel broke"
+    assert "a kernel broke" in (tmp_path / "gpu.log").read_text()  # with its traceback
+    assert result["summary"]["checks_failed"] == ["missed.x"]
+    assert json.loads((tmp_path / "gpu.json").read_text())["parts"]["after"]["status"] == "skipped"
+
+
+def test_largest_micro_batch_stops_at_the_first_that_runs_out_of_memory():
+    def make_step(micro_batch):
+        def step():
+            if micro_batch > 8:
+                raise torch.OutOfMemoryError("CUDA out of memory")
+        return step
+    assert gpu_speed.largest_micro_batch(make_step, [2, 4, 8, 16, 32], torch.device("cpu")) == \
+        (8, {2: "fits", 4: "fits", 8: "fits", 16: "out of memory"})
+    assert gpu_speed.largest_micro_batch(make_step, [16], torch.device("cpu")) == (None, {16: "out of memory"})
