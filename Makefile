@@ -82,7 +82,8 @@ bench: $(BENCH_STAMP)
 bench-quick: $(BENCH_STAMP)
 	$(PY) -m bench.compare --quick $(BENCH_ARGS)
 
-# The GPU suite on one CUDA device (bench/gpu.sh, under 8 minutes): bench/results/gpu.json.
+# The GPU suite on one CUDA device (bench/gpu.sh, under 8 minutes): bench/results/gpu/gpu.json and
+# gpu.log, or another folder as the first of BENCH_ARGS.
 # `make bench-gpu BENCH_ARGS="--device cpu --tiny"` is the dry run anywhere.
 bench-gpu: $(BENCH_STAMP)
 	bench/gpu.sh $(BENCH_ARGS)

@@ -68,7 +68,8 @@ SHAPES = {
         compile_backend=None,  # inductor
         environment=dict(matmul=8192, reps=20, stream_mib=1024),
         check_model=dict(name="base-cpu", num_layers=2), check_seq=128, check_batch=2, decode_new_tokens=32,
-        loop=dict(preset="base-cpu", seq=256, micro_batch=16, steps=60, resume_steps=6, corpus_tokens=400_000),
+        loop=dict(preset="base-cpu", seq=256, micro_batch=16, steps=60, lr=3e-3, resume_steps=6,
+                  corpus_tokens=400_000),
         fsdp=dict(preset="base-cpu", seq=256, micro_batch=8, steps=4),
         train=dict(preset="150M", seq=2048, candidates=[4, 8, 16, 32, 64], warmup=3, steps=8),
         pattention=dict(hidden=768, pattention_tokens=8 * 2048, batch=8, reps=15),
@@ -78,7 +79,7 @@ SHAPES = {
         compile_backend="aot_eager",
         environment=dict(matmul=64, reps=2, stream_mib=4),
         check_model=dict(name="tiny"), check_seq=16, check_batch=2, decode_new_tokens=8,
-        loop=dict(preset="tiny", seq=32, micro_batch=4, steps=24, resume_steps=4, corpus_tokens=20_000),
+        loop=dict(preset="tiny", seq=32, micro_batch=4, steps=32, lr=1e-2, resume_steps=4, corpus_tokens=20_000),
         fsdp=dict(preset="tiny", seq=32, micro_batch=2, steps=2),
         train=dict(preset="tiny", seq=32, candidates=[1, 2], warmup=1, steps=2),
         pattention=dict(hidden=64, pattention_tokens=256, batch=2, reps=3),

@@ -192,7 +192,7 @@ def loop_config(suite, **changes) -> TrainConfig:
     loop = suite.shapes["loop"]
     values = dict(model={"name": loop["preset"], "seq_length": loop["seq"]}, data_path=str(corpus(suite)),
                   train_iters=loop["steps"], train_micro_batch_size_per_gpu=loop["micro_batch"], eval_iters=0,
-                  lr=3e-3, min_lr=3e-4, warmup_iters=max(1, loop["steps"] // 10), log_interval=loop["steps"],
+                  lr=loop["lr"], min_lr=loop["lr"] / 10, warmup_iters=max(1, loop["steps"] // 10), log_interval=loop["steps"],
                   save_interval=loop["steps"], progress=False, plot=False, device=str(suite.run.device),
                   precision="bf16", seed=5)
     return TrainConfig(**{**values, **changes})
