@@ -28,10 +28,12 @@ from tokenformer.data.tokenizer import BYTE_VOCAB_SIZE
 from tokenformer.errors import TokenFormerError
 from tokenformer.options import RunConfig, option
 from tokenformer.training.distributed import PARALLELISMS
-from tokenformer.training.optim import Schedule
+from tokenformer.scaling.grow import MODES
+from tokenformer.training.growth_schedule import GROW_OPTIMIZERS, GrowthOptions, check_options, growth_steps
+from tokenformer.training.optim import WSD_SHAPES, Schedule
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-LR_DECAY_STYLES = ("cosine", "linear", "constant")
+LR_DECAY_STYLES = ("cosine", "linear", "constant", "wsd")
 INIT_FROM_SCHEDULES = ("restart", "continue")
 
 
@@ -55,7 +57,11 @@ class ScheduleOptions:
     """The shape of the learning-rate schedule, and the seed of everything random in the run."""
 
     min_lr: float = option("learning rate at the end of the decay", minimum=0, default=6e-5)
-    lr_decay_style: str = option("cosine, linear or constant", default="cosine")
+    lr_decay_style: str = option("cosine, linear, constant, or wsd (warmup-stable-decay: lr held after the warmup, "
+                                 "decayed over the last wsd_decay_fraction of the steps)", default="cosine")
+    wsd_decay_fraction: float = option("wsd: the share of lr_decay_iters (default train_iters) the final decay "
+                                       "takes", above=0, maximum=1, default=0.2)
+    wsd_decay_shape: str = option("wsd: the shape of the final decay: linear, cosine or 1-sqrt", default="1-sqrt")
     seed: int = option("seed of the initialisation, the data order and any augmentation", minimum=0, default=1234)
 
 
@@ -156,8 +162,8 @@ class HardwareOptions:
 
 
 # the sections every command has, in the order `--help` lists them (after the command's own fields)
-COMMON_SECTIONS = (OptimizerOptions, ScheduleOptions, CheckpointOptions, WarmStartOptions, LoggingOptions,
-                   HardwareOptions)
+COMMON_SECTIONS = (OptimizerOptions, ScheduleOptions, CheckpointOptions, WarmStartOptions, GrowthOptions,
+                   LoggingOptions, HardwareOptions)
 
 
 # ---- composing a command's config -------------------------------------------------------------------
@@ -175,6 +181,7 @@ class TrainingConfig(RunConfig):
     def validate(self) -> None:
         self.check_bounds()  # the ranges declared with the fields
         for name, allowed in (("precision", PRECISIONS), ("lr_decay_style", LR_DECAY_STYLES),
+                              ("wsd_decay_shape", WSD_SHAPES), ("grow_mode", MODES), ("grow_optimizer", GROW_OPTIMIZERS),
                               ("parallelism", PARALLELISMS), ("init_from_schedule", INIT_FROM_SCHEDULES)):
             if getattr(self, name) not in allowed:
                 raise TokenFormerError(f"unknown {name} {getattr(self, name)!r}: use one of {', '.join(allowed)}")
@@ -182,6 +189,7 @@ class TrainingConfig(RunConfig):
             raise TokenFormerError(f"need 0 <= min_lr <= lr, got min_lr {self.min_lr} and lr {self.lr}")
         if self.resume and not self.save:
             raise TokenFormerError("resume needs `save`: the directory whose latest checkpoint to continue")
+        check_options(self)
         defaults = {f.name: f for f in dataclasses.fields(self)}
         for name, why in self.refuses.items():
             value = getattr(self, name)
@@ -228,7 +236,7 @@ def command_config(command: str, defaults: Mapping[str, Any] | None = None) -> C
 
 
 @dataclass
-class LoopConfig(StepOptions, HardwareOptions, LoggingOptions, WarmStartOptions, CheckpointOptions,
+class LoopConfig(StepOptions, HardwareOptions, LoggingOptions, GrowthOptions, WarmStartOptions, CheckpointOptions,
                  ScheduleOptions, OptimizerOptions, TrainingConfig):
     """What the one training loop reads: the sections, counted in steps."""
 
@@ -240,7 +248,9 @@ class LoopConfig(StepOptions, HardwareOptions, LoggingOptions, WarmStartOptions,
         warmup, then `lr_decay_style` decay to `min_lr` at `lr_decay_iters` (else `train_iters`)."""
         decay = self.lr_decay_iters or self.train_iters
         warmup = self.warmup_iters if self.warmup_iters is not None else int(round(self.warmup * decay))
-        return Schedule(self.lr, self.min_lr, warmup, decay, self.lr_decay_style)
+        return Schedule(self.lr, self.min_lr, warmup, decay, self.lr_decay_style, self.wsd_decay_fraction,
+                        self.wsd_decay_shape, rewarm_at=tuple(growth_steps(self.grow_at, self.train_iters)),
+                        rewarm_iters=self.grow_rewarm)
 
     def loop_config(self, steps_per_epoch: int, world_size: int) -> LoopConfig:
         return self  # counted in steps already
@@ -250,7 +260,7 @@ STEP_FIELDS = frozenset(f.name for f in dataclasses.fields(StepOptions))
 
 
 @dataclass
-class EpochConfig(EpochOptions, HardwareOptions, LoggingOptions, WarmStartOptions, CheckpointOptions,
+class EpochConfig(EpochOptions, HardwareOptions, LoggingOptions, GrowthOptions, WarmStartOptions, CheckpointOptions,
                   ScheduleOptions, OptimizerOptions, TrainingConfig):
     """The sections of a command counted in epochs; `loop_config` says the same run in steps."""
 

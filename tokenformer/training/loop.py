@@ -17,7 +17,7 @@ import math
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,7 +30,7 @@ from tokenformer.console import note, progress_bar
 from tokenformer.errors import TokenFormerError
 from tokenformer.evaluation.scoring import to_device
 from tokenformer.threads import use_threads
-from tokenformer.training import warm_start
+from tokenformer.training import growth_schedule, warm_start
 from tokenformer.training.checkpointing import CheckpointManager, capture_rng, restore_rng
 from tokenformer.training.config import LoopConfig
 from tokenformer.training.distributed import (DistEnv, all_reduce_mean, barrier, blocks, describe_rank_failure,
@@ -115,6 +115,7 @@ class Run:
     resumed_from: Path | None = None
     elapsed_before: float = 0.0   # training time of the runs this one resumed
     started: float = 0.0
+    growths: list[dict[str, Any]] = field(default_factory=list)  # made inside this run (`grow_at`)
 
     @property
     def elapsed(self) -> float:
@@ -182,6 +183,7 @@ def start_run(cfg: LoopConfig, model: nn.Module | None, env: DistEnv, task: Task
     run = Run(cfg, env, task, model, optimizer, grad_scaler(cfg.precision),
               folder.checkpoints(cfg.keep_last_n, env) if folder is not None else None, sharded, warm, folder,
               step=warm.step, consumed_samples=warm.consumed_samples)
+    growth_schedule.check_run(cfg, unwrap(model), task, sharded, run.step)
     if run.manager is not None:
         resume(run)
         if env.is_main:
@@ -203,6 +205,8 @@ def resume(run: Run) -> None:
         if cfg.resume and env.is_main:
             print(f"no checkpoint in {cfg.save}: starting from scratch", file=sys.stderr)
         return
+    if cfg.grow_at:  # a checkpoint past growth steps holds the grown model: grow to its shapes first
+        growth_schedule.catch_up(run, int(latest.name.rsplit("_", 1)[-1]))
     state = manager.load(latest, run.model, run.optimizer, sharded=run.sharded)
     run.task.load_state(state.get("task", {}), latest)
     run.step, run.consumed_samples = int(state["step"]), int(state["consumed_samples"])
@@ -349,6 +353,8 @@ def run(cfg: LoopConfig, model: nn.Module | None, env: DistEnv, task: Task, comm
                        enabled=cfg.progress and env.is_main)
     try:
         while state.step < cfg.train_iters:
+            if (growth := growth_schedule.due(state)) is not None:
+                logger.log(growth_schedule.grow_run(state, growth))
             loss, lr, grad_norm = train_step(state, state.step + 1)
             step = state.step
             maybe_fail(step, env)
@@ -383,5 +389,5 @@ def run(cfg: LoopConfig, model: nn.Module | None, env: DistEnv, task: Task, comm
             "plot": str(plot) if plot is not None and plot.is_file() else None, "losses": losses,
             "wall_time_s": elapsed, "total_time_s": state.elapsed,
             f"{task.unit}_per_s": (state.step - start_step) * state.units_per_step / max(elapsed, 1e-9),
-            "resumed_from": str(state.resumed_from) if state.resumed_from else None,
+            "resumed_from": str(state.resumed_from) if state.resumed_from else None, "growths": state.growths,
             **state.warm.outputs(last_checkpoint), **outputs}

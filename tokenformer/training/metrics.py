@@ -104,16 +104,20 @@ def plot_loss_curve(metrics_path: str | Path, png_path: str | Path, title: str =
                     ylabel: str = "loss", validation: str = "validation") -> Path | None:
     """Train and validation loss against step, from a metrics JSONL file, as a PNG; the task names
     the title, the loss with its units and the held-out set. Series of a single point (a run
-    shorter than log_interval, one validation) are drawn as markers, not as an invisible line."""
+    shorter than log_interval, one validation) are drawn as markers, not as an invisible line; a
+    growth inside the run (`grow_at`) is a dashed vertical line between its two steps."""
     records = read_metrics(metrics_path)
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     valid = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    grown = [r["grown_after"] for r in records if r.get("event") == "grow"]
 
     def draw(ax) -> None:
         if train:
             ax.plot(*zip(*train), ".-" if len(train) < 50 else "-", label="train", linewidth=1)
         if valid:
             ax.plot(*zip(*valid), "o-", label=validation)
+        for i, step in enumerate(grown):  # growth inside the run: after step `grown_after`
+            ax.axvline(step + 0.5, color="grey", linestyle="--", linewidth=1, label="growth" if i == 0 else None)
 
     return _save_plot(png_path, draw, "step", ylabel, title)
 

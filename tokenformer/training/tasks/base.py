@@ -89,6 +89,10 @@ class Task:
         """The line shown for a validation record."""
         return f"step {record['step']}: {self.validation_label} loss {record['val_loss']:.4f}"
 
+    def growth_refusal(self) -> str | None:
+        """Why this task cannot grow its model inside the run (`grow_at`), or None: it can."""
+        return None
+
     def state(self) -> dict[str, Any]:
         """Saved in every checkpoint."""
         return {}

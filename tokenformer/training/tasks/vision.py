@@ -173,6 +173,11 @@ class VisionTask(EpochTask):
         loss_sum, correct, seen = all_reduce_mean(self._running, ctx.env).tolist()
         return {"train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1)}
 
+    def growth_refusal(self) -> str | None:
+        if self.cfg.ema:
+            return "ema keeps an average of the weights in the shapes before growth; drop ema (or grow_at)"
+        return None
+
     def final_model(self, model: nn.Module) -> nn.Module:
         """The evaluated weights: the average with `ema`, else the model's own."""
         return self.ema_model if self.ema_model is not None else unwrap(model)
