@@ -234,3 +234,31 @@ def test_two_ddp_ranks_grow_like_one_process(corpus, tmp_path):
     assert load_model(tmp_path / "two" / "step_00000004").config.ffn_slot_num == 256
     marks = [r["grown_after"] for r in read_metrics(tmp_path / "two" / "metrics.jsonl") if r.get("event") == "grow"]
     assert marks == [2]
+
+
+# ---- epoch tasks -------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    from tests.test_vision import write_toy_mnist
+
+    root = tmp_path_factory.mktemp("images")
+    write_toy_mnist(root, n_train=16, n_test=8)
+    return root
+
+
+@pytest.mark.parametrize("command", ["train-vision", "train-clip"])
+def test_epoch_tasks_grow_inside_the_run(command, images, tmp_path):
+    from tokenformer.training import config as C
+
+    config = {"train-vision": C.VisionTrainConfig, "train-clip": C.ClipTrainConfig}[command]
+    own = {"train-vision": dict(augment="none"), "train-clip": dict(tokenizer="byte", max_val_samples=8)}[command]
+    # 16 images in batches of 8: 2 steps an epoch, 4 in all; growth after step 2 (half the run)
+    summary = train(config(model="tiny-28", data=str(images), epochs=2, batch_size=8, lr=3e-3, progress=False,
+                           plot=False, device="cpu", num_threads=1, log_interval=1, save=str(tmp_path),
+                           grow_at=[0.5], **own))
+    assert [g["grown_after"] for g in summary["growths"]] == [2] and sorted(summary["losses"]) == [1, 2, 3, 4]
+    before, after = (load_model(tmp_path / name) for name in ("step_00000002", "model"))
+    old_ffn = [m.key_param_tokens.shape[0] for n, m in before.named_modules() if n.endswith("mlp")]
+    new_ffn = [m.key_param_tokens.shape[0] for n, m in after.named_modules() if n.endswith("mlp")]
+    assert old_ffn and new_ffn == [2 * n for n in old_ffn]
