@@ -65,6 +65,7 @@ def test_a_rewarm_after_growth_ramps_the_lr_back_over_its_steps():
     (dict(grow_at=[4, 2]), "increasing, distinct steps"),
     (dict(grow_at=[0.5, 3]), "increasing, distinct steps"),  # both are step 3
     (dict(grow_at=[2], grow_to=[{"ffn_slot_num": 64}, {"ffn_slot_num": 128}]), "list of 1 slot-count mappings"),
+    (dict(grow_to=[{"ffn_slot_num": 64}]), "grow_to needs grow_at"),
     (dict(grow_at=[2], grow_factor=1.0), "grow_factor must be above 1"),
     (dict(grow_at=[2], grow_mode="wide"), "unknown grow_mode 'wide'"),
     (dict(grow_at=[2], grow_optimizer="keep"), "unknown grow_optimizer 'keep'"),

@@ -101,6 +101,8 @@ def targets(cfg) -> list[dict[str, Any]]:
 def check_options(cfg) -> None:
     """The growth options' own checks (a config's `validate`): targets, and what cannot grow mid-run."""
     if not cfg.grow_at:
+        if cfg.grow_to is not None:
+            raise TokenFormerError("grow_to needs grow_at: the steps at which to grow to those slot counts")
         return
     targets(cfg)
     if hasattr(cfg, "train_iters"):
