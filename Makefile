@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 BENCH_STAMP := $(VENV)/.bench-stamp
 BENCH_ARGS ?=
 
-.PHONY: install test test-wheel demo clean bench bench-quick bench-gpu
+.PHONY: install test test-wheel test-newest demo clean bench bench-quick bench-gpu
 
 install: $(STAMP)
 
@@ -38,6 +38,23 @@ test-wheel: $(STAMP)
 	cd $(WHEEL_DIR)/run && printf 'def add(a, b):\n    return a + b\n' > code.txt && \
 		../venv/bin/tokenformer generate --checkpoint tiny --prompt "def " --max-new-tokens 8 && \
 		../venv/bin/tokenformer evaluate --checkpoint tiny --data code.txt
+
+# The second lane: the integration tests (transformers, lm-eval, PEFT, Hugging Face datasets) against the
+# newest releases of what they integrate with, in their own virtual environment, with no constraints
+# file: what `pip install "tokenformer[hf,eval,datasets]"` gives a new user today. torch stays the
+# pinned CPU build (an open range could pull a CUDA one). CI runs it after `make test`.
+NEWEST_VENV ?= .venv-newest
+NEWEST_PY := $(NEWEST_VENV)/bin/python
+NEWEST_PACKAGES := transformers accelerate peft lm-eval datasets tokenizers huggingface_hub
+NEWEST_TESTS := tests/test_hf.py tests/test_hf_heads.py tests/test_evaluate.py tests/test_prepare.py
+
+test-newest:
+	test -x $(NEWEST_PY) || $(PYTHON) -m venv $(NEWEST_VENV)
+	$(NEWEST_PY) -m pip install --quiet --disable-pip-version-check torch==2.13.0
+	$(NEWEST_PY) -m pip install --quiet --disable-pip-version-check --upgrade --upgrade-strategy eager \
+		torch==2.13.0 -e ".[dev]" $(NEWEST_PACKAGES)
+	$(NEWEST_PY) -c "import importlib.metadata as m; print('newest lane:', ', '.join(f'{p} {m.version(p)}' for p in '$(NEWEST_PACKAGES) torch'.split()))"
+	$(NEWEST_PY) -m pytest -q $(NEWEST_TESTS)
 
 # The main job: prepare the Python standard library (embedded corpus, BPE 2048), train a small
 # TokenFormer on it (validation loss before -> after, checkpoint + loss_curve.png in
@@ -89,4 +106,4 @@ bench-gpu: $(BENCH_STAMP)
 	bench/gpu.sh $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(NEWEST_VENV) runs .pytest_cache

@@ -1,7 +1,10 @@
 """The transformers integration (`tokenformer.hf`) against the native model: the same logits from the
-same directory by both loading routes, the same greedy tokens, left-padded batches equal to single
-prompts, the loss, training, lm-eval's own `hf` model against `tokenformer-lm-eval`, PEFT LoRA on the
-parameter tokens, and one sentence for each mistake a user can make. Offline, CPU, tiny models."""
+same directory by both loading routes; greedy, seeded sampled and beam `generate` equal to the native
+generation (or to a beam search written here over the native model), batched with left padding and
+unbatched, with and without the cache; the loss, training, lm-eval's own `hf` model against
+`tokenformer-lm-eval`, PEFT LoRA on the parameter tokens, and one sentence for each mistake a user can
+make. Offline, CPU, tiny models. The base model, the classifier, resizing, checkpointing and
+`attn_implementation`: tests/test_hf_heads.py."""
 
 import atexit
 import importlib
@@ -41,11 +44,11 @@ PROMPTS = ["a", "the cat sat", "hello there, my old friend"]  # 1, 11 and 26 byt
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
-def decisive_model(seed: int = 0) -> tf.TokenFormer:
+def decisive_model(seed: int = 0, **overrides) -> tf.TokenFormer:
     """A tiny model with large random weights: its next-token distributions are peaked, so greedy
     decoding has clear winners (a default-initialised model is nearly uniform)."""
     torch.manual_seed(seed)
-    model = tf.TokenFormer(tf.Config.from_name("tiny", seq_length=SEQ)).eval()
+    model = tf.TokenFormer(tf.Config.from_name("tiny", seq_length=SEQ, **overrides)).eval()
     with torch.no_grad():
         model.word_embeddings.weight.normal_(0, 0.5)
         for pattention in model.pattentions().values():
@@ -65,6 +68,16 @@ def native_dir(tmp_path_factory):
 def hf_dir(native_dir, tmp_path_factory):
     directory = tmp_path_factory.mktemp("hf") / "tiny-tokenformer"
     assert cli(["convert", str(native_dir), str(directory), "--format", "hf"]) == 0
+    return directory
+
+
+@pytest.fixture(scope="module")
+def unpadded_hf_dir(tmp_path_factory):
+    """A model whose embedding has no padding rows (257 rows for 257 tokens)."""
+    native_directory = tmp_path_factory.mktemp("native-unpadded")
+    decisive_model(seed=5, make_vocab_size_divisible_by=1).save_pretrained(native_directory, tokenizer=tf.ByteTokenizer())
+    directory = tmp_path_factory.mktemp("hf-unpadded") / "tiny-unpadded"
+    assert cli(["convert", str(native_directory), str(directory), "--format", "hf"]) == 0
     return directory
 
 
@@ -98,18 +111,22 @@ def test_the_directory_holds_what_transformers_and_this_package_read(hf_dir):
     assert config["auto_map"] == th.AUTO_MAP
     assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (EOS, EOS, EOS)
     assert config["num_layers"] == 2 and config["padded_vocab_size"] == 384  # every field, not a diff
+    assert config["vocab_size"] == VOCAB
     generation = json.loads((hf_dir / "generation_config.json").read_text())
-    assert generation["eos_token_id"] == EOS and generation["suppress_tokens"] == list(range(VOCAB, 384))
+    # nothing to suppress: the logits cover the tokens only, never the embedding's padding rows
+    assert generation["eos_token_id"] == EOS and generation.get("suppress_tokens") is None
 
 
 def test_registered_route_gives_the_native_logits(native_dir, native, model):
     assert type(model) is th.TokenFormerForCausalLM
     x = ids(3, 20)
     with torch.no_grad():
-        assert (model(x).logits - native(x)).abs().max() <= 1e-6
+        # the logits of the tokens: the native model's first vocab_size columns (of padded_vocab_size)
+        assert native(x).shape[-1] == 384 and model(x).logits.shape[-1] == VOCAB == model.config.vocab_size
+        assert (model(x).logits - native(x)[..., :VOCAB]).abs().max() <= 1e-6
         # our own directory format (no transformers keys) loads into the transformers class too
         ours = th.TokenFormerForCausalLM.from_pretrained(native_dir)
-        assert (ours(x).logits - native(x)).abs().max() <= 1e-6
+        assert (ours(x).logits - native(x)[..., :VOCAB]).abs().max() <= 1e-6
     assert model.state_dict().keys() == native.state_dict().keys()
 
 
@@ -132,7 +149,7 @@ with torch.no_grad():
                             env={**os.environ, **OFFLINE})
     assert result.returncode == 0, result.stderr[-2000:]
     with torch.no_grad():
-        assert (torch.load(tmp_path / "logits.pt") - native(x)).abs().max() <= 1e-6
+        assert (torch.load(tmp_path / "logits.pt") - native(x)[..., :VOCAB]).abs().max() <= 1e-6
 
 
 def test_convert_an_official_checkpoint_to_the_hf_format(tmp_path):
@@ -148,7 +165,7 @@ def test_convert_an_official_checkpoint_to_the_hf_format(tmp_path):
     assert model.dtype == torch.float32 and model.config.eos_token_id == EOS
     x = ids(2, 9)
     with torch.no_grad():
-        assert (model(x).logits - tf.load_official(state, config)(x)).abs().max() <= 1e-6
+        assert (model(x).logits - tf.load_official(state, config)(x)[..., :VOCAB]).abs().max() <= 1e-6
 
 
 def test_our_loader_reads_directories_transformers_saved(native_dir, model, tmp_path):
@@ -182,15 +199,18 @@ def test_config_mirrors_the_native_config():
 
 # ---- the forward pass: cache, masks, logits_to_keep ----------------------------------------------
 
-def test_dynamic_cache_pieces_equal_the_full_forward(model):
+@pytest.mark.parametrize("keyword", ["cache", "past_key_values"])  # the newer name and the older
+def test_dynamic_cache_pieces_equal_the_full_forward(model, keyword):
     from transformers import DynamicCache
 
     x = ids(2, 15)
     with torch.no_grad():
         full = model(x, use_cache=False).logits
         cache = DynamicCache(config=model.config)
-        pieces = [model(x[:, :6], past_key_values=cache).logits, model(x[:, 6:10], past_key_values=cache).logits]
-        pieces += [model(x[:, t:t + 1], past_key_values=cache).logits for t in range(10, 15)]
+        pieces = [model(x[:, :6], **{keyword: cache}).logits, model(x[:, 6:10], **{keyword: cache}).logits]
+        out = model(x[:, 10:11], **{keyword: cache})
+        assert out[th.modeling.CACHE_FIELD] is cache  # handed back under the installed transformers' name
+        pieces += [out.logits] + [model(x[:, t:t + 1], **{keyword: cache}).logits for t in range(11, 15)]
     assert cache.get_seq_length() == 15
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-5, atol=1e-5)
 
@@ -201,9 +221,9 @@ def test_left_padding_under_the_mask_equals_the_unpadded_row(model, native):
     mask = torch.tensor([[0] * 4 + [1] * 5, [1] * 9])
     with torch.no_grad():
         padded = model(batch, attention_mask=mask).logits
-        torch.testing.assert_close(padded[0, 4:], native(short)[0], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(padded[1], native(long)[0], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(native(batch, attention_mask=mask), padded, rtol=0, atol=0)
+        torch.testing.assert_close(padded[0, 4:], native(short)[0, :, :VOCAB], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(padded[1], native(long)[0, :, :VOCAB], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(native(batch, attention_mask=mask)[..., :VOCAB], padded, rtol=0, atol=0)
 
 
 def test_logits_to_keep_and_hidden_states(model):
@@ -215,40 +235,82 @@ def test_logits_to_keep_and_hidden_states(model):
                                    rtol=1e-5, atol=1e-5)
         out = model(x, output_hidden_states=True)
     assert len(out.hidden_states) == model.config.num_layers + 1
-    torch.testing.assert_close(out.hidden_states[-1] @ model.word_embeddings.weight.T, full)
+    torch.testing.assert_close(out.hidden_states[-1] @ model.word_embeddings.weight[:VOCAB].T, full)
 
 
 # ---- generation -------------------------------------------------------------------------------
 
-def test_greedy_generate_equals_native_greedy(model, native):
-    for prompt in PROMPTS:
-        p = list(prompt.encode())
-        out = model.generate(torch.tensor([p]), max_new_tokens=20, do_sample=False)[0, len(p):].tolist()
-        expected = list(tf.generate_tokens(native, p, 20, eos_id=EOS, vocab_size=VOCAB))
-        assert out[:len(expected)] == expected and out[len(expected):len(expected) + 1] in ([], [EOS])
+@pytest.fixture(scope="module", params=["padded", "unpadded"])
+def pair(request, hf_dir, unpadded_hf_dir):
+    """(transformers model, native model) from one directory: 257 tokens in 384 embedding rows, or in 257."""
+    directory = hf_dir if request.param == "padded" else unpadded_hf_dir
+    return AutoModelForCausalLM.from_pretrained(directory).eval(), tf.TokenFormer.from_pretrained(directory)
 
 
-def test_sampling_with_a_seed_is_reproducible(model):
-    p = torch.tensor([list(b"seed")])
-    runs = []
-    for seed in (7, 7, 8):
+def hf_generate(model, tokenizer, prompts, **options):
+    """The new tokens `generate` gives each prompt (left-padded together when several), cut at the
+    first end of text as the native generation stops."""
+    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    out = model.generate(**batch, max_new_tokens=12, **options)[:, batch.input_ids.shape[1]:].tolist()
+    return [row[:row.index(EOS)] if EOS in row else row for row in out]
+
+
+def native_generate(native, prompts, **options):
+    encoded = [list(p.encode()) for p in prompts]
+    if len(prompts) == 1:
+        return [list(tf.generate_tokens(native, encoded[0], 12, eos_id=EOS, vocab_size=VOCAB, **options))]
+    return generate_batch(native, encoded, 12, eos_id=EOS, vocab_size=VOCAB, pad_id=EOS, **options)
+
+
+@pytest.mark.parametrize("prompts", [PROMPTS[1:2], PROMPTS], ids=["unbatched", "left-padded"])
+def test_greedy_generate_equals_native_greedy(pair, tokenizer, prompts):
+    model, native = pair
+    expected = native_generate(native, prompts)
+    assert hf_generate(model, tokenizer, prompts, do_sample=False) == expected
+    assert hf_generate(model, tokenizer, prompts, do_sample=False, use_cache=False) == expected  # cache or none
+    assert any(len(row) >= 6 for row in expected)  # the comparison covers decoding steps, not only an early end
+
+
+@pytest.mark.parametrize("prompts", [PROMPTS[2:], PROMPTS], ids=["unbatched", "left-padded"])
+def test_seeded_sampling_equals_native_sampling(unpadded_hf_dir, tokenizer, prompts):
+    """The same draws from the same seed: transformers samples from the global generator, the native
+    generation from its own seeded one (the same stream). On the model without padding rows, where
+    both draw over the same 257 logits (the native generation draws over the padded width)."""
+    model = AutoModelForCausalLM.from_pretrained(unpadded_hf_dir).eval()
+    native = tf.TokenFormer.from_pretrained(unpadded_hf_dir)
+    outputs = []
+    for seed in (3, 4):
+        options = dict(temperature=0.9, top_k=40)
         transformers.set_seed(seed)
-        runs.append(model.generate(p, max_new_tokens=24, do_sample=True, temperature=1.0, top_k=0).tolist())
-    assert runs[0] == runs[1] and runs[0] != runs[2]
+        ours = hf_generate(model, tokenizer, prompts, do_sample=True, top_p=1.0, **options)
+        assert ours == native_generate(native, prompts, seed=seed, **options)
+        outputs.append(ours)
+    assert outputs[0] != outputs[1]  # the seed matters
 
 
-def test_left_padded_batch_gives_each_prompts_own_output(model, native, tokenizer):
-    alone = [model.generate(**tokenizer([p], return_tensors="pt"), max_new_tokens=12, do_sample=False)
-             [0, len(p.encode()):].tolist() for p in PROMPTS]
-    batch = tokenizer(PROMPTS, return_tensors="pt", padding=True)
-    assert batch.attention_mask[:, 0].tolist() == [0, 0, 1]  # left padding
-    together = model.generate(**batch, max_new_tokens=12, do_sample=False)[:, batch.input_ids.shape[1]:].tolist()
-    assert together == alone
-    # the native batched generate gives the same, and each prompt's unbatched native output
-    prompts = [list(p.encode()) for p in PROMPTS]
-    native_batch = generate_batch(native, prompts, 12, eos_id=EOS, vocab_size=VOCAB)
-    assert native_batch == [list(tf.generate_tokens(native, p, 12, eos_id=EOS, vocab_size=VOCAB)) for p in prompts]
-    assert native_batch == [row[:len(n)] for row, n in zip(together, native_batch)]
+def reference_beam_search(native, prompt: list[int], num_beams: int, steps: int) -> list[int]:
+    """Beam search written out over the native model (every step recomputes every beam, no cache): the
+    `num_beams` continuations of the highest summed log-probability over the tokens, extended one
+    token per step; no end of text. Returns the best continuation."""
+    beams = [([], 0.0)]
+    for _ in range(steps):
+        with torch.no_grad():
+            batch = torch.tensor([prompt + tokens for tokens, _ in beams])
+            log_probs = torch.log_softmax(native(batch)[:, -1, :VOCAB].double(), dim=-1)  # (beams, V)
+        candidates = [(tokens + [t], score + log_probs[b, t].item())
+                      for b, (tokens, score) in enumerate(beams) for t in range(VOCAB)]
+        beams = sorted(candidates, key=lambda c: -c[1])[:num_beams]
+    return beams[0][0]
+
+
+@pytest.mark.parametrize("prompts", [PROMPTS[1:2], PROMPTS], ids=["unbatched", "left-padded"])
+def test_beam_search_equals_a_reference_beam_search(pair, tokenizer, prompts):
+    model, native = pair
+    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    # no end-of-text token: every beam runs the 6 steps, as in the reference
+    out = model.generate(**batch, max_new_tokens=6, num_beams=3, do_sample=False, eos_token_id=None,
+                         length_penalty=0.0)[:, batch.input_ids.shape[1]:].tolist()
+    assert out == [reference_beam_search(native, list(p.encode()), 3, 6) for p in prompts]
 
 
 def test_pipeline_text_generation(model, tokenizer, native):
@@ -345,9 +407,12 @@ def write_tasks(folder: Path, data: Path) -> None:
 TASKS = ["hf_choice", "hf_lambada", "hf_rolling"]
 
 
-def test_lm_eval_hf_model_equals_tokenformer_lm_eval(hf_dir, tmp_path, monkeypatch):
+def test_lm_eval_hf_model_equals_tokenformer_lm_eval(unpadded_hf_dir, tmp_path, monkeypatch):
     """`lm_eval --model hf --model_args pretrained=OUT,trust_remote_code=True` (lm-eval's command
-    line) gives the per-request log-likelihoods and the metrics of the `tokenformer` model."""
+    line) gives the per-request log-likelihoods and the metrics of the `tokenformer` model. On a model
+    without padding rows: `tokenformer-lm-eval` normalises over the padded vocabulary as the official
+    harness did, the transformers model over the tokens (docs/transformers.md)."""
+    hf_dir = unpadded_hf_dir
     pytest.importorskip("lm_eval", reason="lm-eval is not installed (the eval extra)")
     import functools
 

@@ -1,6 +1,7 @@
-"""TokenFormer in Hugging Face transformers: `TokenFormerConfig` and `TokenFormerForCausalLM`,
-registered with `AutoConfig` and `AutoModelForCausalLM` on import, and `save_hf_directory`, the
-directory `tokenformer convert SRC OUT --format hf` writes.
+"""TokenFormer in Hugging Face transformers: `TokenFormerConfig`, `TokenFormerModel`,
+`TokenFormerForCausalLM` and `TokenFormerForSequenceClassification`, registered with `AutoConfig`,
+`AutoModel`, `AutoModelForCausalLM` and `AutoModelForSequenceClassification` on import, and
+`save_hf_directory`, the directory `tokenformer convert SRC OUT --format hf` writes.
 
     import tokenformer.hf  # registers model_type "tokenformer"
     model = AutoModelForCausalLM.from_pretrained(OUT)
@@ -39,14 +40,19 @@ def require_transformers(version: str | None = None) -> None:
 
 require_transformers()
 
-from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
+from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM,  # noqa: E402
+                          AutoModelForSequenceClassification)
 
 from tokenformer.hf.config import AUTO_MAP, MODELING_FILE, TokenFormerConfig  # noqa: E402
 from tokenformer.hf.export import save_hf_directory, to_hf  # noqa: E402
-from tokenformer.hf.modeling import TokenFormerForCausalLM  # noqa: E402
+from tokenformer.hf.modeling import (TokenFormerForCausalLM, TokenFormerForSequenceClassification,  # noqa: E402
+                                     TokenFormerModel)
 
 AutoConfig.register(TokenFormerConfig.model_type, TokenFormerConfig, exist_ok=True)
+AutoModel.register(TokenFormerConfig, TokenFormerModel, exist_ok=True)
 AutoModelForCausalLM.register(TokenFormerConfig, TokenFormerForCausalLM, exist_ok=True)
+AutoModelForSequenceClassification.register(TokenFormerConfig, TokenFormerForSequenceClassification, exist_ok=True)
 
 __all__ = ["AUTO_MAP", "MIN_TRANSFORMERS", "MODELING_FILE", "TokenFormerConfig", "TokenFormerForCausalLM",
-           "require_transformers", "save_hf_directory", "to_hf"]
+           "TokenFormerForSequenceClassification", "TokenFormerModel", "require_transformers", "save_hf_directory",
+           "to_hf"]

@@ -24,13 +24,16 @@ MODEL_TYPE = "tokenformer"
 MODELING_FILE = "modeling_tokenformer.py"
 # what config.json's `auto_map` names: the classes of the small modeling file written beside it
 AUTO_MAP = {"AutoConfig": "modeling_tokenformer.TokenFormerConfig",
-            "AutoModelForCausalLM": "modeling_tokenformer.TokenFormerForCausalLM"}
+            "AutoModel": "modeling_tokenformer.TokenFormerModel",
+            "AutoModelForCausalLM": "modeling_tokenformer.TokenFormerForCausalLM",
+            "AutoModelForSequenceClassification": "modeling_tokenformer.TokenFormerForSequenceClassification"}
 MODELING_SOURCE = '''"""TokenFormer for transformers' `trust_remote_code=True`. The model's code is the tokenformer
 package, which must be installed (pip install "tokenformer[hf]"): this file only imports it."""
 
-from tokenformer.hf import TokenFormerConfig, TokenFormerForCausalLM
+from tokenformer.hf import (TokenFormerConfig, TokenFormerForCausalLM, TokenFormerForSequenceClassification,
+                            TokenFormerModel)
 
-__all__ = ["TokenFormerConfig", "TokenFormerForCausalLM"]
+__all__ = ["TokenFormerConfig", "TokenFormerForCausalLM", "TokenFormerForSequenceClassification", "TokenFormerModel"]
 '''
 NATIVE_FIELDS = tuple(f.name for f in dataclasses.fields(Config))
 NATIVE_DEFAULTS = dataclasses.asdict(Config())
@@ -42,7 +45,7 @@ class TokenFormerConfig(PretrainedConfig):
     model's tokenizer (256 for the byte tokenizer)."""
 
     model_type = MODEL_TYPE
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]
     attribute_map = {
         "num_hidden_layers": "num_layers",
         "max_position_embeddings": "seq_length",

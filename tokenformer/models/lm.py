@@ -204,13 +204,14 @@ class LanguageModelCore:
     """
 
     config: Config
+    block_class: type[nn.Module] = Block  # transformers' model uses a subclass its checkpointing reaches
 
     def build_modules(self, config: Config, device=None, dtype=None) -> None:
         self.word_embeddings = nn.Embedding(config.padded_vocab_size, config.hidden_size,
                                             device=device, dtype=dtype)
         if self.word_embeddings.weight.device.type != "meta":
             nn.init.normal_(self.word_embeddings.weight, mean=0.0, std=config.init_method_std)
-        self.layers = nn.ModuleList(Block(config, device=device, dtype=dtype)
+        self.layers = nn.ModuleList(self.block_class(config, device=device, dtype=dtype)
                                     for _ in range(config.num_layers))
         self.final_norm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon,
                                        device=device, dtype=dtype)
