@@ -117,8 +117,8 @@ class TokenFormerPreTrainedModel(LanguageModelCore, PreTrainedModel):
         tokens = self.config.vocab_size if new_num_tokens is None else new_num_tokens
         multiple = pad_to_multiple_of or 1
         rows = -(-tokens // multiple) * multiple
-        embeddings = super().resize_token_embeddings(rows, None, mean_resizing)
         old_tokens = self.config.vocab_size
+        embeddings = super().resize_token_embeddings(rows, None, mean_resizing)  # sets vocab_size to the rows
         self.config.vocab_size, self.config.make_vocab_size_divisible_by = tokens, multiple
         self.vocab_size = tokens
         suppressed = self.generation_config.suppress_tokens if hasattr(self, "generation_config") else None
