@@ -35,7 +35,7 @@ from tokenformer.evaluation.scoring import mean_loss, next_token_loss  # noqa: E
 from tokenformer.generate import generate_batch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-SEQ = 32
+SEQ = 48  # the longest prompt (26 bytes) and 12 new tokens fit: no generation cuts a prompt
 EOS = 256  # the byte tokenizer's <|endoftext|>
 VOCAB = 257
 PROMPTS = ["a", "the cat sat", "hello there, my old friend"]  # 1, 11 and 26 bytes: three widths
