@@ -252,3 +252,17 @@ def test_a_model_without_padding_rows_keeps_none(tmp_path):
     assert model.word_embeddings.weight.shape[0] == model.config.vocab_size == VOCAB
     with torch.no_grad():
         assert model(ids(1, 3)).logits.shape == (1, 3, VOCAB)
+
+
+def test_shift_labels_are_the_targets_already_shifted(hf_dir):
+    """What transformers' Trainer hands a causal LM under context parallelism: position t predicts
+    shift_labels[t]; they take the place of labels."""
+    model = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    x = ids(2, 9)
+    shifted = torch.cat([x[:, 1:], torch.full((2, 1), -100)], dim=1)  # the last position predicts nothing
+    with torch.no_grad():
+        logits = model(x).logits
+        expected = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), x[:, 1:].reshape(-1))
+        assert model(x, shift_labels=shifted).loss.item() == pytest.approx(expected.item(), abs=1e-6)
+        other = ids(2, 9, seed=7)  # labels are ignored when shift_labels are given
+        assert model(x, labels=other, shift_labels=shifted).loss.item() == pytest.approx(expected.item(), abs=1e-6)

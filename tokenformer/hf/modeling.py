@@ -21,6 +21,7 @@ cannot use is refused by name, never ignored. Attention always runs in
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -118,7 +119,8 @@ class TokenFormerPreTrainedModel(LanguageModelCore, PreTrainedModel):
         multiple = pad_to_multiple_of or 1
         rows = -(-tokens // multiple) * multiple
         old_tokens = self.config.vocab_size
-        embeddings = super().resize_token_embeddings(rows, None, mean_resizing)  # sets vocab_size to the rows
+        # transformers checks pad_to_multiple_of (an int), then sets vocab_size to the rows
+        embeddings = super().resize_token_embeddings(rows, pad_to_multiple_of, mean_resizing)
         self.config.vocab_size, self.config.make_vocab_size_divisible_by = tokens, multiple
         self.vocab_size = tokens
         suppressed = self.generation_config.suppress_tokens if hasattr(self, "generation_config") else None
@@ -130,23 +132,24 @@ class TokenFormerPreTrainedModel(LanguageModelCore, PreTrainedModel):
 
     def final_hidden(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None,
                      attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
-                     past_key_values: Cache | None, use_cache: bool | None, output_hidden_states: bool | None,
-                     output_attentions: bool | None, extra: dict[str, Any]
+                     past_key_values: Cache | None, cache: Cache | None, use_cache: bool | None,
+                     output_hidden_states: bool | None, output_attentions: bool | None, extra: dict[str, Any]
                      ) -> tuple[torch.Tensor, Cache | None, tuple[torch.Tensor, ...] | None]:
         """The final-normed hidden states (B, T, h), the cache (read and extended), and with
         `output_hidden_states` the input of every block and the final-normed output.
 
         `attention_mask` (B, past + T): 1 for tokens, 0 for padding (left or right); the rotary
         positions then count from each row's first token unless `position_ids` (B, T) are given.
-        `extra`: the forward's other keyword arguments; the cache may come among them (`cache`), and
-        `cache_position` is checked against it. Any other is refused by name.
+        The cache comes as `cache` (newer transformers) or `past_key_values` (earlier). `extra`: the
+        forward's other keyword arguments: `cache_position` is checked against the cache; any other is
+        refused by name.
         """
         if output_attentions:
             raise TokenFormerError("output_attentions is not supported: TokenFormer attention runs in "
                                    "scaled_dot_product_attention, which returns no attention weights")
         if (input_ids is None) == (inputs_embeds is None):
             raise TokenFormerError("give exactly one of input_ids and inputs_embeds")
-        cache = self.resolve_cache(past_key_values, extra.pop("cache", None), use_cache)
+        cache = self.resolve_cache(past_key_values, cache, use_cache)
         x = self.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, h)
         start = 0 if cache is None else cache.get_seq_length()
         check_cache_position(extra.pop("cache_position", None), start, x.shape[1])
@@ -167,6 +170,9 @@ class TokenFormerPreTrainedModel(LanguageModelCore, PreTrainedModel):
         `DynamicCache` when caching, never while training with activation checkpointing."""
         if cache is not None and past_key_values is not None and cache is not past_key_values:
             raise TokenFormerError("two caches were given, as cache and as past_key_values: give one")
+        if past_key_values is not None and CACHE_FIELD == "cache":  # transformers' own deprecation, as its models
+            warnings.warn("`past_key_values` is deprecated in this transformers release: pass the cache as `cache`",
+                          FutureWarning, stacklevel=4)
         cache = past_key_values if cache is None else cache
         if cache is not None and not isinstance(cache, Cache):
             raise TokenFormerError(
@@ -191,7 +197,8 @@ def check_cache_position(cache_position: torch.Tensor | None, start: int, length
     otherwise cannot be honoured."""
     if cache_position is None:
         return
-    if cache_position.shape != (length,) or int(cache_position[0]) != start or int(cache_position[-1]) != start + length - 1:
+    first, last = int(cache_position[0]), int(cache_position[-1])
+    if cache_position.shape != (length,) or first != start or last != start + length - 1:
         raise TokenFormerError(
             f"cache_position {cache_position.tolist()} does not follow the {start} cached positions: TokenFormer "
             f"writes the {length} new positions right after them")
@@ -217,11 +224,12 @@ class TokenFormerModel(TokenFormerPreTrainedModel):
                 position_ids: torch.Tensor | None = None, past_key_values: Cache | None = None,
                 inputs_embeds: torch.Tensor | None = None, use_cache: bool | None = None,
                 output_hidden_states: bool | None = None, output_attentions: bool | None = None,
-                return_dict: bool | None = None, **kwargs: Any) -> BaseModelOutputWithPast | tuple:
+                return_dict: bool | None = None, cache: Cache | None = None,
+                **kwargs: Any) -> BaseModelOutputWithPast | tuple:
         """`last_hidden_state` (B, T, hidden_size) of `input_ids` (B, T) (or `inputs_embeds` (B, T, h));
         the arguments as in `TokenFormerForCausalLM.forward`."""
         x, cache, hidden = self.final_hidden(input_ids, inputs_embeds, attention_mask, position_ids, past_key_values,
-                                             use_cache, output_hidden_states, output_attentions, kwargs)
+                                             cache, use_cache, output_hidden_states, output_attentions, kwargs)
         return model_output(BaseModelOutputWithPast, return_dict, self.config, cache, last_hidden_state=x,
                             hidden_states=hidden)
 
@@ -238,23 +246,30 @@ class TokenFormerForCausalLM(TokenFormerPreTrainedModel, GenerationMixin):
                 inputs_embeds: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 use_cache: bool | None = None, logits_to_keep: int | torch.Tensor = 0,
                 output_hidden_states: bool | None = None, output_attentions: bool | None = None,
-                return_dict: bool | None = None, **kwargs: Any) -> CausalLMOutputWithPast | tuple:
+                return_dict: bool | None = None, cache: Cache | None = None,
+                **kwargs: Any) -> CausalLMOutputWithPast | tuple:
         """Logits (B, T, vocab_size) of `input_ids` (B, T) (or `inputs_embeds` (B, T, h)).
 
         `attention_mask` (B, past + T): 1 for tokens, 0 for padding (left or right); the rotary
         positions then count from each row's first token unless `position_ids` (B, T) are given.
         The cache (`cache`, or `past_key_values`): a transformers `Cache` (a `DynamicCache` is made when
         `use_cache`). `labels` (B, T): the loss is the mean next-token cross-entropy, -100 not scored
-        (`num_items_in_batch`, from `Trainer`, divides the sum instead). `logits_to_keep`: an int keeps
-        the last n positions (0: all), a 1-D tensor the positions it lists.
+        (`num_items_in_batch`, from `Trainer`, divides the sum instead). `shift_labels` (B, T), the
+        targets already shifted (position t predicts shift_labels[t]: what transformers' Trainer gives
+        under context parallelism), take the place of `labels`. `logits_to_keep`: an int keeps the last
+        n positions (0: all), a 1-D tensor the positions it lists.
         """
         num_items = kwargs.pop("num_items_in_batch", None)
+        shift_labels = kwargs.pop("shift_labels", None)
         x, cache, hidden = self.final_hidden(input_ids, inputs_embeds, attention_mask, position_ids, past_key_values,
-                                             use_cache, output_hidden_states, output_attentions, kwargs)
-        kept = x if labels is not None else keep_positions(x, logits_to_keep)
+                                             cache, use_cache, output_hidden_states, output_attentions, kwargs)
+        scored = labels is not None or shift_labels is not None
+        kept = x if scored else keep_positions(x, logits_to_keep)
         logits = kept @ self.word_embeddings.weight[:self.config.vocab_size].T  # (B, T_kept, vocab_size)
         loss = None
-        if labels is not None:
+        if shift_labels is not None:
+            loss = next_token_loss(logits, shift_labels.to(logits.device), num_items=num_items)
+        elif labels is not None:
             loss = next_token_loss(logits[:, :-1], labels[:, 1:].to(logits.device), num_items=num_items)
         return model_output(CausalLMOutputWithPast, return_dict, self.config, cache, loss=loss, logits=logits,
                             hidden_states=hidden)
@@ -278,11 +293,11 @@ class TokenFormerForSequenceClassification(TokenFormerPreTrainedModel):
                 inputs_embeds: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 use_cache: bool | None = None, output_hidden_states: bool | None = None,
                 output_attentions: bool | None = None, return_dict: bool | None = None,
-                **kwargs: Any) -> SequenceClassifierOutputWithPast | tuple:
+                cache: Cache | None = None, **kwargs: Any) -> SequenceClassifierOutputWithPast | tuple:
         """Scores (B, num_labels); `labels` (B,) class ids, or (B, num_labels) for regression and
         multi-label problems. No cache unless `use_cache=True`."""
         x, cache, hidden = self.final_hidden(input_ids, inputs_embeds, attention_mask, position_ids, past_key_values,
-                                             bool(use_cache), output_hidden_states, output_attentions, kwargs)
+                                             cache, bool(use_cache), output_hidden_states, output_attentions, kwargs)
         T = x.shape[1]
         if attention_mask is None:
             last = torch.full((x.shape[0],), T - 1, device=x.device)
