@@ -197,8 +197,8 @@ def check_cache_position(cache_position: torch.Tensor | None, start: int, length
     otherwise cannot be honoured."""
     if cache_position is None:
         return
-    first, last = int(cache_position[0]), int(cache_position[-1])
-    if cache_position.shape != (length,) or first != start or last != start + length - 1:
+    ends = (start, start + length - 1)
+    if cache_position.shape != (length,) or (int(cache_position[0]), int(cache_position[-1])) != ends:
         raise TokenFormerError(
             f"cache_position {cache_position.tolist()} does not follow the {start} cached positions: TokenFormer "
             f"writes the {length} new positions right after them")
