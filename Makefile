@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 BENCH_STAMP := $(VENV)/.bench-stamp
 BENCH_ARGS ?=
 
-.PHONY: install test test-wheel test-newest demo clean bench bench-quick bench-gpu
+.PHONY: install test test-wheel test-newest demo clean bench bench-quick bench-gpu mutants
 
 install: $(STAMP)
 
@@ -104,6 +104,13 @@ bench-quick: $(BENCH_STAMP)
 # `make bench-gpu BENCH_ARGS="--device cpu --tiny"` is the dry run anywhere.
 bench-gpu: $(BENCH_STAMP)
 	bench/gpu.sh $(BENCH_ARGS)
+
+# Mutation testing of the core (reliability/mutants.py; not in CI: about an hour on 2 cores, one
+# mutant at a time at low priority): reliability/results/mutants-all.json, report in docs/reliability.md.
+# MUTANTS_ARGS="--modules generate.py --selection old" picks modules and the test selection.
+MUTANTS_ARGS ?=
+mutants: $(STAMP)
+	OMP_NUM_THREADS=1 nice -n 15 $(PY) -m reliability.mutants $(MUTANTS_ARGS)
 
 clean:
 	rm -rf $(VENV) $(NEWEST_VENV) runs .pytest_cache

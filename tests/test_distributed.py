@@ -206,6 +206,24 @@ def test_ddp_two_ranks_failed_and_resumed_match_single_process_losses(ddp_resume
     assert "word_embeddings.weight" in names and not any(n.startswith("module.") for n in names)
 
 
+def test_language_validation_under_torchrun_equals_one_process_on_the_same_windows(ddp_resumed, corpus):
+    """The validation loss 2 DDP ranks log at the last step (each rank half of the eval_iters x micro
+    batch = 4 windows, the (loss sum, count) all-reduced) equals the hand cross-entropy of the final
+    weights, in this process, over those 4 windows of the valid split in file order."""
+    from tokenformer.data.indexed import IndexedDataset
+
+    save = ddp_resumed["save"]
+    logged = [r for r in read_metrics(save / "metrics.jsonl") if "val_loss" in r and r["step"] == STEPS]
+    assert len(logged) == 1, logged
+    tokens = np.concatenate([np.asarray(d, dtype=np.int64) for d in IndexedDataset(str(corpus / "valid_text_document"))])
+    windows = torch.from_numpy(np.stack([tokens[32 * i:32 * i + 33] for i in range(4)]))  # (4, 33)
+    model = TokenFormer.from_pretrained(save / f"step_{STEPS:08d}").eval()
+    with torch.no_grad():
+        logits = model(windows[:, :-1])
+    expected = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1))
+    assert abs(logged[0]["val_loss"] - float(expected)) <= LOSS_ATOL, (logged, float(expected))
+
+
 def test_gradient_accumulation_syncs_only_on_the_last_micro_step(reference):
     # one process runs the same loop: every optimizer step asks for no sync, then sync
     assert reference["sync_flags"] == [False, True] * STEPS

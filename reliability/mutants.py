@@ -1,0 +1,138 @@
+"""Mutation testing of the core with mutmut: does the suite turn red when the code is wrong?
+
+    make mutants                                   # every module below (about an hour on 2 cores)
+    python -m reliability.mutants --modules generate.py decode.py --selection old
+
+mutmut (pinned in the dev extra) rewrites one module at a time into many mutants (an operator, a
+constant, an argument changed) and runs, for each, the tests that call the mutated function; a
+mutant is killed when one fails. Each module runs in its own scratch copy of the repository
+(runs/mutants/NAME, so that the working tree is never touched) with a targeted test selection:
+the test files that exercise that module (`MODULES`), not the whole suite, one child at a time.
+`--selection old` runs only the files that existed before the mutation work (the "before" score);
+`all` adds the files written to kill survivors. Tests that torch.compile are left out (dynamo does
+not trace mutmut's trampolines); the compiled paths have their own tests in the suite.
+
+Writes reliability/results/mutants-SELECTION.json: per module, killed / survived / timed out / no
+tests, and each survivor with its changed line, marked `equivalent` with the reason when it is
+listed in `EQUIVALENT` (a mutant no test can kill because it computes the same thing). The report,
+scores and equivalents explained, is docs/reliability.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "reliability" / "results"
+
+# module (under tokenformer/) -> (test files that existed before, test files added to kill survivors)
+MODULES: dict[str, tuple[list[str], list[str]]] = {
+    "models/pattention.py": (["test_pattention.py", "test_scaling.py"], ["test_grown_paths.py", "test_core_edges.py"]),
+    "decode.py": (["test_decode.py"], ["test_grown_paths.py", "test_core_edges.py"]),
+    "generate.py": (["test_generate.py", "test_decode.py"], ["test_sampling.py", "test_core_edges.py"]),
+    "scaling/grow.py": (["test_scaling.py", "test_tune.py"], ["test_grown_paths.py", "test_core_edges.py"]),
+    "evaluation/scoring.py": (["test_perplexity.py"], []),
+    "training/optim.py": (["test_train.py"], []),
+    "training/checkpointing.py": (["test_train.py"], []),
+    "data/windows.py": (["test_train.py", "test_indexed_dataset.py"], ["test_validation_data.py"]),
+    "data/indexed.py": (["test_indexed_dataset.py"], []),
+    "training/loop.py": (["test_train.py"], ["test_validation_data.py"]),
+    "models/lm.py": (["test_model.py"], ["test_grown_paths.py", "test_core_edges.py"]),
+    "models/config.py": (["test_model.py", "test_config.py"], []),
+}
+
+# Mutants that compute the same thing as the original: no test can tell them apart. Name -> why.
+EQUIVALENT: dict[str, str] = {}
+
+
+def scratch_copy(directory: Path) -> None:
+    """Copy the repository's tracked and not-ignored files into `directory` (over what is there)."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, check=True,
+                           capture_output=True, text=True).stdout.splitlines()
+    for relative in files:
+        source = ROOT / relative
+        if source.is_file():
+            (directory / relative).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, directory / relative)
+
+
+def write_config(directory: Path, module: str, tests: list[str]) -> None:
+    lines = ["[mutmut]", "source_paths=tokenformer", f"only_mutate=tokenformer/{module}",
+             "pytest_add_cli_args_test_selection=", *(f"    tests/{t}" for t in tests),
+             "pytest_add_cli_args=", *(f"    {a}" for a in ("-p", "no:cacheprovider", "-q", "-x", "-k", "not compile")),
+             "process_isolation=forkserver", ""]
+    (directory / "setup.cfg").write_text("\n".join(lines))
+
+
+def changed_line(directory: Path, mutant: str) -> str:
+    """The first added line of `mutmut show MUTANT`'s diff: what the mutant changed."""
+    shown = subprocess.run([sys.executable, "-m", "mutmut", "show", mutant], cwd=directory,
+                           capture_output=True, text=True).stdout
+    added = [line[1:].strip() for line in shown.splitlines() if line.startswith("+") and not line.startswith("+++")]
+    return added[0] if added else shown.strip()[-200:]
+
+
+def run_module(module: str, selection: str, before: dict | None) -> dict:
+    """Mutate `module` and run its tests of `selection` on each mutant. With `before` (the old
+    selection's result, same source), only its survivors run again: a mutant the old tests kill
+    stays killed when tests are added, so the rest of the run would repeat itself."""
+    from mutmut.stats import status_by_exit_code
+
+    old, new = MODULES[module]
+    tests = [t for t in old + (new if selection == "all" else []) if (ROOT / "tests" / t).is_file()]
+    directory = ROOT / "runs" / "mutants" / module.replace("/", "-").removesuffix(".py")
+    source = hashlib.sha256((ROOT / "tokenformer" / module).read_bytes()).hexdigest()
+    rerun = before is not None and before.get("source") == source and (directory / "mutants").is_dir()
+    if not rerun:
+        shutil.rmtree(directory, ignore_errors=True)
+    scratch_copy(directory)
+    write_config(directory, module, tests)
+    names = [s["mutant"] for s in before["survivors"]] if rerun else []
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", "1", *names], cwd=directory, env=env,
+                   stdout=subprocess.DEVNULL)
+    meta = json.loads((directory / "mutants" / "tokenformer" / f"{module}.meta").read_text())
+    codes = meta["exit_code_by_key"]
+    counts: dict[str, int] = {"killed": before["counts"].get("killed", 0)} if rerun else {}
+    survivors = []
+    for mutant in sorted(names if rerun else codes):
+        status = status_by_exit_code[codes.get(mutant)]
+        status = "killed" if status == "segfault" else status
+        counts[status] = counts.get(status, 0) + 1
+        if status != "killed":
+            survivors.append({"mutant": mutant, "status": status, "line": changed_line(directory, mutant),
+                              **({"equivalent": EQUIVALENT[mutant]} if mutant in EQUIVALENT else {})})
+    equivalent = sum(1 for s in survivors if "equivalent" in s)
+    score = counts.get("killed", 0) / max(1, sum(counts.values()) - equivalent)
+    return {"tests": tests, "counts": counts, "equivalent": equivalent, "score": round(score, 4),
+            "survivors": survivors, "source": source}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--modules", nargs="*", default=list(MODULES), help="modules under tokenformer/ (default: all)")
+    parser.add_argument("--selection", choices=["old", "all"], default="all",
+                        help="old: the test files from before the mutation work; all: with the new ones")
+    args = parser.parse_args(argv)
+    out = RESULTS / f"mutants-{args.selection}.json"
+    results = json.loads(out.read_text()) if out.is_file() else {}
+    old_path = RESULTS / "mutants-old.json"
+    before = json.loads(old_path.read_text()) if args.selection == "all" and old_path.is_file() else {}
+    for module in args.modules:
+        results[module] = run_module(module, args.selection, before.get(module))
+        r = results[module]
+        print(f"{module}: {r['score']:.1%} killed of non-equivalent ({r['counts']}, {r['equivalent']} equivalent)",
+              flush=True)
+        out.write_text(json.dumps(results, indent=1) + "\n")  # after each module: a long run keeps its progress
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
