@@ -1,11 +1,30 @@
-"""Shared fixtures: paths to ../shared/data (skipped with a reason when absent) and tiny models."""
+"""Shared fixtures: paths to ../shared/data (skipped with a reason when absent) and tiny models.
 
+In CI (CI=true, `.ci/run`) the development extras are installed by `make test`: there a missing one is a
+broken install, so `pytest.importorskip` imports strictly (a failure, not a silent skip of the module).
+"""
+
+import importlib
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def _strict_importorskip(modname: str, minversion: str | None = None, reason: str | None = None, **kwargs):
+    """`pytest.importorskip` for CI: the module must import (and be at least `minversion`)."""
+    module = importlib.import_module(modname)
+    if minversion is not None:
+        return _importorskip(modname, minversion=minversion, reason=reason, **kwargs)  # checks the version
+    return module
+
+
+_importorskip = pytest.importorskip
+if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+    pytest.importorskip = _strict_importorskip
 
 
 def shared_file(relative: str) -> Path:
