@@ -79,7 +79,7 @@ def changed_line(directory: Path, mutant: str) -> str:
     return added[0] if added else shown.strip()[-200:]
 
 
-def run_module(module: str, selection: str, before: dict | None) -> dict:
+def run_module(module: str, selection: str, before: dict | None, children: int = 1) -> dict:
     """Mutate `module` and run its tests of `selection` on each mutant. With `before` (the old
     selection's result, same source), only its survivors run again: a mutant the old tests kill
     stays killed when tests are added, so the rest of the run would repeat itself."""
@@ -90,14 +90,17 @@ def run_module(module: str, selection: str, before: dict | None) -> dict:
     directory = ROOT / "runs" / "mutants" / module.replace("/", "-").removesuffix(".py")
     source = hashlib.sha256((ROOT / "tokenformer" / module).read_bytes()).hexdigest()
     rerun = before is not None and before.get("source") == source and (directory / "mutants").is_dir()
-    if not rerun:
+    stamp = f"{source} {' '.join(tests)}"
+    resume = (directory / "run.stamp").is_file() and (directory / "run.stamp").read_text() == stamp
+    if not (rerun or resume):  # an interrupted run of the same source and tests goes on where it stopped
         shutil.rmtree(directory, ignore_errors=True)
     scratch_copy(directory)
     write_config(directory, module, tests)
+    (directory / "run.stamp").write_text(stamp)
     names = [s["mutant"] for s in before["survivors"]] if rerun else []
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", "1", *names], cwd=directory, env=env,
-                   stdout=subprocess.DEVNULL)
+    subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(children), *names], cwd=directory,
+                   env=env, stdout=subprocess.DEVNULL)
     meta = json.loads((directory / "mutants" / "tokenformer" / f"{module}.meta").read_text())
     codes = meta["exit_code_by_key"]
     counts: dict[str, int] = {"killed": before["counts"].get("killed", 0)} if rerun else {}
@@ -120,13 +123,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modules", nargs="*", default=list(MODULES), help="modules under tokenformer/ (default: all)")
     parser.add_argument("--selection", choices=["old", "all"], default="all",
                         help="old: the test files from before the mutation work; all: with the new ones")
+    parser.add_argument("--max-children", type=int, default=1, help="mutants tested at once (default 1)")
     args = parser.parse_args(argv)
     out = RESULTS / f"mutants-{args.selection}.json"
     results = json.loads(out.read_text()) if out.is_file() else {}
     old_path = RESULTS / "mutants-old.json"
     before = json.loads(old_path.read_text()) if args.selection == "all" and old_path.is_file() else {}
     for module in args.modules:
-        results[module] = run_module(module, args.selection, before.get(module))
+        results[module] = run_module(module, args.selection, before.get(module), args.max_children)
         r = results[module]
         print(f"{module}: {r['score']:.1%} killed of non-equivalent ({r['counts']}, {r['equivalent']} equivalent)",
               flush=True)

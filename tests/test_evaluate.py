@@ -105,12 +105,37 @@ def test_generate_until_stops_at_until_strings_and_matches_greedy_generation(mod
 
 # ---- the harness end to end, offline --------------------------------------------------------------
 
-def write_tasks(folder, data_folder):
-    """A multiple-choice task, a LAMBADA-style loglikelihood task and a rolling (perplexity) task."""
-    choices = [{"question": "Which animal barks?", "choices": ["dog", "cat", "fish"], "answer": 0},
+CHOICE_DOCS = [{"question": "Which animal barks?", "choices": ["dog", "cat", "fish"], "answer": 0},
                {"question": "Two plus two is", "choices": ["three", "four"], "answer": 1},
                {"question": "The sky is", "choices": ["green", "blue", "loud", "up"], "answer": 1}]
-    (data_folder / "choice.jsonl").write_text("".join(json.dumps(c) + "\n" for c in choices))
+
+
+def hand_choice_scores(model, docs) -> tuple[list[float], list[float]]:
+    """acc and acc_norm of each multiple-choice doc: the choice of the highest log-likelihood of
+    " choice" after "Question: ...\nAnswer:" (acc_norm: divided by the choice's length in characters)."""
+    acc, acc_norm = [], []
+    for doc in docs:
+        context = list(f"Question: {doc['question']}\nAnswer:".encode())
+        lls = [direct_log_likelihood(model, context, list((" " + c).encode()))[0] for c in doc["choices"]]
+        normed = [ll / len(c) for ll, c in zip(lls, doc["choices"])]
+        acc.append(float(max(range(len(lls)), key=lls.__getitem__) == doc["answer"]))
+        acc_norm.append(float(max(range(len(normed)), key=normed.__getitem__) == doc["answer"]))
+    return acc, acc_norm
+
+
+def hand_lambada_accuracy(model, texts) -> float:
+    """The share of texts whose last word (with its space) is the greedy continuation of the rest."""
+    greedy = []
+    for text in texts:
+        words = text.split(" ")
+        greedy.append(direct_log_likelihood(model, list(" ".join(words[:-1]).encode()),
+                                            list((" " + words[-1]).encode()))[1])
+    return sum(greedy) / len(greedy)
+
+
+def write_tasks(folder, data_folder):
+    """A multiple-choice task, a LAMBADA-style loglikelihood task and a rolling (perplexity) task."""
+    (data_folder / "choice.jsonl").write_text("".join(json.dumps(c) + "\n" for c in CHOICE_DOCS))
     (data_folder / "lambada.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS[:4]))
     common = "dataset_path: json\ntest_split: test\n"
     (folder / "tiny_choice.yaml").write_text(
@@ -146,8 +171,9 @@ def test_harness_runs_local_tasks_end_to_end(model, lm, task_folder, offline_hub
     out = simple_evaluate(model=lm, tasks=["tiny_choice", "tiny_lambada", "tiny_rolling"], num_fewshot=0,
                           task_manager=manager, log_samples=True, bootstrap_iters=0)
     scores = task_scores(out["results"])
-    for task, metric in (("tiny_choice", "acc"), ("tiny_choice", "acc_norm"), ("tiny_lambada", "acc")):
-        assert 0.0 <= scores[task][metric] <= 1.0
+    acc, acc_norm = hand_choice_scores(model, CHOICE_DOCS)
+    assert scores["tiny_choice"]["acc"] == pytest.approx(sum(acc) / 3)
+    assert scores["tiny_choice"]["acc_norm"] == pytest.approx(sum(acc_norm) / 3)
     assert scores["tiny_lambada"]["perplexity"] > 1.0
 
     # Every LAMBADA-style request equals the direct computation; acc is the share of greedy ones.
@@ -179,7 +205,7 @@ def test_harness_runs_local_tasks_end_to_end(model, lm, task_folder, offline_hub
 
 # ---- the command line -----------------------------------------------------------------------------
 
-def test_cli_tasks_print_the_table_and_write_the_results(checkpoint, task_folder, tmp_path, capsys, offline_hub):
+def test_cli_tasks_print_the_table_and_write_the_results(checkpoint, model, task_folder, tmp_path, capsys, offline_hub):
     output = tmp_path / "results.json"
     code, out, _ = run_cli(["--checkpoint", checkpoint, "--tasks", "tiny_choice,tiny_lambada",
                             "--include-path", task_folder, "--no-builtin-tasks", "--batch-size", 2,
@@ -189,9 +215,15 @@ def test_cli_tasks_print_the_table_and_write_the_results(checkpoint, task_folder
     assert "| tiny_choice | acc |" in out
     report = json.loads(output.read_text())
     assert set(report["scores"]) == {"tiny_choice", "tiny_lambada"}
-    assert 0.0 <= report["scores"]["tiny_choice"]["acc"] <= 1.0
+    assert report["scores"]["tiny_choice"]["acc"] == pytest.approx(sum(hand_choice_scores(model, CHOICE_DOCS[:2])[0]) / 2)
     assert report["lm_eval"]["results"]["tiny_lambada"]["acc,none"] == report["scores"]["tiny_lambada"]["acc"]
     assert report["limit"] == 2 and report["num_fewshot"] == 0
+    # --num-fewshot 1: every request carries one solved example before its own question
+    code, _, _ = run_cli(["--checkpoint", checkpoint, "--tasks", "tiny_choice", "--include-path", task_folder,
+                          "--no-builtin-tasks", "--limit", 1, "--num-fewshot", 1, "--output", output], capsys)
+    assert code == 0
+    report = json.loads(output.read_text())
+    assert report["num_fewshot"] == 1 and report["lm_eval"]["n-shot"]["tiny_choice"] == 1
 
 
 # the checkpoint and data cases (no lm-eval needed) are in tests/test_perplexity.py
@@ -230,8 +262,8 @@ def test_tokenformer_lm_eval_without_lm_eval_names_the_extra(capsys, monkeypatch
     assert e.value.code == 2 and len(err) == 1 and 'pip install "tokenformer[eval]"' in err[0]
 
 
-def test_tokenformer_lm_eval_runs_lm_evals_own_command_line(checkpoint, task_folder, tmp_path, capsys, monkeypatch,
-                                                            offline_hub):
+def test_tokenformer_lm_eval_runs_lm_evals_own_command_line(checkpoint, model, task_folder, tmp_path, capsys,
+                                                            monkeypatch, offline_hub):
     import functools
     import sys
 
@@ -254,7 +286,7 @@ def test_tokenformer_lm_eval_runs_lm_evals_own_command_line(checkpoint, task_fol
     written = list(output.rglob("results_*.json"))
     assert len(written) == 1
     results = json.loads(written[0].read_text())
-    assert 0.0 <= results["results"]["tiny_lambada"]["acc,none"] <= 1.0
+    assert results["results"]["tiny_lambada"]["acc,none"] == pytest.approx(hand_lambada_accuracy(model, TEXTS[:4]))
     assert results["config"]["model_num_parameters"] == tf.TokenFormer.from_pretrained(checkpoint).num_parameters()
 
 

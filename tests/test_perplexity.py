@@ -266,7 +266,11 @@ def test_cli_perplexity_in_bfloat16_is_close_to_float32(checkpoint, tmp_path, ca
                               "--output", tmp_path / f"{dtype}.json"], capsys)
         assert code == 0
         losses[dtype] = json.loads((tmp_path / f"{dtype}.json").read_text())["loss"]
-    assert losses["bfloat16"] == pytest.approx(losses["float32"], abs=0.05)
+    # bf16 keeps 8 bits: each logit (|logit| < 1 here) moves by about 2^-8 x its size, at most ~4e-3,
+    # and a token's loss by at most twice that; the mean over ~200 tokens of errors of random sign is
+    # far smaller (measured 5e-5). 2e-3 is one token's worst case: a freshly initialised model of
+    # another seed is 0.027 to 0.068 away (seeds 1-4), so reading other weights fails here.
+    assert losses["bfloat16"] == pytest.approx(losses["float32"], abs=2e-3)
     assert losses["bfloat16"] != losses["float32"]  # it really ran in bfloat16
 
 
