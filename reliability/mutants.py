@@ -7,7 +7,9 @@ mutmut (pinned in the dev extra) rewrites one module at a time into many mutants
 constant, an argument changed) and runs, for each, the tests that call the mutated function; a
 mutant is killed when one fails. Each module runs in its own scratch copy of the repository
 (runs/mutants/NAME, so that the working tree is never touched) with a targeted test selection:
-the test files that exercise that module (`MODULES`), not the whole suite, one child at a time.
+the test files that exercise that module (`MODULES`), not the whole suite, one child at a time. mutmut skips decorated functions: in the scratch copy
+a module-level `@torch.no_grad()` is applied after the definition instead (`undecorate`), so that
+generate_tokens, generate_batch and grow_pattention are mutated too.
 `--selection old` runs only the files that existed before the mutation work (the "before" score);
 `all` adds the files written to kill survivors. Tests that torch.compile are left out (dynamo does
 not trace mutmut's trampolines); the compiled paths have their own tests in the suite.
@@ -24,6 +26,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -63,6 +66,24 @@ def scratch_copy(directory: Path) -> None:
             shutil.copy2(source, directory / relative)
 
 
+def undecorate(path: Path) -> int:
+    """Move each module-level `@torch.no_grad()` below the module as `f = torch.no_grad()(f)`: the
+    same function (the decorator applied after the definition instead of at it), but one mutmut
+    mutates; mutmut leaves decorated functions alone, and generate_tokens, generate_batch and
+    grow_pattention carry this one. Returns how many were moved."""
+    lines = path.read_text().splitlines(keepends=True)
+    names = []
+    for i, line in enumerate(lines):
+        match = re.match(r"def (\w+)\(", lines[i + 1]) if line == "@torch.no_grad()\n" and i + 1 < len(lines) else None
+        if match:
+            names.append(match.group(1))
+            lines[i] = ""
+    if names:
+        lines.append("\n\n" + "".join(f"{name} = torch.no_grad()({name})\n" for name in names))
+        path.write_text("".join(lines))
+    return len(names)
+
+
 def write_config(directory: Path, module: str, tests: list[str]) -> None:
     lines = ["[mutmut]", "source_paths=tokenformer", f"only_mutate=tokenformer/{module}",
              "pytest_add_cli_args_test_selection=", *(f"    tests/{t}" for t in tests),
@@ -95,6 +116,7 @@ def run_module(module: str, selection: str, before: dict | None, children: int =
     if not (rerun or resume):  # an interrupted run of the same source and tests goes on where it stopped
         shutil.rmtree(directory, ignore_errors=True)
     scratch_copy(directory)
+    undecorate(directory / "tokenformer" / module)
     write_config(directory, module, tests)
     (directory / "run.stamp").write_text(stamp)
     names = [s["mutant"] for s in before["survivors"]] if rerun else []
