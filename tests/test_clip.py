@@ -432,6 +432,27 @@ def test_fashion_mnist_zero_shot_on_held_out_classes(tmp_path, capsys):
     assert printed["samples"] == 30 and printed["templates"] == "held-out"
     assert printed["top1"] == pytest.approx(record["zero_shot_top1"])
     assert printed["top5"] == pytest.approx(record["zero_shot_top5"])
+    # --templates train --max-samples 7: the first 7 test images, each class the mean of its
+    # normalised training-template prompt embeddings; top-1 by hand
+    assert main(["evaluate-clip", "--checkpoint", str(tmp_path / "run" / "model"), "--data", str(tmp_path / "fmnist"),
+                 "--zero-shot", "fashion-mnist", "--templates", "train", "--max-samples", "7"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["samples"] == 7 and printed["templates"] == "train"
+    from tokenformer.data.images import load_mnist, make_transform
+    from tokenformer.data.prompts import fill
+
+    clip = load_model(tmp_path / "run" / "model").eval()
+    tokenizer = tf.load_tokenizer(tmp_path / "run" / "model" / "tokenizer.json")
+    x, labels = load_mnist(tmp_path / "fmnist", "test")
+    with torch.no_grad():
+        image = F.normalize(clip.encode_image(make_transform(False, "none", [0.5], [0.5], 28)(x[:7])), dim=-1)
+        classes = []
+        for name in FASHION_MNIST_CLASSES:
+            prompts = [fill(template, name) for template in TRAIN_TEMPLATES]
+            ids, lengths = tokenize_captions(tokenizer, prompts, clip.config.text.seq_length)
+            classes.append(F.normalize(F.normalize(clip.encode_text(ids, lengths), dim=-1).mean(0), dim=-1))
+    predicted = (image @ torch.stack(classes).T).argmax(dim=1)
+    assert printed["top1"] == pytest.approx(float((predicted == labels[:7]).float().mean()))
 
 
 class LinearClip(nn.Module):

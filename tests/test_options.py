@@ -93,3 +93,61 @@ def test_generate_tokenizer_overrides_the_checkpoints(tmp_path, capsys):
     assert main(args + ["--tokenizer", "byte"]) == 0
     expected = generate_text(model, tf.ByteTokenizer(), "hi", 6)
     assert capsys.readouterr().out == "hi" + expected + "\n"
+
+
+# ---- train-vision: label_smoothing and crop_padding ---------------------------------------------------
+
+def vision_task(tmp_path, **fields):
+    from tests.test_vision import write_toy_mnist
+    from tokenformer.training.config import VisionTrainConfig
+    from tokenformer.training.tasks.vision import VisionTask
+
+    write_toy_mnist(tmp_path, n_train=8, n_test=4)
+    task = VisionTask(VisionTrainConfig(model="tiny-28", data=str(tmp_path), batch_size=4, **fields))
+    model = tf.VisionTokenFormer(tf.VisionConfig.from_name("tiny-28"))
+    task.prepare(model, None)
+    return task, model
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.3])
+def test_label_smoothing_mixes_the_uniform_target_into_the_loss(tmp_path, smoothing):
+    task, model = vision_task(tmp_path, augment="none", label_smoothing=smoothing)
+    model.eval()
+    x, y = task.train_batch(0, 4)
+    with torch.no_grad():
+        loss, count = task.loss(model, (x, y))
+        log_p = torch.log_softmax(model(x).double(), dim=-1)  # (4, classes)
+    # target (1 - e) on the label plus e / K on every class
+    nll, uniform = -log_p[torch.arange(4), y].mean(), -log_p.mean(dim=-1).mean()
+    assert count == 4
+    assert float(loss) == pytest.approx(float((1 - smoothing) * nll + smoothing * uniform), rel=1e-5)
+
+
+@pytest.mark.parametrize("padding", [0, 1, 3])
+def test_crop_padding_bounds_the_shift_of_the_random_crop(tmp_path, padding):
+    task, _ = vision_task(tmp_path, augment="crop", crop_padding=padding)
+    white = torch.full((300, 1, 28, 28), 255, dtype=torch.uint8)
+    x = task.train_transform(white, torch.Generator().manual_seed(0))  # white -> 1, zero padding -> -1
+    padded_rows = (x == -1).all(dim=-1).sum(dim=-1).flatten()  # per image: rows the crop took from the padding
+    padded_cols = (x == -1).all(dim=-2).sum(dim=-1).flatten()
+    # a shift of d in [0, 2p] shows |d - p| padding rows: at most p, and with 300 images every value occurs
+    assert set(padded_rows.tolist()) == set(range(padding + 1)) == set(padded_cols.tolist())
+
+
+# ---- train-captioner: the tokenizer of lm_from ------------------------------------------------------
+
+def test_captioner_takes_the_tokenizer_of_lm_from_unless_one_is_given(tmp_path):
+    from tokenformer.training.config import CaptionTrainConfig
+    from tokenformer.training.tasks.caption import resolve_tokenizer
+
+    lm = tmp_path / "lm"
+    tf.TokenFormer(tf.Config.from_name("tiny")).save_pretrained(lm, tokenizer=tf.ByteTokenizer())
+    captions = ["one red circle on the left", "two blue squares at the top"] * 20
+    fields = dict(data=str(tmp_path / "data"), vision_from=str(tmp_path / "vision"), lm_from=str(lm), bpe_vocab_size=300)
+    taken = resolve_tokenizer(CaptionTrainConfig(**fields), captions)
+    assert taken.vocab_size == 257 and taken.encode("ab") == [97, 98]  # the byte tokenizer lm_from was saved with
+    (lm / "tokenizer.json").unlink()  # without one: a BPE trained on the captions
+    trained = resolve_tokenizer(CaptionTrainConfig(**fields), captions)
+    assert trained.vocab_size > 257 and len(trained.encode(captions[0])) < len(captions[0])
+    given = resolve_tokenizer(CaptionTrainConfig(**fields, tokenizer="byte"), captions)  # an explicit one wins
+    assert given.vocab_size == 257
