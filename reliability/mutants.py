@@ -26,6 +26,7 @@ import argparse
 import hashlib
 import json
 import os
+import random
 import re
 import shutil
 import subprocess
@@ -100,7 +101,8 @@ def changed_line(directory: Path, mutant: str) -> str:
     return added[0] if added else shown.strip()[-200:]
 
 
-def run_module(module: str, selection: str, before: dict | None, children: int = 1) -> dict:
+def run_module(module: str, selection: str, before: dict | None, children: int = 1,
+               sample: int | None = None) -> dict:
     """Mutate `module` and run its tests of `selection` on each mutant. With `before` (the old
     selection's result, same source), only its survivors run again: a mutant the old tests kill
     stays killed when tests are added, so the rest of the run would repeat itself."""
@@ -119,15 +121,28 @@ def run_module(module: str, selection: str, before: dict | None, children: int =
     undecorate(directory / "tokenformer" / module)
     write_config(directory, module, tests)
     (directory / "run.stamp").write_text(stamp)
-    names = [s["mutant"] for s in before["survivors"]] if rerun else []
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(children), *names], cwd=directory,
-                   env=env, stdout=subprocess.DEVNULL)
-    meta = json.loads((directory / "mutants" / "tokenformer" / f"{module}.meta").read_text())
-    codes = meta["exit_code_by_key"]
+    meta_path = directory / "mutants" / "tokenformer" / f"{module}.meta"
+
+    def mutmut_run(*names: str) -> None:
+        subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(children), *names],
+                       cwd=directory, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    if rerun:
+        names = [s["mutant"] for s in before["survivors"]]
+    elif sample:
+        if not meta_path.is_file():
+            mutmut_run("no-such-mutant")  # generates the mutants (and the test stats), tests none
+        every = sorted(json.loads(meta_path.read_text())["exit_code_by_key"])
+        names = sorted(random.Random(0).sample(every, min(sample, len(every))))
+    else:
+        names = []
+    if names or not rerun:
+        mutmut_run(*names)
+    codes = json.loads(meta_path.read_text())["exit_code_by_key"]
     counts: dict[str, int] = {"killed": before["counts"].get("killed", 0)} if rerun else {}
     survivors = []
-    for mutant in sorted(names if rerun else codes):
+    for mutant in sorted(names if rerun else names or codes):
         status = status_by_exit_code[codes.get(mutant)]
         status = "killed" if status == "segfault" else status
         counts[status] = counts.get(status, 0) + 1
@@ -136,8 +151,8 @@ def run_module(module: str, selection: str, before: dict | None, children: int =
                               **({"equivalent": EQUIVALENT[mutant]} if mutant in EQUIVALENT else {})})
     equivalent = sum(1 for s in survivors if "equivalent" in s)
     score = counts.get("killed", 0) / max(1, sum(counts.values()) - equivalent)
-    return {"tests": tests, "counts": counts, "equivalent": equivalent, "score": round(score, 4),
-            "survivors": survivors, "source": source}
+    return {"tests": tests, "mutants": len(codes), "tested": sum(counts.values()), "counts": counts,
+            "equivalent": equivalent, "score": round(score, 4), "survivors": survivors, "source": source}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,15 +161,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--selection", choices=["old", "all"], default="all",
                         help="old: the test files from before the mutation work; all: with the new ones")
     parser.add_argument("--max-children", type=int, default=1, help="mutants tested at once (default 1)")
+    parser.add_argument("--sample", type=int, default=None,
+                        help="test this many mutants per module, drawn at random (seed 0), instead of all")
     args = parser.parse_args(argv)
     out = RESULTS / f"mutants-{args.selection}.json"
     results = json.loads(out.read_text()) if out.is_file() else {}
     old_path = RESULTS / "mutants-old.json"
     before = json.loads(old_path.read_text()) if args.selection == "all" and old_path.is_file() else {}
     for module in args.modules:
-        results[module] = run_module(module, args.selection, before.get(module), args.max_children)
+        results[module] = run_module(module, args.selection, before.get(module), args.max_children, args.sample)
         r = results[module]
-        print(f"{module}: {r['score']:.1%} killed of non-equivalent ({r['counts']}, {r['equivalent']} equivalent)",
+        print(f"{module}: {r['score']:.1%} of the non-equivalent of {r['tested']} mutants tested (of {r['mutants']}) killed "
+              f"({r['counts']}, {r['equivalent']} equivalent)",
               flush=True)
         out.write_text(json.dumps(results, indent=1) + "\n")  # after each module: a long run keeps its progress
     return 0
