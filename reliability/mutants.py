@@ -40,7 +40,7 @@ RESULTS = ROOT / "reliability" / "results"
 MODULES: dict[str, tuple[list[str], list[str]]] = {
     "models/pattention.py": (["test_pattention.py", "test_scaling.py"], ["test_grown_paths.py", "test_core_edges.py"]),
     "decode.py": (["test_decode.py"], ["test_grown_paths.py", "test_core_edges.py"]),
-    "generate.py": (["test_generate.py", "test_decode.py"], ["test_sampling.py", "test_core_edges.py"]),
+    "generate.py": (["test_generate.py", "test_decode.py"], ["test_sampling.py", "test_core_edges.py", "test_captioner.py"]),
     "scaling/grow.py": (["test_scaling.py", "test_tune.py"], ["test_grown_paths.py", "test_core_edges.py"]),
     "evaluation/scoring.py": (["test_perplexity.py"], []),
     "training/optim.py": (["test_train.py"], []),

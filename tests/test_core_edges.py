@@ -36,3 +36,53 @@ def test_lean_mode_holds_under_autocast_too():
         kept[lean] = [t for t in saved if t.shape == (2, 5, 32)]
         assert all(t.dtype == torch.bfloat16 for t in saved)
     assert len(kept[False]) == 2 and len(kept[True]) == 1
+
+
+# ---- generate.py ------------------------------------------------------------------------------------
+
+class Scripted(torch.nn.Module):
+    """A stand-in language model that makes greedy decoding emit `script`, one token per forward pass."""
+
+    def __init__(self, script: list[int], vocab: int = 257, seq_length: int = 64) -> None:
+        super().__init__()
+        self.config = type("Config", (), {"seq_length": seq_length})()
+        self.word_embeddings = torch.nn.Embedding(vocab, 1)
+        self.script, self.calls, self.vocab = script, 0, vocab
+
+    def allocate_cache(self, batch_size, max_length=None):
+        return None
+
+    def forward(self, ids, cache=None, last_only=False, **kwargs):
+        token = self.script[min(self.calls, len(self.script) - 1)]
+        self.calls += 1
+        logits = torch.full((ids.shape[0], 1 if last_only else ids.shape[1], self.vocab), -1e9)
+        logits[..., token] = 0.0
+        return logits
+
+
+def test_streaming_holds_back_a_partial_character_and_sends_each_piece_once():
+    from tokenformer import ByteTokenizer
+    from tokenformer.generate import generate_text
+
+    script = list("aé b".encode()) + [256]  # é is two bytes: after the first, the text ends in U+FFFD
+    pieces = []
+    text = generate_text(Scripted(script), ByteTokenizer(), "x", max_new_tokens=10, on_text=pieces.append)
+    assert text == "aé b"
+    assert pieces == ["a", "é", " ", "b"]
+    # a text cut inside a character: the held-back rest is sent once at the end, as decoded
+    pieces = []
+    text = generate_text(Scripted(list("ab".encode()) + [0xC3]), ByteTokenizer(), "x", max_new_tokens=3,
+                         on_text=pieces.append)
+    assert text == "ab\ufffd" and pieces == ["a", "b", "\ufffd"]
+
+
+def test_empty_prompts_are_refused_in_one_sentence():
+    from tokenformer.generate import generate_batch, generate_tokens
+
+    model = Scripted([1])
+    with pytest.raises(TokenFormerError) as error:
+        generate_batch(model, [[1], []], 4)
+    assert str(error.value) == "every prompt needs at least one token (and the batch at least one prompt)"
+    with pytest.raises(TokenFormerError) as error:
+        list(generate_tokens(model, [], 4))
+    assert str(error.value) == "the prompt is empty: give at least one token"
