@@ -216,7 +216,8 @@ def test_cli_tasks_print_the_table_and_write_the_results(checkpoint, model, task
     report = json.loads(output.read_text())
     assert set(report["scores"]) == {"tiny_choice", "tiny_lambada"}
     assert report["scores"]["tiny_choice"]["acc"] == pytest.approx(sum(hand_choice_scores(model, CHOICE_DOCS[:2])[0]) / 2)
-    assert report["lm_eval"]["results"]["tiny_lambada"]["acc,none"] == report["scores"]["tiny_lambada"]["acc"]
+    assert report["lm_eval"]["results"]["tiny_lambada"]["acc,none"] == report["scores"]["tiny_lambada"]["acc"] == \
+        pytest.approx(hand_lambada_accuracy(model, TEXTS[:2]))
     assert report["limit"] == 2 and report["num_fewshot"] == 0
     # --num-fewshot 1: every request carries one solved example before its own question
     code, _, _ = run_cli(["--checkpoint", checkpoint, "--tasks", "tiny_choice", "--include-path", task_folder,
