@@ -48,13 +48,16 @@ class Scripted(torch.nn.Module):
         self.config = type("Config", (), {"seq_length": seq_length})()
         self.word_embeddings = torch.nn.Embedding(vocab, 1)
         self.script, self.calls, self.vocab = script, 0, vocab
+        self.caches, self.forwards = [], []  # allocate_cache arguments; (tokens, last_only) of each forward
 
     def allocate_cache(self, batch_size, max_length=None):
+        self.caches.append((batch_size, max_length))
         return None
 
     def forward(self, ids, cache=None, last_only=False, **kwargs):
         token = self.script[min(self.calls, len(self.script) - 1)]
         self.calls += 1
+        self.forwards.append((ids.shape[1], last_only))
         logits = torch.full((ids.shape[0], 1 if last_only else ids.shape[1], self.vocab), -1e9)
         logits[..., token] = 0.0
         return logits
@@ -86,3 +89,15 @@ def test_empty_prompts_are_refused_in_one_sentence():
     with pytest.raises(TokenFormerError) as error:
         list(generate_tokens(model, [], 4))
     assert str(error.value) == "the prompt is empty: give at least one token"
+
+
+def test_generation_sizes_the_cache_to_its_need_and_prefills_only_the_last_position():
+    from tokenformer.generate import generate_batch, generate_tokens
+
+    model = Scripted([5, 6, 7, 8, 9])
+    assert list(generate_tokens(model, [1, 2, 3], 5)) == [5, 6, 7, 8, 9]
+    assert model.caches == [(1, 3 + 5)]  # the prompt and the new tokens, not the whole context
+    assert model.forwards == [(3, True)] + [(1, False)] * 4  # the last token needs no forward of its own
+    model = Scripted([5, 6, 7])
+    assert generate_batch(model, [[1, 2], [3]], 3) == [[5, 6, 7], [5, 6, 7]]
+    assert model.caches == [(2, 2 + 3)] and model.forwards == [(2, True), (1, False), (1, False)]
