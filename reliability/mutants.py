@@ -53,7 +53,14 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
 }
 
 # Mutants that compute the same thing as the original: no test can tell them apart. Name -> why.
-EQUIVALENT: dict[str, str] = {}
+EQUIVALENT: dict[str, str] = {
+    "tokenformer.generate.x_sample_next__mutmut_43": "torch.sort without dim sorts the last dim: the same call",
+    "tokenformer.generate.x_sample_next__mutmut_80": "the logits are (B, V): softmax over dim 1 is over dim -1",
+    "tokenformer.models.pattention.xǁPattentionǁforward__mutmut_12":
+        "autocast left on inside the custom function: its inputs are already in the autocast dtype, so the "
+        "matmuls run in it either way, and none of its other ops is on CPU autocast's float32 list",
+    "tokenformer.models.pattention.xǁPattentionǁforward__mutmut_13": "the same as forward__mutmut_12 (enabled=True)",
+}
 
 
 def scratch_copy(directory: Path) -> None:
@@ -149,10 +156,19 @@ def run_module(module: str, selection: str, before: dict | None, children: int =
         if status != "killed":
             survivors.append({"mutant": mutant, "status": status, "line": changed_line(directory, mutant),
                               **({"equivalent": EQUIVALENT[mutant]} if mutant in EQUIVALENT else {})})
-    equivalent = sum(1 for s in survivors if "equivalent" in s)
-    score = counts.get("killed", 0) / max(1, sum(counts.values()) - equivalent)
-    return {"tests": tests, "mutants": len(codes), "tested": sum(counts.values()), "counts": counts,
-            "equivalent": equivalent, "score": round(score, 4), "survivors": survivors, "source": source}
+    return rescore({"tests": tests, "mutants": len(codes), "tested": sum(counts.values()), "counts": counts,
+                    "survivors": survivors, "source": source})
+
+
+def rescore(result: dict) -> dict:
+    """Mark the survivors listed in `EQUIVALENT` and compute the score: killed / (tested - equivalent)."""
+    for survivor in result["survivors"]:
+        survivor.pop("equivalent", None)
+        if survivor["mutant"] in EQUIVALENT:
+            survivor["equivalent"] = EQUIVALENT[survivor["mutant"]]
+    result["equivalent"] = sum(1 for s in result["survivors"] if "equivalent" in s)
+    result["score"] = round(result["counts"].get("killed", 0) / max(1, result["tested"] - result["equivalent"]), 4)
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,7 +179,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-children", type=int, default=1, help="mutants tested at once (default 1)")
     parser.add_argument("--sample", type=int, default=None,
                         help="test this many mutants per module, drawn at random (seed 0), instead of all")
+    parser.add_argument("--rescore", action="store_true",
+                        help="only mark the equivalent mutants (EQUIVALENT) in the results written before, and rescore")
     args = parser.parse_args(argv)
+    if args.rescore:
+        for path in RESULTS.glob("mutants-*.json"):
+            path.write_text(json.dumps({m: rescore(r) for m, r in json.loads(path.read_text()).items()}, indent=1) + "\n")
+        return 0
     out = RESULTS / f"mutants-{args.selection}.json"
     results = json.loads(out.read_text()) if out.is_file() else {}
     old_path = RESULTS / "mutants-old.json"

@@ -101,3 +101,48 @@ def test_generation_sizes_the_cache_to_its_need_and_prefills_only_the_last_posit
     model = Scripted([5, 6, 7])
     assert generate_batch(model, [[1, 2], [3]], 3) == [[5, 6, 7], [5, 6, 7]]
     assert model.caches == [(2, 2 + 3)] and model.forwards == [(2, True), (1, False), (1, False)]
+
+
+# ---- decode.py --------------------------------------------------------------------------------------
+
+def test_decode_layout_rule_is_cpu_float32_with_more_outputs_than_inputs():
+    from tokenformer.decode import Product, columns_layout
+
+    cpu = torch.device("cpu")
+    assert columns_layout(40, 24, cpu, torch.float32)
+    assert not columns_layout(24, 24, cpu, torch.float32)  # square: rows as long either way, stored as is
+    assert not columns_layout(40, 24, cpu, torch.bfloat16) and not columns_layout(24, 40, cpu, torch.float32)
+    assert not columns_layout(40, 24, torch.device("meta"), torch.float32)  # not a CPU
+    weight = torch.randn(40, 24)
+    for dtype, columns in ((torch.float32, True), (torch.bfloat16, False)):
+        product = Product(weight, dtype)
+        assert product.columns is columns and product.weight.dtype == dtype
+        assert product.weight.shape == ((24, 40) if columns else (40, 24)) and product.weight.is_contiguous()
+    assert Product(weight, torch.float32, int8=True).columns is False  # int8 rows are the (out, in) rows
+
+
+def test_static_cache_fills_to_its_last_position_and_compiles_without_a_mode_on_cpu(monkeypatch):
+    from tokenformer import Config, TokenFormer
+    from tokenformer.decode import Decoder
+
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: seen.append(kwargs) or fn)
+    model = TokenFormer(Config.from_name("tiny", seq_length=64)).eval()
+    decoder = Decoder(model, compile=True)
+    assert seen == [{"mode": None, "fullgraph": True, "dynamic": False}]
+    Decoder(model, compile=True, compile_mode="max-autotune")
+    assert seen[1]["mode"] == "max-autotune"
+    cache = decoder.allocate_cache(1, 64)
+    assert cache.max_length == 64 and decoder.rotary[0].shape[0] == 64
+    ids = torch.randint(0, 257, (1, 64))
+    with torch.no_grad():
+        reference = model(ids)
+        logits = torch.cat([decoder(ids[:, :63], cache=cache), decoder(ids[:, 63:], cache=cache)], dim=1)
+    assert cache.length == 64  # every position used: the last one-token step still fits
+    torch.testing.assert_close(logits, reference, rtol=1e-5, atol=1e-5)
+    with pytest.raises(TokenFormerError, match="holds 64 positions but 65 are needed"):
+        decoder(ids[:, :1], cache=cache)
+    with torch.no_grad():  # last_only: the logits of the last position alone
+        short = decoder(ids[:, :10], cache=decoder.allocate_cache(1, 10), last_only=True)
+    assert short.shape == (1, 1, reference.shape[-1])
+    torch.testing.assert_close(short[:, 0], reference[:, 9], rtol=1e-5, atol=1e-5)
