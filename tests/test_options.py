@@ -13,6 +13,8 @@ from tokenformer.data.documents import token_documents
 from tokenformer.data.windows import token_windows
 from tokenformer.evaluation.scoring import mean_loss
 from tokenformer.generate import generate_text
+from tokenformer.training.distributed import DistEnv
+from tokenformer.training.tasks.base import TaskContext
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 
@@ -105,7 +107,7 @@ def vision_task(tmp_path, **fields):
     write_toy_mnist(tmp_path, n_train=8, n_test=4)
     task = VisionTask(VisionTrainConfig(model="tiny-28", data=str(tmp_path), batch_size=4, **fields))
     model = tf.VisionTokenFormer(tf.VisionConfig.from_name("tiny-28"))
-    task.prepare(model, None)
+    task.prepare(model, TaskContext(DistEnv()))
     return task, model
 
 
@@ -115,7 +117,7 @@ def test_label_smoothing_mixes_the_uniform_target_into_the_loss(tmp_path, smooth
     model.eval()
     x, y = task.train_batch(0, 4)
     with torch.no_grad():
-        loss, count = task.loss(model, (x, y))
+        loss, count = task.loss(model, (x, y), TaskContext(DistEnv()))
         log_p = torch.log_softmax(model(x).double(), dim=-1)  # (4, classes)
     # target (1 - e) on the label plus e / K on every class
     nll, uniform = -log_p[torch.arange(4), y].mean(), -log_p.mean(dim=-1).mean()

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from tokenformer.data.indexed import IndexedDatasetWriter
 from tokenformer.training.config import TrainConfig
 from tokenformer.training.distributed import DistEnv
+from tokenformer.training.tasks.base import TaskContext
 from tokenformer.training.tasks.language import LanguageModelTask, validation_batches
 from tokenformer.data.windows import WindowDataset
 
@@ -49,7 +50,7 @@ def task_for(corpus, **changes):
     cfg = TrainConfig(**{**fields, **changes})
     task = LanguageModelTask(cfg)
     model = task.build_model().eval()
-    task.prepare(model, DistEnv())
+    task.prepare(model, TaskContext(DistEnv()))
     return task, model
 
 
@@ -69,19 +70,19 @@ def test_validation_reads_valid_data_paths_in_file_order(corpus):
     with torch.no_grad():
         logits = model(windows[:, :-1])
     expected = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).double(), windows[:, 1:].reshape(-1))
-    result = task.evaluate(model, DistEnv(), step=0)
+    result = task.evaluate(model, TaskContext(DistEnv()))
     assert result["val_loss"] == pytest.approx(float(expected), rel=1e-6)
     assert result["val_ppl"] == pytest.approx(math.exp(float(expected)), rel=1e-6)
 
 
 def test_no_valid_data_paths_or_no_eval_iters_means_no_validation(corpus):
     task, model = task_for(corpus, eval_iters=0)
-    assert task.evaluate(model, DistEnv(), step=0) is None
+    assert task.evaluate(model, TaskContext(DistEnv())) is None
     cfg = TrainConfig(model={"name": "tiny", "seq_length": SEQ}, train_data_paths=[corpus["train"]],
                       tokenizer="byte", device="cpu", progress=False, plot=False)
     task = LanguageModelTask(cfg)
-    task.prepare(task.build_model(), DistEnv())
-    assert task.sources.valid_prefixes == [] and task.evaluate(model, DistEnv(), step=0) is None
+    task.prepare(task.build_model(), TaskContext(DistEnv()))
+    assert task.sources.valid_prefixes == [] and task.evaluate(model, TaskContext(DistEnv())) is None
 
 
 def test_validation_batches_split_across_ranks_and_pad_with_zero_weight(corpus):
