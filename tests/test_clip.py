@@ -452,7 +452,7 @@ def test_fashion_mnist_zero_shot_on_held_out_classes(tmp_path, capsys):
             ids, lengths = tokenize_captions(tokenizer, prompts, clip.config.text.seq_length)
             classes.append(F.normalize(F.normalize(clip.encode_text(ids, lengths), dim=-1).mean(0), dim=-1))
     predicted = (image @ torch.stack(classes).T).argmax(dim=1)
-    assert printed["top1"] == pytest.approx(float((predicted == labels[:7]).float().mean()))
+    assert printed["top1"] == pytest.approx(float((predicted == labels[:7]).float().mean()), abs=1e-6)  # printed to 6 places
 
 
 class LinearClip(nn.Module):
