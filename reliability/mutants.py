@@ -203,7 +203,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{module}: {r['score']:.1%} of the non-equivalent of {r['tested']} mutants tested (of {r['mutants']}) killed "
               f"({r['counts']}, {r['equivalent']} equivalent)",
               flush=True)
-        out.write_text(json.dumps(results, indent=1) + "\n")  # after each module: a long run keeps its progress
+        # after each module (a long run keeps its progress), into what is there now (runs side by side)
+        written = json.loads(out.read_text()) if out.is_file() else {}
+        out.write_text(json.dumps({**written, module: results[module]}, indent=1) + "\n")
     return 0
 
 
