@@ -56,6 +56,7 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
 EQUIVALENT: dict[str, str] = {
     "tokenformer.generate.x_sample_next__mutmut_43": "torch.sort without dim sorts the last dim: the same call",
     "tokenformer.generate.x_sample_next__mutmut_80": "the logits are (B, V): softmax over dim 1 is over dim -1",
+    "tokenformer.generate.x_generate_caption__mutmut_33": "torch.full with an int fill value makes int64 anyway",
     "tokenformer.models.pattention.xǁPattentionǁforward__mutmut_12":
         "autocast left on inside the custom function: its inputs are already in the autocast dtype, so the "
         "matmuls run in it either way, and none of its other ops is on CPU autocast's float32 list",

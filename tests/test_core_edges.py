@@ -146,3 +146,20 @@ def test_static_cache_fills_to_its_last_position_and_compiles_without_a_mode_on_
         short = decoder(ids[:, :10], cache=decoder.allocate_cache(1, 10), last_only=True)
     assert short.shape == (1, 1, reference.shape[-1])
     torch.testing.assert_close(short[:, 0], reference[:, 9], rtol=1e-5, atol=1e-5)
+
+
+def test_captions_default_to_32_new_tokens_and_take_images_of_any_float_dtype():
+    from tokenformer import ByteTokenizer
+    from tokenformer.generate import generate_caption
+    from tests.test_captioner import greedy_without_cache, images, tiny
+
+    model = tiny()
+    with torch.no_grad():  # a bias towards a few bytes: a greedy path that does not end early
+        model.lm.word_embeddings.weight[100:110] *= 4
+    tok, x = ByteTokenizer(), images(1)
+    with torch.no_grad():
+        expected = greedy_without_cache(model, x[0], tok.eos_id, 32)
+        longer = greedy_without_cache(model, x[0], tok.eos_id, 33)
+    assert len(expected) == 32 and len(longer) == 33  # no end-of-text within 33 tokens
+    assert generate_caption(model, tok, x) == [tok.decode(expected)]
+    assert generate_caption(model, tok, x.double(), max_new_tokens=5) == [tok.decode(expected[:5])]  # cast to the model's
