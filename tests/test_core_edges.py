@@ -163,3 +163,24 @@ def test_captions_default_to_32_new_tokens_and_take_images_of_any_float_dtype():
     assert len(expected) == 32 and len(longer) == 33  # no end-of-text within 33 tokens
     assert generate_caption(model, tok, x) == [tok.decode(expected)]
     assert generate_caption(model, tok, x.double(), max_new_tokens=5) == [tok.decode(expected[:5])]  # cast to the model's
+
+
+def test_captions_sample_with_top_p_and_run_one_forward_per_new_token():
+    from tokenformer import ByteTokenizer
+    from tokenformer.generate import generate_caption
+    from tests.test_captioner import images, tiny
+
+    model = tiny()
+    with torch.no_grad():
+        model.lm.word_embeddings.weight[100:110] *= 4
+    tok, x = ByteTokenizer(), images(2)
+    greedy = generate_caption(model, tok, x, max_new_tokens=6)
+    # a tiny top_p keeps only the most likely token: sampling at any temperature is then greedy
+    assert generate_caption(model, tok, x, max_new_tokens=6, temperature=1.5, top_p=1e-6, seed=1) == greedy
+    calls = []
+    handle = model.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        generate_caption(model, tok, x, max_new_tokens=6)
+    finally:
+        handle.remove()
+    assert all(len(c) == 6 for c in greedy) and len(calls) == 6  # the prefill, then 5 steps: the last token needs none
