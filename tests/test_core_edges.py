@@ -184,3 +184,40 @@ def test_captions_sample_with_top_p_and_run_one_forward_per_new_token():
     finally:
         handle.remove()
     assert all(len(c) == 6 for c in greedy) and len(calls) == 6  # the prefill, then 5 steps: the last token needs none
+
+
+def test_decoder_dtype_int8_buffers_and_cache_placement():
+    from tokenformer import Config, TokenFormer
+    from tokenformer.decode import Decoder, Product, StaticKVCache
+
+    model = TokenFormer(Config.from_name("tiny", seq_length=64)).eval()
+    assert Decoder(model).dtype == torch.float32
+    bf16 = Decoder(model, dtype=torch.bfloat16)
+    assert bf16.dtype == torch.bfloat16 and bf16.allocate_cache(1, 8).keys[0].dtype == torch.bfloat16
+    int8 = Decoder(model, int8=True)
+    products = [m for m in int8.modules() if isinstance(m, Product)]
+    # per layer: the stacked q/k/v keys and their 3 values, proj keys and values, ffn keys and values; the head
+    assert len(products) == 1 + 8 * model.config.num_layers and all(p.int8 for p in products)
+    # the decode copies are buffers of the Decoder only: its state dict is the model's own tables
+    assert set(int8.state_dict()) == {"word_embeddings.weight", "final_norm.weight", "final_norm.bias"}
+    cache = StaticKVCache.allocate(model.config, 2, 64, device="meta", dtype=torch.float16)
+    assert all(t.device.type == "meta" and t.dtype == torch.float16 and t.shape == (2, 4, 64, 16)
+               for t in cache.keys + cache.values) and len(cache.keys) == len(cache.values) == model.config.num_layers
+
+
+def test_a_bfloat16_model_decodes_in_float32():
+    from tokenformer import Config, TokenFormer
+    from tokenformer.decode import Decoder
+
+    model = TokenFormer(Config.from_name("tiny", seq_length=64)).eval()
+    half = TokenFormer(Config.from_name("tiny", seq_length=64)).eval()
+    half.load_state_dict(model.state_dict())
+    half = half.to(torch.bfloat16)
+    rounded = TokenFormer(Config.from_name("tiny", seq_length=64)).eval()
+    rounded.load_state_dict({k: v.float() for k, v in half.state_dict().items()})  # the bf16 weights, in fp32
+    ids = torch.randint(0, 257, (1, 20))
+    with torch.no_grad():
+        expected = rounded(ids)
+        decoder = Decoder(half, dtype=torch.float32)
+        logits = decoder(ids, cache=decoder.allocate_cache(1, 20))
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
