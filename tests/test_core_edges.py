@@ -121,7 +121,7 @@ def test_decode_layout_rule_is_cpu_float32_with_more_outputs_than_inputs():
     assert Product(weight, torch.float32, int8=True).columns is False  # int8 rows are the (out, in) rows
 
 
-def test_static_cache_fills_to_its_last_position_and_compiles_without_a_mode_on_cpu(monkeypatch):
+def test_static_cache_fills_to_its_last_position_and_the_step_is_traced_without_a_mode_on_cpu(monkeypatch):
     from tokenformer import Config, TokenFormer
     from tokenformer.decode import Decoder
 
