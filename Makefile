@@ -65,9 +65,10 @@ test-newest:
 # It installs only what it needs (the package and matplotlib), not the development extras.
 DEMO := runs/demo
 DEMO_STAMP := $(VENV)/.demo-stamp
-# Tiny models gain nothing from a second thread, and on a busy machine it mostly waits: measured
-# 5x slower (`grow --data` 75 s vs 16 s under load). Training sets num_threads in its config.
-ONE_THREAD := OMP_NUM_THREADS=1
+# Threads: every command takes one for this tiny model (tokenformer.threads, docs/performance.md).
+# The sample: a prompt that starts a class, sampled at temperature 0.6 among the 20 likeliest tokens,
+# 100 tokens (the window slides past the model's 64-token context).
+DEMO_PROMPT := class Stack:\n    def __init__(self
 
 $(DEMO_STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -78,12 +79,12 @@ $(DEMO_STAMP): pyproject.toml constraints.txt
 demo: $(DEMO_STAMP) $(DEMO)/data/prepare.json
 	rm -rf $(DEMO)/checkpoints $(DEMO)/grown $(DEMO)/grown-checkpoints
 	$(VENV)/bin/tokenformer train configs/demo.yaml --data_path $(DEMO)/data --save $(DEMO)/checkpoints
-	$(ONE_THREAD) $(VENV)/bin/tokenformer grow --checkpoint $(DEMO)/checkpoints \
+	$(VENV)/bin/tokenformer grow --checkpoint $(DEMO)/checkpoints \
 		--out $(DEMO)/grown --factor 2 --mode exact --data $(DEMO)/data
 	$(VENV)/bin/tokenformer train configs/demo.yaml --data_path $(DEMO)/data --save $(DEMO)/grown-checkpoints \
 		--init_from $(DEMO)/grown --train_iters 100 --eval_interval 50
-	$(ONE_THREAD) $(VENV)/bin/tokenformer generate --checkpoint $(DEMO)/grown-checkpoints \
-		--prompt "def " --max-new-tokens 60 --temperature 0.8 --top-k 50 --seed 0
+	$(VENV)/bin/tokenformer generate --checkpoint $(DEMO)/grown-checkpoints \
+		--prompt "$$(printf '$(DEMO_PROMPT)')" --max-new-tokens 100 --temperature 0.6 --top-k 20 --seed 0
 
 $(DEMO)/data/prepare.json: | $(DEMO_STAMP)
 	$(VENV)/bin/tokenformer prepare --out $(DEMO)/data --tokenizer bpe --vocab-size 2048
