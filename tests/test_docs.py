@@ -214,3 +214,15 @@ def test_every_command_of_the_docs_runs(document, docs_workspace, tmp_path, monk
             code = main(fast_argv(command))
             err = capsys.readouterr().err
             assert code == 0, f"{document.name} line {line}: `{command}` failed: {err.strip()[-500:]}"
+
+
+def test_the_readme_shows_what_make_demo_runs_and_prints():
+    import yaml
+
+    readme, makefile = (ROOT / "README.md").read_text(), (ROOT / "Makefile").read_text()
+    steps = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())["train_iters"]
+    assert f"`configs/demo.yaml` ({steps} steps" in readme
+    prompt = re.search(r"^DEMO_PROMPT := (.*)$", makefile, flags=re.MULTILINE).group(1).replace("\\n", "\n")
+    sample = readme.split("What it printed:\n\n```\n", 1)[1].split("```", 1)[0]
+    assert sample.startswith(prompt) and len(sample.splitlines()) > 3  # the sample as printed, prompt first
+    assert "--max-new-tokens 100" in makefile and "samples 100 tokens" in readme
