@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from tokenformer.console import progress_bar
 from tokenformer.errors import TokenFormerError
@@ -41,8 +42,11 @@ def next_token_loss(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int
         logits = logits[..., :vocab_size]
     flat_logits, flat_targets = logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1)
     if num_items is None:
-        return F.cross_entropy(flat_logits, flat_targets)
-    return F.cross_entropy(flat_logits, flat_targets, reduction="sum") / num_items
+        loss = F.cross_entropy(flat_logits, flat_targets)
+    else:
+        loss = F.cross_entropy(flat_logits, flat_targets, reduction="sum") / num_items
+    # vocabulary-sharded logits (token parallelism, inside `loss_parallel`): the loss is replicated
+    return loss.full_tensor() if isinstance(loss, DTensor) else loss
 
 
 def window_loss(model: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, int]:

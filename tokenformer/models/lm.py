@@ -145,10 +145,10 @@ class Attention(nn.Module):
         causal over everything (or bidirectional, for `causal=False`).
         """
         B, T, _ = x.shape
-        H, D = self.num_heads, self.head_dim
-        q = self.query(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-        k = self.key(x).view(B, T, H, D).transpose(1, 2)    # (B, H, T, D)
-        v = self.value(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        D = self.head_dim  # H below: this rank's heads (all of them, or H/P under token parallelism)
+        q = self.query(x).view(B, T, -1, D).transpose(1, 2)  # (B, H, T, D)
+        k = self.key(x).view(B, T, -1, D).transpose(1, 2)    # (B, H, T, D)
+        v = self.value(x).view(B, T, -1, D).transpose(1, 2)  # (B, H, T, D)
         if cos is not None:
             q = apply_rotary(q, cos, sin)
             k = apply_rotary(k, cos, sin)
@@ -170,7 +170,7 @@ class Attention(nn.Module):
             q_pos = torch.arange(start, start + T, device=x.device)[:, None]
             k_pos = torch.arange(start + T, device=x.device)[None, :]
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=k_pos <= q_pos)
-        y = y.transpose(1, 2).reshape(B, T, H * D)  # (B, T, h)
+        y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, H * D)
         return self.proj(y)
 
 

@@ -21,6 +21,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from tokenformer.errors import TokenFormerError
 
@@ -39,6 +40,11 @@ def normalise(scores: torch.Tensor, norm_activation_type: str, scale_num: int) -
         return F.gelu(_l2_normalise(scores, math.sqrt(scale_num)))
     if norm_activation_type == "gelu_l2_norm":
         return _l2_normalise(F.gelu(scores), math.sqrt(scale_num))
+    if norm_activation_type == "softmax" and isinstance(scores, DTensor):
+        # Token-parallel (scores sharded over n): the row max and the sum as two all-reduces of one
+        # number per row, where torch.softmax would gather every score. The max only stabilises.
+        exp = torch.exp(scores - scores.amax(dim=-1, keepdim=True).detach())  # (..., n)
+        return exp / exp.sum(dim=-1, keepdim=True) * scale_num
     if norm_activation_type == "softmax":
         # `* n` keeps the output variance up; softmax itself subtracts the row max (stable).
         return torch.softmax(scores, dim=-1) * scale_num
@@ -141,7 +147,9 @@ class Pattention(nn.Module):
         nn.init.normal_(self.value_param_tokens, mean=0.0, std=self.value_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.norm_activation_type == "l2_norm_gelu":
+        # Token-parallel tokens (DTensors, `tokenformer.parallel.tokens`) take the plain formula,
+        # whose collectives DTensor places and differentiates.
+        if self.norm_activation_type == "l2_norm_gelu" and not isinstance(self.key_param_tokens, DTensor):
             keys, values = self.key_param_tokens, self.value_param_tokens
             device = x.device.type
             if torch.is_autocast_enabled(device):

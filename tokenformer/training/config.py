@@ -156,7 +156,12 @@ class HardwareOptions:
                            default=False)
     checkpoint_activations: bool = option("recompute each block in the backward pass to save memory",
                                           default=False)
-    parallelism: str = option("under torchrun: ddp (replicated) or fsdp2 (sharded)", default="ddp")
+    parallelism: str = option("under torchrun: ddp (replicated) or fsdp2 (sharded) over the data-parallel ranks",
+                              default="ddp")
+    tp_size: int = option("under torchrun: token parallelism, ranks that split every Pattention's parameter "
+                          "tokens, the attention heads and the vocabulary (the data-parallel size is the rest; "
+                          "more than one data-parallel group needs parallelism fsdp2); language models only",
+                          minimum=1, default=1)
     num_threads: int | None = option("CPU threads per process (default: one per 1M parameters, at most one per "
                                      "idle core)", minimum=1, default=None)
 
@@ -266,7 +271,8 @@ class EpochConfig(EpochOptions, HardwareOptions, LoggingOptions, GrowthOptions, 
 
     refuses: ClassVar[dict[str, str]] = {
         "parallelism": "its evaluation runs the plain model on each rank's share of the samples, which FSDP2's "
-                       "sharded weights cannot do; use parallelism ddp"}
+                       "sharded weights cannot do; use parallelism ddp",
+        "tp_size": "token parallelism is planned for the language model only; use data parallelism"}
 
     def validate(self) -> None:
         super().validate()

@@ -24,6 +24,7 @@ from torch import nn
 from tokenformer.errors import TokenFormerError
 from tokenformer.files import CONFIG_FILE, SHARDED_DIR, TOKENIZER_FILE, WEIGHTS_FILE, atomic_copy, atomic_path
 from tokenformer.optimizer_state import names_by_index
+from tokenformer.parallel.tokens import parallelize_tokens
 from tokenformer.threads import usable_cores
 
 PARALLELISMS = ("ddp", "fsdp2")
@@ -40,6 +41,8 @@ class DistEnv:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    tp_size: int = 1           # ranks that split every Pattention's tokens (consecutive ranks)
+    mesh: Any = None           # the ("dp", "tp") DeviceMesh under token parallelism, else None
 
     @property
     def is_main(self) -> bool:
@@ -48,6 +51,16 @@ class DistEnv:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
+
+    @property
+    def dp_size(self) -> int:
+        """Ranks that see different data: the world over the token-parallel groups."""
+        return self.world_size // self.tp_size
+
+    @property
+    def dp_rank(self) -> int:
+        """Which share of the data this rank sees (the ranks of one tp group see the same)."""
+        return self.rank // self.tp_size
 
 
 def resolve_device(device: str, local_rank: int = 0) -> torch.device:
@@ -77,9 +90,13 @@ def collective_timeout_minutes(default: float = 30.0) -> float:
     return minutes
 
 
-def init_distributed(device: str = "auto", timeout_minutes: float | None = None) -> DistEnv:
-    """Join the process group torchrun set up (gloo on CPU, nccl on GPU), or stay single-process."""
+def init_distributed(device: str = "auto", timeout_minutes: float | None = None, tp_size: int = 1) -> DistEnv:
+    """Join the process group torchrun set up (gloo on CPU, nccl on GPU), or stay single-process;
+    with `tp_size` > 1, lay the ranks out on a ("dp", "tp") DeviceMesh."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size % tp_size:
+        raise TokenFormerError(f"tp_size {tp_size} does not divide the {world_size} ranks: launch a multiple of "
+                               f"{tp_size} processes with torchrun (--nproc_per_node)")
     if world_size == 1:
         return DistEnv(device=resolve_device(device))
     timeout_minutes = timeout_minutes or collective_timeout_minutes()
@@ -95,7 +112,13 @@ def init_distributed(device: str = "auto", timeout_minutes: float | None = None)
         dist.init_process_group(backend="nccl" if resolved.type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(minutes=timeout_minutes),
                                 device_id=resolved if resolved.type == "cuda" else None)
-    return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=resolved)
+    mesh = None
+    if tp_size > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(resolved.type, (world_size // tp_size, tp_size), mesh_dim_names=("dp", "tp"))
+    return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=resolved, tp_size=tp_size,
+                   mesh=mesh)
 
 
 def shutdown() -> None:
@@ -121,6 +144,15 @@ def wrap_model(model: nn.Module, env: DistEnv, parallelism: str = "ddp",
         raise TokenFormerError(f"unknown parallelism {parallelism!r}: use one of {', '.join(PARALLELISMS)}")
     if not env.distributed:
         return model
+    dp_mesh = None
+    if env.tp_size > 1:
+        parallelize_tokens(model, env.mesh["tp"])
+        if env.dp_size == 1:
+            return model
+        if parallelism != "fsdp2":
+            raise TokenFormerError(f"tp_size {env.tp_size} over {env.world_size} ranks leaves {env.dp_size} "
+                                   f"data-parallel groups, which FSDP2 shards: set parallelism fsdp2")
+        dp_mesh = env.mesh["dp"]
     if parallelism == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
@@ -131,8 +163,8 @@ def wrap_model(model: nn.Module, env: DistEnv, parallelism: str = "ddp",
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) \
         if param_dtype is not None else MixedPrecisionPolicy()
     for block in blocks(model):
-        fully_shard(block, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
+        fully_shard(block, mesh=dp_mesh, mp_policy=policy)
+    fully_shard(model, mesh=dp_mesh, mp_policy=policy)
     return model
 
 
@@ -176,7 +208,7 @@ def resume_batch_note(trainer_state: dict[str, Any], micro_batch: int, accumulat
                       world_size: int) -> str | None:
     """A warning when a run resumes with another global batch than the one its checkpoint was
     trained with (another rank count without adjusting the micro batch), else None."""
-    saved_world = trainer_state.get("world_size")
+    saved_world = trainer_state.get("dp_size", trainer_state.get("world_size"))
     try:
         saved = json.loads(trainer_state.get("train_config") or "{}")
         saved_batch = saved["train_micro_batch_size_per_gpu"] * saved["gradient_accumulation_steps"] * saved_world

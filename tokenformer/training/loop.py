@@ -29,6 +29,7 @@ from tokenformer.checkpoint import load_model
 from tokenformer.console import note, progress_bar
 from tokenformer.errors import TokenFormerError
 from tokenformer.evaluation.scoring import to_device
+from tokenformer.parallel.tokens import loss_context
 from tokenformer.threads import use_threads
 from tokenformer.training import growth_schedule, warm_start
 from tokenformer.training.checkpointing import CheckpointManager, capture_rng, restore_rng
@@ -56,17 +57,17 @@ def train(cfg: Any, model: nn.Module | None = None, task: Task | None = None) ->
     task = task or command.task(cfg)
 
     def body(env: DistEnv) -> dict[str, Any]:
-        return run(cfg.loop_config(task.steps_per_epoch, env.world_size), model, env, task, cfg, command.model)
+        return run(cfg.loop_config(task.steps_per_epoch, env.dp_size), model, env, task, cfg, command.model)
 
-    return run_distributed(cfg.device, cfg.save, body)
+    return run_distributed(cfg.device, cfg.save, body, cfg.tp_size)
 
 
-def run_distributed(device: str, save: str | None, body: Callable[[DistEnv], Any]) -> Any:
+def run_distributed(device: str, save: str | None, body: Callable[[DistEnv], Any], tp_size: int = 1) -> Any:
     """`body(env)` inside the process group torchrun set up (or alone outside torchrun). A rank's
     error becomes one sentence naming the rank and the checkpoint in `save` to resume from (a bug
     keeps its traceback); the group is left at the end unless the caller had joined it already."""
     was_initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
-    env = init_distributed(device)
+    env = init_distributed(device, tp_size=tp_size)
     try:
         return body(env)
     except Exception as error:
@@ -124,7 +125,7 @@ class Run:
     @property
     def units_per_step(self) -> int:
         cfg = self.cfg
-        return (cfg.train_micro_batch_size_per_gpu * cfg.gradient_accumulation_steps * self.env.world_size
+        return (cfg.train_micro_batch_size_per_gpu * cfg.gradient_accumulation_steps * self.env.dp_size
                 * self.task.units_per_sample)
 
     def context(self) -> TaskContext:
@@ -167,7 +168,8 @@ def start_run(cfg: LoopConfig, model: nn.Module | None, env: DistEnv, task: Task
     """Seed, build or load the model, let the task load its data, wrap the model for the
     parallelism, build the optimizer, and resume from the latest checkpoint when asked."""
     check_precision(cfg.precision, env.device)
-    sharded = env.distributed and cfg.parallelism == "fsdp2"
+    # token parallelism shards too: its checkpoints are DCP shards, like FSDP2's
+    sharded = env.distributed and (cfg.parallelism == "fsdp2" or env.tp_size > 1)
     seed_everything(cfg.seed)
     model = warm_start.tune_model(cfg, initial_model(cfg, model, task, model_class))  # token tuning: base + new tokens
     use_threads(cfg.num_threads, sum(p.numel() for p in model.parameters()))
@@ -221,7 +223,7 @@ def resume(run: Run) -> None:
         if lr_note:
             print(f"warning: {lr_note}", file=sys.stderr)
     message = resume_batch_note(state, cfg.train_micro_batch_size_per_gpu, cfg.gradient_accumulation_steps,
-                                env.world_size)
+                                env.dp_size)
     if message and env.is_main:
         print(f"warning: {message}", file=sys.stderr)
 
@@ -258,16 +260,16 @@ def train_step(run: Run, iteration: int) -> tuple[float, float, float]:
     by_count = run.task.loss_terms_vary
     loss_sum, terms = torch.zeros((), device=env.device), 0
     for micro_step in range(accumulation):
-        first = micro_batch_start(run.consumed_samples, micro_step, env.rank, env.world_size, micro)
+        first = micro_batch_start(run.consumed_samples, micro_step, env.dp_rank, env.dp_size, micro)
         batch = to_device(run.task.train_batch(first, micro), env.device)
-        with gradient_sync(model, sync=micro_step == accumulation - 1):
+        with gradient_sync(model, sync=micro_step == accumulation - 1), loss_context(env.tp_size > 1):
             with autocast_context(cfg.precision, env.device):
                 loss, count = run.task.loss(model, batch, ctx)
             scaled = loss * count if by_count else loss / accumulation
             (run.scaler.scale(scaled) if run.scaler is not None else scaled).backward()
         loss_sum += loss.detach() * count if by_count else loss.detach()
         terms += count
-    run.consumed_samples += micro * accumulation * env.world_size
+    run.consumed_samples += micro * accumulation * env.dp_size
     if by_count:  # one collective: the global loss sum and term count; DDP averaged the ranks' sums
         totals = all_reduce_mean(torch.stack([loss_sum, torch.tensor(float(terms), device=env.device)]), env)
         global_loss_sum, global_terms = (totals * env.world_size).tolist()
@@ -306,6 +308,7 @@ def save_checkpoint(run: Run) -> Path | None:
              "scheduler": {"iteration": run.step, "lr": lr_at(max(run.step, 1), cfg.schedule)},
              "scaler": run.scaler.state_dict() if run.scaler is not None else None,
              "train_config": json.dumps(cfg.to_dict()), "world_size": run.env.world_size,
+             "dp_size": run.env.dp_size,
              "elapsed_s": run.elapsed}
     path = run.manager.save(run.step, run.model, run.optimizer, state, tokenizer=task.tokenizer,
                             sharded=run.sharded, extra_files=run.warm.checkpoint_files)
@@ -317,7 +320,8 @@ def save_checkpoint(run: Run) -> Path | None:
 
 def validate(run: Run, logger: MetricsLogger) -> dict[str, Any] | None:
     """The task's validation record at this step, logged and shown (collective)."""
-    record = run.task.evaluate(run.model, run.context())
+    with loss_context(run.env.tp_size > 1):
+        record = run.task.evaluate(run.model, run.context())
     if record is None:
         return None
     record.update(step=run.step, elapsed_s=run.elapsed)  # in place: the task's own history sees them too

@@ -74,8 +74,8 @@ def validation_batches(dataset: WindowDataset, eval_iters: int, micro_batch_size
     windows, fewer if the data are short), padded to the same count on every rank."""
     windows = min(dataset.windows_per_epoch, eval_iters * micro_batch_size)
     starts = list(range(0, windows, micro_batch_size))
-    mine = starts[env.rank::env.world_size]
-    per_rank = math.ceil(len(starts) / env.world_size)
+    mine = starts[env.dp_rank::env.dp_size]  # a token-parallel group shares its batches
+    per_rank = math.ceil(len(starts) / env.dp_size)
     batches = [dataset.batch(s, min(micro_batch_size, windows - s)) for s in mine]
     weights = [1.0] * len(batches)
     while len(batches) < per_rank:  # keep collective forwards in step (FSDP2); contributes nothing
