@@ -46,6 +46,7 @@ from typing import Any, Mapping
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor, Shard
 
 from tokenformer.checkpoint import copy_tokenizer, load_model, read_trainer_state, resolve_checkpoint
 from tokenformer.errors import TokenFormerError
@@ -213,9 +214,32 @@ def grow_pattention(layer: Pattention, num_tokens: int, mode: str = "exact", *,
     else:
         new_keys = _random_rows((extra, keys.shape[1]), layer.key_std, keys, generator)
         layer.scale_num = None
+    if isinstance(keys, DTensor):
+        _grow_shards(layer, new_keys, new_values)
+        return layer
     replace_rows(layer, torch.cat([keys.detach(), new_keys]),       # (num_tokens, d_in)
                   torch.cat([values.detach(), new_values]))          # (num_tokens, d_out)
     return layer
+
+
+def _grow_shards(layer: Pattention, new_keys: torch.Tensor, new_values: torch.Tensor) -> None:
+    """Token parallelism: rank r of P appends the r-th P-th of the new rows (drawn whole, as one
+    process draws them) to its own shard, so the new tokens spread evenly over the ranks and no
+    rank gathers the layer. The global token order becomes rank by rank (old, new): the function
+    does not depend on the order of the tokens."""
+    keys, values = layer.key_param_tokens, layer.value_param_tokens
+    mesh, size = keys.device_mesh, keys.device_mesh.size()
+    if new_keys.shape[0] % size:
+        raise TokenFormerError(f"{new_keys.shape[0]} new tokens do not split evenly over tp_size {size}: grow by a "
+                               f"multiple of {size} tokens")
+    rank = mesh.get_local_rank()
+    mine = slice(rank * (new_keys.shape[0] // size), (rank + 1) * (new_keys.shape[0] // size))
+
+    def grown(old: DTensor, rows: torch.Tensor) -> DTensor:
+        local = torch.cat([old.to_local().detach(), rows[mine].to(old.to_local())])  # (n/P + new/P, d)
+        return DTensor.from_local(local, mesh, [Shard(0)])
+
+    replace_rows(layer, grown(keys, new_keys), grown(values, new_values))
 
 
 def grow(model: nn.Module, *, qkv_slot_num: int | None = None, proj_slot_num: int | None = None,
