@@ -108,7 +108,7 @@ def test_unknown_field_and_bad_values():
         Config.from_dict({"hidden_sise": 3})
     with pytest.raises(TokenFormerError, match="norm_activation_type"):
         Config(norm_activation_type="relu")
-    with pytest.raises(TokenFormerError, match="num_layers must be a positive integer"):
+    with pytest.raises(TokenFormerError, match="num_layers must be at least 1"):
         Config(num_layers=0)
 
 

@@ -29,6 +29,7 @@ import torch.distributed as dist
 import tokenformer.training.distributed as D
 from tokenformer import ByteTokenizer, TokenFormer
 from tokenformer.data.indexed import IndexedDatasetWriter
+from tokenformer.outputs import MARKER_FILE
 from tokenformer.training.config import TrainConfig, VisionTrainConfig
 from tokenformer.training import loop
 from tokenformer.training.loop import train
@@ -281,7 +282,7 @@ def test_fsdp2_checkpoint_converts_to_one_directory_with_the_same_logits(fsdp, r
     checkpoint = fsdp["save"] / "step_00000004"
     out = tmp_path / "consolidated"
     assert cli(["convert", str(checkpoint), str(out)]) == 0
-    assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors", "tokenizer.json"}
+    assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors", "tokenizer.json", MARKER_FILE}
     consolidated = TokenFormer.from_pretrained(out).eval()
     # independent of the shards: the full state rank 0 gathered at save time
     gathered = TokenFormer.from_pretrained(checkpoint).eval()

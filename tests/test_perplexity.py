@@ -183,7 +183,7 @@ def test_cli_perplexity_on_jsonl_indexed_prefix_and_prepared_directory(model, ch
 
     text_file = tmp_path / "one.txt"
     text_file.write_text(TEXTS[0])
-    code, _, _ = run_cli(["--checkpoint", checkpoint, "--data", text_file, "--output", output], capsys)
+    code, _, _ = run_cli(["--checkpoint", checkpoint, "--data", text_file, "--output", output, "--overwrite"], capsys)
     assert code == 0
     one = perplexity(model, docs[:1], prefix_id=256, progress=False)
     assert json.loads(output.read_text())["loss"] == pytest.approx(one.loss, rel=1e-6)
@@ -196,7 +196,7 @@ def test_cli_perplexity_on_jsonl_indexed_prefix_and_prepared_directory(model, ch
     tf.ByteTokenizer().save(prepared / "tokenizer.json")
     with_eod = perplexity(model, [(ids + [256], n) for ids, n in docs], prefix_id=256, progress=False)
     for data in (prepared, prepared / "valid", prepared / "valid_text_document", prepared / "valid_text_document.bin"):
-        code, _, _ = run_cli(["--checkpoint", checkpoint, "--data", data, "--output", output], capsys)
+        code, _, _ = run_cli(["--checkpoint", checkpoint, "--data", data, "--output", output, "--overwrite"], capsys)
         assert code == 0
         report = json.loads(output.read_text())
         assert report["tokens"] == with_eod.tokens and report["bytes"] == with_eod.bytes

@@ -204,12 +204,16 @@ def test_make_scenes_end_to_end(tmp_path, capsys):
     for i in range(len(val)):
         assert sorted(parse_caption(val.caption(i))) == sorted(val_sets[i])
     assert sum(metadata["objects_per_scene"]["val"].values()) == 12
-    # the same command again gives the same bytes; a smaller dataset leaves no stale shards
+    # the same command again gives the same bytes (with --overwrite: without, the earlier output is
+    # refused); a smaller dataset leaves no stale shards
     digest = shard_digest(out)
+    capsys.readouterr()
+    assert main(["make-scenes", "--out", str(out), "--train", "4", "--quiet"]) == 2
+    assert "earlier output of `tokenformer make-scenes`: pass --overwrite" in capsys.readouterr().err
     assert main(["make-scenes", "--out", str(out), "--train", "40", "--val", "12", "--seed", "5",
-                 "--shard-size", "16", "--quiet"]) == 0
+                 "--shard-size", "16", "--quiet", "--overwrite"]) == 0
     assert shard_digest(out) == digest
-    assert main(["make-scenes", "--out", str(out), "--train", "10", "--val", "2", "--quiet"]) == 0
+    assert main(["make-scenes", "--out", str(out), "--train", "10", "--val", "2", "--quiet", "--overwrite"]) == 0
     assert len(open_image_text(out / "train")) == 10 and len(list((out / "train").glob("*.tar"))) == 1
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:  # a usage error of argparse, the range declared with the option

@@ -476,7 +476,7 @@ def test_the_command_refuses_to_start_afresh_over_an_earlier_run(corpus, tmp_pat
     train(tiny_config(corpus, tmp_path / "run", train_iters=1, eval_iters=0))
     assert cli(["train", "--data_path", str(corpus), "--model", "tiny", "--save", str(tmp_path / "run"),
                 "--train_iters", "2", "--progress", "false"]) == 2
-    assert "already holds checkpoints" in capsys.readouterr().err
+    assert "holds an earlier output of `tokenformer train`: pass --resume" in capsys.readouterr().err
     assert CheckpointManager(tmp_path / "run").latest().name == "step_00000001"
 
 

@@ -9,15 +9,20 @@ commands come from their registry (`tokenformer.training.registry`): one impleme
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
 
 from tokenformer import __version__
 from tokenformer.cli import clip, convert, evaluate, generate, prepare, scaling, scenes, train
 from tokenformer.errors import TokenFormerError
 from tokenformer.training.registry import training_commands
+from tokenformer.outputs import claim_dir, claim_file
 
 # subcommand -> (declare its options, run it); the training commands join after make-scenes
 COMMANDS = {
@@ -32,6 +37,49 @@ COMMANDS = {
 }
 
 
+
+@dataclass(frozen=True)
+class Output:
+    """What a command writes: the option naming it, whether it is a folder or one file (`kind`, or
+    a function of the arguments deciding), and the options naming what it reads."""
+
+    option: str
+    kind: str | Callable[[argparse.Namespace], str]
+    reads: tuple[str, ...] = ()
+
+
+# The write door of every command that writes outside a training run (those claim their `save`
+# folder in tokenformer.training.loop): `main` claims the output before the command runs.
+OUTPUTS = {
+    "prepare": Output("out", "dir", ("inputs", "tokenizer", "hf_dataset")),
+    "make-scenes": Output("out", "dir"),
+    "grow": Output("out", "dir", ("checkpoint", "data")),
+    "shrink": Output("out", "dir", ("checkpoint", "data")),
+    "convert": Output("output", convert.output_kind, ("source", "config", "tokenizer")),
+    "generate": Output("output_file", "file", ("input_file", "checkpoint", "image", "tokenizer")),
+    "evaluate": Output("output", "file", ("checkpoint", "data")),
+}
+
+
+def claim_output(command: str, args: argparse.Namespace) -> contextlib.AbstractContextManager:
+    """Check (and, for a folder, mark) the output of `command` before it runs."""
+    spec = OUTPUTS.get(command)
+    target = getattr(args, spec.option, None) if spec else None
+    if target is None:
+        return contextlib.nullcontext()
+    inputs = []
+    for name in spec.reads:
+        value = getattr(args, name, None)
+        inputs += [str(v) for v in (value if isinstance(value, list) else [value]) if v is not None]
+    inputs = [i for i in inputs if Path(i).exists()]  # presets and names ("byte", a Hub name) are not paths
+    what = f"--{spec.option.replace('_', '-')}" if spec.option != "output" or command == "evaluate" else "output"
+    kind = spec.kind(args) if callable(spec.kind) else spec.kind
+    if kind == "file":
+        claim_file(target, overwrite=args.overwrite, inputs=inputs, what=what)
+        return contextlib.nullcontext()
+    return claim_dir(target, command, overwrite=args.overwrite, inputs=inputs, what=what)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tokenformer",
@@ -44,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
         summary = doc.split("\n\n")[0].replace("\n", " ")
         p = sub.add_parser(name, help=summary, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
         arguments(p)
+        if name in OUTPUTS:
+            p.add_argument("--overwrite", action="store_true",
+                           help="replace an earlier output of this command (only the files it wrote; "
+                                "anything else there is kept)")
         p.set_defaults(_run=run)
 
     for i, (name, (arguments, run)) in enumerate(COMMANDS.items()):
@@ -55,9 +107,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    for position, argument in enumerate(argv, start=1):
+        try:
+            argument.encode("utf-8")
+        except UnicodeEncodeError:  # Python keeps an undecodable byte as a lone surrogate
+            shown = ascii(os.fsencode(argument))[1:]
+            print(f"tokenformer: error: argument {position} ({shown}) is not valid UTF-8: give text in UTF-8",
+                  file=sys.stderr)
+            return 2
     args = build_parser().parse_args(argv)
     try:
-        args._run(args)
+        with claim_output(args.command, args):
+            args._run(args)
     except (TokenFormerError, OSError) as e:  # OSError: a path the user gave (missing, unreadable, full disk)
         print(f"tokenformer {args.command}: error: {e}", file=sys.stderr)
         _tell_torchrun(f"tokenformer {args.command}: {e}")

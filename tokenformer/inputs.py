@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import struct
 import zipfile
 from pathlib import Path
@@ -32,6 +33,19 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+def special_kind(path: str | Path) -> str | None:
+    """What `path` is when it exists but is neither a regular file nor a folder (a FIFO, a device ...)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    for test, name in ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return None
+
+
 def require_file(path: str | Path, what: str, fix: str = "check the path", empty_ok: bool = False) -> Path:
     """`path` as a readable regular file (non-empty unless `empty_ok`); else one sentence naming
     `what` it should be."""
@@ -41,7 +55,8 @@ def require_file(path: str | Path, what: str, fix: str = "check the path", empty
     if not path.exists():
         raise MissingFileError(f"{what} {path} does not exist: {fix}")
     if not path.is_file():
-        raise TokenFormerError(f"{what} {path} is not a regular file: {fix}")
+        raise TokenFormerError(f"{what} {path} is {special_kind(path) or 'not a regular file'}, not a file to read: "
+                               f"{fix}")
     if not os.access(path, os.R_OK):
         raise TokenFormerError(f"{what} {path} is not readable (permission denied): fix its permissions "
                                f"(chmod u+r) or copy it somewhere readable")
@@ -83,6 +98,10 @@ def read_text(path: str | Path, what: str, fix: str = "check the path") -> str:
 
 def read_json(path: str | Path, what: str, fix: str = "check the path", mapping: bool = True) -> Any:
     """The JSON value of a file (a mapping unless `mapping=False`)."""
+    require_file(path, what, fix)
+    if Path(path).stat().st_size > MAX_CONFIG_BYTES:
+        raise TokenFormerError(f"{what} {path} is {format_bytes(Path(path).stat().st_size)}, more than a config "
+                               f"file's {format_bytes(MAX_CONFIG_BYTES)}: {fix}")
     text = read_text(path, what, fix)
     try:
         value = json.loads(text)
@@ -96,6 +115,26 @@ def read_json(path: str | Path, what: str, fix: str = "check the path", mapping:
     return value
 
 
+MAX_CONFIG_BYTES = 16 << 20  # a JSON or YAML config; the largest real one is a few kB
+MAX_YAML_NODES = 100_000  # values of a YAML config once its aliases are expanded
+
+
+def _yaml_size(node: Any, sizes: dict[int, int]) -> int:
+    """How many values `node` stands for with every alias expanded (computed once per node, so a
+    "billion laughs" is counted, not built)."""
+    known = sizes.get(id(node))
+    if known is not None:
+        return known
+    sizes[id(node)] = MAX_YAML_NODES + 1  # a node inside itself (a recursive alias) counts as too many
+    children = node.value if isinstance(node.value, list) else []
+    total = 1
+    for child in children:
+        for part in (child if isinstance(child, tuple) else (child,)):  # a mapping's (key, value) pairs
+            total += _yaml_size(part, sizes)
+    sizes[id(node)] = total
+    return total
+
+
 def read_yaml(path: str | Path, what: str, fix: str = "check the path") -> dict[str, Any]:
     """The mapping of a YAML file (an empty file is an empty mapping)."""
     import yaml  # a core dependency, imported here because only config readers need it
@@ -103,9 +142,20 @@ def read_yaml(path: str | Path, what: str, fix: str = "check the path") -> dict[
     path = Path(path)
     if path.is_file() and path.stat().st_size == 0:
         return {}
+    if path.is_file() and path.stat().st_size > MAX_CONFIG_BYTES:
+        raise TokenFormerError(f"{what} {path} is {format_bytes(path.stat().st_size)}, more than a config file's "
+                               f"{format_bytes(MAX_CONFIG_BYTES)}: {fix}")
     text = read_text(path, what, fix)
     try:
-        value = yaml.safe_load(text)
+        loader = yaml.SafeLoader(text)
+        try:
+            node = loader.get_single_node()
+            if node is not None and _yaml_size(node, {}) > MAX_YAML_NODES:
+                raise TokenFormerError(f"{what} {path} expands to more than {MAX_YAML_NODES:,} values (through its "
+                                       f"aliases): a config is far smaller; {fix}")
+            value = loader.construct_document(node) if node is not None else None
+        finally:
+            loader.dispose()
     except yaml.YAMLError as e:
         raise TokenFormerError(f"{what} {path} is not valid YAML ({_first_line(e)}): {fix}") from None
     except RecursionError:
@@ -115,6 +165,32 @@ def read_yaml(path: str | Path, what: str, fix: str = "check the path") -> dict[
     if not isinstance(value, dict):
         raise TokenFormerError(f"{what} {path} holds a YAML {type(value).__name__}, not a mapping of fields: {fix}")
     return value
+
+
+# ---- sizes ---------------------------------------------------------------------------------------
+
+def machine_memory() -> int | None:
+    """Bytes of physical memory of this machine (None where the platform does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def format_bytes(size: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if size < 1024 or unit == "PiB":
+            return f"{size:,.0f} {unit}" if unit == "bytes" else f"{size:,.1f} {unit}"
+        size /= 1024
+    return f"{size:,.1f} PiB"
+
+
+def require_memory(size: int, what: str) -> None:
+    """One sentence, before anything is allocated, when `what` would need more than this machine's memory."""
+    total = machine_memory()
+    if total is not None and size > total:
+        raise TokenFormerError(f"{what} would need {format_bytes(size)}, more than this machine's "
+                               f"{format_bytes(total)} of memory: choose smaller sizes")
 
 
 # ---- safetensors ---------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import difflib
 import functools
+import math
 import types
 import typing
 from pathlib import Path
@@ -56,8 +57,12 @@ def check_number(name: str, value: Any, bounds: Bounds, integer: bool = False) -
     kind = "an integer" if integer else "a number"
     if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
         raise TokenFormerError(f"{name} must be {kind} {bounds.describe()}, got {value!r}")
-    if value != value or not bounds.holds(value):  # NaN holds no bound
-        raise TokenFormerError(f"{name} must be {bounds.describe()}, got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value) or not bounds.holds(value):  # NaN, infinities: none
+        raise TokenFormerError(f"{name} must be {'a finite number ' if kind == 'a number' else ''}"
+                               f"{bounds.describe()}, got {value!r}")
+
+
+MAX_SEED = 2**64 - 1  # what torch.manual_seed takes
 
 
 def number(kind: type, minimum: float | None = None, maximum: float | None = None,
@@ -72,11 +77,13 @@ def number(kind: type, minimum: float | None = None, maximum: float | None = Non
         except ValueError:
             raise argparse.ArgumentTypeError(f"expects {'an integer' if kind is int else 'a number'} "
                                              f"{bounds.describe()}, got {text!r}") from None
-        if value != value or not bounds.holds(value):
-            raise argparse.ArgumentTypeError(f"must be {bounds.describe()}, got {text}")
+        if isinstance(value, float) and not math.isfinite(value) or not bounds.holds(value):
+            raise argparse.ArgumentTypeError(f"must be {'a finite number ' if kind is float else ''}"
+                                             f"{bounds.describe()}, got {text}")
         return value
 
     parse.__name__ = kind.__name__  # what argparse calls the type in its own messages
+    parse.bounds, parse.kind = bounds, kind  # read by the hostile suite, which tries absurd values
     return parse
 
 

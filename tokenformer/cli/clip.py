@@ -38,7 +38,7 @@ def evaluate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="classify the test images of --data among the Fashion-MNIST classes instead")
     parser.add_argument("--templates", choices=sorted(TEMPLATES), default="held-out",
                         help="prompt templates of the zero-shot classes (default: held-out, unseen in training)")
-    parser.add_argument("--mean", type=float, nargs="+", default=None,
+    parser.add_argument("--mean", type=number(float, minimum=-100, maximum=100), nargs="+", default=None,
                         help="override the image normalisation mean (default: the one the model was trained with, "
                         "saved in its config)")
     parser.add_argument("--std", type=number(float, above=0), nargs="+", default=None,

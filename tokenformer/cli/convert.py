@@ -53,8 +53,7 @@ def main(args: argparse.Namespace) -> None:
     sharded = source.is_dir() and is_sharded_checkpoint(source)
     if source.is_dir() and not sharded:  # a training run's folder: its latest checkpoint
         source = resolve_checkpoint(source)
-    kind = args.format or ("native" if sharded and output.suffix not in (".bin", ".pt")
-                           else "official" if source.is_dir() else "native")
+    kind = _format(args)
     if sharded and kind == "native":
         export_sharded(source, output)
         print(f"wrote {output} (consolidated from the sharded checkpoint {source})")
@@ -88,6 +87,19 @@ def main(args: argparse.Namespace) -> None:
     model, tokenizer = _read_source(args, source)
     model.save_pretrained(output, tokenizer=tokenizer)
     print(f"wrote {output} ({model.num_parameters():,} parameters)")
+
+
+def _format(args: argparse.Namespace) -> str:
+    """What `args` asks to write: native, official or hf (--format, else from the source)."""
+    source = Path(args.source)
+    sharded = source.is_dir() and is_sharded_checkpoint(source)
+    return args.format or ("native" if sharded and Path(args.output).suffix not in (".bin", ".pt")
+                           else "official" if source.is_dir() else "native")
+
+
+def output_kind(args: argparse.Namespace) -> str:
+    """Whether `args.output` is one file (the official layout) or a folder."""
+    return "file" if _format(args) == "official" else "dir"
 
 
 def _read_source(args: argparse.Namespace, source: Path) -> tuple[TokenFormer, Tokenizer | None]:

@@ -18,7 +18,7 @@ from tokenformer.errors import TokenFormerError
 from tokenformer.files import atomic_write_text
 from tokenformer.generate import generate_batch, generate_text
 from tokenformer.inputs import read_text
-from tokenformer.options import number
+from tokenformer.options import MAX_SEED, number
 from tokenformer.models.captioner import Captioner
 from tokenformer.models.lm import TokenFormer
 from tokenformer.threads import add_threads_option, use_threads
@@ -47,7 +47,8 @@ def arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=number(int, minimum=1), default=None, help="sample only from the k most likely tokens")
     parser.add_argument("--top-p", type=number(float, above=0, maximum=1), default=None,
                         help="sample only from the smallest set of tokens whose probability reaches p")
-    parser.add_argument("--seed", type=int, default=None, help="random seed for sampling (reproducible output)")
+    parser.add_argument("--seed", type=number(int, minimum=0, maximum=MAX_SEED), default=None,
+                        help="random seed for sampling (reproducible output)")
     parser.add_argument("--batch-size", type=number(int, minimum=1), default=1,
                         help="--input-file mode: prompts generated together, left-padded (default 1; greedy "
                         "output is the same at any batch size)")

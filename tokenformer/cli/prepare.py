@@ -7,7 +7,7 @@ import argparse
 from tokenformer.data.documents import DEFAULT_GLOB
 from tokenformer.data.prepare import prepare
 from tokenformer.data.tokenizer import BYTE_VOCAB_SIZE
-from tokenformer.options import number
+from tokenformer.options import MAX_SEED, number
 
 
 def arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,7 +30,8 @@ def arguments(parser: argparse.ArgumentParser) -> None:
                         help="the configuration of a Hub dataset that has several (e.g. wikitext-2-raw-v1)")
     parser.add_argument("--valid-fraction", type=number(float, minimum=0, below=1), default=0.01,
                         help="share of documents for validation (at least one when there are two or more)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the train/validation assignment")
+    parser.add_argument("--seed", type=number(int, minimum=0, maximum=MAX_SEED), default=0,
+                        help="seed of the train/validation assignment")
     parser.add_argument("--max-documents", type=number(int, minimum=1), default=None, help="keep only the first N documents")
     parser.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
 

@@ -19,7 +19,7 @@ from tokenformer.data.windows import token_windows
 from tokenformer.errors import TokenFormerError
 from tokenformer.evaluation.scoring import mean_loss
 from tokenformer.files import TRAINER_STATE_FILE
-from tokenformer.options import number
+from tokenformer.options import MAX_SEED, number
 from tokenformer.threads import add_threads_option, use_threads
 from tokenformer.scaling.grow import MODES, grow_checkpoint, slot_counts
 from tokenformer.scaling.shrink import SHRINK_SCALES, shrink
@@ -84,7 +84,8 @@ def grow_arguments(parser: argparse.ArgumentParser) -> None:
                              "official: random new rows as the official code, not function-preserving")
     parser.add_argument("--value-std", type=number(float, minimum=0), default=None,
                         help="std of the new value tokens (default: the model's init std, 2/num_layers/sqrt(hidden))")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the new random rows (default 0)")
+    parser.add_argument("--seed", type=number(int, minimum=0, maximum=MAX_SEED), default=0,
+                        help="seed of the new random rows (default 0)")
     parser.add_argument("--data", type=Path, default=None,
                         help=f"also print the loss before and after growing on these documents: {DATA_HELP}")
     parser.add_argument("--data-tokens", type=number(int, minimum=1), default=32768,

@@ -6,13 +6,10 @@ from __future__ import annotations
 
 import argparse
 import os
-from pathlib import Path
 
-from tokenformer.errors import TokenFormerError
 from tokenformer.options import add_options
 from tokenformer.training.loop import train
 from tokenformer.training.registry import TrainingCommand, command_named
-from tokenformer.training.run_folder import RunFolder
 
 
 def arguments(parser: argparse.ArgumentParser, command: TrainingCommand) -> None:
@@ -24,14 +21,7 @@ def main(args: argparse.Namespace) -> None:
     """Train with the command's config (CONFIG.yaml, then `--field value`) and print its report."""
     command = command_named(args._training_command)
     cfg = command.config.from_args(args)
-    _refuse_mixing_runs(cfg.save, cfg.resume)
     summary = train(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         print(command.task.report(summary))
 
-
-def _refuse_mixing_runs(save: str | None, resume: bool) -> None:
-    # a fresh run there would mix its checkpoints with the old run's, and prune the old ones
-    if save and not resume and RunFolder(Path(save)).checkpoints().checkpoints():
-        raise TokenFormerError(f"{save} already holds checkpoints of a run: pass --resume to continue it, "
-                               f"or choose another `save` directory")

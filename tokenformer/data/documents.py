@@ -28,6 +28,7 @@ from tokenformer.data.indexed import IndexedDataset, strip_suffix
 from tokenformer.data.tokenizer import load_tokenizer
 from tokenformer.errors import TokenFormerError
 from tokenformer.files import SPLIT_PREFIXES, TOKENIZER_FILE
+from tokenformer.inputs import require_file, special_kind
 
 DEFAULT_GLOB = "*.txt,*.md,*.rst,*.py,*.jsonl,*.jsonl.gz,*.jsonl.zst"
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
@@ -35,21 +36,70 @@ TEXT_SUFFIXES = (".txt", ".txt.gz", ".txt.zst", ".md", ".rst", ".py")
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
+# A text file longer than this is read as several documents of at most this many characters, cut
+# after a line end where there is one, so that one huge file prepares in bounded memory; a JSONL
+# line longer than this is refused.
+MAX_DOCUMENT_CHARS = 1 << 24
+# A compressed file may expand this many times its size (text compresses 3-10 times), or up to
+# MAX_DECOMPRESSED_FLOOR bytes whatever its size; more is a decompression bomb, refused by name.
+MAX_EXPANSION, MAX_DECOMPRESSED_FLOOR = 100, 64 << 20
+
+
+class _BoundedReader(io.RawIOBase):
+    """A decompressing stream that stops with one sentence past `limit` bytes."""
+
+    def __init__(self, raw, path: Path, limit: int) -> None:
+        self.raw, self.path, self.limit, self.count = raw, path, limit, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = self.raw.read(len(buffer))
+        self.count += len(data)
+        if self.count > self.limit:
+            raise TokenFormerError(f"{self.path} expands to more than {self.limit:,} bytes ({MAX_EXPANSION} times "
+                                   f"its size): it looks like a decompression bomb; decompress it yourself if it "
+                                   f"is real")
+        buffer[:len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self.raw.close()
+        super().close()
+
+
 def _open_text(path: Path) -> io.TextIOBase:
-    """Open a text file, decompressing `.gz` / `.zst` by suffix; a leading byte-order mark is dropped
-    and undecodable bytes become U+FFFD."""
-    if path.name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8-sig", errors="replace")
-    if path.name.endswith(".zst"):
-        try:
-            import zstandard
-        except ImportError:
-            raise TokenFormerError(
-                f"reading {path} needs the zstandard package: pip install 'tokenformer[zstd]'") from None
-        raw = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True,
-                                                         read_across_frames=True)  # concatenated shards
-        return io.TextIOWrapper(raw, encoding="utf-8-sig", errors="replace")
+    """Open a text file, decompressing `.gz` / `.zst` by suffix (to a bounded size); a leading
+    byte-order mark is dropped and undecodable bytes become U+FFFD."""
+    if path.name.endswith((".gz", ".zst")):
+        if path.name.endswith(".gz"):
+            raw = gzip.open(path, "rb")
+        else:
+            try:
+                import zstandard
+            except ImportError:
+                raise TokenFormerError(
+                    f"reading {path} needs the zstandard package: pip install 'tokenformer[zstd]'") from None
+            raw = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True,
+                                                             read_across_frames=True)  # concatenated shards
+        limit = max(MAX_DECOMPRESSED_FLOOR, MAX_EXPANSION * path.stat().st_size)
+        stream = io.BufferedReader(_BoundedReader(raw, path, limit))
+        return io.TextIOWrapper(stream, encoding="utf-8-sig", errors="replace")
     return open(path, encoding="utf-8-sig", errors="replace")
+
+
+def _text_pieces(f: io.TextIOBase, limit: int = MAX_DOCUMENT_CHARS) -> Iterator[str]:
+    """The text of `f` as one document, or in pieces of at most `limit` characters when longer."""
+    pending = ""
+    while chunk := f.read(limit):
+        pending += chunk
+        while len(pending) > limit:
+            cut = pending.rfind("\n", 0, limit) + 1 or limit
+            yield pending[:cut]
+            pending = pending[cut:]
+    if pending:
+        yield pending
 
 
 def _is_jsonl(path: Path) -> bool:
@@ -81,7 +131,10 @@ def jsonl_documents(path: Path, text_field: str = "text") -> Iterator[str]:
     """The `text_field` string of every line of a JSONL file (blank lines skipped)."""
     line_number = 0
     with _reading(path, lambda: f" after line {line_number}" if line_number else ""), _open_text(path) as f:
-        for line_number, line in enumerate(f, start=1):
+        for line_number, line in enumerate(iter(lambda: f.readline(MAX_DOCUMENT_CHARS + 1), ""), start=1):
+            if len(line) > MAX_DOCUMENT_CHARS:
+                raise TokenFormerError(f"{path} line {line_number} is longer than {MAX_DOCUMENT_CHARS:,} characters: "
+                                       f"split that document, or leave the file out of the inputs")
             if not line.strip():
                 continue
             try:
@@ -103,13 +156,13 @@ def jsonl_documents(path: Path, text_field: str = "text") -> Iterator[str]:
 
 
 def file_documents(path: Path, text_field: str = "text") -> Iterator[str]:
-    """One document per line of a JSONL file, or the whole file as one document otherwise."""
+    """One document per line of a JSONL file, or the whole file as one document otherwise (in
+    pieces of `MAX_DOCUMENT_CHARS` when longer)."""
     if _is_jsonl(path):
         yield from jsonl_documents(path, text_field)
     else:
         with _reading(path, lambda: ""), _open_text(path) as f:
-            text = f.read()
-        yield text
+            yield from _text_pieces(f)
 
 
 def resolve_inputs(inputs: Iterable[str | Path], glob: str = DEFAULT_GLOB) -> list[Path]:
@@ -129,6 +182,9 @@ def resolve_inputs(inputs: Iterable[str | Path], glob: str = DEFAULT_GLOB) -> li
             if not found:
                 raise TokenFormerError(f"folder {path} has no files matching {glob!r}; change --glob")
             files.extend(found)
+        elif special_kind(path):
+            raise TokenFormerError(f"input {path} is {special_kind(path)}, not a file: give text/JSONL files or "
+                                   f"folders")
         else:
             raise TokenFormerError(f"input {path} does not exist; give existing text/JSONL files or folders")
     return files
@@ -242,9 +298,8 @@ def token_documents(path: str | Path, tokenizer, text_field: str = "text",
     checked at once; the documents are read as they are consumed.
     """
     path = Path(path)
-    if path.name.endswith(JSONL_SUFFIXES + TEXT_SUFFIXES):
-        if not path.is_file():
-            raise FileNotFoundError(f"data file {path} does not exist")
+    if path.name.endswith(JSONL_SUFFIXES + TEXT_SUFFIXES) or special_kind(path):
+        require_file(path, "data file", "give a .jsonl or .txt file, an indexed dataset or a prepared folder")
         texts = itertools.islice(file_documents(path, text_field), limit)
         return ((tokenizer.encode(text), len(text.encode("utf-8"))) for text in texts)
     prefix = resolve_indexed_prefix(path)

@@ -255,6 +255,11 @@ def open_image_text(path: str | Path | Sequence[str | Path], channels: int = 3) 
     return TarSamples(shards, keys, np.asarray(spans, dtype=np.int64).reshape(-1, 7), channels)
 
 
+# a sample's image or caption is read whole: one larger than this is refused, not allocated
+MAX_MEMBER_BYTES = 1 << 28
+MAX_TAR_TAIL = 1 << 20  # end-of-archive blocks and the zero padding of the last record (10 kB by default)
+
+
 def _index_shard(shard: Path) -> Iterator[tuple[str, tuple[int, ...]]]:
     """(key, (image offset, size, caption offset, size, extra offset, size)) of every sample of an
     uncompressed shard, from its headers alone (tarfile seeks over the payloads)."""
@@ -269,6 +274,10 @@ def _index_shard(shard: Path) -> Iterator[tuple[str, tuple[int, ...]]]:
     if truncated or any(offset + size > length for _, offset, size in members):
         raise TokenFormerError(f"shard {shard} is truncated (it ends inside a member or without the tar end "
                                f"marker): download or write it again")
+    large = next((name for name, _, size in members if size > MAX_MEMBER_BYTES), None)
+    if large is not None:
+        raise TokenFormerError(f"shard {shard}: member {large} is larger than {MAX_MEMBER_BYTES:,} bytes, more than "
+                               f"any image or caption of a sample needs: leave it out of the shard")
     for key, parts in _group(((name, (offset, size)) for name, offset, size in members), shard):
         image = next(parts[s] for s in IMAGE_SUFFIXES if s in parts)
         yield key, (*image, *parts[CAPTION_SUFFIX], *parts.get(EXTRA_SUFFIX, (0, -1)))
@@ -279,8 +288,8 @@ def _cut_short(tar: tarfile.TarFile) -> bool:
     its last member: tarfile silently takes a partial header at the end for the end of the archive.
     The rest (zero padding, a few kB) is read to the end, so a gzip stream's checksum is checked."""
     tar.fileobj.seek(tar.offset)
-    rest = tar.fileobj.read()
-    return len(rest) < 2 * TAR_BLOCK or rest.strip(b"\0") != b""
+    rest = tar.fileobj.read(MAX_TAR_TAIL + 1)  # more than a record's padding is not an end marker
+    return len(rest) < 2 * TAR_BLOCK or len(rest) > MAX_TAR_TAIL or rest.strip(b"\0") != b""
 
 
 def _group(members: Iterable[tuple[str, Any]], shard: Path) -> Iterator[tuple[str, dict[str, Any]]]:

@@ -35,8 +35,9 @@ from tokenformer.data.documents import DEFAULT_GLOB, iter_documents, resolve_inp
 from tokenformer.data.indexed import IndexedDatasetWriter, best_dtype
 from tokenformer.data.tokenizer import BYTE_VOCAB_SIZE, END_OF_TEXT, ByteTokenizer, Tokenizer, load_tokenizer
 from tokenformer.errors import TokenFormerError
-from tokenformer.files import PREPARE_METADATA_FILE, SPLIT_PREFIXES, TOKENIZER_FILE, current_umask
+from tokenformer.files import PREPARE_METADATA_FILE, SPLIT_PREFIXES, TOKENIZER_FILE, current_umask, fsync_dir
 from tokenformer.inputs import read_json
+from tokenformer.outputs import MARKER_FILE, owner_of
 
 CHUNK_DOCUMENTS = 1024          # documents per encode_batch call ...
 CHUNK_CHARACTERS = 8_000_000    # ... or fewer, so that a chunk stays a few tens of MB
@@ -138,21 +139,24 @@ def load_prepared(directory: str | Path) -> dict:
 
 
 def _check_output(out: Path) -> None:
-    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / PREPARE_METADATA_FILE).is_file())):
+    """`out` is new, empty, or an earlier output of `prepare` (its marker, or its metadata file)."""
+    usable = out.is_dir() and (not any(p.name != MARKER_FILE for p in out.iterdir()) or owner_of(out) == "prepare"
+                               or (owner_of(out) is None and (out / PREPARE_METADATA_FILE).is_file()))
+    if out.exists() and not usable:
         raise TokenFormerError(
             f"output {out} exists and is not a prepared dataset; choose another --out or remove it")
 
 
 def _publish(tmp: Path, out: Path) -> None:
-    """Move the finished temporary directory to `out`, replacing an earlier prepared dataset."""
+    """Move the files of the finished temporary directory into `out`, replacing those of an earlier
+    prepared dataset and keeping anything else there. The metadata file goes first and comes back
+    last, so that a folder with it is complete."""
     _check_output(out)  # again: something may have appeared there while we worked
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, old / out.name)
-        os.replace(tmp, out)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out)
+    out.mkdir(exist_ok=True)
+    (out / PREPARE_METADATA_FILE).unlink(missing_ok=True)
+    for path in sorted(tmp.iterdir(), key=lambda p: p.name == PREPARE_METADATA_FILE):
+        os.replace(path, out / path.name)
+    fsync_dir(out)
 
 
 def prepare(inputs: Iterable[str | Path] | None = None, out: str | Path = "data/prepared", *,

@@ -42,6 +42,8 @@ from tokenformer.console import progress_bar
 from tokenformer.data.tar_shards import write_shards
 from tokenformer.errors import TokenFormerError
 from tokenformer.files import atomic_write_text
+from tokenformer.inputs import require_memory
+from tokenformer.outputs import owner_of
 
 SHAPES = ("circle", "square", "triangle", "cross", "ring")
 PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses", "ring": "rings"}
@@ -301,6 +303,8 @@ def write_scene_dataset(out: str | Path, train: int = 20000, val: int = 1000, se
     the objects per scene of each split, since avoiding train's sets favours larger scenes."""
     if train < 1 or val < 0:
         raise TokenFormerError(f"need at least one train scene and no negative val count, got train={train} val={val}")
+    # a scene is drawn in float64 with a noise image beside it: 48 bytes a pixel, and some room
+    require_memory(64 * image_size ** 2, f"drawing a {image_size}x{image_size} scene")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise TokenFormerError(f"output {out} is a file, not a directory: give a new or existing directory")
@@ -334,8 +338,8 @@ def write_scene_dataset(out: str | Path, train: int = 20000, val: int = 1000, se
         files = {"train": write_shards(train_samples(), out / "train", shard_size),
                  "val": write_shards(val_samples(), out / "val", shard_size)}
     for split, written in files.items():  # shards of an earlier, larger dataset in the same folder
-        for stale in set((out / split).glob("shard-*.tar")) - set(written):
-            stale.unlink()
+        for stale in set((out / split).glob("shard-*.tar")) - set(written) if owner_of(out) == "make-scenes" else ():
+            stale.unlink()  # only in a folder marked as make-scenes' output: never a user's own shards
     metadata = {
         "format": "webdataset shards: KEY.png, KEY.txt (caption), KEY.json (Scene.attributes())",
         "train": train, "val": val, "seed": seed, "image_size": image_size, "max_objects": max_objects,

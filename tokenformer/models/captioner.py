@@ -19,17 +19,18 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from tokenformer.errors import TokenFormerError
-from tokenformer.models.config import Config, PresetConfig
+from tokenformer.models.config import Config, PresetConfig, check_declared_fields
 from tokenformer.models.lm import KVCache, TokenFormer
 from tokenformer.models.pattention import Pattention
 from tokenformer.models.pretrained import PretrainedModel
 from tokenformer.models.vision import VISION_PRESETS, VisionConfig, VisionTokenFormer
+from tokenformer.options import Bounds
 
 MODEL_TYPE = "tokenformer_captioner"
 # The slot counts `tokenformer grow` reads (see `CaptionerConfig`): the language model's under the
@@ -48,6 +49,8 @@ class CaptionerConfig(PresetConfig):
     image tower's; `slot_fields` lists all six, `replace` writes changes back into the part they
     name, and `growth_history` records growths of the captioner as a whole.
     """
+
+    field_bounds: ClassVar[dict[str, Bounds]] = {"image_std": Bounds(above=0, maximum=1e6)}  # a divisor
 
     name: str = "custom"
     vision: VisionConfig | dict[str, Any] | None = None
@@ -102,6 +105,7 @@ class CaptionerConfig(PresetConfig):
         """Raise `TokenFormerError` with one clear sentence if the two parts cannot fit together."""
         self.vision.validate()
         self.text.validate()
+        check_declared_fields(self, "captioner config")
         if self.vision.num_classes != self.text.hidden_size:
             raise TokenFormerError(
                 f"the image tower's num_classes {self.vision.num_classes} must equal the language model's "

@@ -19,18 +19,19 @@ import copy
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from tokenformer.errors import TokenFormerError
-from tokenformer.models.config import Config, PresetConfig
+from tokenformer.models.config import Config, PresetConfig, check_declared_fields
 from tokenformer.models.lm import LanguageModelCore
 from tokenformer.models.pattention import Pattention
 from tokenformer.models.pretrained import PretrainedModel
 from tokenformer.models.vision import VisionConfig, VisionTokenFormer
+from tokenformer.options import Bounds
 
 MODEL_TYPE = "clip_tokenformer"
 TOWERS = ("visual", "text")
@@ -43,6 +44,9 @@ class CLIPConfig(PresetConfig):
     (`text`; `seq_length` is the context length), the shared embedding width and the logit scale
     (`init_logit_scale` = log(1/0.07) and the clamp `max_logit_scale` = 100, as open_clip)."""
 
+    # log(1/temperature) lies in [0, log(max_logit_scale)] (checked in `validate`)
+    field_bounds: ClassVar[dict[str, Bounds]] = {"init_logit_scale": Bounds(minimum=0, maximum=100)}
+
     name: str = "custom"
     vision: Any = None
     text: Any = None
@@ -52,6 +56,7 @@ class CLIPConfig(PresetConfig):
     max_logit_scale: float = 100.0
 
     def __post_init__(self) -> None:
+        check_declared_fields(self, "CLIP config")  # before the towers take embed_dim
         if isinstance(self.vision, dict):
             # the head is the projection: its width follows embed_dim unless stated (and then checked)
             self.vision = VisionConfig.from_dict({"num_classes": self.embed_dim, **self.vision})
@@ -64,10 +69,7 @@ class CLIPConfig(PresetConfig):
         if not isinstance(self.vision, VisionConfig) or not isinstance(self.text, Config):
             raise TokenFormerError("a CLIP config needs `vision` (VisionConfig fields) and `text` (language model "
                                    "Config fields): give both as mappings")
-        for name in ("embed_dim", "text_projection_slot_num"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise TokenFormerError(f"CLIP config field {name} must be a positive integer, got {value!r}")
+        check_declared_fields(self, "CLIP config")
         if self.vision.num_classes != self.embed_dim:
             raise TokenFormerError(
                 f"vision.num_classes {self.vision.num_classes} must equal embed_dim {self.embed_dim} (the image "

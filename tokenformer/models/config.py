@@ -10,13 +10,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 from tokenformer.errors import TokenFormerError
 from tokenformer.files import CONFIG_FILE
-from tokenformer.inputs import read_json, read_yaml
+from tokenformer.inputs import read_json, read_yaml, require_memory
+from tokenformer.options import Bounds, check_number
 
 NORM_ACTIVATION_TYPES = ("l2_norm_gelu", "gelu_l2_norm", "softmax")
 
@@ -31,13 +34,42 @@ TRANSFORMERS_KEYS = (
 )
 
 
-def check_block_fields(config: Any, positive: tuple[str, ...], what: str) -> None:
-    """The checks every config of TokenFormer blocks needs (language or vision): the `positive`
-    fields are positive integers, the heads divide the width, the normalisation is known."""
-    for name in positive:
-        value = getattr(config, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise TokenFormerError(f"{what} field {name} must be a positive integer, got {value!r}")
+def check_declared_fields(config: Any, what: str) -> None:
+    """Every field of a config dataclass has its declared type, and a number lies in its declared
+    range (`field_bounds`; integers at least 1 and floats finite and above 0 unless declared
+    otherwise): a string, NaN, a negative count or a bool where a number belongs is one sentence."""
+    hints = typing.get_type_hints(type(config))
+    bounds = getattr(config, "field_bounds", {})
+    for f in dataclasses.fields(config):
+        value, hint = getattr(config, f.name), hints[f.name]
+        kinds = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+        if value is None and type(None) in kinds:
+            continue
+        kinds = tuple(k for k in kinds if k is not type(None))
+        if len(kinds) != 1:
+            continue  # a nested part (CLIP's and the captioner's towers): its own config checks it
+        kind, name = kinds[0], f"{what} field {f.name}"
+        if kind in (int, float):
+            check_number(name, value, bounds.get(f.name, Bounds(minimum=1) if kind is int else Bounds(above=0)),
+                         integer=kind is int)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise TokenFormerError(f"{name} must be a finite number, got {value!r}")
+        elif kind in (bool, str) and not isinstance(value, kind):
+            raise TokenFormerError(f"{name} must be {'true or false' if kind is bool else 'a string'}, got {value!r}")
+        elif typing.get_origin(kind) is list:
+            if not isinstance(value, list):
+                raise TokenFormerError(f"{name} must be a list, got {value!r}")
+            item = (typing.get_args(kind) or (Any,))[0]
+            if item is float:
+                for v in value:
+                    check_number(f"every value of {name}", v, bounds.get(f.name, Bounds(minimum=-1e6, maximum=1e6)))
+
+
+def check_block_fields(config: Any, what: str) -> None:
+    """The checks every config of TokenFormer blocks needs (language or vision): the declared
+    fields (`check_declared_fields`), the heads divide the width, the normalisation is known, and
+    the model fits the machine's memory."""
+    check_declared_fields(config, what)
     if config.hidden_size % config.num_attention_heads:
         raise TokenFormerError(
             f"hidden_size {config.hidden_size} is not divisible by num_attention_heads "
@@ -46,6 +78,7 @@ def check_block_fields(config: Any, positive: tuple[str, ...], what: str) -> Non
         raise TokenFormerError(
             f"unknown norm_activation_type {config.norm_activation_type!r}: "
             f"use one of {', '.join(NORM_ACTIVATION_TYPES)}")
+    require_memory(config.memory_bytes, f"a model of this {what} ({config.num_parameters:,} parameters)")
 
 
 PresetConfigT = TypeVar("PresetConfigT", bound="PresetConfig")
@@ -145,6 +178,10 @@ class Config(LanguageModelShape, PresetConfig):
     a model exactly sets them to the pre-growth counts (see `tokenformer.scaling`).
     """
 
+    # ranges of the fields other than counts (at least 1) and floats (finite, above 0)
+    field_bounds: ClassVar[dict[str, Bounds]] = {"rotary_pct": Bounds(minimum=0, maximum=1),
+                                                 "init_method_std": Bounds(minimum=0)}
+
     name: str = "custom"
     num_layers: int = 12
     hidden_size: int = 768
@@ -174,6 +211,11 @@ class Config(LanguageModelShape, PresetConfig):
     # ---- derived fields (and those of LanguageModelShape) --------------------------------------
 
     @property
+    def memory_bytes(self) -> int:
+        """float32 bytes of the weights and of one full-length sequence's key/value cache."""
+        return 4 * (self.num_parameters + 2 * self.num_layers * self.seq_length * self.hidden_size)
+
+    @property
     def num_parameters(self) -> int:
         """Parameter count computed from the shapes alone (tied embedding counted once)."""
         h = self.hidden_size
@@ -184,14 +226,7 @@ class Config(LanguageModelShape, PresetConfig):
 
     def validate(self) -> None:
         """Raise `TokenFormerError` with one clear sentence if the configuration cannot work."""
-        check_block_fields(self, ("num_layers", "hidden_size", "num_attention_heads", "qkv_slot_num",
-                                  "proj_slot_num", "ffn_slot_num", "seq_length", "vocab_size",
-                                  "make_vocab_size_divisible_by"), "config")
-        if not isinstance(self.pattention_memory_lean, bool):
-            raise TokenFormerError(
-                f"config field pattention_memory_lean must be true or false, got {self.pattention_memory_lean!r}")
-        if not 0.0 <= self.rotary_pct <= 1.0:
-            raise TokenFormerError(f"rotary_pct must be in [0, 1], got {self.rotary_pct}")
+        check_block_fields(self, "config")
         if self.rotary_dim % 2:
             raise TokenFormerError(
                 f"rotary dims per head (head_dim {self.head_dim} x rotary_pct {self.rotary_pct}) "

@@ -21,7 +21,7 @@ from torch import nn
 
 from tokenformer.errors import TokenFormerError
 from tokenformer.files import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, atomic_path, atomic_write_text
-from tokenformer.inputs import read_json, read_safetensors, require_file
+from tokenformer.inputs import read_json, read_safetensors, require_file, safetensors_header
 from tokenformer.models.config import TRANSFORMERS_KEYS
 from tokenformer.models.pattention import Pattention
 
@@ -44,6 +44,24 @@ def check_state_dict(state: Mapping[str, torch.Tensor], expected: Mapping[str, t
             raise TokenFormerError(
                 f"{source}: tensor {key!r} has shape {tuple(state[key].shape)} but the config "
                 f"expects {tuple(ref.shape)}: the config does not match this checkpoint")
+        if state[key].dtype.is_floating_point != ref.dtype.is_floating_point:
+            raise TokenFormerError(
+                f"{source}: tensor {key!r} holds {str(state[key].dtype).replace('torch.', '')} values but the model "
+                f"takes {str(ref.dtype).replace('torch.', '')}: the file is not weights of this model; write it again")
+
+
+# torch dtypes of the safetensors dtype names (the header is checked before any tensor is read)
+SAFETENSORS_DTYPES = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "U16": torch.uint16,
+                      "F16": torch.float16, "BF16": torch.bfloat16, "I32": torch.int32, "U32": torch.uint32,
+                      "F32": torch.float32, "I64": torch.int64, "U64": torch.uint64, "F64": torch.float64,
+                      "F8_E5M2": torch.float8_e5m2, "F8_E4M3": torch.float8_e4m3fn}
+
+
+def header_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors a safetensors file holds, as meta tensors of their shape and dtype (nothing read
+    but the header): what `check_state_dict` compares before the weights are loaded."""
+    return {name: torch.empty(entry["shape"], dtype=SAFETENSORS_DTYPES[entry["dtype"]], device="meta")
+            for name, entry in safetensors_header(path).items() if name != "__metadata__"}
 
 
 def write_model_directory(directory: str | Path, state: Mapping[str, torch.Tensor], config_values: dict[str, Any],
@@ -126,10 +144,10 @@ class PretrainedModel(nn.Module):
             config = cls.config_class.from_dict({k: v for k, v in values.items() if k not in TRANSFORMERS_KEYS})
         except (TokenFormerError, TypeError) as e:  # TypeError: a value of a type no field can take
             raise TokenFormerError(f"model config {directory / CONFIG_FILE}: {e}") from None
-        state = read_safetensors(weights_path, device)
         with torch.device("meta"):
             model = cls(config)
-        check_state_dict(state, model.state_dict(), source=str(weights_path))
+        check_state_dict(header_tensors(weights_path), model.state_dict(), source=str(weights_path))
+        state = read_safetensors(weights_path, device)
         if dtype is not None:
             state = {k: v.to(dtype) for k, v in state.items()}
         model.load_state_dict(state, assign=True)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +25,7 @@ from torch import nn
 
 from tokenformer.errors import TokenFormerError
 from tokenformer.models.config import PresetConfig, check_block_fields
+from tokenformer.options import Bounds
 from tokenformer.models.lm import Block
 from tokenformer.models.pattention import Pattention
 from tokenformer.models.pretrained import PretrainedModel
@@ -43,6 +44,8 @@ class VisionConfig(PresetConfig):
     it a patch and the same patch made brighter or darker (e.g. dark cloth and background) embed
     alike; with it the keys carry one more column, the way a linear layer's bias folds into its weight.
     """
+
+    field_bounds: ClassVar[dict[str, Bounds]] = {"init_method_std": Bounds(minimum=0)}  # as in Config
 
     name: str = "custom"
     image_size: int = 224
@@ -77,6 +80,11 @@ class VisionConfig(PresetConfig):
     # ---- derived fields -------------------------------------------------------------------
 
     @property
+    def memory_bytes(self) -> int:
+        """float32 bytes of the weights and of one image's tokens through a block (a few copies)."""
+        return 4 * (self.num_parameters + 8 * (self.num_patches + 1) * max(self.hidden_size, self.ffn_slot_num))
+
+    @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
@@ -108,9 +116,7 @@ class VisionConfig(PresetConfig):
 
     def validate(self) -> None:
         """Raise `TokenFormerError` with one clear sentence if the configuration cannot work."""
-        check_block_fields(self, ("image_size", "patch_size", "num_channels", "num_classes", "num_layers",
-                                  "hidden_size", "num_attention_heads", "qkv_slot_num", "proj_slot_num",
-                                  "ffn_slot_num", "patch_slot_num", "head_slot_num"), "vision config")
+        check_block_fields(self, "vision config")
         if self.image_size % self.patch_size:
             raise TokenFormerError(
                 f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}: "

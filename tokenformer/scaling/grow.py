@@ -274,20 +274,21 @@ def grow(model: nn.Module, *, qkv_slot_num: int | None = None, proj_slot_num: in
             f"exact growth cannot preserve a {norm!r} model (with softmax a new token always takes "
             f"weight from the old ones): use mode='official'")
 
-    grown = copy.deepcopy(model)
     if new == old:
-        return grown
+        return copy.deepcopy(model)
     changes: dict[str, Any] = dict(new)
-    for f, layers in pattention_groups(grown).items():
-        if new[f] == old[f]:
-            continue
-        for layer in layers.values():
-            grow_pattention(layer, new[f], mode, value_std=value_std, generator=generator)
-        # Every layer of a group had the same effective n, so the config can state it once.
-        changes[scale_field(f)] = (getattr(config, scale_field(f)) or old[f]) if mode == "exact" else None
+    for f in new:
+        if new[f] != old[f]:  # every layer of a group had the same effective n: the config states it once
+            changes[scale_field(f)] = (getattr(config, scale_field(f)) or old[f]) if mode == "exact" else None
     changes["growth_history"] = list(config.growth_history) + [
         history_entry(mode, old, new, value_std=value_std, seed=seed)]
-    grown.config = replace_config(config, changes)
+    grown_config = replace_config(config, changes)  # checked (sizes included) before anything is allocated
+    grown = copy.deepcopy(model)
+    for f, layers in pattention_groups(grown).items():
+        if new[f] != old[f]:
+            for layer in layers.values():
+                grow_pattention(layer, new[f], mode, value_std=value_std, generator=generator)
+    grown.config = grown_config
     return grown
 
 

@@ -26,7 +26,7 @@ from typing import Any, Callable, ClassVar, Mapping
 from tokenformer.data.images import AUGMENTATIONS
 from tokenformer.data.tokenizer import BYTE_VOCAB_SIZE
 from tokenformer.errors import TokenFormerError
-from tokenformer.options import RunConfig, option
+from tokenformer.options import MAX_SEED, RunConfig, option
 from tokenformer.training.distributed import PARALLELISMS
 from tokenformer.scaling.grow import MODES
 from tokenformer.training.growth_schedule import GROW_OPTIMIZERS, GrowthOptions, check_options, growth_steps
@@ -62,7 +62,8 @@ class ScheduleOptions:
     wsd_decay_fraction: float = option("wsd: the share of lr_decay_iters (default train_iters) the final decay "
                                        "takes", above=0, maximum=1, default=0.2)
     wsd_decay_shape: str = option("wsd: the shape of the final decay: linear, cosine or 1-sqrt", default="1-sqrt")
-    seed: int = option("seed of the initialisation, the data order and any augmentation", minimum=0, default=1234)
+    seed: int = option("seed of the initialisation, the data order and any augmentation", minimum=0,
+                       maximum=MAX_SEED, default=1234)
 
 
 @dataclass
@@ -111,6 +112,8 @@ class CheckpointOptions:
     keep_last_n: int = option("checkpoints kept (older ones are deleted)", minimum=1, default=3)
     resume: bool = option("continue from the latest checkpoint in `save` (start fresh if there is none)",
                           default=False)
+    overwrite: bool = option("start afresh in a `save` folder holding an earlier run of this command (its own files "
+                             "are replaced, anything else kept)", default=False)
 
 
 @dataclass

@@ -63,11 +63,30 @@ class DistEnv:
         return self.rank // self.tp_size
 
 
+# what torchrun sets beside WORLD_SIZE, that joining its process group needs
+TORCHRUN_VARIABLES = ("RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _environment_number(name: str, default: str, minimum: int = 0) -> int:
+    value = os.environ.get(name, default)
+    try:
+        number = int(value)
+    except ValueError:
+        number = minimum - 1
+    if number < minimum:
+        raise TokenFormerError(f"environment variable {name}={value!r} is not an integer of at least {minimum}: "
+                               f"torchrun sets it; unset it to run alone")
+    return number
+
+
 def resolve_device(device: str, local_rank: int = 0) -> torch.device:
     """'auto' picks this rank's GPU when there is one, else the CPU."""
     if device == "auto":
         return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    resolved = torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise TokenFormerError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps") from None
     if resolved.type == "cuda" and resolved.index is None:
         resolved = torch.device("cuda", local_rank)
     if resolved.type == "cuda" and not torch.cuda.is_available():
@@ -93,14 +112,18 @@ def collective_timeout_minutes(default: float = 30.0) -> float:
 def init_distributed(device: str = "auto", timeout_minutes: float | None = None, tp_size: int = 1) -> DistEnv:
     """Join the process group torchrun set up (gloo on CPU, nccl on GPU), or stay single-process;
     with `tp_size` > 1, lay the ranks out on a ("dp", "tp") DeviceMesh."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = _environment_number("WORLD_SIZE", "1", minimum=1)
     if world_size % tp_size:
         raise TokenFormerError(f"tp_size {tp_size} does not divide the {world_size} ranks: launch a multiple of "
                                f"{tp_size} processes with torchrun (--nproc_per_node)")
     if world_size == 1:
         return DistEnv(device=resolve_device(device))
+    missing = [name for name in TORCHRUN_VARIABLES if name not in os.environ]
+    if missing:
+        raise TokenFormerError(f"WORLD_SIZE={world_size} is set but not {', '.join(missing)}: start the command "
+                               f"with torchrun, or unset WORLD_SIZE to run alone")
     timeout_minutes = timeout_minutes or collective_timeout_minutes()
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    rank, local_rank = _environment_number("RANK", "0"), _environment_number("LOCAL_RANK", "0")
     resolved = resolve_device(device, local_rank)
     if resolved.type == "cuda":
         torch.cuda.set_device(resolved)

@@ -29,6 +29,7 @@ from tokenformer.checkpoint import load_model
 from tokenformer.console import note, progress_bar
 from tokenformer.errors import TokenFormerError
 from tokenformer.evaluation.scoring import to_device
+from tokenformer.outputs import claim_dir
 from tokenformer.parallel.tokens import loss_context
 from tokenformer.threads import use_threads
 from tokenformer.training import growth_schedule, warm_start
@@ -59,16 +60,22 @@ def train(cfg: Any, model: nn.Module | None = None, task: Task | None = None) ->
     def body(env: DistEnv) -> dict[str, Any]:
         return run(cfg.loop_config(task.steps_per_epoch, env.dp_size), model, env, task, cfg, command.model)
 
-    return run_distributed(cfg.device, cfg.save, body, cfg.tp_size)
+    return run_distributed(cfg.device, cfg.save, body, cfg.tp_size, claim=cfg)
 
 
-def run_distributed(device: str, save: str | None, body: Callable[[DistEnv], Any], tp_size: int = 1) -> Any:
+def run_distributed(device: str, save: str | None, body: Callable[[DistEnv], Any], tp_size: int = 1,
+                    claim: Any = None) -> Any:
     """`body(env)` inside the process group torchrun set up (or alone outside torchrun). A rank's
     error becomes one sentence naming the rank and the checkpoint in `save` to resume from (a bug
-    keeps its traceback); the group is left at the end unless the caller had joined it already."""
+    keeps its traceback); the group is left at the end unless the caller had joined it already.
+    `claim`, a run config, first claims `save` for its command (`tokenformer.outputs.claim_dir`)."""
     was_initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
     env = init_distributed(device, tp_size=tp_size)
     try:
+        if save and env.is_main and claim is not None:  # the write door, before anything is written
+            with claim_dir(save, claim.command, resume=claim.resume, overwrite=getattr(claim, "overwrite", False),
+                           what="save folder"):
+                pass
         return body(env)
     except Exception as error:
         if not env.distributed:
