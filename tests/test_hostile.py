@@ -369,22 +369,25 @@ def test_every_run_config_number_refuses_absurd_values(value, tmp_path, capsys):
     """Each numeric field of each training command, on the command line and in its YAML file."""
     fields = run_config_fields()
     assert len(fields) > 60
+    parser, config = build_parser(), tmp_path / "c.yaml"
     for command, name in fields:
+        cls = next(c for c in run_config_classes() if c.command == command)
         try:  # a value the field's declared range takes (a fractional 2^70 for a learning rate) may run
-            cls = next(c for c in run_config_classes() if c.command == command)
             cls.converted({name: value})
             continue
         except TokenFormerError:
             pass
         TALLY["numbers: run-config fields"] += 2
-        with pytest.raises(SystemExit) as e:
-            main([command, f"--{name}", value])
+        with pytest.raises(SystemExit) as e:  # the command line
+            parser.parse_args([command, f"--{name}", value])
         err = capsys.readouterr().err
         assert e.value.code == 2 and "Traceback" not in err and name in err, err
-        config = tmp_path / "c.yaml"
-        config.write_text(f"{name}: {value}\n")
-        line = one_sentence(*run_cli([command, config], capsys), [command, name])
-        assert name in line and str(config) in line, line
+        config.write_text(f"{name}: {value}\n")  # its YAML file: what `main` reads, in this process
+        with pytest.raises(TokenFormerError) as refusal:
+            cls.from_yaml(config)
+        assert name in str(refusal.value) and str(config) in str(refusal.value), refusal.value
+    line = one_sentence(*run_cli([command, config], capsys), [command])  # and once through `main`
+    assert str(config) in line, line
 
 
 SIZES = [  # options whose value is a size, at a value that would need more than any machine's memory
@@ -413,15 +416,39 @@ def test_a_size_that_does_not_fit_is_refused_before_allocation(change, expect, w
 MEMORY_CAP = 3 << 30  # address space: torch's import takes about 1.5 GiB of it
 
 
-def capped(argv: list, cwd: Path) -> tuple[int, str]:
-    """`python -m tokenformer ARGV` in a child under the memory cap and the time cap."""
-    script = ("import resource, runpy, sys; "
-              f"resource.setrlimit(resource.RLIMIT_AS, ({MEMORY_CAP}, {MEMORY_CAP})); "
-              "sys.argv = ['tokenformer'] + sys.argv[1:]; runpy.run_module('tokenformer', run_name='__main__')")
+# The child runs every bomb in turn, each under the time cap, and reports per bomb its exit code
+# and stderr (one child: torch is imported once); an exception escaping a command is reported
+# with its traceback, which fails the case.
+CHILD = """
+import contextlib, io, json, resource, signal, sys, traceback
+resource.setrlimit(resource.RLIMIT_AS, (int(sys.argv[1]), int(sys.argv[1])))
+from tokenformer.__main__ import main
+def stop(signum, frame):
+    raise TimeoutError('past the time cap')
+signal.signal(signal.SIGALRM, stop)
+for name, argv in json.loads(sys.argv[3]).items():
+    err = io.StringIO()
+    signal.alarm(int(sys.argv[2]))
+    try:
+        with contextlib.redirect_stderr(err):
+            code = main(argv)
+    except BaseException:
+        code = 'crash'
+        err.write(traceback.format_exc())
+    signal.alarm(0)
+    print(json.dumps({'name': name, 'code': code, 'err': err.getvalue()}), flush=True)
+"""
+
+
+def capped(cases: dict[str, list], cwd: Path) -> dict[str, tuple[int, str]]:
+    """Each `tokenformer ARGV` of `cases` in one child under the memory cap, each under the time cap."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    done = subprocess.run([sys.executable, "-c", script, *map(str, argv)], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=TIME_CAP)
-    return done.returncode, done.stderr
+    argvs = json.dumps({name: [str(a) for a in argv] for name, argv in cases.items()})
+    done = subprocess.run([sys.executable, "-c", CHILD, str(MEMORY_CAP), str(TIME_CAP), argvs], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=TIME_CAP * len(cases) + 60)
+    results = {r["name"]: (r["code"], r["err"]) for r in map(json.loads, done.stdout.splitlines())}
+    assert set(results) == set(cases), done.stderr
+    return results
 
 
 def yaml_bomb(levels: int = 9) -> str:
@@ -451,31 +478,45 @@ def huge_tar_member(path: Path) -> Path:
     return path
 
 
+def huge_context(model: Path, padding: str = "") -> Path:
+    """A model folder whose config.json asks for a 10^9-token context (after `padding`)."""
+    from tokenformer.models.config import Config
+
+    model.mkdir()
+    config = {**Config.from_name("tiny").to_dict(), "seq_length": 10**9}
+    (model / "config.json").write_text(padding + json.dumps(config))
+    (model / "model.safetensors").write_bytes(b"never read: the config is refused first")
+    return model
+
+
 BOMBS = {
     "YAML aliases (train config)": lambda d: ["train", (d / "bomb.yaml").write_text(yaml_bomb()) and d / "bomb.yaml"],
     "YAML aliases (official .yml)": lambda d: ["convert", d / "x.bin", d / "out", "--config",
                                                (d / "b.yml").write_text(yaml_bomb()) and d / "b.yml"],
     "gzip bomb (text)": lambda d: ["prepare", gzip_bomb(d / "bomb.txt.gz"), "--out", d / "out", "--quiet"],
     "gzip bomb (JSONL line)": lambda d: ["prepare", gzip_bomb(d / "bomb.jsonl.gz"), "--out", d / "out", "--quiet"],
-    "a 64 MiB config.json": lambda d: ["train", "--model", (d / "big.json").write_text(" " * (64 << 20) + "{}")
-                                       and d / "big.json"],
+    "a 64 MiB config.json": lambda d: ["generate", "--checkpoint", huge_context(d / "model", " " * (64 << 20)),
+                                       "--prompt", "x"],
     "a 512 MiB tar member": lambda d: ["train-clip", "--data", huge_tar_member(d / "shard-000000.tar"),
                                        "--tokenizer", "byte", "--device", "cpu"],
-    "seq_length 10^9": lambda d: ["train", "--model", json.dumps({**TINY, "seq_length": 10**9}), "--data_path",
-                                  d, "--device", "cpu"],
+    "seq_length 10^9": lambda d: ["generate", "--checkpoint", huge_context(d / "model"), "--prompt", "x"],
 }
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_AS caps memory on Linux")
-@pytest.mark.parametrize("name", list(BOMBS))
-def test_a_bomb_is_one_sentence_under_a_memory_cap(name, tmp_path):
-    argv = BOMBS[name](tmp_path)
-    TALLY["bombs (child process, memory cap)"] += 1
-    code, err = capped(argv, tmp_path)
-    line = one_sentence(code, err, argv)
-    assert "MemoryError" not in err, err
-    assert not (tmp_path / "out").exists()
-    print(name, "->", line)
+def test_a_bomb_is_one_sentence_under_a_memory_cap(tmp_path):
+    cases = {}
+    for name, make in BOMBS.items():
+        folder = tmp_path / str(len(cases))
+        folder.mkdir()
+        cases[name] = make(folder)
+    for name, (code, err) in capped(cases, tmp_path).items():
+        TALLY["bombs (child process, memory cap)"] += 1
+        line = one_sentence(code, err, cases[name])
+        assert "MemoryError" not in err, err
+        assert not any(tmp_path.glob("*/out")), name
+        assert any(word in line for word in ("would need", "expands to", "larger than", "longer than", "more than")), line
+        print(f"{name}: {line}")
 
 
 def test_a_long_text_is_read_in_pieces():

@@ -121,13 +121,28 @@ def main(argv: list[str] | None = None) -> int:
         with claim_output(args.command, args):
             args._run(args)
     except (TokenFormerError, OSError) as e:  # OSError: a path the user gave (missing, unreadable, full disk)
+        _close_progress_bars()
         print(f"tokenformer {args.command}: error: {e}", file=sys.stderr)
         _tell_torchrun(f"tokenformer {args.command}: {e}")
+        return 2
+    except (MemoryError, RuntimeError) as e:  # an allocation no check foresaw: a sentence, not a traceback
+        if not isinstance(e, MemoryError) and "allocate" not in str(e) and "out of memory" not in str(e):
+            raise
+        _close_progress_bars()
+        print(f"tokenformer {args.command}: error: ran out of memory ({type(e).__name__}): choose smaller sizes "
+              f"(batch, model, context) or a machine with more memory", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"tokenformer {args.command}: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _close_progress_bars() -> None:
+    """End a progress bar an error interrupted, so that the error starts a line of its own."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        bar.close()
 
 
 def _tell_torchrun(message: str) -> None:

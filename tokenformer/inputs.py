@@ -170,11 +170,22 @@ def read_yaml(path: str | Path, what: str, fix: str = "check the path") -> dict[
 # ---- sizes ---------------------------------------------------------------------------------------
 
 def machine_memory() -> int | None:
-    """Bytes of physical memory of this machine (None where the platform does not say)."""
+    """Bytes of memory this process may have: the machine's physical memory, or less where an
+    address-space limit (`ulimit -v`) says so (None where the platform says neither)."""
+    sizes = []
     try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        sizes.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     except (AttributeError, ValueError, OSError):
-        return None
+        pass
+    try:
+        import resource  # POSIX only
+    except ImportError:
+        resource = None
+    if resource is not None:
+        limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if limit not in (resource.RLIM_INFINITY, -1):
+            sizes.append(limit)
+    return min(sizes) if sizes else None
 
 
 def format_bytes(size: float) -> str:

@@ -165,9 +165,10 @@ def claim_file(output: str | Path, *, overwrite: bool = False, inputs: Iterable[
     if output.is_dir():
         raise TokenFormerError(f"{what} {output} is a folder, not a file: give a file path")
     for given in inputs:
-        if _resolved(given) == _resolved(output):
-            raise TokenFormerError(f"{what} {output} is also an input of this command ({given}): writing it would "
-                                   f"replace what it reads; choose another {what}")
+        source, target = _resolved(given), _resolved(output)
+        if source == target or source.is_dir() and source in target.parents:
+            raise TokenFormerError(f"{what} {output} is {'also' if source == target else 'inside'} an input of this "
+                                   f"command ({given}): writing it could replace what it reads; choose another {what}")
     if output.exists() and not overwrite:
         raise TokenFormerError(f"{what} {output} already exists: pass --overwrite to replace it, or choose another "
                                f"{what}")

@@ -9,10 +9,13 @@ from tokenformer.data.scenes import MAX_OBJECTS, MIN_IMAGE_SIZE, write_scene_dat
 from tokenformer.options import MAX_SEED, number
 
 
+MAX_SCENES = 10**8  # a 32x32 set of that many takes about 100 GB and days to draw
+
+
 def arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output directory (OUT/train, OUT/val, OUT/scenes.json)")
-    parser.add_argument("--train", type=number(int, minimum=1), default=20000, help="number of training scenes")
-    parser.add_argument("--val", type=number(int, minimum=0), default=1000, help="number of validation scenes")
+    parser.add_argument("--train", type=number(int, minimum=1, maximum=MAX_SCENES), default=20000, help="number of training scenes")
+    parser.add_argument("--val", type=number(int, minimum=0, maximum=MAX_SCENES), default=1000, help="number of validation scenes")
     parser.add_argument("--seed", type=number(int, minimum=0, maximum=MAX_SEED), default=0,
                         help="seed: the same seed draws the same scenes")
     parser.add_argument("--image-size", type=number(int, minimum=MIN_IMAGE_SIZE), default=32,

@@ -13,6 +13,7 @@ import torch
 
 from tokenformer.data.indexed import IndexedDataset
 from tokenformer.errors import TokenFormerError
+from tokenformer.inputs import require_memory
 
 
 class WindowDataset:
@@ -86,6 +87,8 @@ class WindowDataset:
 
     def batch(self, first: int, size: int) -> torch.Tensor:
         """Samples `first .. first + size - 1` as a (size, seq_length + 1) int64 tensor."""
+        require_memory(2 * 8 * size * (self.seq_length + 1), f"a batch of {size:,} windows of "
+                                                             f"{self.seq_length + 1} tokens")
         return torch.from_numpy(np.stack([self.window(first + i) for i in range(size)]))
 
 
