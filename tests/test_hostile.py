@@ -44,9 +44,10 @@ from tests.test_fuzz import tree_hash
 from tokenformer.__main__ import OUTPUTS, build_parser, main
 from tokenformer.errors import TokenFormerError
 from tokenformer.outputs import MARKER_FILE, OUTPUT_NAMES
+from tokenformer.training.registry import training_commands
 
 TALLY: Counter = Counter()
-TRAIN_COMMANDS = ("train", "train-vision", "train-captioner", "train-clip")
+TRAIN_COMMANDS = tuple(training_commands())
 WRITERS = tuple(OUTPUTS) + TRAIN_COMMANDS
 TIME_CAP = 60  # seconds a case may take in this process (SIGALRM), a child process too
 
@@ -174,6 +175,7 @@ def user_files(root: Path) -> Path:
 def test_every_writer_has_a_recipe():
     """A new writing command fails here until the hostile cases below can run it."""
     assert set(OUTPUT_NAMES) <= set(WRITERS)  # every command with an output folder (and the file writers)
+    assert set(training_commands()) <= set(WRITERS)
     for command in WRITERS:
         recipe(command, {k: Path(k) for k in ("root", "corpus", "prompts", "model", "images")}, Path("OUT"))
 

@@ -35,7 +35,8 @@ _MODEL = (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE)
 _TRAIN = ("step_*", ".tmp-step_*", LATEST_FILE, f".{LATEST_FILE}.*.tmp", METRICS_FILE, TRAIN_CONFIG_FILE,
           "train_*_config.json", LOSS_PLOT_FILE, ACCURACY_PLOT_FILE, FINAL_MODEL_DIR, "captions.jsonl", ".*.tmp")
 # The top-level names each command writes into its output folder (shell patterns): what it
-# recognises as its own in a folder that carries its marker.
+# recognises as its own in a folder that carries its marker. A command not listed is a training
+# command, whose folder is a run's (`RUN_NAMES`).
 OUTPUT_NAMES: dict[str, tuple[str, ...]] = {
     "prepare": tuple(f"{prefix}.{ext}" for prefix in SPLIT_PREFIXES.values() for ext in ("bin", "idx"))
     + (TOKENIZER_FILE, PREPARE_METADATA_FILE),
@@ -45,8 +46,8 @@ OUTPUT_NAMES: dict[str, tuple[str, ...]] = {
     # `--format hf` adds what transformers writes beside the weights
     "convert": _MODEL + ("generation_config.json", "tokenizer_config.json", "special_tokens_map.json",
                          "modeling_tokenformer.py", ".*.tmp"),
-    "train": _TRAIN, "train-vision": _TRAIN, "train-captioner": _TRAIN, "train-clip": _TRAIN,
 }
+RUN_NAMES = _TRAIN  # a training command's (any in tokenformer.training.registry): its run folder
 
 
 def owner_of(directory: Path) -> str | None:
@@ -61,7 +62,7 @@ def owner_of(directory: Path) -> str | None:
 
 
 def is_own(command: str, name: str) -> bool:
-    return any(fnmatch.fnmatchcase(name, pattern) for pattern in OUTPUT_NAMES[command])
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in OUTPUT_NAMES.get(command, RUN_NAMES))
 
 
 def _resolved(path: str | Path) -> Path:
@@ -74,8 +75,7 @@ def check_not_input(output: Path, command: str, inputs: Iterable[str | Path], wh
     target = _resolved(output)
     for given in inputs:
         source = _resolved(given)
-        inside = target in source.parents and command in OUTPUT_NAMES and \
-            is_own(command, source.relative_to(target).parts[0])
+        inside = target in source.parents and is_own(command, source.relative_to(target).parts[0])
         if source == target or inside:
             raise TokenFormerError(f"{what} {output} is an input of this command ({given}): writing there would "
                                    f"replace what it reads; choose another {what}")
@@ -93,13 +93,13 @@ def refusal(output: Path, command: str, what: str, overwrite: bool, resume: bool
     if owner == command:
         if resume or overwrite:
             return None
-        again = "pass --resume to continue it, --overwrite to replace it" if command.startswith("train") \
-            else "pass --overwrite to replace it (its files only)"
+        again = "pass --overwrite to replace it (its files only)" if command in OUTPUT_NAMES \
+            else "pass --resume to continue it, --overwrite to replace it"
         return f"{what} {output} holds an earlier output of `{tell}`: {again}, or choose another {what}"
     if owner is not None:
         return (f"{what} {output} holds the output of `tokenformer {owner}`, not of `{tell}`: choose another {what} "
                 f"(--overwrite never replaces another command's output)")
-    ours = [name for name in entries if command in OUTPUT_NAMES and is_own(command, name)]
+    ours = [name for name in entries if is_own(command, name)]
     if overwrite and not ours:
         return None  # write beside what is there, which no name of ours touches
     listed = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
@@ -137,7 +137,7 @@ def claim_dir(output: str | Path, command: str, *, overwrite: bool = False, resu
     try:
         yield output
     except BaseException:
-        if fresh and not command.startswith("train"):
+        if fresh and command in OUTPUT_NAMES:  # a training run keeps its checkpoints, to resume
             _empty(output, remove=not existed)
         raise
 

@@ -14,7 +14,8 @@ def arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="*",
                         help="text files, JSONL files (.jsonl, .jsonl.gz, .jsonl.zst) or folders of them; "
                         "none (and no --hf-dataset): the Python standard-library source")
-    parser.add_argument("--out", required=True, help="output directory (replaced if it holds an earlier prepared dataset)")
+    parser.add_argument("--out", required=True, help="output directory: new or empty (an earlier prepared dataset there "
+                        "with --overwrite)")
     parser.add_argument("--tokenizer", default="byte",
                         help="'byte' (default), 'bpe' to train a byte-level BPE on the corpus, a tokenizer.json "
                         "path such as the GPT-NeoX-20B one (or a folder holding one), or a Hub name")
