@@ -166,7 +166,8 @@ def claim_file(output: str | Path, *, overwrite: bool = False, inputs: Iterable[
         raise TokenFormerError(f"{what} {output} is a folder, not a file: give a file path")
     for given in inputs:
         source, target = _resolved(given), _resolved(output)
-        if source == target or source.is_dir() and source in target.parents:
+        # a new file inside an input folder changes nothing it reads; replacing one there might
+        if source == target or source.is_dir() and source in target.parents and output.exists():
             raise TokenFormerError(f"{what} {output} is {'also' if source == target else 'inside'} an input of this "
                                    f"command ({given}): writing it could replace what it reads; choose another {what}")
     if output.exists() and not overwrite:

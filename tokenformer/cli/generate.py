@@ -27,6 +27,9 @@ from tokenformer.training.distributed import resolve_device
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
+MAX_NEW_TOKENS = 10**6  # a continuation is held in memory (--output-file) and generated one token a step
+
+
 def arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True,
                         help="a checkpoint: a model directory (config.json, model.safetensors, tokenizer.json), a training run's "
@@ -39,7 +42,7 @@ def arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image", type=Path, action="append",
                         help="with a captioner checkpoint: an image to caption (repeat for more; one caption a line)")
     parser.add_argument("--tokenizer", help="override the checkpoint's tokenizer ('byte' or a tokenizer.json)")
-    parser.add_argument("--max-new-tokens", type=number(int, minimum=0), default=None,
+    parser.add_argument("--max-new-tokens", type=number(int, minimum=0, maximum=MAX_NEW_TOKENS), default=None,
                         help="tokens to generate (default 100; past the model's context the window slides, "
                         "except for --batch-size above 1, whose default stays below the context)")
     parser.add_argument("--temperature", type=number(float, minimum=0), default=0.0,
