@@ -219,11 +219,13 @@ def test_cli_tasks_print_the_table_and_write_the_results(checkpoint, model, task
     assert report["lm_eval"]["results"]["tiny_lambada"]["acc,none"] == report["scores"]["tiny_lambada"]["acc"] == \
         pytest.approx(hand_lambada_accuracy(model, TEXTS[:2]))
     assert report["limit"] == 2 and report["num_fewshot"] == 0
-    # --num-fewshot 1: every request carries one solved example before its own question
+    # --num-fewshot 1: every request carries one solved example before its own question (a new output file:
+    # the first is not replaced without --overwrite)
+    fewshot = tmp_path / "fewshot.json"
     code, _, _ = run_cli(["--checkpoint", checkpoint, "--tasks", "tiny_choice", "--include-path", task_folder,
-                          "--no-builtin-tasks", "--limit", 1, "--num-fewshot", 1, "--output", output], capsys)
+                          "--no-builtin-tasks", "--limit", 1, "--num-fewshot", 1, "--output", fewshot], capsys)
     assert code == 0
-    report = json.loads(output.read_text())
+    report = json.loads(fewshot.read_text())
     assert report["num_fewshot"] == 1 and report["lm_eval"]["n-shot"]["tiny_choice"] == 1
 
 
