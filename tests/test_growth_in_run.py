@@ -56,8 +56,8 @@ def test_a_rewarm_after_growth_ramps_the_lr_back_over_its_steps():
 
 @pytest.mark.parametrize("changes, words", [
     (dict(lr_decay_style="wsd", wsd_decay_shape="sqrt"), "unknown wsd_decay_shape 'sqrt'"),
-    (dict(lr_decay_style="wsd", wsd_decay_fraction=0.0), "wsd_decay_fraction must be in (0, 1]"),
-    (dict(wsd_decay_fraction=1.5), "wsd_decay_fraction must be in (0, 1]"),
+    (dict(lr_decay_style="wsd", wsd_decay_fraction=0.0), "wsd_decay_fraction must be a finite number in (0, 1], got"),
+    (dict(wsd_decay_fraction=1.5), "wsd_decay_fraction must be a finite number in (0, 1], got"),
     (dict(grow_at=[0.0]), "grow_at 0.0 is neither"),
     (dict(grow_at=[2.5]), "grow_at 2.5 is neither"),
     (dict(grow_at=[6]), "outside steps 1 .. 5"),
@@ -66,7 +66,7 @@ def test_a_rewarm_after_growth_ramps_the_lr_back_over_its_steps():
     (dict(grow_at=[0.5, 3]), "increasing, distinct steps"),  # both are step 3
     (dict(grow_at=[2], grow_to=[{"ffn_slot_num": 64}, {"ffn_slot_num": 128}]), "list of 1 slot-count mappings"),
     (dict(grow_to=[{"ffn_slot_num": 64}]), "grow_to needs grow_at"),
-    (dict(grow_at=[2], grow_factor=1.0), "grow_factor must be above 1"),
+    (dict(grow_at=[2], grow_factor=1.0), "grow_factor must be a finite number above 1, got 1.0"),
     (dict(grow_at=[2], grow_mode="wide"), "unknown grow_mode 'wide'"),
     (dict(grow_at=[2], grow_optimizer="keep"), "unknown grow_optimizer 'keep'"),
     (dict(grow_at=[2], compile=True), "grow_at cannot be combined with compile"),
