@@ -34,6 +34,7 @@ from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
 from tokenformer import Config, TokenFormer, generate_tokens
 from tokenformer.hf import to_hf
+from tokenformer.hf.modeling import CACHE_FIELD  # `cache` in newer transformers, `past_key_values` before
 
 VOCAB = {"small": 257, "base-cpu": 257}  # the byte-level presets; others keep GPT-NeoX-20B's 50277
 
@@ -50,14 +51,14 @@ def native_run(model, prompt: list[int], new: int) -> list[float]:
 def hf_forward_run(model, prompt: list[int], new: int) -> list[float]:
     cache = DynamicCache(config=model.config)
     vocab = model.config.vocab_size
-    logits = model(torch.tensor([prompt]), past_key_values=cache, logits_to_keep=1).logits[:, -1]
+    logits = model(torch.tensor([prompt]), **{CACHE_FIELD: cache}, logits_to_keep=1).logits[:, -1]
     stamps = []
     for step in range(new):
         logits[:, vocab:] = float("-inf")
         token = logits.argmax(dim=-1, keepdim=True)  # (1, 1)
         stamps.append(time.perf_counter())
         if step + 1 < new:
-            logits = model(token, past_key_values=cache).logits[:, -1]
+            logits = model(token, **{CACHE_FIELD: cache}).logits[:, -1]
     return stamps
 
 

@@ -44,10 +44,11 @@ def main(argv: list[str] | None = None) -> None:
                 ours(idx[:1, t:t + 1], cache=cache)
 
     def decode_hf():
+        from tokenformer.hf.modeling import CACHE_FIELD  # `cache` in newer transformers, `past_key_values` before
         with torch.no_grad():
-            past = ref(idx[:1, :s["prompt"]], use_cache=True, logits_to_keep=1).past_key_values
+            past = getattr(ref(idx[:1, :s["prompt"]], use_cache=True, logits_to_keep=1), CACHE_FIELD)
             for t in range(16):
-                past = ref(idx[:1, t:t + 1], past_key_values=past, use_cache=True).past_key_values
+                past = getattr(ref(idx[:1, t:t + 1], use_cache=True, **{CACHE_FIELD: past}), CACHE_FIELD)
 
     def step(model, forward):
         def run():

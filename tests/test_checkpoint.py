@@ -46,6 +46,10 @@ def test_a_run_folder_is_its_latest_checkpoint_and_a_model_folder_itself(tmp_pat
     assert resolve_checkpoint(run / "step_00000001") == run / "step_00000001"
     tiny_model(3).save_pretrained(run / "model")  # a vision/CLIP/captioner run's final model
     assert resolve_checkpoint(run) == run / "model"
+    (run / "train_config.json").write_text(json.dumps({"train_iters": 2}))  # finished at step 2: model/ stands
+    assert resolve_checkpoint(run) == run / "model"
+    (run / "train_config.json").write_text(json.dumps({"train_iters": 4}))  # resumed for more: step 2 is newer
+    assert resolve_checkpoint(run) == run / "step_00000002"
     (tmp_path / "empty").mkdir()
     with pytest.raises(TokenFormerError, match="holds no config.json and no training checkpoint"):
         resolve_checkpoint(tmp_path / "empty")

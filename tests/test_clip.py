@@ -520,3 +520,11 @@ def test_the_trained_normalisation_travels_with_the_model(scenes, tmp_path, caps
     assert main(["evaluate-clip", "--checkpoint", str(run), "--data", str(scenes / "val"),
                  "--mean", "0.5", "--std", "0.5"]) == 0  # the old default: other pixels, other features
     assert json.loads(capsys.readouterr().out) != result
+
+
+def test_gradient_checkpointing_reaches_both_towers():
+    model = tiny()
+    for value in (True, False):
+        model.gradient_checkpointing = value  # as the training loop sets it
+        assert (model.gradient_checkpointing, model.visual.gradient_checkpointing,
+                model.text.gradient_checkpointing) == (value, value, value)

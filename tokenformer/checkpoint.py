@@ -9,6 +9,7 @@ A new model joins by adding its class to `MODEL_CLASSES`: then `load_model`, `to
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -17,8 +18,8 @@ import torch
 
 from tokenformer.errors import TokenFormerError
 from tokenformer.data.tokenizer import Tokenizer, load_tokenizer
-from tokenformer.files import (CONFIG_FILE, FINAL_MODEL_DIR, LATEST_FILE, TOKENIZER_FILE, TRAINER_STATE_FILE,
-                               atomic_copy)
+from tokenformer.files import (CONFIG_FILE, FINAL_MODEL_DIR, LATEST_FILE, TOKENIZER_FILE, TRAIN_CONFIG_FILE,
+                               TRAINER_STATE_FILE, atomic_copy)
 from tokenformer.inputs import torch_load_safe
 from tokenformer.models.captioner import Captioner
 from tokenformer.models.clip import CLIPTokenFormer
@@ -49,11 +50,23 @@ def latest_checkpoint(run: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def unfinished_since_final_model(run: Path, latest: Path) -> bool:
+    """Whether a run's newest checkpoint `latest` comes from training after its `model/` was written:
+    `model/` is written once the run reaches its last step (`train_iters` of its `train_config.json`),
+    so a newest checkpoint short of that step is a resumed run (more epochs) that has not finished."""
+    try:
+        planned = json.loads((run / TRAIN_CONFIG_FILE).read_text())["train_iters"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False  # no readable plan: the final model stands
+    return isinstance(planned, int) and int(latest.name.removeprefix("step_")) < planned
+
+
 def resolve_checkpoint(spec: str | Path) -> Path:
     """What a user means by "a checkpoint": a model directory (a training step folder `step_N`, a
     `model/` folder, `convert`'s output, a transformers directory) as it is; a training run's `save`
-    folder as its final `model/` if it has one (vision, CLIP, captioner runs), else the checkpoint
-    its `latest` file names; an official `.bin` file as it is (`load_model` reads it)."""
+    folder as its final `model/` if it has one (vision, CLIP, captioner runs) and the run has not been
+    resumed past it, else the checkpoint its `latest` file names; an official `.bin` file as it is
+    (`load_model` reads it)."""
     path = Path(spec)
     if path.is_file():
         if path.suffix in OFFICIAL_SUFFIXES:
@@ -64,9 +77,10 @@ def resolve_checkpoint(spec: str | Path) -> Path:
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if (path / CONFIG_FILE).is_file():
         return path
-    if (path / FINAL_MODEL_DIR / CONFIG_FILE).is_file():
-        return path / FINAL_MODEL_DIR
     latest = latest_checkpoint(path)
+    if (path / FINAL_MODEL_DIR / CONFIG_FILE).is_file() and (
+            latest is None or not unfinished_since_final_model(path, latest)):
+        return path / FINAL_MODEL_DIR
     if latest is not None:
         return latest
     raise TokenFormerError(f"{path} holds no {CONFIG_FILE} and no training checkpoint: give a checkpoint directory "

@@ -28,7 +28,7 @@ from tokenformer.errors import TokenFormerError
 from tokenformer.models.config import Config, PresetConfig, check_declared_fields
 from tokenformer.models.lm import KVCache, TokenFormer
 from tokenformer.models.pattention import Pattention
-from tokenformer.models.pretrained import PretrainedModel
+from tokenformer.models.pretrained import PartsCheckpointing, PretrainedModel
 from tokenformer.models.vision import VISION_PRESETS, VisionConfig, VisionTokenFormer
 from tokenformer.options import Bounds
 
@@ -171,12 +171,13 @@ CAPTIONER_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-class Captioner(PretrainedModel):
+class Captioner(PartsCheckpointing, PretrainedModel):
     """`model(images, ids)`: logits (B, T, padded_vocab) of caption ids (B, T) after the images'
     prefix. `vision` is the image tower (its head the projector), `lm` the language model."""
 
     model_type = MODEL_TYPE
     config_class = CaptionerConfig
+    checkpointed_parts = ("lm", "vision")  # both parts' blocks follow gradient_checkpointing
     written_by = "save_pretrained or `tokenformer train-captioner`"
 
     def __init__(self, config: CaptionerConfig, device: torch.device | str | None = None,
@@ -197,15 +198,6 @@ class Captioner(PretrainedModel):
         # when `tokenformer grow` replaces it
         self._config = config
         self.vision.config, self.lm.config = config.vision, config.text
-
-    @property
-    def gradient_checkpointing(self) -> bool:
-        return self.lm.gradient_checkpointing
-
-    @gradient_checkpointing.setter
-    def gradient_checkpointing(self, value: bool) -> None:
-        # the training loop sets it on the model it trains; both parts' blocks honour it
-        self.lm.gradient_checkpointing = self.vision.gradient_checkpointing = value
 
     def image_prefix(self, images: torch.Tensor) -> torch.Tensor:
         """The image tokens in the language model's width (B, P, h_text)."""

@@ -29,7 +29,7 @@ from tokenformer.errors import TokenFormerError
 from tokenformer.models.config import Config, PresetConfig, check_declared_fields
 from tokenformer.models.lm import LanguageModelCore
 from tokenformer.models.pattention import Pattention
-from tokenformer.models.pretrained import PretrainedModel
+from tokenformer.models.pretrained import PartsCheckpointing, PretrainedModel
 from tokenformer.models.vision import VisionConfig, VisionTokenFormer
 from tokenformer.options import Bounds
 
@@ -163,12 +163,13 @@ class TextTower(LanguageModelCore, nn.Module):
         return self.projection(self.final_norm(pooled))                          # (B, E)
 
 
-class CLIPTokenFormer(PretrainedModel):
+class CLIPTokenFormer(PartsCheckpointing, PretrainedModel):
     """`model(images, ids, lengths)` -> (image_features, text_features, logit_scale): both (B, E) and
     L2-normalised, the scale already exponentiated (as open_clip's CLIP)."""
 
     model_type = MODEL_TYPE
     config_class = CLIPConfig
+    checkpointed_parts = ("visual", "text")  # both towers' blocks follow gradient_checkpointing
     written_by = "save_pretrained or `tokenformer train-clip`"
 
     def __init__(self, config: CLIPConfig, device: torch.device | str | None = None,
@@ -181,15 +182,6 @@ class CLIPTokenFormer(PretrainedModel):
                               device=device, dtype=dtype)
         self.logit_scale = nn.Parameter(torch.full((), config.init_logit_scale, device=device,
                                                    dtype=dtype or torch.float32))
-
-    @property
-    def gradient_checkpointing(self) -> bool:
-        return self.visual.gradient_checkpointing
-
-    @gradient_checkpointing.setter
-    def gradient_checkpointing(self, value: bool) -> None:
-        # the training loop sets it on the model it trains; both towers' blocks honour it
-        self.visual.gradient_checkpointing = self.text.gradient_checkpointing = value
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """Image embeddings (B, E), not normalised."""

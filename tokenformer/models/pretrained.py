@@ -112,6 +112,22 @@ def save_model(model: nn.Module, directory: str | Path, tokenizer=None,
                                  getattr(model, "model_type", "tokenformer"), tokenizer)
 
 
+class PartsCheckpointing:
+    """`gradient_checkpointing` of a model made of parts (`checkpointed_parts`, attribute names) whose
+    blocks honour it each: the training loop sets it on the model it trains, and every part follows."""
+
+    checkpointed_parts: ClassVar[tuple[str, ...]]
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return getattr(self, self.checkpointed_parts[0]).gradient_checkpointing
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, value: bool) -> None:
+        for name in self.checkpointed_parts:
+            getattr(self, name).gradient_checkpointing = value
+
+
 class PretrainedModel(nn.Module):
     """Base of the models here: a `config` with `to_dict` / `from_dict`, a `model_type` naming it in
     `config.json`, and the directory format above."""
