@@ -8,11 +8,19 @@ import pytest
 import torch
 
 from experiments.growth.__main__ import main
-from experiments.growth.protocol import (Protocol, Reach, arm_flops, arms, compute_to_reach, loss_at, ratios,
-                                         smaller)
+from experiments.growth.protocol import (Protocol, Reach, arm_flops, arms, branch_interval, branch_step,
+                                         compute_to_reach, flops_at, loss_at, ratios, smaller)
+from experiments.growth.report import compute_to_target
+from experiments.growth.run import run_arm
 from experiments.growth.transformer import Transformer, TransformerConfig, matched_ffn_width, widen_ffn
 from tokenformer import Config, TokenFormer
 from tokenformer.flops import tokenformer_flops
+from tokenformer.training import growth_schedule
+from tokenformer.training.config import TrainConfig
+from tokenformer.training.distributed import DistEnv
+from tokenformer.training.loop import start_run, train_step
+from tokenformer.training.tasks.language import LanguageModelTask
+from tests.test_train import TEXTS, text_docs, tiny_config, write_corpus
 
 
 def test_every_arm_costs_what_tokenformer_flops_says():
@@ -77,6 +85,78 @@ def test_compute_to_reach_and_ratios_by_hand():
     assert smaller(Reach(50.0, ">"), Reach(80.0)) == Reach(50.0, ">")
 
 
+def test_an_in_run_arm_costs_each_shape_for_its_own_steps():
+    p = Protocol.in_run()
+    small, medium, large = (p.step_flops("tf", size) for size in ("small", "medium", "large"))
+    # by hand: the medium TokenFormer has twice the small one's tokens, 64/64/256 at width 32
+    h, T = 32, 64
+    per_token = 2 * (2 * 2 * h * (3 * 64 + 64 + 256)) + 2 * (2 * 2 * T * h) + 2 * h * 384
+    assert medium == 3 * per_token * p.tokens_per_step
+    by_name = {a.name: a for a in arms(p)}
+    carry = by_name["tf/in-run-carry@0.25/1N/seed0"]
+    assert arm_flops(p, carry) == {"base": 2000 * small, "stage": 6000 * large, "cumulative": 2000 * small + 6000 * large}
+    two = by_name["tf/in-run-2step@0.25+0.5/1N/seed0"]
+    assert arm_flops(p, two)["cumulative"] == 2000 * small + 2000 * medium + 4000 * large
+    assert flops_at(p, two, 3000) == 2000 * small + 1000 * medium
+    widen = by_name["t/widen-carry@0.75/1N/seed0"]
+    assert arm_flops(p, widen)["cumulative"] == 6000 * p.step_flops("t", "small") + 2000 * p.step_flops("t", "large")
+
+
+def test_wsd_arms_branch_from_their_trunk_where_their_lr_leaves_the_peak():
+    p = Protocol.in_run()
+    by_name = {a.name: a for a in arms(p)}
+    trunk = "tf/small/2.5N/seed1"
+    assert by_name[trunk].prefix is None and by_name["tf/large/1N/seed1"].prefix is None
+    assert by_name["tf/small/1N/seed1"].prefix == trunk and by_name["tf/in-run-noise@0.5/1N/seed1"].prefix == trunk
+    # 8000 steps, the last 20% decay: the N-step run's lr leaves the peak after step 6400
+    assert branch_step(p, by_name["tf/small/1N/seed1"]) == 6400 == \
+        TrainConfig(train_iters=8000, lr_decay_style="wsd", wsd_decay_fraction=0.2).schedule.stable_until
+    assert branch_step(p, by_name["tf/large/0.25N/seed1"]) == 1600
+    assert branch_step(p, by_name["tf/in-run-carry@0.75/1N/seed1"]) == 6000
+    # the trunk keeps a checkpoint at every step an arm branches from: 3200, 6400, 9600, 2000, 4000, 6000
+    assert branch_interval(p, arms(p), by_name[trunk]) == 400
+    # a cosine protocol has no trunks
+    assert all(a.prefix is None for a in arms(Protocol()))
+
+
+def test_compute_to_the_large_models_loss_is_read_on_the_arms_curve():
+    p = Protocol.in_run()
+    arm = next(a for a in arms(p) if a.name == "tf/in-run-carry@0.5/1N/seed0")
+    curve = [(0, 5.0), (4000, 2.0), (6000, 1.6), (8000, 1.2)]
+    # 1.4 is reached half way from step 6000 to 8000: 4000 small steps and 3000 large ones
+    expected = 4000 * p.step_flops("tf", "small") + 3000 * p.step_flops("tf", "large")
+    assert compute_to_target(p, arm, curve, 1.4) == pytest.approx(expected)
+    assert compute_to_target(p, arm, curve, 1.1) is None
+    assert compute_to_target(p, arm, curve, 2.0) == pytest.approx(4000 * p.step_flops("tf", "small"))
+
+
+def test_the_transformer_control_grows_inside_a_run_with_carried_moments(tmp_path):
+    corpus = write_corpus(tmp_path, text_docs(TEXTS), text_docs(TEXTS[::7]))
+    model = Transformer(TransformerConfig(num_layers=2, hidden_size=32, num_attention_heads=2, ffn_width=48,
+                                          seq_length=32))
+    cfg = tiny_config(corpus, model=None, grow_at=[2], grow_to=[{"ffn_width": 80}], lr_decay_style="wsd")
+    task = LanguageModelTask(cfg)
+    run = start_run(cfg, model, DistEnv(), task, cfg)
+    for step in (1, 2):
+        train_step(run, step)
+    old = {n: {k: v.clone() for k, v in run.optimizer.state[p].items()} for n, p in run.model.named_parameters()}
+    batch = task.train_batch(run.consumed_samples, 2)
+    with torch.no_grad():
+        before = task.loss(run.model, batch)[0].item()
+    growth_schedule.grow_run(run, 0)
+    with torch.no_grad():
+        assert task.loss(run.model, batch)[0].item() == pytest.approx(before, abs=1e-6, rel=0)  # exact widening
+    assert run.model.config.ffn_width == 80
+    state = {n: run.optimizer.state[p] for n, p in run.model.named_parameters()}
+    for key in ("exp_avg", "exp_avg_sq"):
+        fc1, fc2 = state["layers.1.fc1.weight"][key], state["layers.1.fc2.weight"][key]  # (80, 32), (32, 80)
+        assert torch.equal(fc1[:48], old["layers.1.fc1.weight"][key]) and not fc1[48:].any()
+        assert torch.equal(fc2[:, :48], old["layers.1.fc2.weight"][key]) and not fc2[:, 48:].any()
+        assert torch.equal(state["layers.0.query.weight"][key], old["layers.0.query.weight"][key])
+    train_step(run, 3)
+    assert run.model.layers[0].fc2.weight[:, 48:].abs().sum() > 0
+
+
 def test_quick_runs_every_arm_end_to_end(tmp_path):
     assert main(["--quick", "--jobs", "1", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")]) == 0
     report = json.loads((tmp_path / "out" / "growth.json").read_text())
@@ -86,9 +166,23 @@ def test_quick_runs_every_arm_end_to_end(tmp_path):
     tf = report["results"]["tf"]
     # exact growth starts where its base ended; official growth does not
     for name, row in tf["seeds"]["0"]["grown"].items():
-        same = abs(row["loss_right_after_growth"] - row["loss_before_growth"]) < 1e-4
-        assert same == (row["kind"] == "grown-exact"), name
+        if row["kind"].startswith("grown-"):
+            same = abs(row["loss_right_after_growth"] - row["loss_before_growth"]) < 1e-4
+            assert same == (row["kind"] == "grown-exact"), name
     assert all(math.isfinite(row["R_best"]["mean"]) for row in tf["summary"].values())
+    # the in-run arms grow to the large model (the two-step one through the medium), the control too
+    large = {f: TokenFormer(Config(**p.model("tf", "large"))).num_parameters() if f == "tf" else
+             Transformer(TransformerConfig(**p.model("t", "large"))).num_parameters() for f in ("tf", "t")}
+    grown = {name: arm["growths"] for name, arm in report["arms"].items() if "@" in name}
+    assert len(grown) == 6
+    for name, growths in grown.items():
+        assert len(growths) == (2 if "2step" in name else 1), name
+        assert growths[-1]["parameters"] == large[name[:name.index("/")]], name
+    # starting an in-run arm from its trunk's checkpoint gives what training it whole gives
+    arm = next(a for a in arms(p) if a.name == "tf/in-run-carry@0.5/1N/seed0")
+    assert arm.prefix and report["arms"][arm.name]["branched_from"]
+    whole = run_arm(p, arm, report["lr"]["tf"], tmp_path / "work" / "data", tmp_path / "whole", reuse_prefix=False)
+    assert [list(point) for point in whole["curve"]] == report["arms"][arm.name]["curve"]
     # a second invocation reuses every finished arm
     began = report["wall_time_s"]
     assert main(["--quick", "--jobs", "1", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")]) == 0

@@ -11,8 +11,9 @@ from torch import nn
 
 from tests.test_distributed import assert_same_losses, losses_of, run_fields, torchrun
 from tests.test_train import tiny_config
-from tokenformer import TokenFormerError
+from tokenformer import Config, TokenFormer, TokenFormerError
 from tokenformer.checkpoint import load_model
+from tokenformer.scaling.grow import grow
 from tokenformer.training import growth_schedule, metrics
 from tokenformer.training.config import TrainConfig
 from tokenformer.training.distributed import FAIL_AT_STEP_ENV, DistEnv, InjectedFailure
@@ -263,3 +264,29 @@ def test_epoch_tasks_grow_inside_the_run(command, images, tmp_path):
     old_ffn = [m.key_param_tokens.shape[0] for n, m in before.named_modules() if n.endswith("mlp")]
     new_ffn = [m.key_param_tokens.shape[0] for n, m in after.named_modules() if n.endswith("mlp")]
     assert old_ffn and new_ffn == [2 * n for n in old_ffn]
+
+
+def test_noise_perturbs_the_old_tokens_by_its_share_of_their_std(corpus):
+    run, _ = started_run(corpus, grow_mode="official", grow_noise=0.1, grow_to=[{"ffn_slot_num": 256}])
+    train_step(run, 1)
+    old = {name: p.detach().clone() for name, p in run.model.named_parameters()}
+    growth_schedule.grow_run(run, 0)
+    grown = dict(run.model.named_parameters())
+    for name in ("layers.0.mlp.key_param_tokens", "layers.1.mlp.value_param_tokens"):
+        before, after = old[name], grown[name].detach()[:old[name].shape[0]]
+        drift = (after - before).std().item() / before.std().item()
+        assert drift == pytest.approx(0.1, rel=0.1), name  # 128 x 32 draws: a 10% band is about 8 sigma
+    # only the tokens move: the groups that did not grow keep every weight, and so does the embedding
+    assert torch.equal(grown["layers.0.attention.query.key_param_tokens"], old["layers.0.attention.query.key_param_tokens"])
+    assert torch.equal(grown["word_embeddings.weight"], old["word_embeddings.weight"])
+    quiet, _ = started_run(corpus, grow_mode="official", grow_to=[{"ffn_slot_num": 256}])
+    train_step(quiet, 1)
+    before = quiet.model.layers[0].mlp.key_param_tokens.detach().clone()
+    growth_schedule.grow_run(quiet, 0)
+    assert torch.equal(quiet.model.layers[0].mlp.key_param_tokens[:128], before)  # no noise: the old rows stay
+
+
+def test_noise_must_not_be_negative():
+    with pytest.raises(TokenFormerError, match="noise must be 0 or more"):
+        grow(TokenFormer(Config(num_layers=1, hidden_size=32, num_attention_heads=2, qkv_slot_num=8,
+                                proj_slot_num=8, ffn_slot_num=8)), factor=2, noise=-0.1)

@@ -1,4 +1,4 @@
-"""`python -m experiments.growth [--quick] [--out DIR] [--work DIR] [--jobs 2]`
+"""`python -m experiments.growth [--quick] [--in-run] [--out DIR] [--work DIR] [--jobs 2]`
 
 Runs every arm of the protocol (`experiments/growth/protocol.py`) on byte-level State of the Union
 addresses (`../shared/data/sotu`; without it, the Python standard library), two at a time, then
@@ -56,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.growth", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="toy budgets: every arm in about a minute")
+    parser.add_argument("--in-run", action="store_true",
+                        help="the in-run growth protocol (Protocol.in_run: width 32, N = 8000, WSD, growth inside "
+                             "one run at 0.25/0.5/0.75 of it); with --quick, its toy version")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default experiments/results, "
                                                                "or runs/growth-quick/results with --quick)")
     parser.add_argument("--work", type=Path, default=None, help="data and runs (default runs/growth[-quick])")
@@ -66,7 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=None,
                         help="run only the first this many seeds of each family (default: 3 TokenFormer, 2 Transformer)")
     args = parser.parse_args(argv)
-    protocol = Protocol.quick() if args.quick else Protocol()
+    protocol = Protocol.quick() if args.quick else Protocol.in_run() if args.in_run else Protocol()
+    if args.quick and args.in_run:
+        protocol = dataclasses.replace(protocol, stage_budgets=(), grow_points=(0.25, 0.5, 0.75))
     changes = {**dict(args.set), **({"steps": args.steps} if args.steps else {})}
     if args.seeds:
         changes.update(tf_seeds=protocol.tf_seeds[:args.seeds], t_seeds=protocol.t_seeds[:args.seeds])
@@ -84,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     results = analyse(protocol, all_arms, outcomes)
     wall = time.perf_counter() - began
     report = {"command": "python -m experiments.growth " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "corpus": corpus, "protocol": protocol.to_dict(), "lr": {f: choose_lr(outcomes, f) for f in ("tf", "t")},
+              "corpus": corpus, "protocol": protocol.to_dict(), "lr": {f: choose_lr(protocol, outcomes, f) for f in ("tf", "t")},
               "wall_time_s": wall, "load_average_before": load_before, "load_average_after": os.getloadavg(),
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, {args.jobs} arms at a time, 1 thread each",
               "arms": {a.name: {**outcomes[a.name], "flops": arm_flops(protocol, a), "parent": a.parent}

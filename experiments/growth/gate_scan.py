@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         p = dataclasses.replace(Protocol(), steps=steps, **dict(args.set))
         gate_arms = [Arm("tf", "large", 0, 1.0, p.budget_steps(1.0), lr=args.lr)] + \
             [Arm("tf", "small", 0, b, p.budget_steps(b), lr=args.lr) for b in (1.5, 2.5)]
-        outcomes = run_all(p, gate_arms, data, args.work / f"N{steps}", args.jobs, lambda _o, _f: args.lr,
+        outcomes = run_all(p, gate_arms, data, args.work / f"N{steps}", args.jobs, lambda _p, _o, _f: args.lr,
                            say=lambda line: print(line, flush=True))
         large = outcomes[gate_arms[0].name]["final_val_loss"]
         compute = arm_flops(p, gate_arms[0])["cumulative"]

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 from tokenformer.flops import gpt_neox_flops, tokenformer_flops
 from tokenformer.models.config import Config
+from tokenformer.training.growth_schedule import growth_steps
 
 FAMILIES = {"tf": "TokenFormer", "t": "Transformer"}
 GROWTH_KINDS = {"tf": ("grown-exact", "grown-official"), "t": ("widen-exact", "widen-random")}
@@ -43,13 +44,30 @@ class Protocol:
     warmup_fraction: float = 0.05
     eval_iters: int = 64                       # x batch x seq_length = 65,536 held-out bytes
     evals_per_run: int = 8
+    schedule: str = "cosine"                   # every arm's: cosine, or wsd (warmup-stable-decay)
+    wsd_decay_fraction: float = 0.2
+    fixed_lr: tuple[float, float] | None = None  # (TokenFormer, Transformer) peak lr instead of a sweep
+    # growth inside one N-step run (the schedule goes on; kinds in IN_RUN_KINDS)
+    grow_points: tuple[float, ...] = ()        # carry and rewarm arms (and the Transformer's) grow here
+    one_point: float = 0.5                     # the fresh-optimizer and noise arms grow here
+    two_step_points: tuple[float, float] = (0.25, 0.5)  # S -> M (2x the tokens) -> L
+    rewarm_fraction: float = 0.0125            # the short re-warm, a share of N (100 steps of 8000)
+    grow_noise: float = 0.1                    # the noise arm: old tokens + N(0, this x their std)
 
     @classmethod
     def quick(cls) -> "Protocol":
         """Minutes on 2 cores, for a smoke test: every arm and every number, on toy budgets."""
         return cls(steps=24, hidden_size=32, num_attention_heads=2, seq_length=32, batch=4,
                    small_slots=(16, 16, 64), tf_seeds=(0,), t_seeds=(0,), lr_sweep=(2e-3, 4e-3),
-                   eval_iters=2, evals_per_run=2)
+                   eval_iters=2, evals_per_run=4, schedule="wsd", grow_points=(0.5,), rewarm_fraction=0.1)
+
+    @classmethod
+    def in_run(cls) -> "Protocol":
+        """Growth inside one run, in the regime where the gate opened (width 32, N = 8000): WSD for
+        every arm, no post-hoc arms, the lr fixed by the seed-2 diagnostic (growth.md)."""
+        return cls(steps=8000, hidden_size=32, num_attention_heads=2, small_slots=(32, 32, 128),
+                   small_budgets=(0.5, 1.0, 1.5, 2.5), stage_budgets=(), schedule="wsd", fixed_lr=(2e-3, 8e-3),
+                   grow_points=(0.25, 0.5, 0.75), evals_per_run=16)
 
     @property
     def tokens_per_step(self) -> int:
@@ -60,7 +78,7 @@ class Protocol:
         return self.eval_iters * self.batch * self.seq_length
 
     def slots(self, size: str) -> dict[str, int]:
-        factor = 1 if size == "small" else self.token_factor
+        factor = {"small": 1, "medium": 2}.get(size, self.token_factor)
         q, p, f = (n * factor for n in self.small_slots)
         return dict(qkv_slot_num=q, proj_slot_num=p, ffn_slot_num=f)
 
@@ -90,6 +108,10 @@ class Protocol:
     def budget_steps(self, budget: float) -> int:
         return max(2, round(budget * self.steps))
 
+    def growth_step(self, point: float) -> int:
+        """The optimizer step of an N-step run after which it grows (as the trainer rounds it)."""
+        return growth_steps([point], self.budget_steps(1.0))[0]
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -105,11 +127,19 @@ class Arm:
     steps: int
     lr: float | None = None   # None: the family's swept lr
     parent: str | None = None  # the base arm a grown arm starts from
+    grow_at: tuple[float, ...] = ()  # an in-run arm: grows after these shares of its steps
+    prefix: str | None = None  # an in-run arm: the small model's N-step run, whose steps before the growth it shares
 
     @property
     def name(self) -> str:
         lr = f"/lr{self.lr:g}" if self.kind == "sweep" else ""
-        return f"{self.family}/{self.kind}/{self.budget:g}N/seed{self.seed}{lr}"
+        at = "@" + "+".join(f"{g:g}" for g in self.grow_at) if self.grow_at else ""
+        return f"{self.family}/{self.kind}{at}/{self.budget:g}N/seed{self.seed}{lr}"
+
+    @property
+    def label(self) -> str:
+        """The arm's row in the summary: its kind and its growth point or stage."""
+        return self.name.rsplit("/seed", 1)[0].split("/", 1)[1]
 
     @property
     def size(self) -> str:
@@ -117,32 +147,109 @@ class Arm:
 
     @property
     def grown(self) -> bool:
-        return self.parent is not None
+        return self.parent is not None or bool(self.grow_at)
+
+    def sizes(self) -> list[str]:
+        """The shapes an in-run arm trains through, one per segment between growths."""
+        return ["small", "medium", "large"] if len(self.grow_at) == 2 else ["small", "large"]
+
+
+# in-run kinds: (family, kind) -> the trainer's grow_mode, grow_optimizer, re-warm?, noise?
+IN_RUN_KINDS = {("tf", "in-run-carry"): ("exact", "carry", False, False),
+                ("tf", "in-run-rewarm"): ("exact", "carry", True, False),
+                ("tf", "in-run-fresh"): ("exact", "fresh", True, False),
+                ("tf", "in-run-noise"): ("official", "carry", False, True),
+                ("tf", "in-run-2step"): ("exact", "carry", False, False),
+                ("t", "widen-carry"): ("exact", "carry", False, False)}
+
+
+def in_run_arms(p: Protocol, family: str, seed: int) -> list[Arm]:
+    n, points = p.budget_steps(1.0), p.grow_points
+    if not points:
+        return []
+    at = {"in-run-carry": points, "widen-carry": points, "in-run-fresh": (p.one_point,),
+          "in-run-noise": (p.one_point,), "in-run-2step": None, "in-run-rewarm": points}  # in the order they run
+    return [Arm(family, kind, seed, 1.0, n, grow_at=p.two_step_points if g is None else (g,))
+            for kind, where in at.items() if (family, kind) in IN_RUN_KINDS for g in (where or [None])]
+
+
+def trunks(p: Protocol, all_arms: list[Arm]) -> list[Arm]:
+    """With `wsd`, every arm of a family, seed and first shape shares its steps up to where its own
+    lr leaves the peak (the same warmup, then the same constant lr, the same init and data order);
+    the longest run of a ladder is the trunk the others branch from (`with_trunks`)."""
+    return [a for a in all_arms if a.kind in ("large", "small") and a.budget == max(
+        b.budget for b in all_arms if (b.family, b.kind, b.seed) == (a.family, a.kind, a.seed))]
+
+
+def with_trunks(p: Protocol, all_arms: list[Arm]) -> list[Arm]:
+    """The arms, each ladder arm and in-run arm given the trunk it branches from (`prefix`) under
+    `wsd`; trunks first, so that what branches waits for nothing that comes later."""
+    if p.schedule != "wsd":
+        return all_arms
+    heads = {(a.family, a.kind, a.seed): a for a in trunks(p, all_arms)}
+    out = []
+    for a in all_arms:
+        trunk = heads.get((a.family, "small" if a.grow_at else a.kind, a.seed))
+        if trunk is not None and trunk != a and (a.grow_at or a.kind in ("large", "small")):
+            a = dataclasses.replace(a, prefix=trunk.name)
+        out.append(a)
+    return out
+
+
+def branch_step(p: Protocol, arm: Arm) -> int:
+    """The step from which `arm` continues its trunk: its first growth, or where its own WSD decay
+    starts (`optim.Schedule.stable_until`)."""
+    if arm.grow_at:
+        return p.growth_step(arm.grow_at[0])
+    return arm.steps - int(round(p.wsd_decay_fraction * arm.steps))
+
+
+def branch_interval(p: Protocol, all_arms: list[Arm], trunk: Arm) -> int:
+    """How often a trunk keeps a checkpoint, so that every arm that branches from it finds one."""
+    steps = [branch_step(p, a) for a in all_arms if a.prefix == trunk.name]
+    return math.gcd(*steps) if steps else trunk.steps
 
 
 def arms(p: Protocol) -> list[Arm]:
     """Every arm, in an order where each comes after what it needs, seed by seed (so that a run
-    stopped early holds whole seeds of both families)."""
+    stopped early holds whole seeds of both families; the re-warm arms away from `one_point` last
+    in each, the comparisons least needed)."""
     out = [Arm(family, "sweep", 0, p.sweep_budget, p.budget_steps(p.sweep_budget), lr=lr)
-           for family in FAMILIES for lr in p.lr_sweep]
+           for family in FAMILIES for lr in (p.lr_sweep if p.fixed_lr is None else ())]
     for index in range(max(len(p.tf_seeds), len(p.t_seeds))):
+        block = []
         for family, seeds in (("tf", p.tf_seeds), ("t", p.t_seeds)):
             if index >= len(seeds):
                 continue
             seed = seeds[index]
-            out += [Arm(family, "large", seed, b, p.budget_steps(b)) for b in p.large_budgets]
-            out += [Arm(family, "small", seed, b, p.budget_steps(b)) for b in p.small_budgets]
+            block += [Arm(family, "large", seed, b, p.budget_steps(b)) for b in p.large_budgets]
+            block += [Arm(family, "small", seed, b, p.budget_steps(b)) for b in p.small_budgets]
             base = Arm(family, "small", seed, 1.0, p.budget_steps(1.0)).name
-            out += [Arm(family, kind, seed, g, p.budget_steps(g), parent=base)
-                    for kind in GROWTH_KINDS[family] for g in p.stage_budgets]
-    return out
+            block += [Arm(family, kind, seed, g, p.budget_steps(g), parent=base)
+                      for kind in GROWTH_KINDS[family] for g in p.stage_budgets]
+            block += in_run_arms(p, family, seed)
+        late = [a for a in block if a.kind == "in-run-rewarm" and a.grow_at != (p.one_point,)]
+        out += [a for a in block if a not in late] + late
+    return with_trunks(p, out)
+
+
+def flops_at(p: Protocol, arm: Arm, step: float) -> float:
+    """Training compute after `step` steps of the arm (an in-run arm changes shape at its growths;
+    a post-hoc grown arm counts its base)."""
+    if arm.grow_at:
+        edges = [0, *(p.growth_step(g) for g in arm.grow_at), math.inf]
+        return sum(max(0.0, min(step, hi) - lo) * p.step_flops(arm.family, size)
+                   for lo, hi, size in zip(edges, edges[1:], arm.sizes()))
+    base = p.budget_steps(1.0) * p.step_flops(arm.family, "small") if arm.parent else 0.0
+    return base + step * p.step_flops(arm.family, arm.size)
 
 
 def arm_flops(p: Protocol, arm: Arm) -> dict[str, float]:
-    """The arm's own training compute and, for a grown arm, with its base's (cumulative)."""
-    own = arm.steps * p.step_flops(arm.family, arm.size)
-    base = p.budget_steps(1.0) * p.step_flops(arm.family, "small") if arm.grown else 0.0
-    return {"stage": own, "base": base, "cumulative": own + base}
+    """The arm's compute: cumulative, and split at its (first) growth into base and stage (an arm
+    that does not grow has no base)."""
+    total = flops_at(p, arm, arm.steps)
+    base = flops_at(p, arm, p.growth_step(arm.grow_at[0])) if arm.grow_at else flops_at(p, arm, 0)
+    return {"stage": total - base, "base": base, "cumulative": total}
 
 
 # ---- frontiers and ratios ---------------------------------------------------------------------------

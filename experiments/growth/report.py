@@ -8,69 +8,112 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from experiments.growth.protocol import (FAMILIES, GROWTH_KINDS, Arm, Protocol, arm_flops, loss_at, mean_and_range,
-                                         ratios, std)
+from experiments.growth.protocol import (FAMILIES, Arm, Protocol, arm_flops, compute_to_reach, flops_at, loss_at,
+                                         mean_and_range, ratios, std)
 
 GATE_DEVIATIONS = 3
 
 
-def choose_lr(outcomes: dict[str, dict[str, Any]], family: str) -> float:
-    """The sweep's lr with the lowest final loss for `family` (its large model, seed 0)."""
+def choose_lr(p: Protocol, outcomes: dict[str, dict[str, Any]], family: str) -> float:
+    """The protocol's fixed lr, else the sweep's lr with the lowest final loss for `family` (its
+    large model, seed 0)."""
+    if p.fixed_lr is not None:
+        return p.fixed_lr[list(FAMILIES).index(family)]
     sweep = [o for name, o in outcomes.items() if name.startswith(f"{family}/sweep/")]
     return min(sweep, key=lambda o: o["final_val_loss"])["lr"]
+
+
+PAIRS = {"grown-exact": "widen-exact", "grown-official": "widen-random", "in-run-carry": "widen-carry"}
+SUMMARY_KEYS = ("R_incl", "R_excl", "R_best", "final_val_loss", "loss_right_after_growth", "loss_peak_after_growth",
+                "loss_before_growth")
+
+
+def around_growth(p: Protocol, arm: Arm, curve: list, base_loss: float | None) -> dict[str, float]:
+    """The validation loss before the (first) growth, at the first validation after it, and the
+    highest after it."""
+    if arm.parent:
+        return {"loss_before_growth": base_loss, "loss_right_after_growth": curve[0][1],
+                "loss_peak_after_growth": max(loss for _, loss in curve)}
+    step = p.growth_step(arm.grow_at[0])
+    after = [loss for s, loss in curve if s > step]
+    return {"loss_before_growth": [loss for s, loss in curve if s <= step][-1], "loss_right_after_growth": after[0],
+            "loss_peak_after_growth": max(after)}
+
+
+def compute_to_target(p: Protocol, arm: Arm, curve: list, target: float) -> float | None:
+    """The arm's training compute when its validation loss first reaches `target` (linear in steps
+    between validations), or None if it never does."""
+    for (s0, l0), (s1, l1) in zip([(None, None), *curve], curve):
+        if l1 <= target:
+            step = s1 if s0 is None else s0 + (l0 - target) / (l0 - l1) * (s1 - s0)
+            return flops_at(p, arm, step)
+    return None
+
+
+def grown_row(p: Protocol, arm: Arm, outcome: dict[str, Any], base_loss: float | None, large: list, small: list,
+              target: tuple[float, float]) -> dict[str, Any]:
+    """One grown arm of one seed: its ratios, the loss around its growth, and the user's ratio U:
+    compute to reach the large model's final from-scratch loss / that model's compute."""
+    flops = arm_flops(p, arm)
+    r = ratios(outcome["final_val_loss"], flops, large, small)
+    reach = compute_to_target(p, arm, outcome["curve"], target[0])
+    return {"kind": arm.kind, "label": arm.label, "budget": arm.budget, "final_val_loss": outcome["final_val_loss"],
+            "flops": flops, **{k: {"value": v.flops, "bound": v.bound} for k, v in r.items()},
+            **around_growth(p, arm, outcome["curve"], base_loss),
+            "U": None if reach is None else reach / target[1]}
+
+
+def seed_results(p: Protocol, all_arms: list[Arm], outcomes: dict[str, dict[str, Any]], family: str,
+                 seed: int) -> dict[str, Any]:
+    def frontier(kind: str) -> list[tuple[float, float]]:
+        return [(arm_flops(p, a)["cumulative"], outcomes[a.name]["final_val_loss"]) for a in all_arms
+                if a.family == family and a.kind == kind and a.seed == seed]
+
+    large, small = frontier("large"), frontier("small")
+    full_large = max(large)  # the large model at N steps: (compute, loss)
+    base = Arm(family, "small", seed, 1.0, p.budget_steps(1.0)).name
+    base_loss = outcomes[base]["final_val_loss"] if base in outcomes else None
+    grown = {a.name: grown_row(p, a, outcomes[a.name], base_loss, large, small, (full_large[1], full_large[0]))
+             for a in all_arms if a.family == family and a.seed == seed and a.grown}
+    small_reach = compute_to_reach(small, full_large[1])
+    return {"large_frontier": large, "small_frontier": small, "gate_margin": loss_at(small, full_large[0]) - full_large[1],
+            "large_final": full_large[1], "U_small": {"value": small_reach.flops / full_large[0],
+                                                      "bound": small_reach.bound}, "grown": grown}
+
+
+def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean and range over seeds of one arm's numbers."""
+    out = {key: mean_and_range([r[key]["value"] if isinstance(r[key], dict) else r[key] for r in rows])
+           for key in SUMMARY_KEYS}
+    out["bounds"] = sorted({r[k]["bound"] for r in rows for k in ("R_incl", "R_best")} - {"="})
+    out["pays_every_seed"] = all(r["R_best"]["value"] > 1 for r in rows)
+    reached = [r["U"] for r in rows if r["U"] is not None]
+    out["U"] = {**(mean_and_range(reached) if reached else {}), "reached": len(reached), "n": len(rows)}
+    return out
 
 
 def analyse(p: Protocol, all_arms: list[Arm], outcomes: dict[str, dict[str, Any]]) -> dict[str, Any]:
     families: dict[str, Any] = {}
     for family in FAMILIES:
         seeds = p.tf_seeds if family == "tf" else p.t_seeds
-        per_seed, gate_margins = {}, []
-        for seed in seeds:
-            def frontier(kind: str) -> list[tuple[float, float]]:
-                return [(arm_flops(p, a)["cumulative"], outcomes[a.name]["final_val_loss"]) for a in all_arms
-                        if a.family == family and a.kind == kind and a.seed == seed]
-
-            large, small = frontier("large"), frontier("small")
-            full_large = max(large)  # the large model at N steps
-            gate_margins.append(loss_at(small, full_large[0]) - full_large[1])
-            base = next(a for a in all_arms if a.family == family and a.kind == "small" and a.seed == seed
-                        and a.budget == 1.0)
-            grown = {}
-            for arm in (a for a in all_arms if a.family == family and a.seed == seed and a.grown):
-                outcome, flops = outcomes[arm.name], arm_flops(p, arm)
-                curve = outcome["curve"]
-                r = ratios(outcome["final_val_loss"], flops, large, small)
-                grown[arm.name] = {
-                    "kind": arm.kind, "budget": arm.budget, "final_val_loss": outcome["final_val_loss"],
-                    "flops": flops, **{k: {"value": v.flops, "bound": v.bound} for k, v in r.items()},
-                    "loss_before_growth": outcomes[base.name]["final_val_loss"],
-                    "loss_right_after_growth": curve[0][1], "loss_peak_after_growth": max(l for _, l in curve)}
-            per_seed[seed] = {"large_frontier": large, "small_frontier": small, "gate_margin": gate_margins[-1],
-                              "grown": grown}
+        per_seed = {seed: seed_results(p, all_arms, outcomes, family, seed) for seed in seeds}
+        gate_margins = [s["gate_margin"] for s in per_seed.values()]
         spread = std(gate_margins)
         mean_margin = sum(gate_margins) / len(gate_margins)
         conclusive = mean_margin > 0 and (len(gate_margins) < 2 or mean_margin > GATE_DEVIATIONS * spread)
-        summary = {}
-        for kind in GROWTH_KINDS[family]:
-            for budget in p.stage_budgets:
-                rows = [g for s in per_seed.values() for g in s["grown"].values()
-                        if g["kind"] == kind and g["budget"] == budget]
-                summary[f"{kind}/{budget:g}N"] = {
-                    key: mean_and_range([r[key]["value"] if isinstance(r[key], dict) else r[key] for r in rows])
-                    for key in ("R_incl", "R_excl", "R_best", "final_val_loss", "loss_right_after_growth",
-                                "loss_peak_after_growth", "loss_before_growth")}
-                summary[f"{kind}/{budget:g}N"]["bounds"] = sorted({r[k]["bound"] for r in rows
-                                                                   for k in ("R_incl", "R_best")} - {"="})
-                summary[f"{kind}/{budget:g}N"]["pays_every_seed"] = all(r["R_best"]["value"] > 1 for r in rows)
+        labels = list(dict.fromkeys(g["label"] for s in per_seed.values() for g in s["grown"].values()))
+        summary = {label: summarise([g for s in per_seed.values() for g in s["grown"].values() if g["label"] == label])
+                   for label in labels}
         families[family] = {"seeds": per_seed, "gate": {"margins": gate_margins, "mean": mean_margin,
                                                          "std": spread, "conclusive": conclusive},
                             "summary": summary}
-    pairs = dict(zip(GROWTH_KINDS["tf"], GROWTH_KINDS["t"]))
-    families["tf_over_t"] = {
-        f"{kind}/{b:g}N vs {pairs[kind]}/{b:g}N":
-            families["tf"]["summary"][f"{kind}/{b:g}N"]["R_best"]["mean"]
-            / families["t"]["summary"][f"{pairs[kind]}/{b:g}N"]["R_best"]["mean"]
-        for kind in GROWTH_KINDS["tf"] for b in p.stage_budgets}
+    families["tf_over_t"] = {}
+    for label, row in families["tf"]["summary"].items():
+        kind = label.split("/")[0].split("@")[0]
+        twin = label.replace(kind, PAIRS.get(kind, kind), 1)
+        if kind in PAIRS and twin in families["t"]["summary"]:
+            families["tf_over_t"][f"{label} vs {twin}"] = row["R_best"]["mean"] / \
+                families["t"]["summary"][twin]["R_best"]["mean"]
     return families
 
 
@@ -88,24 +131,38 @@ def table(p: Protocol, results: dict[str, Any]) -> str:
         lines += [f"**{label}** (seeds: {len(data['seeds'])}; gate: the large model at N beats the small frontier "
                   f"at equal compute by {gate['mean']:+.4f} nats, seed std {gate['std']:.4f}: "
                   f"{'conclusive' if gate['conclusive'] else 'INCONCLUSIVE'})", "",
-                  "| arm | final loss | R_incl | R_excl | R_best | pays (every seed) | loss before -> after -> peak |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
+                  "| arm | final loss | R_incl | R_excl | R_best | pays (every seed) | U | "
+                  "loss before -> after -> peak |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines.append(f"| small from scratch | | | | | | {_u_small(data)} | |")
         for name, row in data["summary"].items():
             bound = f" (bounds: {', '.join(row['bounds'])})" if row["bounds"] else ""
             lines.append(f"| {name} | {_cell(row['final_val_loss'], 4)} | {_cell(row['R_incl'])}{bound} | "
                          f"{_cell(row['R_excl'])} | {_cell(row['R_best'])} | "
-                         f"{'yes' if row['pays_every_seed'] else 'no'} | "
+                         f"{'yes' if row['pays_every_seed'] else 'no'} | {_u(row['U'])} | "
                          f"{row['loss_before_growth']['mean']:.4f} -> {row['loss_right_after_growth']['mean']:.4f} "
                          f"-> {row['loss_peak_after_growth']['mean']:.4f} |")
         lines.append("")
+    lines.append("U: compute to reach the large model's final from-scratch loss (its N-step run) / that run's "
+                 "compute, read on the arm's validation curve; n/m: reached on n of m seeds.")
     lines.append("TokenFormer R_best / Transformer R_best (mean over seeds): " + "; ".join(
         f"{k}: {v:.2f}" for k, v in results["tf_over_t"].items()))
     return "\n".join(lines) + "\n"
 
 
+def _u(stats: dict[str, Any]) -> str:
+    if not stats["reached"]:
+        return f"not reached (0/{stats['n']})"
+    return _cell(stats) + ("" if stats["reached"] == stats["n"] else f" ({stats['reached']}/{stats['n']})")
+
+
+def _u_small(data: dict[str, Any]) -> str:
+    values = [s["U_small"] for s in data["seeds"].values()]
+    return ", ".join(f"{'' if v['bound'] == '=' else v['bound']}{v['value']:.2f}" for v in values)
+
+
 def plot(p: Protocol, all_arms: list[Arm], outcomes: dict[str, dict[str, Any]], path: Path) -> None:
     """Loss vs cumulative training FLOPs: per family the two from-scratch frontiers (mean over seeds)
-    and every grown arm's curve, drawn from its base."""
+    and every grown arm's curve (a post-hoc one drawn from its base, an in-run one from its start)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -121,15 +178,15 @@ def plot(p: Protocol, all_arms: list[Arm], outcomes: dict[str, dict[str, Any]], 
                     points[arm_flops(p, a)["cumulative"]].append(outcomes[a.name]["final_val_loss"])
             xs = sorted(points)
             ax.plot(xs, [sum(points[x]) / len(points[x]) for x in xs], "o-", label=f"{kind} from scratch", **style)
-        for kind in GROWTH_KINDS[family]:
-            colour = next(colours)
-            for a in (a for a in all_arms if a.family == family and a.kind == kind):
-                flops = arm_flops(p, a)
-                per_step = flops["stage"] / a.steps
-                curve = outcomes[a.name]["curve"]
-                ax.plot([flops["base"] + s * per_step for s, _ in curve], [l for _, l in curve], color=colour,
-                        alpha=0.6, linewidth=1, label=kind if a.seed == 0 and a.budget == p.stage_budgets[-1] else None)
-                ax.plot([flops["cumulative"]], [curve[-1][1]], "s", color=colour, markersize=4)
+        grown = [a for a in all_arms if a.family == family and a.grown]
+        for kind in dict.fromkeys(a.kind for a in grown):
+            colour, labelled = next(colours), False
+            for a in (a for a in grown if a.kind == kind):
+                curve = outcomes[a.name]["curve"][1 if a.grow_at else 0:]  # an in-run arm's step 0 is off the log axis
+                ax.plot([flops_at(p, a, s) for s, _ in curve], [l for _, l in curve], color=colour,
+                        alpha=0.6, linewidth=1, label=None if labelled else kind)
+                ax.plot([flops_at(p, a, a.steps)], [curve[-1][1]], "s", color=colour, markersize=4)
+                labelled = True
         ax.set_xscale("log")
         ax.set_title(f"{label}: growing vs from scratch")
         ax.set_xlabel("cumulative training FLOPs (a grown run counts its base)")

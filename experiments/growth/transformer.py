@@ -115,6 +115,15 @@ class Transformer(PretrainedModel):
         return self.final_norm(x) @ self.word_embeddings.weight.T  # (B, T, padded_vocab_size)
 
 
+    def grow(self, *, mode: str = "exact", seed: int | None = None, ffn_width: int | None = None,
+             factor: float | None = None) -> "Transformer":
+        """Growth inside a training run (`grow_at`): the FFNs widened to `ffn_width` units (or
+        `factor` x the current width); mode `exact` keeps the function, `official` (the trainer's
+        other mode) widens with random output weights."""
+        width = ffn_width if ffn_width is not None else round(self.config.ffn_width * (factor or 1))
+        return widen_ffn(self, width, "random" if mode == "official" else mode, seed=seed or 0)
+
+
 @torch.no_grad()
 def widen_ffn(model: Transformer, ffn_width: int, mode: str = "exact", seed: int = 0) -> Transformer:
     """A copy of `model` whose FFNs have `ffn_width` hidden units; the first ones are the old ones.

@@ -184,13 +184,14 @@ def replace_rows(layer: Pattention, keys: torch.Tensor, values: torch.Tensor) ->
 
 @torch.no_grad()
 def grow_pattention(layer: Pattention, num_tokens: int, mode: str = "exact", *,
-                    value_std: float | None = None,
+                    value_std: float | None = None, noise: float = 0.0,
                     generator: torch.Generator | None = None) -> Pattention:
     """Append parameter tokens to one Pattention in place, up to `num_tokens`; returns it.
 
     `exact`: zero keys, values N(0, value_std) (default: the layer's init std), `scale_num`
     pinned at the old effective n. `official`: keys N(0, key_std), values N(0, value_std),
-    `scale_num = None`. See the module docstring for why.
+    `scale_num = None`. See the module docstring for why. `noise`: the old keys and values each
+    get N(0, noise x that tensor's own standard deviation) added (drawn after the new rows).
     """
     if mode not in MODES:
         raise TokenFormerError(f"unknown growth mode {mode!r}: use one of {', '.join(MODES)}")
@@ -215,10 +216,17 @@ def grow_pattention(layer: Pattention, num_tokens: int, mode: str = "exact", *,
         new_keys = _random_rows((extra, keys.shape[1]), layer.key_std, keys, generator)
         layer.scale_num = None
     if isinstance(keys, DTensor):
+        if noise:
+            raise TokenFormerError("noise on the old tokens is not supported for a token-parallel model (each rank "
+                                   "holds a shard): grow it with noise 0, or in one process")
         _grow_shards(layer, new_keys, new_values)
         return layer
-    replace_rows(layer, torch.cat([keys.detach(), new_keys]),       # (num_tokens, d_in)
-                  torch.cat([values.detach(), new_values]))          # (num_tokens, d_out)
+    old_keys, old_values = keys.detach(), values.detach()
+    if noise:
+        old_keys = old_keys + _random_rows(tuple(keys.shape), noise * old_keys.std().item(), keys, generator)
+        old_values = old_values + _random_rows(tuple(values.shape), noise * old_values.std().item(), values, generator)
+    replace_rows(layer, torch.cat([old_keys, new_keys]),       # (num_tokens, d_in)
+                  torch.cat([old_values, new_values]))          # (num_tokens, d_out)
     return layer
 
 
@@ -244,15 +252,19 @@ def _grow_shards(layer: Pattention, new_keys: torch.Tensor, new_values: torch.Te
 
 def grow(model: nn.Module, *, qkv_slot_num: int | None = None, proj_slot_num: int | None = None,
          ffn_slot_num: int | None = None, factor: float | None = None, mode: str = "exact",
-         value_std: float | None = None, seed: int | None = None,
+         value_std: float | None = None, noise: float = 0.0, seed: int | None = None,
          generator: torch.Generator | None = None, **other_slot_nums: int | None) -> nn.Module:
     """A new model with more parameter tokens; `model` is left untouched.
 
     Give the new slot counts (`None` keeps one; `other_slot_nums` for a config with more than the
     three, e.g. a captioner's `vision_ffn_slot_num`) or `factor` (multiplies them all). `mode` is
     `exact` (same function; l2_norm_gelu and gelu_l2_norm only) or `official` (random new rows,
-    scale follows n). The config records the growth in `growth_history`.
+    scale follows n). `noise` > 0 perturbs the old tokens too (`grow_pattention`; as the official
+    author suggests for a model whose schedule had ended; no longer the same function then).
+    The config records the growth in `growth_history`.
     """
+    if noise < 0:
+        raise TokenFormerError(f"noise must be 0 or more (a share of each tensor's std), got {noise!r}")
     if mode not in MODES:
         raise TokenFormerError(f"unknown growth mode {mode!r}: use one of {', '.join(MODES)}")
     if generator is None and seed is not None:
@@ -262,7 +274,7 @@ def grow(model: nn.Module, *, qkv_slot_num: int | None = None, proj_slot_num: in
         # generator for all, and the model states the towers' new configs.
         return model.with_towers({name: grow(tower, qkv_slot_num=qkv_slot_num, proj_slot_num=proj_slot_num,
                                              ffn_slot_num=ffn_slot_num, factor=factor, mode=mode,
-                                             value_std=value_std, seed=seed, generator=generator,
+                                             value_std=value_std, noise=noise, seed=seed, generator=generator,
                                              **other_slot_nums)
                                   for name, tower in model.towers().items()})
     config = model.config
@@ -281,13 +293,13 @@ def grow(model: nn.Module, *, qkv_slot_num: int | None = None, proj_slot_num: in
         if new[f] != old[f]:  # every layer of a group had the same effective n: the config states it once
             changes[scale_field(f)] = (getattr(config, scale_field(f)) or old[f]) if mode == "exact" else None
     changes["growth_history"] = list(config.growth_history) + [
-        history_entry(mode, old, new, value_std=value_std, seed=seed)]
+        history_entry(mode, old, new, value_std=value_std, seed=seed, noise=noise or None)]
     grown_config = replace_config(config, changes)  # checked (sizes included) before anything is allocated
     grown = copy.deepcopy(model)
     for f, layers in pattention_groups(grown).items():
         if new[f] != old[f]:
             for layer in layers.values():
-                grow_pattention(layer, new[f], mode, value_std=value_std, generator=generator)
+                grow_pattention(layer, new[f], mode, value_std=value_std, noise=noise, generator=generator)
     grown.config = grown_config
     return grown
 
@@ -298,7 +310,8 @@ def grow_optimizer_state(optimizer_state: Mapping[str, Any], old_model: nn.Modul
                          new_model: nn.Module) -> dict[str, Any]:
     """Map an (Adam/AdamW) optimizer state dict of `old_model` to the shapes of `new_model`.
 
-    Old rows keep their `exp_avg`, `exp_avg_sq`, ...; new rows start with zero moments; `step`
+    Old rows keep their `exp_avg`, `exp_avg_sq`, ...; new rows start with zero moments (any
+    dimension may grow: a widened linear layer's new columns start at zero too); `step`
     is kept, so the new rows' first updates are smaller than a fresh optimizer's (the bias
     correction is already ~1 while their moments are still near 0), a built-in warm-up.
     Load the result into an optimizer built the same way over `new_model`. Parameters are matched
@@ -315,12 +328,13 @@ def grow_optimizer_state(optimizer_state: Mapping[str, Any], old_model: nn.Modul
         for key, value in list(per_param.items()):
             if not torch.is_tensor(value) or value.shape == target.shape or value.dim() == 0:
                 continue
-            if value.shape[1:] != target.shape[1:] or value.shape[0] > target.shape[0]:
+            if value.dim() != target.dim() or any(o > n for o, n in zip(value.shape, target.shape)):
                 raise TokenFormerError(
                     f"optimizer state {key!r} of {name!r} has shape {tuple(value.shape)}, which cannot "
                     f"grow into {tuple(target.shape)}: is new_model a grown old_model?")
-            pad = value.new_zeros((target.shape[0] - value.shape[0],) + tuple(value.shape[1:]))
-            per_param[key] = torch.cat([value, pad])  # (n_new, d)
+            grown = value.new_zeros(target.shape)  # new rows (or columns, for a widened layer) start at 0
+            grown[tuple(slice(0, o) for o in value.shape)] = value
+            per_param[key] = grown
     return state
 
 

@@ -6,8 +6,9 @@ model grows after step g is taken, logged, validated and saved, before step g + 
 `step_g` holds the model before that growth and every later checkpoint the grown one.
 
 How: `tokenformer.scaling.grow` (exact: the grown model computes the same function; official: the
-official random rows), by `grow_factor` or to the slot counts of `grow_to`, the new rows drawn from
-a generator seeded by `seed` and the growth's index (the same on every rank and after a resume).
+official random rows; `grow_noise` perturbs the old tokens too), or the model's own `grow` method,
+by `grow_factor` or to the slot counts of `grow_to`, the new rows drawn from a generator seeded by
+`seed` and the growth's index (the same on every rank and after a resume).
 
 The optimizer: `carry` (default) maps the AdamW state with `grow_optimizer_state`: the old tokens
 keep their moments and step count, the new tokens start at zero moments; `fresh` starts a new
@@ -56,6 +57,8 @@ class GrowthOptions:
                                  "fresh: a new AdamW at each growth", default="carry")
     grow_rewarm: int = option("after each growth, ramp the lr linearly from 0 back to the schedule's over this "
                               "many steps (0: no re-warm, the schedule goes on)", minimum=0, default=0)
+    grow_noise: float = option("add N(0, this x each tensor's std) to the old parameter tokens at each growth (the "
+                               "official author's suggestion; 0: none, exact growth stays exact)", minimum=0, default=0.0)
 
 
 def growth_steps(points: list[float], train_iters: int) -> list[int]:
@@ -124,7 +127,7 @@ def check_run(cfg, model: nn.Module, task, sharded: bool, start_step: int) -> No
     reason = task.growth_refusal()
     if reason:
         raise TokenFormerError(f"this task cannot use grow_at: {reason}")
-    if not hasattr(model, "towers"):
+    if not hasattr(model, "towers") and not own_growth(model):
         if not hasattr(model, "config"):
             raise TokenFormerError(f"grow_at: a {type(model).__name__} has no config with slot counts to grow")
         slot_counts(model.config)  # names the missing field of a model that cannot grow
@@ -141,7 +144,9 @@ def grow_run(run, index: int, carry: bool | None = None) -> dict[str, Any]:
     cfg, env = run.cfg, run.env
     old = unwrap(run.model)
     before = sum(p.numel() for p in old.parameters())
-    grown = grow(old, mode=cfg.grow_mode, seed=cfg.seed + 1 + index, **targets(cfg)[index])
+    how = dict(mode=cfg.grow_mode, seed=cfg.seed + 1 + index, **targets(cfg)[index],
+               **({"noise": cfg.grow_noise} if cfg.grow_noise else {}))
+    grown = old.grow(**how) if own_growth(old) else grow(old, **how)
     grown.to(env.device).train()
     carry = cfg.grow_optimizer == "carry" if carry is None else carry
     state = grow_optimizer_state(run.optimizer.state_dict(), old, grown) if carry else None
@@ -156,6 +161,12 @@ def grow_run(run, index: int, carry: bool | None = None) -> dict[str, Any]:
               "optimizer": "carry" if carry else "fresh", "rewarm": cfg.grow_rewarm}
     run.growths.append(record)
     return record
+
+
+def own_growth(model: nn.Module) -> bool:
+    """A model class may grow itself: a method `grow(mode=, seed=, **target)` returning the grown
+    copy (the growth experiment's Transformer control widens its FFN so)."""
+    return callable(getattr(model, "grow", None))
 
 
 def catch_up(run, checkpoint_step: int) -> None:
