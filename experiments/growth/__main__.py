@@ -63,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
                                                                "or runs/growth-quick/results with --quick)")
     parser.add_argument("--work", type=Path, default=None, help="data and runs (default runs/growth[-quick])")
     parser.add_argument("--jobs", type=int, default=2, help="arms at a time, one thread each (1: in this process)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: report on the arms finished so far (a stopped run), leaving out "
+                             "the seeds whose from-scratch ladders are incomplete")
     parser.add_argument("--steps", type=int, default=None, help="N, the base's budget (default 2000; quick 24)")
     parser.add_argument("--set", type=parse_setting, action="append", default=[], metavar="FIELD=VALUE",
                         help="a protocol field (experiments/growth/protocol.py), e.g. hidden_size=32")
@@ -85,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(all_arms)} arms on {corpus}; N = {protocol.steps} steps of {protocol.tokens_per_step} tokens; "
           f"held-out set {protocol.held_out_tokens:,} bytes", flush=True)
     outcomes = run_all(protocol, all_arms, data, work / "runs", args.jobs, choose_lr,
-                       say=lambda line: print(line, flush=True))
+                       say=lambda line: print(line, flush=True), train_missing=not args.report_only)
+    all_arms = [a for a in all_arms if a.name in outcomes]
     results = analyse(protocol, all_arms, outcomes)
     wall = time.perf_counter() - began
     report = {"command": "python -m experiments.growth " + " ".join(argv if argv is not None else sys.argv[1:]),

@@ -95,8 +95,14 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def analyse(p: Protocol, all_arms: list[Arm], outcomes: dict[str, dict[str, Any]]) -> dict[str, Any]:
     families: dict[str, Any] = {}
     for family in FAMILIES:
-        seeds = p.tf_seeds if family == "tf" else p.t_seeds
+        # a seed counts once its ladders are done: the large model at N and a small one past its compute
+        seeds = [s for s in (p.tf_seeds if family == "tf" else p.t_seeds)
+                 if {(k, b) for a in all_arms if (a.family, a.seed) == (family, s) for k, b in [(a.kind, a.budget)]}
+                 >= {("large", max(p.large_budgets)), ("small", max(p.small_budgets))}]
         per_seed = {seed: seed_results(p, all_arms, outcomes, family, seed) for seed in seeds}
+        if not per_seed:
+            families[family] = {"seeds": {}, "gate": None, "summary": {}}
+            continue
         gate_margins = [s["gate_margin"] for s in per_seed.values()]
         spread = std(gate_margins)
         mean_margin = sum(gate_margins) / len(gate_margins)
@@ -128,6 +134,9 @@ def table(p: Protocol, results: dict[str, Any]) -> str:
     for family, label in FAMILIES.items():
         data = results[family]
         gate = data["gate"]
+        if gate is None:
+            lines += [f"**{label}**: no seed with its from-scratch ladders done", ""]
+            continue
         lines += [f"**{label}** (seeds: {len(data['seeds'])}; gate: the large model at N beats the small frontier "
                   f"at equal compute by {gate['mean']:+.4f} nats, seed std {gate['std']:.4f}: "
                   f"{'conclusive' if gate['conclusive'] else 'INCONCLUSIVE'})", "",

@@ -130,9 +130,10 @@ def finished(p: Protocol, arm: Arm, lr: float, runs: Path) -> dict[str, Any] | N
 
 def run_all(p: Protocol, all_arms: list[Arm], data: Path, runs: Path, jobs: int,
             choose_lr: Callable[[Protocol, dict[str, dict[str, Any]], str], float],
-            say: Callable[[str], None] = print) -> dict[str, dict[str, Any]]:
+            say: Callable[[str], None] = print, train_missing: bool = True) -> dict[str, dict[str, Any]]:
     """Every arm once what it needs is done: the lr sweep first (it picks each family's lr), then
-    the ladders and bases, then the grown arms of each base. `jobs` at a time (1: in this process)."""
+    the ladders and bases, then the grown arms of each base. `jobs` at a time (1: in this process).
+    `train_missing` False: only the arms finished earlier (a report on a run that was stopped)."""
     outcomes: dict[str, dict[str, Any]] = {}
     waiting = list(all_arms)
     pool = futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) if jobs > 1 else None
@@ -162,6 +163,8 @@ def run_all(p: Protocol, all_arms: list[Arm], data: Path, runs: Path, jobs: int,
                 earlier = finished(p, arm, lr, runs)
                 if earlier is not None:
                     record(arm, earlier, "done earlier")
+                elif not train_missing:
+                    say(f"{arm.name}: not trained yet, left out")
                 elif pool is None:
                     record(arm, run_arm(p, arm, lr, data, runs, keep_every(arm)), "done")
                     break  # in order: what this arm made ready may come before the rest
@@ -172,6 +175,8 @@ def run_all(p: Protocol, all_arms: list[Arm], data: Path, runs: Path, jobs: int,
                 for job in done:
                     record(running.pop(job), job.result(), "done")
             elif waiting and not any(ready(a) for a in waiting):
+                if not train_missing:
+                    break  # they wait on arms left out
                 raise RuntimeError(f"arms wait on nothing that runs: {[a.name for a in waiting]}")
     finally:
         if pool is not None:
