@@ -168,9 +168,21 @@ def in_run_arms(p: Protocol, family: str, seed: int) -> list[Arm]:
     if not points:
         return []
     at = {"in-run-carry": points, "widen-carry": points, "in-run-fresh": (p.one_point,),
-          "in-run-noise": (p.one_point,), "in-run-2step": None, "in-run-rewarm": points}  # in the order they run
-    return [Arm(family, kind, seed, 1.0, n, grow_at=p.two_step_points if g is None else (g,))
-            for kind, where in at.items() if (family, kind) in IN_RUN_KINDS for g in (where or [None])]
+          "in-run-noise": (p.one_point,), "in-run-2step": None, "in-run-rewarm": points}
+    out = [Arm(family, kind, seed, 1.0, n, grow_at=p.two_step_points if g is None else (g,))
+           for kind, where in at.items() if (family, kind) in IN_RUN_KINDS for g in (where or [None])]
+    return sorted(out, key=lambda a: in_run_priority(p, a))
+
+
+def in_run_priority(p: Protocol, arm: Arm) -> int:
+    """The order in which the in-run arms run (a run stopped early has the most telling ones):
+    carried moments at `one_point`, then later, then the re-warm and the fresh optimizer there,
+    then carried moments earlier, the noise, the two-step chain, the other re-warms."""
+    point, late = arm.grow_at[0], arm.grow_at[0] > p.one_point
+    if arm.kind in ("in-run-carry", "widen-carry"):
+        return 0 if point == p.one_point else 1 if late else 4
+    return {"in-run-rewarm": 2 if point == p.one_point else 7, "in-run-fresh": 3, "in-run-noise": 5,
+            "in-run-2step": 6}[arm.kind]
 
 
 def trunks(p: Protocol, all_arms: list[Arm]) -> list[Arm]:

@@ -155,7 +155,9 @@ def run_all(p: Protocol, all_arms: list[Arm], data: Path, runs: Path, jobs: int,
 
     try:
         while waiting or running:
-            for arm in [a for a in waiting if ready(a)]:
+            for arm in list(waiting):
+                if not ready(arm):  # asked as it comes: an arm finished earlier makes the next ones ready
+                    continue
                 if len(running) >= jobs and pool is not None:
                     break
                 waiting.remove(arm)
