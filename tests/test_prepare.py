@@ -338,6 +338,7 @@ def test_bad_inputs_fail_in_one_sentence(tmp_path):
         (dict(inputs=[tmp_path / "broken.jsonl"]), r"broken.jsonl line 2 is not valid JSON"),
         (dict(inputs=[missing_field], tokenizer="gpt9"), r"unknown tokenizer 'gpt9'"),
         (dict(inputs=[missing_field], tokenizer="bpe", vocab_size=100), r"--vocab-size 100 is too small"),
+        (dict(inputs=[missing_field], tokenizer="bpe", vocab_size=10**9), r"--vocab-size 1,000,000,000 is larger than 1,048,576"),
         (dict(inputs=[missing_field], valid_fraction=1.0), r"--valid-fraction must be in \[0, 1\)"),
         (dict(inputs=[missing_field], out=tmp_path / "user"), r"output .*user exists and is not a prepared dataset"),
     ]

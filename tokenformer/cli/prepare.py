@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from tokenformer.data.documents import DEFAULT_GLOB
-from tokenformer.data.prepare import prepare
+from tokenformer.data.prepare import MAX_BPE_VOCAB, prepare
 from tokenformer.data.tokenizer import BYTE_VOCAB_SIZE
 from tokenformer.options import MAX_SEED, number
 
@@ -19,7 +19,8 @@ def arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", default="byte",
                         help="'byte' (default), 'bpe' to train a byte-level BPE on the corpus, a tokenizer.json "
                         "path such as the GPT-NeoX-20B one (or a folder holding one), or a Hub name")
-    parser.add_argument("--vocab-size", type=number(int, minimum=BYTE_VOCAB_SIZE), default=2048, help="vocabulary of the trained BPE (with --tokenizer bpe)")
+    parser.add_argument("--vocab-size", type=number(int, minimum=BYTE_VOCAB_SIZE, maximum=MAX_BPE_VOCAB), default=2048,
+                        help="vocabulary of the trained BPE (with --tokenizer bpe)")
     parser.add_argument("--text-field", default="text", help="the JSONL field / dataset column holding the text")
     parser.add_argument("--glob", default=DEFAULT_GLOB,
                         help="comma-separated file-name patterns searched for in input folders")

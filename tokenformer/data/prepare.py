@@ -41,6 +41,9 @@ from tokenformer.outputs import MARKER_FILE, owner_of
 
 CHUNK_DOCUMENTS = 1024          # documents per encode_batch call ...
 CHUNK_CHARACTERS = 8_000_000    # ... or fewer, so that a chunk stays a few tens of MB
+# the largest BPE vocabulary trained: 4x the largest published ones (~256k); the trainer reserves memory
+# by the asked size (10^8 aborted the process under a 4 GiB address-space limit, 2^24 did not)
+MAX_BPE_VOCAB = 1 << 20
 
 
 # ----------------------------------------------------------------------------- tokenizers
@@ -54,6 +57,9 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 2048, show_progress: bool 
         raise TokenFormerError(
             f"--vocab-size {vocab_size} is too small for a byte-level BPE: it needs at least "
             f"{BYTE_VOCAB_SIZE} (256 bytes + {END_OF_TEXT})")
+    if vocab_size > MAX_BPE_VOCAB:
+        raise TokenFormerError(f"--vocab-size {vocab_size:,} is larger than {MAX_BPE_VOCAB:,}, the most a BPE is "
+                               f"trained to here (published vocabularies stay under 300,000)")
     backend = Backend(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
