@@ -1,15 +1,21 @@
-"""Shared fixtures: paths to ../shared/data (skipped with a reason when absent) and tiny models.
+"""Shared fixtures: paths to ../shared/data (skipped with a reason when absent), tiny models and
+checkpoints, a prepared training corpus.
 
 In CI (CI=true, `.ci/run`) the development extras are installed by `make test`: there a missing one is a
 broken install, so `pytest.importorskip` imports strictly (a failure, not a silent skip of the module).
 """
 
 import importlib
+import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+
+from tokenformer import ByteTokenizer, Config, TokenFormer
+from tokenformer.data.indexed import IndexedDatasetWriter
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -84,3 +90,49 @@ def offline_hub(monkeypatch, tmp_path):
     monkeypatch.setattr(datasets.config, "DOWNLOADED_DATASETS_PATH", cache / datasets.config.DOWNLOADED_DATASETS_DIR)
     monkeypatch.setattr(datasets.config, "EXTRACTED_DATASETS_PATH", cache / datasets.config.EXTRACTED_DATASETS_DIR)
     return cache
+
+
+# ---- tiny models and checkpoints ------------------------------------------------------------------
+
+def tiny_model() -> TokenFormer:
+    """The `tiny` preset, untrained, in eval mode (its weights follow the seed of `_seed`)."""
+    return TokenFormer(Config.from_name("tiny")).eval()
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path) -> Path:
+    """A `tiny` model saved with the byte tokenizer (tmp_path/tiny)."""
+    return TokenFormer(Config.from_name("tiny")).save_pretrained(tmp_path / "tiny", tokenizer=ByteTokenizer())
+
+
+# ---- a prepared corpus ---------------------------------------------------------------------------
+
+def write_corpus(directory: Path, train_docs, valid_docs=None) -> Path:
+    """A `tokenformer prepare`-shaped directory: indexed files, tokenizer.json, prepare.json."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, docs in (("train", train_docs), ("valid", valid_docs)):
+        if docs is None:
+            continue
+        writer = IndexedDatasetWriter(directory / f"{name}_text_document", dtype=np.uint16)
+        for doc in docs:
+            writer.add_item(doc)
+        writer.close()
+    tokenizer = ByteTokenizer()
+    tokenizer.save(directory / "tokenizer.json")
+    (directory / "prepare.json").write_text(json.dumps({"vocab_size": tokenizer.vocab_size,
+                                                        "eod_id": tokenizer.eos_id}))
+    return directory
+
+
+def text_docs(texts):
+    tok = ByteTokenizer()
+    return [tok.encode(t) + [tok.eos_id] for t in texts]
+
+
+TEXTS = [f"def function_{i}(x):\n    return x * {i} + {i % 7}\n" * (1 + i % 3) for i in range(60)]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """60 short code-like documents for training, every 7th of them for validation (byte tokens)."""
+    return write_corpus(tmp_path_factory.mktemp("corpus"), text_docs(TEXTS), text_docs(TEXTS[::7]))

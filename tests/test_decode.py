@@ -12,15 +12,14 @@ from tokenformer.__main__ import main
 from tokenformer.decode import Decoder, Product, StaticKVCache
 from tokenformer.models.quantize import dequantize_rows, int8_matmul, packed_kernel_works, quantize_rows
 
+from tests.conftest import tiny_model
+
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 # Relative error ||logits - fp32 logits|| / ||fp32 logits|| allowed (why these numbers: see the tests).
 BF16_TOLERANCE = 0.03
 INT8_TOLERANCE = 0.03
 
-
-def tiny_model() -> TokenFormer:
-    return TokenFormer(Config.from_name("tiny")).eval()
 
 
 def relative_error(logits: torch.Tensor, reference: torch.Tensor) -> float:

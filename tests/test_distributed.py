@@ -27,8 +27,7 @@ import torch
 import torch.distributed as dist
 
 import tokenformer.training.distributed as D
-from tokenformer import ByteTokenizer, TokenFormer
-from tokenformer.data.indexed import IndexedDatasetWriter
+from tokenformer import TokenFormer
 from tokenformer.outputs import MARKER_FILE
 from tokenformer.training.config import TrainConfig, VisionTrainConfig
 from tokenformer.training import loop
@@ -49,22 +48,6 @@ LAUNCH_TIMEOUT_S = 240  # a hang (a rank waiting forever on a dead peer) fails t
 # LAUNCH_TIMEOUT_S, and the tests require the job to end within a quarter of it (measured: ~1 s).
 FAILURE_TIMEOUT_MINUTES = 2.0
 PROMPT_STOP_S = FAILURE_TIMEOUT_MINUTES * 60 / 4
-
-
-def write_corpus(directory: Path) -> Path:
-    """A `tokenformer prepare`-shaped directory: indexed files, tokenizer.json, prepare.json."""
-    directory.mkdir(parents=True, exist_ok=True)
-    tokenizer = ByteTokenizer()
-    texts = [f"def function_{i}(x):\n    return x * {i} + {i % 7}\n" * (1 + i % 3) for i in range(60)]
-    for name, split in (("train", texts), ("valid", texts[::7])):
-        writer = IndexedDatasetWriter(directory / f"{name}_text_document", dtype=np.uint16)
-        for text in split:
-            writer.add_item(tokenizer.encode(text) + [tokenizer.eos_id])
-        writer.close()
-    tokenizer.save(directory / "tokenizer.json")
-    (directory / "prepare.json").write_text(json.dumps({"vocab_size": tokenizer.vocab_size,
-                                                        "eod_id": tokenizer.eos_id}))
-    return directory
 
 
 def run_fields(corpus: Path, save: Path, **changes) -> dict:
@@ -118,11 +101,6 @@ def assert_same_losses(got: dict[int, float], expected: dict[int, float]) -> Non
     assert sorted(got) == sorted(expected)
     for step in expected:
         assert abs(got[step] - expected[step]) <= LOSS_ATOL, (step, got[step], expected[step])
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    return write_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 @pytest.fixture(scope="module")

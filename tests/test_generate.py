@@ -3,13 +3,12 @@
 import pytest
 import torch
 
-from tokenformer import ByteTokenizer, Config, TokenFormer, TokenFormerError, generate_text, generate_tokens
+from tokenformer import ByteTokenizer, TokenFormerError, generate_text, generate_tokens
 from tokenformer.__main__ import main
 from tokenformer.generate import generate_batch, sample_next
 
+from tests.conftest import tiny_model
 
-def tiny_model():
-    return TokenFormer(Config.from_name("tiny")).eval()
 
 
 def test_greedy_equals_argmax_of_full_forward():

@@ -90,13 +90,6 @@ def grown_config(corpus, save=None, **changes):
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    from tests.test_train import TEXTS, text_docs, write_corpus
-
-    return write_corpus(tmp_path_factory.mktemp("corpus"), text_docs(TEXTS), text_docs(TEXTS[::7]))
-
-
-@pytest.fixture(scope="module")
 def straight(corpus, tmp_path_factory):
     save = tmp_path_factory.mktemp("straight")
     return save, train(grown_config(corpus, save))

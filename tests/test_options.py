@@ -19,11 +19,6 @@ from tokenformer.training.tasks.base import TaskContext
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
-@pytest.fixture
-def checkpoint(tmp_path):
-    return tf.TokenFormer(tf.Config.from_name("tiny")).save_pretrained(tmp_path / "tiny", tokenizer=tf.ByteTokenizer())
-
-
 def new_value_rows(model: tf.TokenFormer, old: tf.TokenFormer) -> torch.Tensor:
     """Every value row the growth appended, across all Pattentions of the slot groups, flattened."""
     rows = [layer.value_param_tokens[old_layer.num_tokens:].flatten()
@@ -32,11 +27,11 @@ def new_value_rows(model: tf.TokenFormer, old: tf.TokenFormer) -> torch.Tensor:
     return torch.cat(rows).detach()
 
 
-def test_grow_value_std_sets_the_spread_of_the_new_value_rows(checkpoint, tmp_path, capsys):
-    old = tf.TokenFormer.from_pretrained(checkpoint)
+def test_grow_value_std_sets_the_spread_of_the_new_value_rows(tiny_checkpoint, tmp_path, capsys):
+    old = tf.TokenFormer.from_pretrained(tiny_checkpoint)
     for std in (0.0, 0.5):
         out = tmp_path / f"grown-{std}"
-        assert main(["grow", "--checkpoint", str(checkpoint), "--out", str(out), "--factor", "2",
+        assert main(["grow", "--checkpoint", str(tiny_checkpoint), "--out", str(out), "--factor", "2",
                      "--value-std", str(std), "--seed", "3"]) == 0
         grown = tf.TokenFormer.from_pretrained(out)
         values = new_value_rows(grown, old)
@@ -52,11 +47,11 @@ def test_grow_value_std_sets_the_spread_of_the_new_value_rows(checkpoint, tmp_pa
     capsys.readouterr()
 
 
-def test_grow_data_tokens_scores_the_windows_covering_the_first_n_tokens(checkpoint, tmp_path, capsys):
+def test_grow_data_tokens_scores_the_windows_covering_the_first_n_tokens(tiny_checkpoint, tmp_path, capsys):
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps({"text": f"Document {i}: the quick brown fox jumps over the lazy dog."}) + "\n"
                             for i in range(40)))
-    assert main(["grow", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "grown"), "--factor", "2",
+    assert main(["grow", "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "grown"), "--factor", "2",
                  "--data", str(data), "--seq-length", "32", "--data-tokens", "100"]) == 0
     out = capsys.readouterr().out
     # 100 tokens need ceil(100 / 32) = 4 windows of 32 (+1) tokens
@@ -64,16 +59,16 @@ def test_grow_data_tokens_scores_the_windows_covering_the_first_n_tokens(checkpo
     before, after = [float(v) for v in re.findall(r"(?:before growing|after) (\d+\.\d+)", out)]
     documents = (ids for ids, _ in token_documents(data, tf.ByteTokenizer()))
     windows = token_windows(documents, tf.ByteTokenizer().eos_id, 32)[:4]
-    model = tf.TokenFormer.from_pretrained(checkpoint)
+    model = tf.TokenFormer.from_pretrained(tiny_checkpoint)
     assert before == pytest.approx(mean_loss(model, [windows]), abs=1e-5)
     assert after == pytest.approx(before, abs=1e-5)
 
 
-def test_convert_dtype_writes_the_official_file_in_that_dtype(checkpoint, tmp_path, capsys):
+def test_convert_dtype_writes_the_official_file_in_that_dtype(tiny_checkpoint, tmp_path, capsys):
     files = {}
     for dtype in ("float32", "bfloat16", None):
         path = tmp_path / f"{dtype}.bin"
-        assert main(["convert", str(checkpoint), str(path), *(["--dtype", dtype] if dtype else [])]) == 0
+        assert main(["convert", str(tiny_checkpoint), str(path), *(["--dtype", dtype] if dtype else [])]) == 0
         files[dtype] = torch.load(path, weights_only=True)
     capsys.readouterr()
     state = lambda f: f.get("module", f) if isinstance(f, dict) else f  # noqa: E731

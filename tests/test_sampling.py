@@ -11,9 +11,11 @@ import math
 import pytest
 import torch
 
-from tokenformer import ByteTokenizer, Config, TokenFormer, generate_tokens
+from tokenformer import ByteTokenizer, generate_tokens
 from tokenformer.__main__ import main
 from tokenformer.generate import generate_batch, sample_next
+
+from tests.conftest import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 
@@ -111,9 +113,6 @@ def test_draws_follow_the_distribution_and_the_generator():
     first = [int(sample_next(uniform, 1.0, generator=torch.Generator().manual_seed(s))) for s in (1, 1, 2)]
     assert first[0] == first[1] != first[2]
 
-
-def tiny_model() -> TokenFormer:
-    return TokenFormer(Config.from_name("tiny")).eval()
 
 
 def hand_generation(model, prompt, steps, temperature, top_k, seed, vocab_size):

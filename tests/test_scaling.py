@@ -388,12 +388,6 @@ def test_growth_errors_are_one_clear_sentence():
 
 # ---- command line -------------------------------------------------------------------------------
 
-@pytest.fixture
-def tiny_checkpoint(tmp_path):
-    model = tf.TokenFormer(tf.Config.from_name("tiny"))
-    return model.save_pretrained(tmp_path / "tiny", tokenizer=tf.ByteTokenizer())
-
-
 def test_cli_grow_then_shrink_round_trip(tiny_checkpoint, tmp_path, capsys):
     grown_dir, shrunk_dir = tmp_path / "grown", tmp_path / "shrunk"
     assert main(["grow", "--checkpoint", str(tiny_checkpoint), "--out", str(grown_dir), "--factor", "2"]) == 0

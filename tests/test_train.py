@@ -6,6 +6,7 @@ import json
 import math
 import re
 import shlex
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,6 @@ import torch
 
 from tokenformer import ByteTokenizer, Config, TokenFormer, TokenFormerError
 from tokenformer.__main__ import build_parser, main as cli
-from tokenformer.data.indexed import IndexedDatasetWriter
 from tokenformer.data.windows import WindowDataset
 from tokenformer.evaluation import scoring
 from tokenformer.models.config import resolve_model_config
@@ -25,38 +25,10 @@ from tokenformer.training.metrics import read_metrics
 from tokenformer.training.optim import build_optimizer, lr_at
 from tokenformer.training.tasks.language import LanguageModelTask
 
+from tests.conftest import TEXTS, text_docs, write_corpus
+
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def write_corpus(directory: Path, train_docs, valid_docs=None) -> Path:
-    """A `tokenformer prepare`-shaped directory: indexed files, tokenizer.json, prepare.json."""
-    directory.mkdir(parents=True, exist_ok=True)
-    for name, docs in (("train", train_docs), ("valid", valid_docs)):
-        if docs is None:
-            continue
-        writer = IndexedDatasetWriter(directory / f"{name}_text_document", dtype=np.uint16)
-        for doc in docs:
-            writer.add_item(doc)
-        writer.close()
-    tokenizer = ByteTokenizer()
-    tokenizer.save(directory / "tokenizer.json")
-    (directory / "prepare.json").write_text(json.dumps({"vocab_size": tokenizer.vocab_size,
-                                                        "eod_id": tokenizer.eos_id}))
-    return directory
-
-
-def text_docs(texts):
-    tok = ByteTokenizer()
-    return [tok.encode(t) + [tok.eos_id] for t in texts]
-
-
-TEXTS = [f"def function_{i}(x):\n    return x * {i} + {i % 7}\n" * (1 + i % 3) for i in range(60)]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    return write_corpus(tmp_path_factory.mktemp("corpus"), text_docs(TEXTS), text_docs(TEXTS[::7]))
 
 
 def tiny_config(corpus, save=None, **changes) -> TrainConfig:
@@ -413,12 +385,8 @@ def test_150M_config_is_the_official_recipe():
 
 @pytest.mark.parametrize("field, module, extra", [("tensorboard_dir", "torch.utils.tensorboard", "tensorboard"),
                                                    ("wandb_project", "wandb", "wandb")])
-def test_missing_logging_extra_is_named(corpus, tmp_path, field, module, extra):
-    try:
-        __import__(module)
-        pytest.skip(f"{module} is installed")
-    except ImportError:
-        pass
+def test_missing_logging_extra_is_named(corpus, tmp_path, monkeypatch, field, module, extra):
+    monkeypatch.setitem(sys.modules, module, None)  # importing it raises ImportError, installed or not
     with pytest.raises(TokenFormerError, match=rf"tokenformer\[{extra}\]"):
         train(tiny_config(corpus, tmp_path / "run", **{field: str(tmp_path / "logs")}))
 

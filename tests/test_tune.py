@@ -23,7 +23,7 @@ from tokenformer.training.metrics import read_metrics
 from tokenformer.training.optim import build_optimizer
 from tokenformer.training.config import TrainConfig
 
-from tests.test_train import corpus, tiny_config  # noqa: F401  (the module-scoped corpus fixture)
+from tests.test_train import tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 BASE_COUNTS = {"qkv": 32, "proj": 32, "ffn": 128}  # the tiny preset

@@ -18,7 +18,7 @@ from tokenformer.training.metrics import read_metrics
 from tokenformer.training.optim import build_optimizer, lr_at
 from tokenformer.training.warm_start import prepare_model, start_optimizer
 
-from tests.test_train import corpus, tiny_config  # noqa: F401  (the module-scoped corpus fixture)
+from tests.test_train import tiny_config
 
 GROWN = dict(qkv_slot_num=48, proj_slot_num=40, ffn_slot_num=160)  # tiny is 32/32/128
 
