@@ -43,7 +43,7 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
     "generate.py": (["test_generate.py", "test_decode.py"], ["test_sampling.py", "test_core_edges.py", "test_captioner.py"]),
     "scaling/grow.py": (["test_scaling.py", "test_tune.py"], ["test_grown_paths.py", "test_core_edges.py",
                                                             "test_grow_edges.py"]),
-    "evaluation/scoring.py": (["test_perplexity.py"], []),
+    "evaluation/scoring.py": (["test_perplexity.py"], ["test_scoring_edges.py"]),
     "training/optim.py": (["test_train.py"], []),
     "training/checkpointing.py": (["test_train.py"], []),
     "data/windows.py": (["test_train.py", "test_indexed_dataset.py"], ["test_validation_data.py"]),
@@ -61,6 +61,11 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
 
 # Mutants that compute the same thing as the original: no test can tell them apart. Name -> why.
 EQUIVALENT: dict[str, str] = {
+    "tokenformer.evaluation.scoring.x_score_windows__mutmut_82":
+        "log_softmax without dim on the (k, V) log-probabilities: the implicit dim of a 2-D input is 1, the last",
+    "tokenformer.evaluation.scoring.x_mean_loss__mutmut_7":
+        "the totals built on the default device: the CPU, where this runs and where the model is (on a GPU they "
+        "would differ)",
     "tokenformer.scaling.grow.x_grow_optimizer_state__mutmut_33":
         "`>=` for `>` on the row counts: the line is reached only when the shapes differ, so equal row counts "
         "mean the other dims differ and the first test of the `or` raises either way",
@@ -112,11 +117,17 @@ def undecorate(path: Path) -> int:
 SKIP = "not compile and not decode_flags"
 
 
+ALSO_COPY = ("configs", "examples", "docs", "bench", "experiments", "reliability", "README.md", "Makefile",
+             "constraints.txt")
+
+
 def write_config(directory: Path, module: str, tests: list[str]) -> None:
     lines = ["[mutmut]", "source_paths=tokenformer", f"only_mutate=tokenformer/{module}",
              "pytest_add_cli_args_test_selection=", *(f"    tests/{t}" for t in tests),
              "pytest_add_cli_args=", *(f"    {a}" for a in ("-p", "no:cacheprovider", "-q", "-x", "-k", SKIP)),
-             "process_isolation=forkserver", ""]
+             "process_isolation=forkserver",
+             # what tests read besides tests/ (mutmut runs them in mutants/, a copy of the sources)
+             "also_copy=", *(f"    {p}" for p in ALSO_COPY), ""]
     (directory / "setup.cfg").write_text("\n".join(lines))
 
 
