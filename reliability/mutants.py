@@ -45,7 +45,7 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
                                                             "test_grow_edges.py"]),
     "evaluation/scoring.py": (["test_perplexity.py"], ["test_scoring_edges.py"]),
     "training/optim.py": (["test_train.py"], ["test_optim_edges.py"]),
-    "training/checkpointing.py": (["test_train.py"], []),
+    "training/checkpointing.py": (["test_train.py"], ["test_checkpointing_edges.py"]),
     "data/windows.py": (["test_train.py", "test_indexed_dataset.py"], ["test_validation_data.py", "test_windows_edges.py"]),
     "data/indexed.py": (["test_indexed_dataset.py"], ["test_indexed_edges.py"]),
     "training/loop.py": (["test_train.py"], ["test_validation_data.py"]),

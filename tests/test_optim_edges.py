@@ -88,3 +88,16 @@ def test_clipping_returns_the_norm_before_and_scales_to_the_limit():
     assert math.sqrt(model.matrix.grad.square().sum() + model.vector.grad.square().sum()) == pytest.approx(1.0, rel=1e-5)
     assert clip_gradients(model, 5.0) == pytest.approx(1.0, rel=1e-5)  # under the limit: unchanged
     assert torch.allclose(model.vector.grad, torch.tensor([1.0, 2.0, 3.0]) * scale, rtol=1e-5)
+
+
+def test_a_sharded_norm_is_gathered_before_it_is_read(monkeypatch):
+    """Under FSDP2 the clipping returns a DTensor: its `full_tensor()` is the norm to report."""
+
+    class ShardedNorm:  # what FSDP2's clip_grad_norm_ returns, reduced to what clip_gradients may use
+        def full_tensor(self):
+            return torch.tensor(2.5)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda parameters, max_norm: ShardedNorm())
+    model = TwoKinds()
+    model.matrix.grad = torch.ones(3, 2)
+    assert clip_gradients(model, 1.0) == 2.5
