@@ -11,6 +11,7 @@ from collections import namedtuple
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from tokenformer import TokenFormerError
 from tokenformer.training import checkpointing
@@ -65,8 +66,9 @@ def test_leftovers_of_a_killed_save_are_removed_and_nothing_else(tmp_path):
         (tmp_path / name).mkdir()
     (tmp_path / ".latest.x1.tmp").write_text("step_0000")
     (tmp_path / ".keep").write_text("a user's file")
+    (tmp_path / ".tmp-step_00000005").write_text("")  # a file where a folder was expected: left, no crash
     manager.remove_leftovers()
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".keep", "step_00000002"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".keep", ".tmp-step_00000005", "step_00000002"]
 
 
 def test_load_restores_weights_and_optimizer_and_names_what_is_wrong(tmp_path):
@@ -79,6 +81,9 @@ def test_load_restores_weights_and_optimizer_and_names_what_is_wrong(tmp_path):
     assert all(torch.equal(p, q) for p, q in zip(other.parameters(), model.parameters()))
     moments = [other_optimizer.state[p]["exp_avg"] for p in other.parameters()]
     assert all(torch.equal(a, optimizer.state[p]["exp_avg"]) for a, p in zip(moments, model.parameters()))
+    (path / "trainer.pt").rename(path / "moved.pt")
+    with pytest.raises(TokenFormerError, match=rf"^trainer state {path / 'trainer.pt'} does not exist: "):
+        manager.load(path, other, other_optimizer)
     torch.save({"step": 5, "consumed_samples": 10}, path / "trainer.pt")
     with pytest.raises(TokenFormerError) as error:
         manager.load(path, other, other_optimizer)
@@ -116,6 +121,15 @@ def test_a_failed_write_is_a_bug_or_a_sentence_and_a_full_disk_is_recognised(tmp
                                 f"the previous checkpoint step_00000001 is kept; fix the directory and resume "
                                 f"(--resume)")
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["latest", "step_00000001"]
+    fail_with(OSError(errno.EIO, "Input/output error"))  # an OSError's reason is its strerror, not "[Errno 5] ..."
+    with pytest.raises(CheckpointWriteError) as error:
+        manager.save(2, model, optimizer, {"consumed_samples": 2, "rng": capture_rng()})
+    assert f"to {tmp_path / 'run'} (Input/output error): the previous" in str(error.value)
+    fail_with(OSError(errno.ENOSPC, "No space left on device"))
+    with pytest.raises(CheckpointWriteError) as error:
+        manager.save(2, model, optimizer, {"consumed_samples": 2, "rng": capture_rng()})
+    assert str(error.value) == (f"disk full while saving checkpoint 2 to {tmp_path / 'run'}: the previous checkpoint "
+                                f"step_00000001 is kept; free space and resume (--resume)")
     Usage = namedtuple("Usage", "total used free")
     monkeypatch.setattr(checkpointing.shutil, "disk_usage", lambda d: Usage(10**9, 10**9, 10**6))
     for error, full in ((OSError(errno.ENOSPC, "No space left"), True), (OSError(errno.EDQUOT, "Quota"), True),
@@ -141,3 +155,38 @@ def test_restored_random_states_draw_the_same_numbers():
     restore_rng(state)
     assert (random.random(), random.gauss(0, 1), np.random.rand(3).tolist(), torch.rand(3).tolist()) == first
     assert isinstance(state["numpy"][1], torch.Tensor)  # loadable with weights_only=True
+
+
+def test_sharded_saves_and_loads_go_through_the_sharded_format(tmp_path, monkeypatch):
+    """Under FSDP2 a save writes the shards into `sharded/` (torch.distributed.checkpoint) beside the
+    gathered full weights, and no optimizer state in trainer.pt; loading one (by FSDP2, or by one
+    process, which reshards it) reads `sharded/`; a full-state checkpoint loaded under FSDP2 goes
+    through `load_full_into_sharded`. The distributed calls are recorded here."""
+    calls = []
+
+    def save_sharded(directory, model, optimizer):
+        calls.append(("save", directory.name, directory.parent.name))
+        directory.mkdir()
+        (directory / "shard-0").write_text("shards")
+
+    monkeypatch.setattr(checkpointing, "save_sharded", save_sharded)
+    monkeypatch.setattr(checkpointing, "load_sharded", lambda d, m, o: calls.append(("load", d, m, o)))
+    monkeypatch.setattr(checkpointing, "load_full_into_sharded",
+                        lambda m, o, w, s, source: calls.append(("full", m, o, sorted(w) == sorted(m.state_dict()),
+                                                                 s, source)))
+    model, optimizer = trained()
+    manager = CheckpointManager(tmp_path)
+    path = manager.save(4, model, optimizer, {"consumed_samples": 8, "rng": capture_rng()}, sharded=True)
+    assert calls == [("save", "sharded", ".tmp-step_00000004")]
+    assert (path / "sharded" / "shard-0").read_text() == "shards"
+    assert torch.load(path / "trainer.pt", weights_only=True)["optimizer"] is None
+    weights = load_file(path / "model.safetensors")
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())  # the gathered full state
+    for sharded in (True, False):  # FSDP2, or one process resuming an FSDP2 checkpoint
+        calls.clear()
+        manager.load(path, model, optimizer, sharded=sharded)
+        assert calls == [("load", path / "sharded", model, optimizer)]
+    full = CheckpointManager(tmp_path / "full").save(2, model, optimizer, {"consumed_samples": 4, "rng": capture_rng()})
+    calls.clear()
+    state = manager.load(full, model, optimizer, sharded=True)
+    assert calls == [("full", model, optimizer, True, state["optimizer"], str(full))] and state["optimizer"] is not None
