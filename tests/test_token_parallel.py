@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tests.test_distributed import assert_same_losses, losses_of, run_fields, torchrun, write_corpus
+from tests.test_distributed import assert_same_losses, losses_of, run_fields, torchrun
 from tokenformer import TokenFormer
 from tokenformer.inputs import read_safetensors
 from tokenformer.models.config import resolve_model_config
@@ -136,11 +136,10 @@ def test_official_growth_under_token_parallelism_equals_one_process_growth(model
 # ---- the training loop ----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(corpus, tmp_path_factory):
     """One process (micro batch 4 x accumulation 2), TP=2 on 2 ranks with the same micro batch, and
     TP=2 x FSDP2=2 on 4 ranks with micro batch 2 (2 data-parallel groups): 8 windows a step each."""
     root = tmp_path_factory.mktemp("tp_runs")
-    corpus = write_corpus(root / "corpus")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
