@@ -61,6 +61,11 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
 
 # Mutants that compute the same thing as the original: no test can tell them apart. Name -> why.
 EQUIVALENT: dict[str, str] = {
+    "tokenformer.data.windows.xǁWindowDatasetǁ__init____mutmut_26":
+        "the sizes of no dataset as float64 zeros instead of int32: their sum is 0 either way, and the next line "
+        "refuses the empty data with the same sentence",
+    "tokenformer.data.windows.xǁWindowDatasetǁ_epoch__mutmut_24":
+        "np.cumsum without dtype into an int64 `out`: numpy accumulates int32 sizes in the default integer, int64",
     "tokenformer.evaluation.scoring.x_score_windows__mutmut_82":
         "log_softmax without dim on the (k, V) log-probabilities: the implicit dim of a 2-D input is 1, the last",
     "tokenformer.evaluation.scoring.x_mean_loss__mutmut_7":
@@ -140,7 +145,7 @@ def changed_line(directory: Path, mutant: str) -> str:
 
 
 def run_module(module: str, selection: str, before: dict | None, children: int = 1,
-               sample: int | None = None) -> dict:
+               sample: int | None = None, survivors_of_changed: bool = False) -> dict:
     """Mutate `module` and run its tests of `selection` on each mutant. With `before` (the old
     selection's result, same source), only its survivors run again: a mutant the old tests kill
     stays killed when tests are added, so the rest of the run would repeat itself."""
@@ -150,7 +155,8 @@ def run_module(module: str, selection: str, before: dict | None, children: int =
     tests = [t for t in old + (new if selection == "all" else []) if (ROOT / "tests" / t).is_file()]
     directory = ROOT / "runs" / "mutants" / module.replace("/", "-").removesuffix(".py")
     source = hashlib.sha256((ROOT / "tokenformer" / module).read_bytes()).hexdigest()
-    rerun = before is not None and before.get("source") == source and (directory / "mutants").is_dir()
+    same = before is not None and (before.get("source") == source or survivors_of_changed)
+    rerun = same and (directory / "mutants").is_dir()
     stamp = f"{source} {' '.join(tests)}"
     resume = (directory / "run.stamp").is_file() and (directory / "run.stamp").read_text() == stamp
     if not (rerun or resume):  # an interrupted run of the same source and tests goes on where it stopped
@@ -213,6 +219,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-children", type=int, default=1, help="mutants tested at once (default 1)")
     parser.add_argument("--sample", type=int, default=None,
                         help="test this many mutants per module, drawn at random (seed 0), instead of all")
+    parser.add_argument("--survivors-of-changed", action="store_true",
+                        help="with --selection all: run the old survivors again although the module changed since "
+                             "(check first that the functions they are in did not)")
+    parser.add_argument("--again", action="store_true",
+                        help="run the survivors of this selection's last result again (tests added since)")
     parser.add_argument("--rescore", action="store_true",
                         help="only mark the equivalent mutants (EQUIVALENT) in the results written before, and rescore")
     args = parser.parse_args(argv)
@@ -224,8 +235,11 @@ def main(argv: list[str] | None = None) -> int:
     results = json.loads(out.read_text()) if out.is_file() else {}
     old_path = RESULTS / "mutants-old.json"
     before = json.loads(old_path.read_text()) if args.selection == "all" and old_path.is_file() else {}
+    if args.again:
+        before = dict(results)
     for module in args.modules:
-        results[module] = run_module(module, args.selection, before.get(module), args.max_children, args.sample)
+        results[module] = run_module(module, args.selection, before.get(module), args.max_children, args.sample,
+                                     args.survivors_of_changed)
         r = results[module]
         print(f"{module}: {r['score']:.1%} of the non-equivalent of {r['tested']} mutants tested (of {r['mutants']}) killed "
               f"({r['counts']}, {r['equivalent']} equivalent)",

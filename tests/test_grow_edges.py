@@ -196,3 +196,32 @@ def test_a_model_whose_config_names_no_normalisation_grows_officially_but_not_ex
     with pytest.raises(tf.TokenFormerError) as error:
         tf.grow(model, factor=2)
     assert str(error.value).startswith("exact growth cannot preserve a None model")
+
+
+def test_a_token_parallel_pattention_grows_its_own_shard_to_the_rows_one_process_draws():
+    """In one process of a 1-rank gloo group (the shard is the whole layer): the grown parameters stay
+    DTensors sharded on the token axis, trainable, and hold the rows a plain layer grown with the same
+    seed holds. (Two ranks, each appending its half, run in tests/test_token_parallel.py.)"""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    from tokenformer.parallel.tokens import shard_tokens
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        for mode in ("exact", "official"):
+            plain = Pattention(8, 6, 4, value_std=0.5)
+            layer = Pattention(8, 6, 4, value_std=0.5)
+            layer.load_state_dict(plain.state_dict())
+            shard_tokens(layer, init_device_mesh("cpu", (1,)))
+            grow_pattention(layer, 10, mode, generator=torch.Generator().manual_seed(1))
+            grow_pattention(plain, 10, mode, generator=torch.Generator().manual_seed(1))
+            for name in ("key_param_tokens", "value_param_tokens"):
+                grown = getattr(layer, name)
+                assert isinstance(grown, DTensor) and grown.placements == (Shard(0),) and grown.requires_grad
+                assert grown.shape == (10, 8 if name == "key_param_tokens" else 6)
+                assert torch.equal(grown.to_local(), getattr(plain, name))
+            assert layer.scale_num == plain.scale_num == (4 if mode == "exact" else None)
+    finally:
+        dist.destroy_process_group()

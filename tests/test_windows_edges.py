@@ -85,6 +85,6 @@ def test_token_windows_add_end_of_text_once_and_stop_at_max_windows():
         for doc in docs:
             read.append(doc)
             yield doc
-    assert token_windows(counted(), eos, 1, max_windows=1).tolist() == [[1, 2]]
-    assert len(read) == 1  # stopped reading once the window was full
+    assert token_windows(counted(), eos, 2, max_windows=1).tolist() == [[1, 2, 9]]
+    assert len(read) == 1  # stopped reading once the window was exactly full
     assert token_windows([[]], eos, 2).shape == (0, 3)
