@@ -116,10 +116,12 @@ def check_token_parallel(config, tp_size: int) -> None:
 
 def plan(model: nn.Module) -> dict[str, ParallelStyle]:
     """The token-parallel plan of a language model (`TokenFormer`): module name -> style."""
-    styles: dict[str, ParallelStyle] = {
-        "word_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
-        "final_norm": ReplicatedInput()}
-    for i in range(len(model.layers)):
+    styles: dict[str, ParallelStyle] = {}
+    if hasattr(model, "word_embeddings"):  # a pipeline stage may hold neither (or only the head's copy)
+        styles["word_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
+    if hasattr(model, "final_norm"):
+        styles["final_norm"] = ReplicatedInput()
+    for i, _ in model.layers.named_children():  # a ModuleList, or a pipeline stage's dict of its blocks
         prefix = f"layers.{i}"
         for name in ("query", "key", "value"):  # reduce-scatter: this rank's heads
             styles[f"{prefix}.attention.{name}"] = TokenParallel(Replicate(), Shard(-1))

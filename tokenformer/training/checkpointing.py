@@ -27,6 +27,7 @@ from tokenformer.files import (LATEST_FILE, SHARDED_DIR, TRAINER_STATE_FILE, WEI
                                fsync_dir, fsync_tree)
 from tokenformer.inputs import read_safetensors, torch_load_safe
 from tokenformer.models.pretrained import save_model
+from tokenformer.parallel.pipeline import stage_states
 from tokenformer.training.distributed import (DistEnv, barrier, load_full_into_sharded, load_sharded, save_sharded,
                                               unwrap)
 
@@ -212,7 +213,11 @@ def _disk_full(error: Exception, directory: Path) -> bool:
 
 
 def _full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The whole (unsharded) model state on the CPU of rank 0; collective under FSDP2."""
+    """The whole (unsharded) model state on the CPU of rank 0; collective under FSDP2. A pipeline
+    stage's is gathered on every rank of the stage (not offloaded to rank 0 alone), then the stages'
+    are joined into the whole model's."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    group = getattr(unwrap(model), "pipeline_group", None)
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=group is None))
+    return state if group is None else stage_states({k: v.cpu() for k, v in state.items()}, group)

@@ -27,6 +27,7 @@ from tokenformer.data.images import AUGMENTATIONS
 from tokenformer.data.tokenizer import BYTE_VOCAB_SIZE
 from tokenformer.errors import TokenFormerError
 from tokenformer.options import MAX_SEED, RunConfig, option
+from tokenformer.parallel.pipeline import SCHEDULES as PIPELINE_SCHEDULES
 from tokenformer.training.distributed import PARALLELISMS
 from tokenformer.scaling.grow import MODES
 from tokenformer.training.growth_schedule import GROW_OPTIMIZERS, GrowthOptions, check_options, growth_steps
@@ -165,6 +166,10 @@ class HardwareOptions:
                           "tokens, the attention heads and the vocabulary (the data-parallel size is the rest; "
                           "more than one data-parallel group needs parallelism fsdp2); language models only",
                           minimum=1, default=1)
+    pp_size: int = option("under torchrun: pipeline stages of consecutive blocks (the micro-batches are those of "
+                          "gradient_accumulation_steps); language models only", minimum=1, default=1)
+    pp_schedule: str = option("pipeline schedule: 1f1b (needs gradient_accumulation_steps >= pp_size) or gpipe",
+                              default="1f1b")
     num_threads: int | None = option("CPU threads per process (default: one per 1M parameters, at most one per "
                                      "idle core)", minimum=1, default=None)
 
@@ -190,11 +195,15 @@ class TrainingConfig(RunConfig):
         self.check_bounds()  # the ranges declared with the fields
         for name, allowed in (("precision", PRECISIONS), ("lr_decay_style", LR_DECAY_STYLES),
                               ("wsd_decay_shape", WSD_SHAPES), ("grow_mode", MODES), ("grow_optimizer", GROW_OPTIMIZERS),
-                              ("parallelism", PARALLELISMS), ("init_from_schedule", INIT_FROM_SCHEDULES)):
+                              ("parallelism", PARALLELISMS), ("init_from_schedule", INIT_FROM_SCHEDULES),
+                              ("pp_schedule", PIPELINE_SCHEDULES)):
             if getattr(self, name) not in allowed:
                 raise TokenFormerError(f"unknown {name} {getattr(self, name)!r}: use one of {', '.join(allowed)}")
         if self.min_lr > self.lr:
             raise TokenFormerError(f"need 0 <= min_lr <= lr, got min_lr {self.min_lr} and lr {self.lr}")
+        if self.tp_size > 1 and self.pp_size > 1:
+            raise TokenFormerError("tp_size and pp_size together are not supported yet (the stages' sharded head "
+                                   "does not pipeline): use one of them, with fsdp2 over the data-parallel rest")
         if self.resume and not self.save:
             raise TokenFormerError("resume needs `save`: the directory whose latest checkpoint to continue")
         check_options(self)
@@ -275,7 +284,8 @@ class EpochConfig(EpochOptions, HardwareOptions, LoggingOptions, GrowthOptions, 
     refuses: ClassVar[dict[str, str]] = {
         "parallelism": "its evaluation runs the plain model on each rank's share of the samples, which FSDP2's "
                        "sharded weights cannot do; use parallelism ddp",
-        "tp_size": "token parallelism is planned for the language model only; use data parallelism"}
+        "tp_size": "token parallelism is planned for the language model only; use data parallelism",
+        "pp_size": "pipeline stages are planned for the language model only; use data parallelism"}
 
     def validate(self) -> None:
         super().validate()

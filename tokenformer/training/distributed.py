@@ -42,7 +42,8 @@ class DistEnv:
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
     tp_size: int = 1           # ranks that split every Pattention's tokens (consecutive ranks)
-    mesh: Any = None           # the ("dp", "tp") DeviceMesh under token parallelism, else None
+    pp_size: int = 1           # pipeline stages (the outermost mesh dim)
+    mesh: Any = None           # the ("pp", "dp", "tp") DeviceMesh under token or pipeline parallelism
 
     @property
     def is_main(self) -> bool:
@@ -54,13 +55,14 @@ class DistEnv:
 
     @property
     def dp_size(self) -> int:
-        """Ranks that see different data: the world over the token-parallel groups."""
-        return self.world_size // self.tp_size
+        """Ranks that see different data: the world over the token-parallel groups and the stages."""
+        return self.world_size // (self.tp_size * self.pp_size)
 
     @property
     def dp_rank(self) -> int:
-        """Which share of the data this rank sees (the ranks of one tp group see the same)."""
-        return self.rank // self.tp_size
+        """Which share of the data this rank sees (the ranks of one tp group, and the stages of one
+        pipeline, see the same)."""
+        return self.rank // self.tp_size % self.dp_size
 
 
 # what torchrun sets beside WORLD_SIZE, that joining its process group needs
@@ -109,13 +111,14 @@ def collective_timeout_minutes(default: float = 30.0) -> float:
     return minutes
 
 
-def init_distributed(device: str = "auto", timeout_minutes: float | None = None, tp_size: int = 1) -> DistEnv:
+def init_distributed(device: str = "auto", timeout_minutes: float | None = None, tp_size: int = 1,
+                     pp_size: int = 1) -> DistEnv:
     """Join the process group torchrun set up (gloo on CPU, nccl on GPU), or stay single-process;
-    with `tp_size` > 1, lay the ranks out on a ("dp", "tp") DeviceMesh."""
+    with `tp_size` or `pp_size` > 1, lay the ranks out on a ("pp", "dp", "tp") DeviceMesh."""
     world_size = _environment_number("WORLD_SIZE", "1", minimum=1)
-    if world_size % tp_size:
-        raise TokenFormerError(f"tp_size {tp_size} does not divide the {world_size} ranks: launch a multiple of "
-                               f"{tp_size} processes with torchrun (--nproc_per_node)")
+    if world_size % (tp_size * pp_size):
+        raise TokenFormerError(f"tp_size {tp_size} x pp_size {pp_size} does not divide the {world_size} ranks: "
+                               f"launch a multiple of {tp_size * pp_size} processes with torchrun (--nproc_per_node)")
     if world_size == 1:
         return DistEnv(device=resolve_device(device))
     missing = [name for name in TORCHRUN_VARIABLES if name not in os.environ]
@@ -136,12 +139,13 @@ def init_distributed(device: str = "auto", timeout_minutes: float | None = None,
                                 timeout=datetime.timedelta(minutes=timeout_minutes),
                                 device_id=resolved if resolved.type == "cuda" else None)
     mesh = None
-    if tp_size > 1:
+    if tp_size > 1 or pp_size > 1:
         from torch.distributed.device_mesh import init_device_mesh
 
-        mesh = init_device_mesh(resolved.type, (world_size // tp_size, tp_size), mesh_dim_names=("dp", "tp"))
+        mesh = init_device_mesh(resolved.type, (pp_size, world_size // (tp_size * pp_size), tp_size),
+                                mesh_dim_names=("pp", "dp", "tp"))
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=resolved, tp_size=tp_size,
-                   mesh=mesh)
+                   pp_size=pp_size, mesh=mesh)
 
 
 def shutdown() -> None:
@@ -153,8 +157,9 @@ def blocks(model: nn.Module) -> list[nn.Module]:
     """The repeated blocks of any model here: the members of every `layers` list in it (a language
     model's, a vision tower's, both towers of a CLIP or a captioner). What torch.compile compiles
     and FSDP2 shards one by one."""
-    return [block for module in model.modules() if isinstance(getattr(module, "layers", None), nn.ModuleList)
-            for block in module.layers]
+    return [block for module in model.modules()
+            if isinstance(getattr(module, "layers", None), (nn.ModuleList, nn.ModuleDict))  # a pipeline stage's dict
+            for block in module.layers.children()]
 
 
 def wrap_model(model: nn.Module, env: DistEnv, parallelism: str = "ddp",
@@ -168,13 +173,14 @@ def wrap_model(model: nn.Module, env: DistEnv, parallelism: str = "ddp",
     if not env.distributed:
         return model
     dp_mesh = None
-    if env.tp_size > 1:
-        parallelize_tokens(model, env.mesh["tp"])
+    if env.mesh is not None:  # token or pipeline parallelism: the data-parallel rest is sharded
+        if env.tp_size > 1:
+            parallelize_tokens(model, env.mesh["tp"])
         if env.dp_size == 1:
             return model
         if parallelism != "fsdp2":
-            raise TokenFormerError(f"tp_size {env.tp_size} over {env.world_size} ranks leaves {env.dp_size} "
-                                   f"data-parallel groups, which FSDP2 shards: set parallelism fsdp2")
+            raise TokenFormerError(f"tp_size {env.tp_size} x pp_size {env.pp_size} over {env.world_size} ranks leaves "
+                                   f"{env.dp_size} data-parallel groups, which FSDP2 shards: set parallelism fsdp2")
         dp_mesh = env.mesh["dp"]
     if parallelism == "ddp":
         from torch.nn.parallel import DistributedDataParallel

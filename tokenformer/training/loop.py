@@ -30,6 +30,7 @@ from tokenformer.console import note, progress_bar
 from tokenformer.errors import TokenFormerError
 from tokenformer.evaluation.scoring import to_device
 from tokenformer.outputs import claim_dir
+from tokenformer.parallel.pipeline import Pipeline, PipelineModel
 from tokenformer.parallel.tokens import loss_context
 from tokenformer.threads import use_threads
 from tokenformer.training import growth_schedule, warm_start
@@ -60,17 +61,17 @@ def train(cfg: Any, model: nn.Module | None = None, task: Task | None = None) ->
     def body(env: DistEnv) -> dict[str, Any]:
         return run(cfg.loop_config(task.steps_per_epoch, env.dp_size), model, env, task, cfg, command.model)
 
-    return run_distributed(cfg.device, cfg.save, body, cfg.tp_size, claim=cfg)
+    return run_distributed(cfg.device, cfg.save, body, cfg.tp_size, cfg.pp_size, claim=cfg)
 
 
 def run_distributed(device: str, save: str | None, body: Callable[[DistEnv], Any], tp_size: int = 1,
-                    claim: Any = None) -> Any:
+                    pp_size: int = 1, claim: Any = None) -> Any:
     """`body(env)` inside the process group torchrun set up (or alone outside torchrun). A rank's
     error becomes one sentence naming the rank and the checkpoint in `save` to resume from (a bug
     keeps its traceback); the group is left at the end unless the caller had joined it already.
     `claim`, a run config, first claims `save` for its command (`tokenformer.outputs.claim_dir`)."""
     was_initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
-    env = init_distributed(device, tp_size=tp_size)
+    env = init_distributed(device, tp_size=tp_size, pp_size=pp_size)
     try:
         if save and env.is_main and claim is not None:  # the write door, before anything is written
             with claim_dir(save, claim.command, resume=claim.resume, overwrite=getattr(claim, "overwrite", False),
@@ -124,6 +125,7 @@ class Run:
     elapsed_before: float = 0.0   # training time of the runs this one resumed
     started: float = 0.0
     growths: list[dict[str, Any]] = field(default_factory=list)  # made inside this run (`grow_at`)
+    pipeline: Pipeline | None = None  # pipeline parallelism: `model` is this rank's stage
 
     @property
     def elapsed(self) -> float:
@@ -175,8 +177,8 @@ def start_run(cfg: LoopConfig, model: nn.Module | None, env: DistEnv, task: Task
     """Seed, build or load the model, let the task load its data, wrap the model for the
     parallelism, build the optimizer, and resume from the latest checkpoint when asked."""
     check_precision(cfg.precision, env.device)
-    # token parallelism shards too: its checkpoints are DCP shards, like FSDP2's
-    sharded = env.distributed and (cfg.parallelism == "fsdp2" or env.tp_size > 1)
+    # token and pipeline parallelism shard too: their checkpoints are DCP shards, like FSDP2's
+    sharded = env.distributed and (cfg.parallelism == "fsdp2" or env.mesh is not None)
     seed_everything(cfg.seed)
     model = warm_start.tune_model(cfg, initial_model(cfg, model, task, model_class))  # token tuning: base + new tokens
     use_threads(cfg.num_threads, sum(p.numel() for p in model.parameters()))
@@ -185,13 +187,16 @@ def start_run(cfg: LoopConfig, model: nn.Module | None, env: DistEnv, task: Task
     model.to(env.device).train()
     set_up_blocks(cfg, model, env)
     warm = warm_start.prepare_model(cfg, model)  # freezes before the optimizer sees the parameters
+    pipeline = Pipeline(model, env.mesh["pp"].get_group(), cfg.pp_schedule) if env.pp_size > 1 else None
+    model = pipeline.stage if pipeline is not None else model
     model = wrap_model(model, env, cfg.parallelism if sharded else "ddp",
                        param_dtype=sharded_param_dtype(cfg.precision, env.device) if sharded else None)
     optimizer = build_optimizer(unwrap(model), cfg)
     warm = warm_start.start_optimizer(cfg, warm, optimizer, sharded=sharded)
     run = Run(cfg, env, task, model, optimizer, grad_scaler(cfg.precision),
               folder.checkpoints(cfg.keep_last_n, env) if folder is not None else None, sharded, warm, folder,
-              step=warm.step, consumed_samples=warm.consumed_samples)
+              step=warm.step, consumed_samples=warm.consumed_samples,
+              pipeline=pipeline.start(cfg.gradient_accumulation_steps, env.device) if pipeline is not None else None)
     growth_schedule.check_run(cfg, unwrap(model), task, sharded, run.step)
     if run.manager is not None:
         resume(run)
@@ -250,21 +255,11 @@ def resume_schedule_note(state: dict[str, Any], step: int, cfg) -> str | None:
             f"settings give {now:.3g}{' (it moves back up)' if now > before else ''}{fix}")
 
 
-def train_step(run: Run, iteration: int) -> tuple[float, float, float]:
-    """One optimizer step (all its micro-batches); returns the loss averaged over the ranks, the
-    learning rate and the gradient norm before clipping."""
-    cfg, env, model, optimizer = run.cfg, run.env, run.model, run.optimizer
-    lr = lr_at(iteration, cfg.schedule)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    optimizer.zero_grad(set_to_none=True)
+def accumulated_loss(run: Run, ctx: TaskContext, by_count: bool) -> tuple[float, float]:
+    """Forward and backward of this rank's micro-batches of the step: the step's loss averaged over the
+    ranks, and the factor the gradients still need (1 unless the task's loss terms vary)."""
+    cfg, env, model = run.cfg, run.env, run.model
     micro, accumulation = cfg.train_micro_batch_size_per_gpu, cfg.gradient_accumulation_steps
-    ctx = TaskContext(env, run.folder, iteration)
-    # A task whose batches hold different numbers of loss terms (caption tokens) backpropagates each
-    # micro-batch's sum; the gradients are divided by the step's global count below, so that the step
-    # minimises the mean over every term of the global batch however it is split over ranks and
-    # micro-batches. Any other task: the mean of the micro-batches' means.
-    by_count = run.task.loss_terms_vary
     loss_sum, terms = torch.zeros((), device=env.device), 0
     for micro_step in range(accumulation):
         first = micro_batch_start(run.consumed_samples, micro_step, env.dp_rank, env.dp_size, micro)
@@ -277,13 +272,45 @@ def train_step(run: Run, iteration: int) -> tuple[float, float, float]:
         loss_sum += loss.detach() * count if by_count else loss.detach()
         terms += count
     run.consumed_samples += micro * accumulation * env.dp_size
-    if by_count:  # one collective: the global loss sum and term count; DDP averaged the ranks' sums
-        totals = all_reduce_mean(torch.stack([loss_sum, torch.tensor(float(terms), device=env.device)]), env)
-        global_loss_sum, global_terms = (totals * env.world_size).tolist()
-        factor = env.world_size / global_terms
-        step_loss = global_loss_sum / global_terms
+    if not by_count:
+        return float(all_reduce_mean(loss_sum / accumulation, env)), 1.0
+    # one collective: the global loss sum and term count; DDP averaged the ranks' sums
+    totals = all_reduce_mean(torch.stack([loss_sum, torch.tensor(float(terms), device=env.device)]), env)
+    global_loss_sum, global_terms = (totals * env.world_size).tolist()
+    return global_loss_sum / global_terms, env.world_size / global_terms
+
+
+def pipelined_loss(run: Run) -> float:
+    """The step through the pipeline: this data-parallel rank's micro-batches, the ones `accumulated_loss`
+    would take one by one, as one batch that the schedule splits again; the loss averaged over the ranks."""
+    cfg, env = run.cfg, run.env
+    micro, accumulation = cfg.train_micro_batch_size_per_gpu, cfg.gradient_accumulation_steps
+    batch = torch.cat([run.task.train_batch(micro_batch_start(run.consumed_samples, k, env.dp_rank, env.dp_size,
+                                                              micro), micro) for k in range(accumulation)])
+    with autocast_context(cfg.precision, env.device), loss_context(env.tp_size > 1):
+        loss = run.pipeline.step(to_device(batch, env.device))  # (accumulation x micro, T + 1)
+    run.consumed_samples += micro * accumulation * env.dp_size
+    return float(all_reduce_mean(torch.tensor(loss, device=env.device), env))
+
+
+def train_step(run: Run, iteration: int) -> tuple[float, float, float]:
+    """One optimizer step (all its micro-batches); returns the loss averaged over the ranks, the
+    learning rate and the gradient norm before clipping."""
+    cfg, env, model, optimizer = run.cfg, run.env, run.model, run.optimizer
+    lr = lr_at(iteration, cfg.schedule)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    ctx = TaskContext(env, run.folder, iteration)
+    # A task whose batches hold different numbers of loss terms (caption tokens) backpropagates each
+    # micro-batch's sum; the gradients are divided by the step's global count below, so that the step
+    # minimises the mean over every term of the global batch however it is split over ranks and
+    # micro-batches. Any other task: the mean of the micro-batches' means.
+    by_count = run.task.loss_terms_vary and run.pipeline is None  # the language task's terms do not vary
+    if run.pipeline is not None:
+        step_loss = pipelined_loss(run)
     else:
-        step_loss = float(all_reduce_mean(loss_sum / accumulation, env))
+        step_loss, factor = accumulated_loss(run, ctx, by_count)
     if not math.isfinite(step_loss):
         latest = run.manager.latest() if run.manager is not None else None
         kept = f"the last good checkpoint {latest} is kept" if latest else "no checkpoint was written yet"
@@ -295,7 +322,8 @@ def train_step(run: Run, iteration: int) -> tuple[float, float, float]:
         for p in model.parameters():
             if p.grad is not None:
                 p.grad.mul_(factor)
-    grad_norm = clip_gradients(model, cfg.clip_grad)
+    grad_norm = run.pipeline.clip_gradients(cfg.clip_grad) if run.pipeline is not None else \
+        clip_gradients(model, cfg.clip_grad)
     if run.scaler is not None:
         run.scaler.step(optimizer)
         run.scaler.update()
@@ -327,8 +355,9 @@ def save_checkpoint(run: Run) -> Path | None:
 
 def validate(run: Run, logger: MetricsLogger) -> dict[str, Any] | None:
     """The task's validation record at this step, logged and shown (collective)."""
+    model = PipelineModel(run.pipeline) if run.pipeline is not None else run.model
     with loss_context(run.env.tp_size > 1):
-        record = run.task.evaluate(run.model, run.context())
+        record = run.task.evaluate(model, run.context())
     if record is None:
         return None
     record.update(step=run.step, elapsed_s=run.elapsed)  # in place: the task's own history sees them too
