@@ -176,11 +176,14 @@ def lm_runs(args: argparse.Namespace, workdir: Path) -> tuple[list[dict], dict[s
     corpus = write_corpus(workdir / "corpus", num_tokens=(args.steps + 1) * global_batch * (args.seq + 1))
 
     def fields_for(nproc: int, parallelism: str) -> dict[str, Any]:
+        # tp and pp: all the ranks are one model (no data parallelism), so each takes the whole batch
+        layout = {"tp": {"tp_size": nproc}, "pp": {"pp_size": nproc}}.get(parallelism, {}) if nproc > 1 else {}
+        whole = nproc == 1 or bool(layout)
         return {"model": json.dumps({"name": args.preset, "seq_length": args.seq}), "data_path": str(corpus),
                 "train_iters": args.steps, "log_interval": args.log_interval, "eval_iters": 0,
-                "save_interval": 10 * args.steps, "parallelism": parallelism,
-                "train_micro_batch_size_per_gpu": args.micro_batch * (args.nproc if nproc == 1 else 1),
-                "gradient_accumulation_steps": args.accumulation, "precision": args.dtype}
+                "save_interval": 10 * args.steps, "parallelism": "ddp" if layout else parallelism,
+                "train_micro_batch_size_per_gpu": args.micro_batch * (args.nproc if whole else 1),
+                "gradient_accumulation_steps": args.accumulation, "precision": args.dtype, **layout}
 
     rows = compare("train", fields_for, workdir, args.nproc, args.parallelism, "tokens_per_s", args.device)
     run = resolve(args)
@@ -242,7 +245,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="optimizer steps per run (lm: 20, vision: 60)")
     parser.add_argument("--log-interval", type=int, help="steps per measured interval (lm: 5, vision: 10)")
     parser.add_argument("--nproc", type=int, default=2)
-    parser.add_argument("--parallelism", nargs="+", choices=["ddp", "fsdp2"], help="lm: ddp fsdp2; vision: ddp")
+    parser.add_argument("--parallelism", nargs="+", choices=["ddp", "fsdp2", "tp", "pp"],
+                        help="lm: ddp fsdp2 (tp: token parallelism, pp: pipeline stages, each over all nproc "
+                             "ranks; pp needs --accumulation >= nproc); vision: ddp")
     parser.add_argument("--seq", type=int, default=128, help="lm")
     parser.add_argument("--micro-batch", type=int, default=4, help="lm, per rank; one process uses nproc x this")
     parser.add_argument("--accumulation", type=int, default=1, help="lm")

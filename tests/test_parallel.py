@@ -74,6 +74,7 @@ def token_parallel_results(mesh, norm: str) -> dict:
     from torch.distributed.tensor import DTensor
 
     from tokenformer.evaluation.scoring import window_loss
+    from tokenformer.parallel.cost import CollectiveBytes, tp_bytes_per_token
     from tokenformer.parallel.tokens import loss_context, parallelize_tokens
     from tokenformer.scaling.grow import grow
 
@@ -86,9 +87,10 @@ def token_parallel_results(mesh, norm: str) -> dict:
     model = parallelize_tokens(TokenFormer(config), mesh)
     # every rank reads the whole state and keeps its shards (as a resume of a full checkpoint does)
     set_model_state_dict(model, reference.state_dict(), options=StateDictOptions(full_state_dict=True))
-    with loss_context(True):
+    with loss_context(True), CollectiveBytes() as counted:
         loss, _ = window_loss(model, batch)
         loss.backward()
+    with loss_context(True):
         logits = model(batch[:, :-1]).full_tensor()
     grads = {name: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad)
              for name, p in model.named_parameters()}
@@ -97,7 +99,8 @@ def token_parallel_results(mesh, norm: str) -> dict:
         "logits": (logits - reference(batch[:, :-1])).abs().max().item(),
         "loss": abs(loss.item() - reference_loss.item()),
         "grads": {name: (grads[name] - p.grad).abs().max().item() for name, p in reference.named_parameters()},
-        "largest_grad": max(p.grad.abs().max().item() for p in reference.parameters())}
+        "largest_grad": max(p.grad.abs().max().item() for p in reference.parameters()),
+        "sent_bytes": counted.total, "predicted_bytes": tp_bytes_per_token(config, 2, 4) * batch[:, :-1].numel()}
     with torch.no_grad(), loss_context(True):
         before = model(batch[:, :-1]).full_tensor()
         if norm != "softmax":  # exact growth is defined for the l2 variants only
@@ -173,6 +176,26 @@ def test_token_parallel_model_gives_one_process_logits_loss_and_gradients(model_
         assert len(result["grads"]) == 1 + 2 + 2 * 5 * 2  # embedding, final norm (2), 2 layers x 5 Pattentions x K,V
         worst = max(result["grads"].items(), key=lambda item: item[1])
         assert worst[1] <= GRAD_RTOL * result["largest_grad"], worst
+
+
+@pytest.mark.parametrize("norm", ["l2_norm_gelu", "gelu_l2_norm"])
+def test_the_analytic_bytes_of_token_parallelism_are_the_bytes_its_collectives_send(model_level, norm):
+    """`cost.tp_bytes_per_token` x tokens = what DTensor's collectives sent in one forward and backward
+    (counted per collective by its kind and size: tokenformer.parallel.cost.CollectiveBytes)."""
+    for rank in model_level:
+        assert rank[norm]["sent_bytes"] > 0
+        assert rank[norm]["sent_bytes"] == pytest.approx(rank[norm]["predicted_bytes"], rel=1e-9)
+
+
+def test_cost_model_of_one_rank_holds_the_whole_model_and_its_adam_state():
+    from tokenformer.parallel.cost import Layout, Workload, memory_per_rank, stage_parameters
+
+    config = resolve_model_config("150M")
+    assert stage_parameters(config, 1) == config.num_parameters
+    one = memory_per_rank(config, Layout(), Workload())
+    assert one["states"] == 16 * config.num_parameters  # fp32 weights and gradients, two AdamW moments
+    sharded = memory_per_rank(config, Layout(dp=4, tp=2, fsdp=True), Workload())
+    assert sharded["states"] == pytest.approx(one["states"] / 8)
 
 
 @pytest.mark.parametrize("norm", ["l2_norm_gelu", "gelu_l2_norm"])

@@ -85,10 +85,11 @@ class TransformerBlock(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         B, T, h = x.shape
         n = layer_norm_nonparametric(x, self.eps)
-        q, k, v = (layer(n).view(B, T, self.heads, h // self.heads).transpose(1, 2)  # (B, H, T, D)
+        # H: this rank's heads (all, or H/P under tensor parallelism, docs/distributed.md)
+        q, k, v = (layer(n).view(B, T, -1, h // self.heads).transpose(1, 2)  # (B, H, T, D)
                    for layer in (self.query, self.key, self.value))
         y = F.scaled_dot_product_attention(apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v, is_causal=True)
-        x = x + self.proj(y.transpose(1, 2).reshape(B, T, h))
+        x = x + self.proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, H * D)
         return x + self.fc2(F.gelu(self.fc1(layer_norm_nonparametric(x, self.eps))))
 
 

@@ -64,7 +64,11 @@ class TokenParallel(ParallelStyle):
 
         def prepare_input(_module, args):
             x = args[0] if isinstance(args[0], DTensor) else DTensor.from_local(args[0], mesh, [input_layout])
-            return (x.redistribute(mesh, [Replicate()]), *args[1:])  # all-gather when head-sharded
+            if x.placements[0] != Replicate():
+                # all-gather the heads. Only then: even a no-op redistribute all-reduces the gradient in
+                # the backward, where a shared replicated input should sum its users' gradients first
+                x = x.redistribute(mesh, [Replicate()])
+            return (x, *args[1:])
 
         def prepare_output(_module, _args, y):
             return y.redistribute(mesh, [output_layout]).to_local()  # all-reduce or reduce-scatter
@@ -87,8 +91,9 @@ def shard_tokens(module: Pattention, mesh: DeviceMesh) -> None:
 
 
 class ReplicatedInput(ParallelStyle):
-    """Parameters `Replicate()` and the input made a replicated DTensor, output left a DTensor: the
-    final LayerNorm, whose output meets the vocabulary-sharded head matrix."""
+    """Parameters `Replicate()` and the input made a replicated DTensor, output left as it is: the
+    final LayerNorm (whose output meets the vocabulary-sharded head matrix), and the attention (whose
+    q, k and v then share one input, so their gradients are summed before one all-reduce)."""
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         for name, param in list(module.named_parameters(recurse=False)):
@@ -123,6 +128,8 @@ def plan(model: nn.Module) -> dict[str, ParallelStyle]:
         styles["final_norm"] = ReplicatedInput()
     for i, _ in model.layers.named_children():  # a ModuleList, or a pipeline stage's dict of its blocks
         prefix = f"layers.{i}"
+        # q, k and v read one replicated DTensor: their three input gradients meet in one all-reduce
+        styles[f"{prefix}.attention"] = ReplicatedInput()
         for name in ("query", "key", "value"):  # reduce-scatter: this rank's heads
             styles[f"{prefix}.attention.{name}"] = TokenParallel(Replicate(), Shard(-1))
         styles[f"{prefix}.attention.proj"] = TokenParallel(Shard(-1), Replicate())
