@@ -252,6 +252,7 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=4, help="lm, per rank; one process uses nproc x this")
     parser.add_argument("--accumulation", type=int, default=1, help="lm")
     parser.add_argument("--batch", type=int, default=128, help="vision: the global batch of every run")
+    parser.add_argument("--out", type=Path, help="the JSON to write (default bench/results/distributed_speed*.json)")
     add_device_arguments(parser, with_threads=False)
     args = parser.parse_args()
     task = TASKS[args.task]
@@ -263,7 +264,7 @@ def main() -> None:
     load_before = load_average()
     with tempfile.TemporaryDirectory() as tmp:
         rows, settings, title = task.runs(args, Path(tmp))
-    report(rows, task.rate_key, title, settings, RESULTS / task.results, load_before, load_average())
+    report(rows, task.rate_key, title, settings, args.out or RESULTS / task.results, load_before, load_average())
 
 
 if __name__ == "__main__":

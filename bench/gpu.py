@@ -61,6 +61,9 @@ PARTS: list[tuple[str, Callable, int]] = [
     ("decode_batched", speed.decode_batched, 45),  # the same at batch 16: the step compiles again
     ("pattention", speed.pattention, 30),     # one Pattention compile ~20 s, 15 alternations < 1 s
     ("compile", checks.compile_check, 50),    # a 2-layer model fwd+bwd ~30 s, the decode step ~20 s
+    # 2 GPUs only (else a note): 2 one-process runs and 4 torchrun launches of ~15 s start-up each; last,
+    # so that on one GPU's 8-minute budget it never pushes another part out (`--only layouts` runs it)
+    ("layouts", speed.layouts, 100),
 ]
 
 SHAPES = {
@@ -74,6 +77,8 @@ SHAPES = {
         train=dict(preset="150M", seq=2048, candidates=[4, 8, 16, 32, 64], warmup=3, steps=8),
         pattention=dict(hidden=768, pattention_tokens=8 * 2048, batch=8, reps=15),
         decode=dict(shape="150M", dtype="bf16", batch=16, paths=["ours_plain", "ours_static", "ours_compiled", "hf"]),
+        layouts=dict(preset="base-cpu", seq=256, micro_batch=8, steps=20, log_interval=5,
+                     parallelisms=["ddp", "fsdp2", "tp", "pp"]),
     ),
     "tiny": dict(
         compile_backend="aot_eager",
@@ -84,6 +89,7 @@ SHAPES = {
         train=dict(preset="tiny", seq=32, candidates=[1, 2], warmup=1, steps=2),
         pattention=dict(hidden=64, pattention_tokens=256, batch=2, reps=3),
         decode=dict(shape="tiny", dtype="bf16", batch=4, paths=["ours_plain", "ours_static", "ours_compiled", "hf"]),
+        layouts=dict(preset="tiny", seq=32, micro_batch=2, steps=4, log_interval=1, parallelisms=["tp", "pp"]),
     ),
 }
 

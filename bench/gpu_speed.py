@@ -25,6 +25,7 @@ import torch
 
 from bench import decode as decode_suite
 from bench.common import Run, alternate, datasheet_peak, measured_peak, synchronize
+from bench.gpu_checks import check
 from bench.compare import bench_pattention, hf_gpt_neox, train_step
 from tokenformer import Config, TokenFormer
 from tokenformer.flops import gpt_neox_flops, pattention_flops, tokenformer_flops
@@ -232,3 +233,38 @@ def decode_batch_1(suite) -> dict:
 
 def decode_batched(suite) -> dict:
     return decode(suite, suite.shapes["decode"]["batch"])
+
+
+def layouts(suite) -> dict:
+    """Training throughput of 2 ranks as DDP, FSDP2, token parallelism and two pipeline stages against
+    one process on the same global batch (`bench.distributed_speed`, one GPU per rank), and whether
+    every layout ends at the one-process loss. Needs 2 GPUs (the dry run: 2 CPU processes)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    if suite.run.cuda and torch.cuda.device_count() < 2:
+        return {"note": f"skipped: needs 2 GPUs, this machine has {torch.cuda.device_count()}", "checks": {}}
+    shape = suite.shapes["layouts"]
+    repo = Path(__file__).resolve().parents[1]
+    with tempfile.TemporaryDirectory(dir=suite.workdir) as tmp:
+        out = Path(tmp) / "layouts.json"
+        command = [sys.executable, "-m", "bench.distributed_speed", "--preset", shape["preset"], "--seq",
+                   str(shape["seq"]), "--micro-batch", str(shape["micro_batch"]), "--accumulation", "2",
+                   "--steps", str(shape["steps"]), "--log-interval", str(shape["log_interval"]), "--nproc", "2",
+                   "--parallelism", *shape["parallelisms"], "--device", suite.run.device.type, "--out", str(out)]
+        env = {**os.environ, "PYTHONPATH": str(repo) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        done = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=suite.seconds_left())
+        suite.log(done.stdout + done.stderr, echo=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"bench.distributed_speed failed:\n{done.stderr[-3000:]}")
+        rows = json.loads(out.read_text())["runs"]
+    single = next(r for r in rows if r["processes"] == 1)["final_loss"]
+    for row in rows:
+        suite.log(f"  {row['parallelism']:<6} x{row['processes']}: {row['tokens_per_s']:,.0f} tokens/s "
+                  f"({row['speedup_vs_1_process']:.2f}x), final loss {row['final_loss']:.4f}")
+    worst = max(abs(r["final_loss"] - single) for r in rows)
+    return {"runs": rows, "checks": {"same_final_loss": check(worst, 1e-3)}}

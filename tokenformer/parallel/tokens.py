@@ -31,51 +31,46 @@ the vocabulary, and the loss runs on them inside `loss_context` (torch's `loss_p
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Callable, Iterator
 
-import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distribute_tensor
-from torch.distributed.tensor.parallel import ParallelStyle, RowwiseParallel, loss_parallel, parallelize_module
+from torch.distributed.tensor.parallel import loss_parallel
 
 from tokenformer.errors import TokenFormerError
 from tokenformer.models.pattention import Pattention
 
+# The plan is applied by the functions below (hooks and `distribute_tensor`), not by torch's
+# ParallelStyles, whose Colwise/Rowwise styles fit nn.Linear and nn.Embedding, not a Pattention.
 
-class TokenParallel(ParallelStyle):
-    """A `ParallelStyle` for a Pattention: its key and value tokens `Shard(0)` over the mesh.
+
+def token_parallel(module: Pattention, mesh: DeviceMesh, input_layout: Placement = Replicate(),
+                   output_layout: Placement = Replicate()) -> None:
+    """Shard a Pattention's key and value tokens `Shard(0)` over `mesh`, in place.
 
     `input_layout` says how the incoming (local) tensor is laid out: `Replicate()` (the whole
     hidden state) or `Shard(-1)` (this rank's heads, gathered before the scores). `output_layout`
     says how the summed outputs leave: `Replicate()` (all-reduce) or `Shard(-1)` (reduce-scatter:
     this rank's slice of the output dim). The module's own forward runs unchanged, on DTensors.
     """
+    if not isinstance(module, Pattention):
+        raise TypeError(f"token_parallel shards a Pattention, not a {type(module).__name__}")
+    shard_tokens(module, mesh)
 
-    def __init__(self, input_layout: Placement = Replicate(), output_layout: Placement = Replicate()) -> None:
-        super().__init__()
-        self.input_layout, self.output_layout = input_layout, output_layout
+    def prepare_input(_module, args):
+        x = args[0] if isinstance(args[0], DTensor) else DTensor.from_local(args[0], mesh, [input_layout])
+        if x.placements[0] != Replicate():
+            # all-gather the heads. Only then: even a no-op redistribute all-reduces the gradient in
+            # the backward, where a shared replicated input should sum its users' gradients first
+            x = x.redistribute(mesh, [Replicate()])
+        return (x, *args[1:])
 
-    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        if not isinstance(module, Pattention):
-            raise TypeError(f"TokenParallel shards a Pattention, not a {type(module).__name__}")
-        shard_tokens(module, device_mesh)
-        mesh, input_layout, output_layout = device_mesh, self.input_layout, self.output_layout
+    def prepare_output(_module, _args, y):
+        return y.redistribute(mesh, [output_layout]).to_local()  # all-reduce or reduce-scatter
 
-        def prepare_input(_module, args):
-            x = args[0] if isinstance(args[0], DTensor) else DTensor.from_local(args[0], mesh, [input_layout])
-            if x.placements[0] != Replicate():
-                # all-gather the heads. Only then: even a no-op redistribute all-reduces the gradient in
-                # the backward, where a shared replicated input should sum its users' gradients first
-                x = x.redistribute(mesh, [Replicate()])
-            return (x, *args[1:])
-
-        def prepare_output(_module, _args, y):
-            return y.redistribute(mesh, [output_layout]).to_local()  # all-reduce or reduce-scatter
-
-        module.register_forward_pre_hook(prepare_input)
-        module.register_forward_hook(prepare_output)
-        return module
+    module.register_forward_pre_hook(prepare_input)
+    module.register_forward_hook(prepare_output)
 
 
 def shard_tokens(module: Pattention, mesh: DeviceMesh) -> None:
@@ -84,28 +79,41 @@ def shard_tokens(module: Pattention, mesh: DeviceMesh) -> None:
     if module.num_tokens % size:
         raise TokenFormerError(f"a Pattention of {module.num_tokens} parameter tokens does not split evenly over "
                                f"tp_size {size}: use a tp_size that divides every slot number")
-    for name in ("key_param_tokens", "value_param_tokens"):
-        param = getattr(module, name)
-        sharded = distribute_tensor(param.detach(), mesh, [Shard(0)])
+    _distribute(module, mesh, Shard(0))
+
+
+def _distribute(module: nn.Module, mesh: DeviceMesh, placement: Placement) -> None:
+    for name, param in list(module.named_parameters(recurse=False)):
+        sharded = distribute_tensor(param.detach(), mesh, [placement])
         module.register_parameter(name, nn.Parameter(sharded, requires_grad=param.requires_grad))
 
 
-class ReplicatedInput(ParallelStyle):
+def replicated_input(module: nn.Module, mesh: DeviceMesh) -> None:
     """Parameters `Replicate()` and the input made a replicated DTensor, output left as it is: the
     final LayerNorm (whose output meets the vocabulary-sharded head matrix), and the attention (whose
     q, k and v then share one input, so their gradients are summed before one all-reduce)."""
+    _distribute(module, mesh, Replicate())
 
-    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        for name, param in list(module.named_parameters(recurse=False)):
-            module.register_parameter(name, nn.Parameter(distribute_tensor(param.detach(), device_mesh, [Replicate()]),
-                                                         requires_grad=param.requires_grad))
+    def prepare_input(_module, args):
+        x = args[0]
+        return (x if isinstance(x, DTensor) else DTensor.from_local(x, mesh, [Replicate()]), *args[1:])
 
-        def prepare_input(_module, args):
-            x = args[0]
-            return (x if isinstance(x, DTensor) else DTensor.from_local(x, device_mesh, [Replicate()]), *args[1:])
+    module.register_forward_pre_hook(prepare_input)
 
-        module.register_forward_pre_hook(prepare_input)
-        return module
+
+def vocabulary_parallel(embedding: nn.Embedding, mesh: DeviceMesh) -> None:
+    """The embedding matrix `Shard(0)` over the vocabulary: a rank looks up the ids of its rows (the
+    others give zeros) and the lookups are all-reduced; the tied head reads the same shards."""
+    _distribute(embedding, mesh, Shard(0))
+
+    def prepare_input(_module, args):
+        return (DTensor.from_local(args[0], mesh, [Replicate()]), *args[1:])
+
+    def prepare_output(_module, _args, y):
+        return y.redistribute(mesh, [Replicate()]).to_local()
+
+    embedding.register_forward_pre_hook(prepare_input)
+    embedding.register_forward_hook(prepare_output)
 
 
 def check_token_parallel(config, tp_size: int) -> None:
@@ -119,33 +127,33 @@ def check_token_parallel(config, tp_size: int) -> None:
                                f"heads, parameter tokens and the vocabulary evenly; pick a tp_size that divides them")
 
 
-def plan(model: nn.Module) -> dict[str, ParallelStyle]:
-    """The token-parallel plan of a language model (`TokenFormer`): module name -> style."""
-    styles: dict[str, ParallelStyle] = {}
+def plan(model: nn.Module) -> dict[str, Callable[[nn.Module, DeviceMesh], None]]:
+    """The token-parallel plan of a language model (`TokenFormer`, or a pipeline stage of one):
+    module name -> what shards it."""
+    styles: dict[str, Callable[[nn.Module, DeviceMesh], None]] = {}
     if hasattr(model, "word_embeddings"):  # a pipeline stage may hold neither (or only the head's copy)
-        styles["word_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
+        styles["word_embeddings"] = vocabulary_parallel
     if hasattr(model, "final_norm"):
-        styles["final_norm"] = ReplicatedInput()
+        styles["final_norm"] = replicated_input
+    heads, gathered = (lambda m, mesh: token_parallel(m, mesh, Replicate(), Shard(-1)),
+                       lambda m, mesh: token_parallel(m, mesh, Shard(-1), Replicate()))
     for i, _ in model.layers.named_children():  # a ModuleList, or a pipeline stage's dict of its blocks
         prefix = f"layers.{i}"
         # q, k and v read one replicated DTensor: their three input gradients meet in one all-reduce
-        styles[f"{prefix}.attention"] = ReplicatedInput()
+        styles[f"{prefix}.attention"] = replicated_input
         for name in ("query", "key", "value"):  # reduce-scatter: this rank's heads
-            styles[f"{prefix}.attention.{name}"] = TokenParallel(Replicate(), Shard(-1))
-        styles[f"{prefix}.attention.proj"] = TokenParallel(Shard(-1), Replicate())
-        styles[f"{prefix}.mlp"] = TokenParallel(Replicate(), Replicate())
+            styles[f"{prefix}.attention.{name}"] = heads
+        styles[f"{prefix}.attention.proj"] = gathered
+        styles[f"{prefix}.mlp"] = token_parallel
     return styles
 
 
 def parallelize_tokens(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
     """Shard a language model over the 1-D `tp` mesh in place (see the module docstring)."""
     check_token_parallel(model.config, mesh.size())
-    return parallelize_module(model, mesh, plan(model))
-
-
-def is_token_parallel(model: nn.Module) -> bool:
-    return any(isinstance(p, DTensor) and any(isinstance(q, Shard) for q in p.placements)
-               and "key_param_tokens" in name for name, p in model.named_parameters())
+    for name, apply in plan(model).items():
+        apply(model.get_submodule(name), mesh)
+    return model
 
 
 @contextlib.contextmanager
@@ -155,11 +163,7 @@ def loss_context(enabled: bool) -> Iterator[None]:
     if not enabled:
         yield
         return
+
     with loss_parallel():
         yield
 
-
-def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every parameter whole (a collective under token parallelism): what one process would hold."""
-    return {name: p.full_tensor() if isinstance(p, DTensor) else p.detach()
-            for name, p in model.state_dict().items()}

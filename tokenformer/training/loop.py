@@ -72,6 +72,7 @@ def run_distributed(device: str, save: str | None, body: Callable[[DistEnv], Any
     `claim`, a run config, first claims `save` for its command (`tokenformer.outputs.claim_dir`)."""
     was_initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
     env = init_distributed(device, tp_size=tp_size, pp_size=pp_size)
+    failed = False
     try:
         if save and env.is_main and claim is not None:  # the write door, before anything is written
             with claim_dir(save, claim.command, resume=claim.resume, overwrite=getattr(claim, "overwrite", False),
@@ -79,6 +80,7 @@ def run_distributed(device: str, save: str | None, body: Callable[[DistEnv], Any
                 pass
         return body(env)
     except Exception as error:
+        failed = True
         if not env.distributed:
             raise
         latest = RunFolder(Path(save)).checkpoints().latest() if save else None
@@ -87,7 +89,10 @@ def run_distributed(device: str, save: str | None, body: Callable[[DistEnv], Any
             raise
         raise described from error
     finally:
-        if env.distributed and not was_initialised:
+        # A failing rank leaves its group to the process's exit: its error is reported (torchrun's error
+        # file) before the peers waiting on it see their connections close and report theirs. (Which
+        # came first used to depend on whether torch.distributed.tensor.parallel was imported.)
+        if env.distributed and not was_initialised and not failed:
             shutdown()
 
 
