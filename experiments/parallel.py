@@ -18,7 +18,9 @@ import json
 import os
 import socket
 import sys
+import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -26,7 +28,7 @@ import torch.multiprocessing as mp
 
 from tokenformer.models.config import Config
 from tokenformer.parallel.cost import (Layout, Workload, bytes_per_step, megatron_tp_bytes_per_token, memory_per_rank,
-                                       tp_bytes_per_token)
+                                       stage_parameters, tp_bytes_per_token)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHAPE = dict(hidden_size=128, num_attention_heads=4, qkv_slot_num=128, proj_slot_num=128, ffn_slot_num=512,
@@ -99,11 +101,10 @@ def measure_rank(rank: int, size: int, port: int, out: str) -> None:
 def measured_table() -> list[dict]:
     rows = []
     tokens = BATCH * SHAPE["seq_length"]
-    out = RESULTS / "parallel_counts"
-    out.mkdir(parents=True, exist_ok=True)
     for size in (2, 4):
-        mp.spawn(measure_rank, args=(size, free_port(), str(out)), nprocs=size)
-        counted = {int(k): v for k, v in json.loads((out / f"tp{size}.json").read_text()).items()}
+        with tempfile.TemporaryDirectory() as out:
+            mp.spawn(measure_rank, args=(size, free_port(), out), nprocs=size)
+            counted = {int(k): v for k, v in json.loads(Path(out, f"tp{size}.json").read_text()).items()}
         config = Config(num_layers=1, **SHAPE)
         rows.append({
             "tp": size,
@@ -118,25 +119,34 @@ def measured_table() -> list[dict]:
 
 # ---- the analytic plan ---------------------------------------------------------------------------
 
-def sizes() -> dict[str, Config]:
-    """The released shapes, two larger ones in the same proportions (slots h, h, 4h) and the 1.5B grown."""
-    big = dict(seq_length=2048)
-    grown = Config.from_name("1.5B")
-    return {"150M": Config.from_name("150M"), "1.5B": Config.from_name("1.5B"),
-            "1.5B grown x4": Config.from_name("1.5B", qkv_slot_num=4 * 1536, proj_slot_num=4 * 1536,
-                                              ffn_slot_num=4 * 6144),
-            "1.5B grown x16": Config.from_name("1.5B", qkv_slot_num=16 * 1536, proj_slot_num=16 * 1536,
-                                               ffn_slot_num=16 * 6144),
-            "13B": Config(num_layers=32, hidden_size=5120, num_attention_heads=40, qkv_slot_num=5120,
-                          proj_slot_num=5120, ffn_slot_num=20480, vocab_size=grown.vocab_size, **big),
-            "100B+": Config(num_layers=48, hidden_size=12288, num_attention_heads=96, qkv_slot_num=12288,
-                            proj_slot_num=12288, ffn_slot_num=49152, vocab_size=grown.vocab_size, **big)}
+def shape(num_layers: int, hidden_size: int, heads: int, slots: tuple[int, int, int], seq_length: int = 2048,
+          padded_vocab_size: int = 50304) -> SimpleNamespace:
+    """The fields `parallel.cost` reads (a `Config` refuses shapes larger than this machine's memory)."""
+    qkv, proj, ffn = slots
+    return SimpleNamespace(num_layers=num_layers, hidden_size=hidden_size, num_attention_heads=heads,
+                           qkv_slot_num=qkv, proj_slot_num=proj, ffn_slot_num=ffn, seq_length=seq_length,
+                           padded_vocab_size=padded_vocab_size)
+
+
+def sizes() -> dict[str, SimpleNamespace]:
+    """The released 150M and 1.5B, the 1.5B grown 4x and 16x (every slot count), and two larger models
+    in the same proportions (slots h, h, 4h; GPT-NeoX vocabulary)."""
+    return {"150M": shape(12, 768, 12, (768, 768, 3072)), "1.5B": shape(40, 1536, 16, (1536, 1536, 6144)),
+            "1.5B grown x4": shape(40, 1536, 16, (4 * 1536, 4 * 1536, 4 * 6144)),
+            "1.5B grown x16": shape(40, 1536, 16, (16 * 1536, 16 * 1536, 16 * 6144)),
+            "13B": shape(32, 5120, 40, (5120, 5120, 20480)), "100B+": shape(48, 12288, 96, (12288, 12288, 49152))}
 
 
 LAYOUTS = [Layout(dp=8), Layout(dp=8, fsdp=True), Layout(dp=4, tp=2, fsdp=True), Layout(dp=1, tp=8),
            Layout(pp=2, dp=4, fsdp=True), Layout(dp=64, fsdp=True), Layout(dp=8, tp=8, fsdp=True),
            Layout(pp=8, dp=8, fsdp=True), Layout(pp=4, dp=4, tp=4, fsdp=True)]
-WORK = Workload(micro_batch=1, micro_batches=8, activation_bytes=2, checkpointing=True)
+GLOBAL_BATCH = 256  # sequences of 2048 tokens per optimizer step (0.5M tokens), the same for every layout
+
+
+def workload(layout: Layout) -> Workload:
+    """Micro batch 1, as many micro-batches per data-parallel group as the global batch leaves,
+    bf16 activations, activation checkpointing."""
+    return Workload(micro_batch=1, micro_batches=GLOBAL_BATCH // layout.dp, activation_bytes=2, checkpointing=True)
 
 
 def plan_rows() -> list[dict]:
@@ -145,8 +155,8 @@ def plan_rows() -> list[dict]:
         for layout in LAYOUTS:
             if config.num_attention_heads % layout.tp or config.num_layers < layout.pp:
                 continue
-            memory, sent = memory_per_rank(config, layout, WORK), bytes_per_step(config, layout, WORK)
-            rows.append({"model": name, "parameters": config.num_parameters, "layout": str(layout),
+            memory, sent = memory_per_rank(config, layout, workload(layout)), bytes_per_step(config, layout, workload(layout))
+            rows.append({"model": name, "parameters": stage_parameters(config, 1), "layout": str(layout),
                          "ranks": layout.ranks, "memory_gib": memory["total"] / GiB,
                          "states_gib": memory["states"] / GiB, "activations_gib": memory["activations"] / GiB,
                          **{f"{k}_gib": v / GiB for k, v in sent.items()}})
@@ -174,8 +184,8 @@ def plot(rows: list[dict], path: Path) -> None:
     axes[0].axhline(80, color="grey", linestyle="--", linewidth=1)
     axes[0].text(0, 90, "80 GB GPU", color="grey")
     axes[1].legend(fontsize=8, ncol=2)
-    fig.suptitle("Analytic cost per layout (micro batch 1 x 2048 tokens, 8 micro-batches a step, bf16 activations, "
-                 "activation checkpointing, fp32 AdamW)", fontsize=10)
+    fig.suptitle(f"Analytic cost per layout (global batch {GLOBAL_BATCH} x 2048 tokens, micro batch 1, bf16 "
+                 "activations, activation checkpointing, fp32 AdamW)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -195,7 +205,7 @@ def main() -> None:
               f"{r['total_gib']:.1f} ({r['tp_gib']:.1f} + {r['dp_gib']:.1f} + {r['pp_gib']:.1f}) |")
     plot(rows, RESULTS / "parallel.png")
     (RESULTS / "parallel.json").write_text(json.dumps({"measured": measured, "plan": rows, "shape": SHAPE,
-                                                       "workload": WORK.__dict__}, indent=1) + "\n")
+                                                       "global_batch": GLOBAL_BATCH}, indent=1) + "\n")
     print(f"wrote {RESULTS / 'parallel.json'} and {RESULTS / 'parallel.png'}")
 
 
