@@ -61,7 +61,7 @@ PARTS: list[tuple[str, Callable, int]] = [
     ("decode_batched", speed.decode_batched, 45),  # the same at batch 16: the step compiles again
     ("pattention", speed.pattention, 30),     # one Pattention compile ~20 s, 15 alternations < 1 s
     ("compile", checks.compile_check, 50),    # a 2-layer model fwd+bwd ~30 s, the decode step ~20 s
-    # 2 GPUs only (else a note): 2 one-process runs and 4 torchrun launches of ~15 s start-up each; last,
+    # 2 GPUs only (else a note, the dry run too): 2 one-process runs and 4 torchrun launches of ~15 s each; last,
     # so that on one GPU's 8-minute budget it never pushes another part out (`--only layouts` runs it)
     ("layouts", speed.layouts, 100),
 ]
