@@ -131,6 +131,10 @@ def test_each_tower_of_a_clip_model_gets_every_count_and_option_asked_for():
         assert (entry["mode"], entry["value_std"], entry["seed"]) == ("exact", 0.0, 3)
         n = old.layers[0].mlp.num_tokens
         assert torch.count_nonzero(tower.layers[0].mlp.value_param_tokens[n:]) == 0  # value_std 0: zero rows
+    doubled = tf.grow(model, factor=2, seed=3)  # the factor reaches each tower, which doubles its own counts
+    for tower, old in ((doubled.visual, model.visual), (doubled.text, model.text)):
+        assert tower.config.ffn_slot_num == 2 * old.config.ffn_slot_num
+        assert tower.config.qkv_slot_num == 2 * old.config.qkv_slot_num
 
 
 def test_a_captioners_slot_counts_are_its_six_fields_read_from_its_parts():
@@ -224,4 +228,42 @@ def test_a_token_parallel_pattention_grows_its_own_shard_to_the_rows_one_process
                 assert torch.equal(grown.to_local(), getattr(plain, name))
             assert layer.scale_num == plain.scale_num == (4 if mode == "exact" else None)
     finally:
+        dist.destroy_process_group()
+
+
+def test_the_growth_history_is_dated_in_utc():
+    import datetime
+
+    before = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+    date = tf.grow(small_model(), ffn_slot_num=20).config.growth_history[-1]["date"]
+    assert date.endswith("+00:00")  # an aware time in UTC, seconds precision
+    stamped = datetime.datetime.fromisoformat(date)
+    assert before <= stamped <= datetime.datetime.now(datetime.timezone.utc)
+
+
+def test_each_rank_appends_its_share_of_the_new_rows_and_an_uneven_split_is_refused(monkeypatch):
+    """The share rule of `_grow_shards` for rank 0 of 2, with the 1-rank group's mesh told it has 2
+    ranks (`DeviceMesh.size`): rank 0 appends the first half of the new rows, and new rows that do
+    not split evenly over the ranks are refused in one sentence."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+    from tokenformer.parallel.tokens import shard_tokens
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        layer = Pattention(8, 6, 4)
+        old_keys = layer.key_param_tokens.detach().clone()
+        shard_tokens(layer, init_device_mesh("cpu", (1,)))
+        monkeypatch.setattr(DeviceMesh, "size", lambda self, mesh_dim=None: 2)
+        with pytest.raises(tf.TokenFormerError) as error:
+            grow_pattention(layer, 7, "official")
+        assert str(error.value) == "3 new tokens do not split evenly over tp_size 2: grow by a multiple of 2 tokens"
+        grow_pattention(layer, 8, "official", generator=torch.Generator().manual_seed(2))
+        drawn = torch.randn((4, 6), generator=torch.Generator().manual_seed(2)) * layer.value_std  # values first
+        assert torch.equal(layer.key_param_tokens.to_local()[:4], old_keys)
+        assert layer.key_param_tokens.to_local().shape == (6, 8)  # 4 old + its 2 of the 4 new
+        assert torch.equal(layer.value_param_tokens.to_local()[4:], drawn[:2])
+    finally:
+        monkeypatch.undo()
         dist.destroy_process_group()
