@@ -59,8 +59,9 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
     "models/captioner.py": (["test_captioner.py"], []),
 }
 
-# Mutants that compute the same thing as the original: no test can tell them apart. Name -> why.
-EQUIVALENT: dict[str, str] = {
+# Mutants that compute the same thing as the original: no test can tell them apart. Name -> why, or
+# name -> (the changed line, why) where the module has changed since and the name may mean another mutant.
+EQUIVALENT: dict[str, str | tuple[str, str]] = {
     "tokenformer.data.windows.xǁWindowDatasetǁ__init____mutmut_26":
         "the sizes of no dataset as float64 zeros instead of int32: their sum is 0 either way, and the next line "
         "refuses the empty data with the same sentence",
@@ -71,9 +72,10 @@ EQUIVALENT: dict[str, str] = {
     "tokenformer.evaluation.scoring.x_mean_loss__mutmut_7":
         "the totals built on the default device: the CPU, where this runs and where the model is (on a GPU they "
         "would differ)",
-    "tokenformer.scaling.grow.x_grow_optimizer_state__mutmut_33":
+    "tokenformer.scaling.grow.x_grow_optimizer_state__mutmut_33": (
+        "if value.shape[1:] != target.shape[1:] or value.shape[0] >= target.shape[0]:",
         "`>=` for `>` on the row counts: the line is reached only when the shapes differ, so equal row counts "
-        "mean the other dims differ and the first test of the `or` raises either way",
+        "mean the other dims differ and the first test of the `or` raises either way"),
     "tokenformer.generate.x_sample_next__mutmut_43": "torch.sort without dim sorts the last dim: the same call",
     "tokenformer.generate.x_sample_next__mutmut_80": "the logits are (B, V): softmax over dim 1 is over dim -1",
     "tokenformer.generate.x_generate_caption__mutmut_33": "torch.full with an int fill value makes int64 anyway",
@@ -204,8 +206,11 @@ def rescore(result: dict) -> dict:
     """Mark the survivors listed in `EQUIVALENT` and compute the score: killed / (tested - equivalent)."""
     for survivor in result["survivors"]:
         survivor.pop("equivalent", None)
-        if survivor["mutant"] in EQUIVALENT:
-            survivor["equivalent"] = EQUIVALENT[survivor["mutant"]]
+        why = EQUIVALENT.get(survivor["mutant"])
+        if isinstance(why, tuple):
+            why = why[1] if survivor["line"] == why[0] else None
+        if why is not None:
+            survivor["equivalent"] = why
     result["equivalent"] = sum(1 for s in result["survivors"] if "equivalent" in s)
     result["score"] = round(result["counts"].get("killed", 0) / max(1, result["tested"] - result["equivalent"]), 4)
     return result

@@ -267,3 +267,70 @@ def test_each_rank_appends_its_share_of_the_new_rows_and_an_uneven_split_is_refu
     finally:
         monkeypatch.undo()
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("mode", ["exact", "official"])
+def test_noise_adds_its_share_of_each_old_tensors_std_drawn_after_the_new_rows(mode):
+    layer = Pattention(8, 6, 4, key_std=0.1, value_std=0.3)
+    keys, values = layer.key_param_tokens.detach().clone(), layer.value_param_tokens.detach().clone()
+    grow_pattention(layer, 7, mode, noise=0.25, generator=torch.Generator().manual_seed(9))
+    g = torch.Generator().manual_seed(9)
+    new_values = torch.randn((3, 6), generator=g) * 0.3
+    new_keys = torch.randn((3, 8), generator=g) * 0.1 if mode == "official" else torch.zeros(3, 8)
+    noisy_keys = keys + torch.randn((4, 8), generator=g) * (0.25 * keys.std().item())
+    noisy_values = values + torch.randn((4, 6), generator=g) * (0.25 * values.std().item())
+    assert torch.equal(layer.key_param_tokens, torch.cat([noisy_keys, new_keys]))
+    assert torch.equal(layer.value_param_tokens, torch.cat([noisy_values, new_values]))
+
+
+def test_noise_reaches_every_layer_is_recorded_and_must_not_be_negative():
+    model = small_model()
+    grown = tf.grow(model, ffn_slot_num=20, mode="official", noise=0.5, seed=0)
+    assert grown.config.growth_history[-1]["noise"] == 0.5
+    assert not torch.equal(grown.layers[1].mlp.key_param_tokens[:16], model.layers[1].mlp.key_param_tokens)
+    assert torch.equal(grown.layers[1].attention.query.key_param_tokens, model.layers[1].attention.query.key_param_tokens)
+    assert "noise" not in tf.grow(model, ffn_slot_num=20, seed=0).config.growth_history[-1]  # 0: not recorded
+    from tokenformer.models.clip import CLIPConfig, CLIPTokenFormer
+
+    clip = CLIPTokenFormer(CLIPConfig.from_name("tiny")).eval()
+    noisy = tf.grow(clip, factor=2, mode="official", noise=0.5, seed=0)
+    n = clip.text.layers[0].mlp.num_tokens
+    assert not torch.equal(noisy.text.layers[0].mlp.value_param_tokens[:n], clip.text.layers[0].mlp.value_param_tokens)
+    with pytest.raises(tf.TokenFormerError) as error:
+        tf.grow(model, factor=2, noise=-0.1)
+    assert str(error.value) == "noise must be 0 or more (a share of each tensor's std), got -0.1"
+
+
+def test_noise_on_a_token_parallel_pattention_is_refused():
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from tokenformer.parallel.tokens import shard_tokens
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        layer = Pattention(8, 6, 4)
+        shard_tokens(layer, init_device_mesh("cpu", (1,)))
+        with pytest.raises(tf.TokenFormerError) as error:
+            grow_pattention(layer, 8, "official", noise=0.1)
+        assert str(error.value) == ("noise on the old tokens is not supported for a token-parallel model (each rank "
+                                    "holds a shard): grow it with noise 0, or in one process")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_optimizer_moments_grow_along_any_dimension_and_refuse_a_shrink():
+    old, wide = nn.Linear(2, 3), nn.Linear(4, 3)  # weight (3, 2) -> (3, 4): new columns
+    optimizer = torch.optim.AdamW(old.parameters(), lr=0.1)
+    old(torch.ones(1, 2)).sum().backward()
+    optimizer.step()
+    state = grow_optimizer_state(optimizer.state_dict(), old, wide)
+    moment = optimizer.state[old.weight]["exp_avg"]
+    grown = state["state"][0]["exp_avg"]
+    assert grown.shape == (3, 4) and torch.equal(grown[:, :2], moment) and torch.count_nonzero(grown[:, 2:]) == 0
+    assert torch.equal(state["state"][1]["exp_avg"], optimizer.state[old.bias]["exp_avg"])  # same shape: kept
+    for other, shape in ((nn.Linear(1, 3), "(3, 1)"), (nn.Bilinear(2, 2, 3), "(3, 2, 2)")):
+        with pytest.raises(tf.TokenFormerError) as error:
+            grow_optimizer_state(optimizer.state_dict(), old, other)
+        assert str(error.value) == (f"optimizer state 'exp_avg' of 'weight' has shape (3, 2), which cannot grow into "
+                                    f"{shape}: is new_model a grown old_model?")
