@@ -107,16 +107,21 @@ def tiny_checkpoint(tmp_path) -> Path:
 
 # ---- a prepared corpus ---------------------------------------------------------------------------
 
+def write_indexed(prefix, documents, dtype=np.uint16) -> str:
+    """An indexed dataset (PREFIX.bin + PREFIX.idx) of `documents`, lists of token ids; returns PREFIX."""
+    writer = IndexedDatasetWriter(prefix, dtype=dtype)
+    for document in documents:
+        writer.add_item(document)
+    writer.close()
+    return str(prefix)
+
+
 def write_corpus(directory: Path, train_docs, valid_docs=None) -> Path:
     """A `tokenformer prepare`-shaped directory: indexed files, tokenizer.json, prepare.json."""
     directory.mkdir(parents=True, exist_ok=True)
     for name, docs in (("train", train_docs), ("valid", valid_docs)):
-        if docs is None:
-            continue
-        writer = IndexedDatasetWriter(directory / f"{name}_text_document", dtype=np.uint16)
-        for doc in docs:
-            writer.add_item(doc)
-        writer.close()
+        if docs is not None:
+            write_indexed(directory / f"{name}_text_document", docs)
     tokenizer = ByteTokenizer()
     tokenizer.save(directory / "tokenizer.json")
     (directory / "prepare.json").write_text(json.dumps({"vocab_size": tokenizer.vocab_size,

@@ -12,24 +12,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tokenformer.data.indexed import IndexedDatasetWriter
 from tokenformer.training.config import TrainConfig
 from tokenformer.training.distributed import DistEnv
 from tokenformer.training.tasks.base import TaskContext
 from tokenformer.training.tasks.language import LanguageModelTask, validation_batches
 from tokenformer.data.windows import WindowDataset
 
+from tests.conftest import write_indexed as write
+
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 SEQ = 32
-
-
-def write(prefix, documents):
-    writer = IndexedDatasetWriter(prefix, dtype=np.uint16)
-    for document in documents:
-        writer.add_item(document)
-    writer.close()
-    return str(prefix)
 
 
 @pytest.fixture

@@ -7,16 +7,9 @@ import pytest
 import torch
 
 from tokenformer import TokenFormerError
-from tokenformer.data.indexed import IndexedDatasetWriter
 from tokenformer.data.windows import WindowDataset, token_windows
 
-
-def write(prefix, docs, dtype=np.uint16):
-    writer = IndexedDatasetWriter(prefix, dtype=dtype)
-    for doc in docs:
-        writer.add_item(doc)
-    writer.close()
-    return str(prefix)
+from tests.conftest import write_indexed as write
 
 
 @pytest.fixture
