@@ -159,7 +159,9 @@ def run_module(module: str, selection: str, before: dict | None, children: int =
     source = hashlib.sha256((ROOT / "tokenformer" / module).read_bytes()).hexdigest()
     same = before is not None and (before.get("source") == source or survivors_of_changed)
     rerun = same and (directory / "mutants").is_dir()
-    stamp = f"{source} {' '.join(tests)}"
+    # the tests' contents too: a mutant's result from before a test changed must not be kept
+    stamp = " ".join([source, *(f"{t}:{hashlib.sha256((ROOT / 'tests' / t).read_bytes()).hexdigest()[:16]}"
+                                for t in tests)])
     resume = (directory / "run.stamp").is_file() and (directory / "run.stamp").read_text() == stamp
     if not (rerun or resume):  # an interrupted run of the same source and tests goes on where it stopped
         shutil.rmtree(directory, ignore_errors=True)
