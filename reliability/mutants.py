@@ -185,6 +185,10 @@ def run_module(module: str, selection: str, before: dict | None, children: int =
         names = sorted(random.Random(0).sample(every, min(sample, len(every))))
     else:
         names = []
+    if rerun and meta_path.is_file():  # forget their old results: mutmut may keep them when only tests changed
+        meta = json.loads(meta_path.read_text())
+        meta["exit_code_by_key"].update({name: None for name in names})
+        meta_path.write_text(json.dumps(meta))
     if names or not rerun:
         mutmut_run(*names)
     codes = json.loads(meta_path.read_text())["exit_code_by_key"]
