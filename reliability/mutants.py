@@ -62,6 +62,9 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
 # Mutants that compute the same thing as the original: no test can tell them apart. Name -> why, or
 # name -> (the changed line, why) where the module has changed since and the name may mean another mutant.
 EQUIVALENT: dict[str, str | tuple[str, str]] = {
+    "tokenformer.data.indexed.xǁIndexedDatasetǁ__init____mutmut_92":
+        "the byte count divided by the item size instead of multiplied: it is only asked whether it is 0, which "
+        "both are exactly when the sizes sum to 0",
     "tokenformer.data.windows.xǁWindowDatasetǁ__init____mutmut_26":
         "the sizes of no dataset as float64 zeros instead of int32: their sum is 0 either way, and the next line "
         "refuses the empty data with the same sentence",

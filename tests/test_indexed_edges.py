@@ -101,3 +101,14 @@ def test_a_header_cut_short_or_of_another_format_is_named(tmp_path):
     (tmp_path / "d.idx").write_bytes(hand_index([]))
     empty = IndexedDataset(tmp_path / "d")  # an empty dataset with an empty .bin reads as empty
     assert len(empty) == 0 and empty.num_tokens == 0
+
+
+def test_a_missing_half_of_the_pair_is_named_with_the_fix(tmp_path):
+    fix = "give the prefix without .bin/.idx, e.g. data/corpus_text_document"
+    with pytest.raises(TokenFormerError) as error:
+        IndexedDataset(tmp_path / "none")
+    assert str(error.value) == f"indexed dataset file {tmp_path / 'none.idx'} does not exist: {fix}"
+    (tmp_path / "d.idx").write_bytes(hand_index([2]))
+    with pytest.raises(TokenFormerError) as error:
+        IndexedDataset(tmp_path / "d")
+    assert str(error.value) == f"indexed dataset file {tmp_path / 'd.bin'} does not exist: {fix}"
