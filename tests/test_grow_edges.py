@@ -334,3 +334,6 @@ def test_optimizer_moments_grow_along_any_dimension_and_refuse_a_shrink():
             grow_optimizer_state(optimizer.state_dict(), old, other)
         assert str(error.value) == (f"optimizer state 'exp_avg' of 'weight' has shape (3, 2), which cannot grow into "
                                     f"{shape}: is new_model a grown old_model?")
+    with pytest.raises(tf.TokenFormerError) as error:
+        grow_optimizer_state(optimizer.state_dict(), old, nn.Linear(4, 3, bias=False))
+    assert str(error.value) == "parameter 'bias' of the old model is missing in the new one"
