@@ -13,7 +13,7 @@ from torch import nn
 import tokenformer as tf
 from tokenformer.models.pattention import Pattention
 from tokenformer.scaling.grow import (grow_checkpoint, grow_optimizer_state, grow_pattention, old_slot_counts,
-                                      slot_counts)
+                                      pattention_groups, slot_counts)
 from tokenformer.training.optim import build_optimizer
 from tokenformer.training.config import TrainConfig
 
@@ -162,6 +162,9 @@ def test_slot_count_errors_are_these_sentences():
          "exact growth cannot preserve a 'softmax' model (with softmax a new token always takes weight from the old "
          "ones): use mode='official'"),
     ]
+    cases.append((lambda: pattention_groups(nn.Sequential(Pattention(4, 4, 2))),
+                  "Sequential has no Pattention for qkv_slot_num: name its modules like the official ones "
+                  "(attention.query/key/value/proj, mlp) or define pattention_groups()"))
     for call, sentence in cases:
         with pytest.raises(tf.TokenFormerError) as error:
             call()
