@@ -48,7 +48,7 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
     "training/checkpointing.py": (["test_train.py"], ["test_checkpointing_edges.py"]),
     "data/windows.py": (["test_train.py", "test_indexed_dataset.py"], ["test_validation_data.py", "test_windows_edges.py"]),
     "data/indexed.py": (["test_indexed_dataset.py"], ["test_indexed_edges.py"]),
-    "training/loop.py": (["test_train.py"], ["test_validation_data.py"]),
+    "training/loop.py": (["test_train.py"], ["test_validation_data.py", "test_loop_edges.py"]),
     "models/lm.py": (["test_model.py"], ["test_grown_paths.py", "test_core_edges.py"]),
     "models/config.py": (["test_model.py", "test_config.py"], []),
     "models/quantize.py": (["test_decode.py"], ["test_core_edges.py"]),
