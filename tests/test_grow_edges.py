@@ -162,9 +162,6 @@ def test_slot_count_errors_are_these_sentences():
          "exact growth cannot preserve a 'softmax' model (with softmax a new token always takes weight from the old "
          "ones): use mode='official'"),
     ]
-    cases.append((lambda: pattention_groups(nn.Sequential(Pattention(4, 4, 2))),
-                  "Sequential has no Pattention for qkv_slot_num: name its modules like the official ones "
-                  "(attention.query/key/value/proj, mlp) or define pattention_groups()"))
     for call, sentence in cases:
         with pytest.raises(tf.TokenFormerError) as error:
             call()
@@ -340,3 +337,17 @@ def test_optimizer_moments_grow_along_any_dimension_and_refuse_a_shrink():
     with pytest.raises(tf.TokenFormerError) as error:
         grow_optimizer_state(optimizer.state_dict(), old, nn.Linear(4, 3, bias=False))
     assert str(error.value) == "parameter 'bias' of the old model is missing in the new one"
+
+
+def test_a_model_without_official_names_is_told_how_to_name_them():
+    with pytest.raises(tf.TokenFormerError) as error:
+        pattention_groups(nn.Sequential(Pattention(4, 4, 2)))
+    assert str(error.value) == ("Sequential has no Pattention for qkv_slot_num: name its modules like the official "
+                                "ones (attention.query/key/value/proj, mlp) or define pattention_groups()")
+
+
+def test_a_count_of_one_token_is_a_count():
+    model = small_model(qkv_slot_num=1)
+    grown = tf.grow(model, qkv_slot_num=1, ffn_slot_num=20, seed=0)
+    assert grown.config.qkv_slot_num == 1 and grown.layers[0].attention.query.num_tokens == 1
+    assert grown.config.ffn_slot_num == 20
