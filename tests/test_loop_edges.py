@@ -85,3 +85,20 @@ def test_a_loss_that_is_not_finite_stops_the_run_in_one_sentence(corpus, tmp_pat
         train(tiny_config(corpus), model=model)
     assert str(error.value) == ("the training loss became nan at step 1; no checkpoint was written yet: lower lr, "
                                 "raise warmup or use fp32/bf16")
+
+
+def test_a_run_without_save_warns_and_its_summary_holds_the_last_validation(corpus, capsys):
+    summary = train(tiny_config(corpus, eval_interval=4))
+    assert capsys.readouterr().err.splitlines()[0] == (
+        "warning: no `save` directory: the trained model is not kept (pass --save DIR to keep it)")
+    record = summary["validation"]
+    assert record["step"] == 6 and record["val_loss"] == summary["val_loss"]  # the end's, not step 4's
+    assert summary["growths"] == [] and summary["checkpoint"] is None and summary["step"] == 6
+
+
+def test_a_run_that_grows_inside_lists_each_growth_in_its_summary(corpus):
+    cfg = tiny_config(corpus, lr_decay_style="wsd", wsd_decay_fraction=0.34, wsd_decay_shape="linear",
+                      grow_at=[2, 4], eval_interval=100)
+    summary = train(cfg)
+    assert [g["grown_after"] for g in summary["growths"]] == [2, 4]
+    assert summary["step"] == 6 and sorted(summary["losses"]) == [1, 2, 3, 4, 5, 6]
