@@ -50,7 +50,7 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
     "data/indexed.py": (["test_indexed_dataset.py"], ["test_indexed_edges.py"]),
     "training/loop.py": (["test_train.py"], ["test_validation_data.py", "test_loop_edges.py"]),
     "models/lm.py": (["test_model.py"], ["test_grown_paths.py", "test_core_edges.py", "test_lm_edges.py"]),
-    "models/config.py": (["test_model.py", "test_config.py"], []),
+    "models/config.py": (["test_model.py", "test_config.py"], ["test_config_edges.py"]),
     "models/quantize.py": (["test_decode.py"], ["test_core_edges.py"]),
     "models/official.py": (["test_convert.py", "test_model.py"], []),
     "models/pretrained.py": (["test_model.py", "test_checkpoint.py"], []),
