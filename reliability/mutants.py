@@ -51,7 +51,7 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
     "training/loop.py": (["test_train.py"], ["test_validation_data.py", "test_loop_edges.py"]),
     "models/lm.py": (["test_model.py"], ["test_grown_paths.py", "test_core_edges.py", "test_lm_edges.py"]),
     "models/config.py": (["test_model.py", "test_config.py"], ["test_config_edges.py"]),
-    "models/quantize.py": (["test_decode.py"], ["test_core_edges.py"]),
+    "models/quantize.py": (["test_decode.py"], ["test_core_edges.py", "test_quantize_edges.py"]),
     "models/official.py": (["test_convert.py", "test_model.py"], []),
     "models/pretrained.py": (["test_model.py", "test_checkpoint.py"], []),
     "models/vision.py": (["test_vision.py"], []),
@@ -59,9 +59,23 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
     "models/captioner.py": (["test_captioner.py"], []),
 }
 
+PROBE_ON_CPU = "the probe's tensor made on the default device: the CPU, where the probe runs here (on a GPU it would differ)"
+
 # Mutants that compute the same thing as the original: no test can tell them apart. Name -> why, or
 # name -> (the changed line, why) where the module has changed since and the name may mean another mutant.
 EQUIVALENT: dict[str, str | tuple[str, str]] = {
+    "tokenformer.models.quantize.x_packed_kernel_works__mutmut_12": (
+        'x = torch.ones(1, 64, device=None, dtype=dtype)',
+        PROBE_ON_CPU),
+    "tokenformer.models.quantize.x_packed_kernel_works__mutmut_23": (
+        'q = torch.ones(8, 64, device=None, dtype=torch.int8)',
+        PROBE_ON_CPU),
+    "tokenformer.models.quantize.x_packed_kernel_works__mutmut_27": (
+        'q = torch.ones(8, 64, dtype=torch.int8)',
+        PROBE_ON_CPU),
+    "tokenformer.models.quantize.x_packed_kernel_works__mutmut_39": (
+        'out = torch.ops.aten._weight_int8pack_mm(x, q, torch.ones(8, device=None, dtype=dtype))',
+        PROBE_ON_CPU),
     "tokenformer.training.loop.x_resume__mutmut_20": (
         'growth_schedule.catch_up(run, int(latest.name.rsplit("_", )[-1]))',
         "rsplit without a limit: the last piece of `step_NNNNNNNN` is the same however many splits are made"),
