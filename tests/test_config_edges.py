@@ -38,3 +38,10 @@ def test_a_model_directory_resolves_to_its_config(tmp_path):
     directory = tf.TokenFormer(config).save_pretrained(tmp_path / "m")
     assert resolve_model_config(directory).ffn_slot_num == 96
     assert resolve_model_config(str(directory / "config.json")).ffn_slot_num == 96
+
+
+def test_a_yml_without_a_model_shape_is_asked_whether_it_is_a_model_config(tmp_path):
+    training = tmp_path / "train.yml"
+    training.write_text('{"train-iters": 1000, "lr": 0.0006}')
+    assert error_of(lambda: Config.from_neox_yaml(training)) == (
+        f"{training} has no num_layers/hidden_size: is it a model config?")
