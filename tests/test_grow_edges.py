@@ -205,7 +205,7 @@ def test_a_model_whose_config_names_no_normalisation_grows_officially_but_not_ex
 def test_a_token_parallel_pattention_grows_its_own_shard_to_the_rows_one_process_draws():
     """In one process of a 1-rank gloo group (the shard is the whole layer): the grown parameters stay
     DTensors sharded on the token axis, trainable, and hold the rows a plain layer grown with the same
-    seed holds. (Two ranks, each appending its half, run in tests/test_token_parallel.py.)"""
+    seed holds. (Two ranks, each appending its half, run in tests/test_parallel.py.)"""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Shard
