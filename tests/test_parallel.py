@@ -64,6 +64,7 @@ def model_level_rank(rank: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=2)
     mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("tp",))
     results = {norm: token_parallel_results(mesh, norm) for norm in NORMS}
+    results["generation"] = token_parallel_generation(mesh)
     results.update({schedule: pipeline_results(schedule) for schedule in SCHEDULES})
     Path(out, f"rank{rank}.json").write_text(json.dumps(results))
     dist.destroy_process_group()
@@ -112,6 +113,25 @@ def token_parallel_results(mesh, norm: str) -> dict:
         result["official_growth"] = (official - one_process).abs().max().item()
         result["official_changed"] = (official - before).abs().max().item()
     return result
+
+
+def token_parallel_generation(mesh) -> dict:
+    """Greedy tokens of the token-parallel model (its KV cache holding this rank's heads) and of the
+    one-process model, from the same prompt."""
+    from tokenformer.generate import generate_tokens
+    from tokenformer.parallel.tokens import parallelize_tokens
+
+    config = resolve_model_config({"name": "tiny", "seq_length": 32})
+    torch.manual_seed(0)
+    reference = TokenFormer(config).eval()
+    torch.manual_seed(0)
+    model = parallelize_tokens(TokenFormer(config), mesh).eval()
+    prompt = [5, 17, 42, 99, 3]
+    with torch.no_grad():
+        cache = model.allocate_cache(1, 8)
+        return {"tokens": list(generate_tokens(model, prompt, 12)), "expected": list(generate_tokens(reference, prompt,
+                                                                                                      12)),
+                "cached_heads": cache.keys[0].shape[1], "heads": config.num_attention_heads}
 
 
 def one_process_steps(model, batches, optimizer) -> tuple[list[float], list[float]]:
@@ -212,6 +232,13 @@ def test_official_growth_under_token_parallelism_equals_one_process_growth(model
     for rank in model_level:
         assert rank[norm]["official_growth"] <= ATOL
         assert rank[norm]["official_changed"] > 1e-3
+
+
+def test_token_parallel_generation_gives_one_process_greedy_tokens_with_a_cache_of_its_heads(model_level):
+    for rank in model_level:
+        result = rank["generation"]
+        assert len(result["tokens"]) == 12 and result["tokens"] == result["expected"]
+        assert result["cached_heads"] == result["heads"] // 2
 
 
 def test_stages_split_the_blocks_consecutively_and_evenly():

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from tokenformer.errors import TokenFormerError
 from tokenformer.models.config import Config
@@ -63,8 +64,9 @@ class KVCache:
 
     @classmethod
     def allocate(cls, config: Config, batch_size: int, max_length: int,
-                 device: torch.device | str, dtype: torch.dtype) -> "KVCache":
-        shape = (batch_size, config.num_attention_heads, max_length, config.head_dim)
+                 device: torch.device | str, dtype: torch.dtype, head_shards: int = 1) -> "KVCache":
+        """`head_shards`: token parallelism's ranks, each of which caches its own heads only."""
+        shape = (batch_size, config.num_attention_heads // head_shards, max_length, config.head_dim)
         return cls([torch.empty(shape, device=device, dtype=dtype) for _ in range(config.num_layers)],
                    [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.num_layers)])
 
@@ -309,9 +311,14 @@ class TokenFormer(LanguageModelCore, PretrainedModel):
         if last_only:
             x = x[:, -1:]  # (B, 1, h)
         x = self.final_norm(x)
-        return x @ self.word_embeddings.weight.T  # (B, T, padded_vocab_size)
+        logits = x @ self.word_embeddings.weight.T  # (B, T, padded_vocab_size)
+        if cache is not None and isinstance(logits, DTensor):
+            # token-parallel decoding: every rank samples the same token from the whole vocabulary
+            logits = logits.full_tensor()
+        return logits
 
     def allocate_cache(self, batch_size: int, max_length: int | None = None) -> KVCache:
         weight = self.word_embeddings.weight
+        shards = weight.device_mesh.size() if isinstance(weight, DTensor) else 1  # token parallelism
         return KVCache.allocate(self.config, batch_size, max_length or self.config.seq_length,
-                                weight.device, weight.dtype)
+                                weight.device, weight.dtype, head_shards=shards)
