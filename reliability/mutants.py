@@ -54,7 +54,7 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
     "models/quantize.py": (["test_decode.py"], ["test_core_edges.py", "test_quantize_edges.py"]),
     "models/official.py": (["test_convert.py", "test_model.py"], ["test_official_edges.py"]),
     "models/pretrained.py": (["test_model.py", "test_checkpoint.py"], ["test_official_edges.py"]),
-    "models/vision.py": (["test_vision.py"], []),
+    "models/vision.py": (["test_vision.py"], ["test_vision_edges.py"]),
     "models/clip.py": (["test_clip.py"], []),
     "models/captioner.py": (["test_captioner.py"], []),
 }
