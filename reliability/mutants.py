@@ -55,7 +55,7 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
     "models/official.py": (["test_convert.py", "test_model.py"], ["test_official_edges.py"]),
     "models/pretrained.py": (["test_model.py", "test_checkpoint.py"], ["test_official_edges.py"]),
     "models/vision.py": (["test_vision.py"], ["test_vision_edges.py"]),
-    "models/clip.py": (["test_clip.py"], []),
+    "models/clip.py": (["test_clip.py"], ["test_clip_edges.py"]),
     "models/captioner.py": (["test_captioner.py"], []),
 }
 
