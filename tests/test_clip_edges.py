@@ -26,3 +26,22 @@ def test_a_text_of_one_token_is_encoded():
     features = model.text(ids, torch.tensor([1, 3]))
     alone = model.text(torch.tensor([[256]]), torch.tensor([1]))  # the same text without padding
     torch.testing.assert_close(features[:1], alone)
+
+
+def test_clip_config_sentences_and_the_logit_scale_bound():
+    import math
+
+    import pytest
+
+    from tokenformer import TokenFormerError
+
+    cases = [(dict(embed_dim=0), "CLIP config field embed_dim must be at least 1, got 0"),
+             (dict(vision=3), "a CLIP config needs `vision` (VisionConfig fields) and `text` (language model Config "
+                              "fields): give both as mappings"),
+             (dict(init_logit_scale=math.log(100.0) + 0.01), f"init_logit_scale {math.log(100.0) + 0.01} must lie in "
+              "[0, log(max_logit_scale 100.0)]: the training clamps the scale to that range")]
+    for changes, sentence in cases:
+        with pytest.raises(TokenFormerError) as error:
+            CLIPConfig.from_name("tiny", **changes)
+        assert str(error.value) == sentence
+    assert CLIPConfig.from_name("tiny", init_logit_scale=math.log(100.0)).init_logit_scale == math.log(100.0)  # the bound
