@@ -56,7 +56,7 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
     "models/pretrained.py": (["test_model.py", "test_checkpoint.py"], ["test_official_edges.py"]),
     "models/vision.py": (["test_vision.py"], ["test_vision_edges.py"]),
     "models/clip.py": (["test_clip.py"], ["test_clip_edges.py"]),
-    "models/captioner.py": (["test_captioner.py"], []),
+    "models/captioner.py": (["test_captioner.py"], ["test_captioner_edges.py"]),
 }
 
 PROBE_ON_CPU = "the probe's tensor made on the default device: the CPU, where the probe runs here (on a GPU it would differ)"
@@ -64,6 +64,9 @@ PROBE_ON_CPU = "the probe's tensor made on the default device: the CPU, where th
 # Mutants that compute the same thing as the original: no test can tell them apart. Name -> why, or
 # name -> (the changed line, why) where the module has changed since and the name may mean another mutant.
 EQUIVALENT: dict[str, str | tuple[str, str]] = {
+    "tokenformer.models.captioner.xǁCaptionerǁforward__mutmut_9": (
+        "prefix = None",
+        "the prefix length None before the first pass sets it: a later pass slices x[:, None:], all of x, as x[:, 0:]"),
     "tokenformer.models.quantize.x_packed_kernel_works__mutmut_12": (
         'x = torch.ones(1, 64, device=None, dtype=dtype)',
         PROBE_ON_CPU),
