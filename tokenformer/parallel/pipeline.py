@@ -167,7 +167,11 @@ def sync_tied_gradients(stage: LanguageModelStage, group: dist.ProcessGroup) -> 
         weight = stage.word_embeddings.weight
         if weight.grad is None:
             weight.grad = torch.zeros_like(weight)
-        # both copies are sharded alike (the same data-parallel and tp positions): sum shard with shard
+        elif isinstance(weight.grad, DTensor) and weight.grad.placements != weight.placements:
+            # the vocabulary-parallel lookup's gradient comes back Replicate (the whole matrix on every tp
+            # rank), the head's Shard(0): keep this rank's rows (a local slice, no communication)
+            weight.grad = weight.grad.redistribute(weight.device_mesh, weight.placements)
+        # both copies are now sharded alike (the same data-parallel and tp positions): sum shard with shard
         dist.all_reduce(weight.grad.to_local() if isinstance(weight.grad, DTensor) else weight.grad, group=group)
 
 

@@ -201,9 +201,6 @@ class TrainingConfig(RunConfig):
                 raise TokenFormerError(f"unknown {name} {getattr(self, name)!r}: use one of {', '.join(allowed)}")
         if self.min_lr > self.lr:
             raise TokenFormerError(f"need 0 <= min_lr <= lr, got min_lr {self.min_lr} and lr {self.lr}")
-        if self.tp_size > 1 and self.pp_size > 1:
-            raise TokenFormerError("tp_size and pp_size together are not supported yet (the stages' sharded head "
-                                   "does not pipeline): use one of them, with fsdp2 over the data-parallel rest")
         if self.resume and not self.save:
             raise TokenFormerError("resume needs `save`: the directory whose latest checkpoint to continue")
         check_options(self)
