@@ -174,7 +174,7 @@ def test_quick_runs_every_arm_end_to_end(tmp_path):
     large = {f: TokenFormer(Config(**p.model("tf", "large"))).num_parameters() if f == "tf" else
              Transformer(TransformerConfig(**p.model("t", "large"))).num_parameters() for f in ("tf", "t")}
     grown = {name: arm["growths"] for name, arm in report["arms"].items() if "@" in name}
-    assert len(grown) == 6
+    assert len(grown) == 7
     for name, growths in grown.items():
         assert len(growths) == (2 if "2step" in name else 1), name
         assert growths[-1]["parameters"] == large[name[:name.index("/")]], name

@@ -159,6 +159,7 @@ IN_RUN_KINDS = {("tf", "in-run-carry"): ("exact", "carry", False, False),
                 ("tf", "in-run-rewarm"): ("exact", "carry", True, False),
                 ("tf", "in-run-fresh"): ("exact", "fresh", True, False),
                 ("tf", "in-run-noise"): ("official", "carry", False, True),
+                ("tf", "in-run-official"): ("official", "carry", False, False),
                 ("tf", "in-run-2step"): ("exact", "carry", False, False),
                 ("t", "widen-carry"): ("exact", "carry", False, False)}
 
@@ -168,7 +169,8 @@ def in_run_arms(p: Protocol, family: str, seed: int) -> list[Arm]:
     if not points:
         return []
     at = {"in-run-carry": points, "widen-carry": points, "in-run-fresh": (p.one_point,),
-          "in-run-noise": (p.one_point,), "in-run-2step": None, "in-run-rewarm": points}
+          "in-run-noise": (p.one_point,), "in-run-official": (p.one_point,), "in-run-2step": None,
+          "in-run-rewarm": points}
     out = [Arm(family, kind, seed, 1.0, n, grow_at=p.two_step_points if g is None else (g,))
            for kind, where in at.items() if (family, kind) in IN_RUN_KINDS for g in (where or [None])]
     return sorted(out, key=lambda a: in_run_priority(p, a))
@@ -177,12 +179,13 @@ def in_run_arms(p: Protocol, family: str, seed: int) -> list[Arm]:
 def in_run_priority(p: Protocol, arm: Arm) -> int:
     """The order in which the in-run arms run (a run stopped early has the most telling ones):
     carried moments at `one_point`, then later, then the re-warm and the fresh optimizer there,
-    then carried moments earlier, the noise, the two-step chain, the other re-warms."""
+    then carried moments earlier, the noise (and official growth without it), the two-step
+    chain, the other re-warms."""
     point, late = arm.grow_at[0], arm.grow_at[0] > p.one_point
     if arm.kind in ("in-run-carry", "widen-carry"):
         return 0 if point == p.one_point else 1 if late else 4
     return {"in-run-rewarm": 2 if point == p.one_point else 7, "in-run-fresh": 3, "in-run-noise": 5,
-            "in-run-2step": 6}[arm.kind]
+            "in-run-official": 6, "in-run-2step": 6}[arm.kind]
 
 
 def trunks(p: Protocol, all_arms: list[Arm]) -> list[Arm]:

@@ -147,7 +147,7 @@ def table(p: Protocol, results: dict[str, Any]) -> str:
             bound = f" (bounds: {', '.join(row['bounds'])})" if row["bounds"] else ""
             lines.append(f"| {name} | {_cell(row['final_val_loss'], 4)} | {_cell(row['R_incl'])}{bound} | "
                          f"{_cell(row['R_excl'])} | {_cell(row['R_best'])} | "
-                         f"{'yes' if row['pays_every_seed'] else 'no'} | {_u(row['U'])} | "
+                         f"{'yes' if row['pays_every_seed'] else 'no'}{_seeds(row)} | {_u(row['U'])} | "
                          f"{row['loss_before_growth']['mean']:.4f} -> {row['loss_right_after_growth']['mean']:.4f} "
                          f"-> {row['loss_peak_after_growth']['mean']:.4f} |")
         lines.append("")
@@ -156,6 +156,11 @@ def table(p: Protocol, results: dict[str, Any]) -> str:
     lines.append("TokenFormer R_best / Transformer R_best (mean over seeds): " + "; ".join(
         f"{k}: {v:.2f}" for k, v in results["tf_over_t"].items()))
     return "\n".join(lines) + "\n"
+
+
+def _seeds(row: dict[str, Any]) -> str:
+    n = row["final_val_loss"]["n"]
+    return " (1 seed)" if n == 1 else f" ({n} seeds)"
 
 
 def _u(stats: dict[str, Any]) -> str:
