@@ -57,6 +57,9 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
     "models/vision.py": (["test_vision.py"], ["test_vision_edges.py"]),
     "models/clip.py": (["test_clip.py"], ["test_clip_edges.py"]),
     "models/captioner.py": (["test_captioner.py"], ["test_captioner_edges.py"]),
+    "scaling/shrink.py": (["test_scaling.py"], ["test_shrink_edges.py"]),
+    "scaling/freeze.py": (["test_scaling.py", "test_warm_start.py"], ["test_freeze_edges.py"]),
+    "scaling/tune.py": (["test_tune.py"], ["test_tune_edges.py"]),
 }
 
 PROBE_ON_CPU = "the probe's tensor made on the default device: the CPU, where the probe runs here (on a GPU it would differ)"
@@ -64,6 +67,10 @@ PROBE_ON_CPU = "the probe's tensor made on the default device: the CPU, where th
 # Mutants that compute the same thing as the original: no test can tell them apart. Name -> why, or
 # name -> (the changed line, why) where the module has changed since and the name may mean another mutant.
 EQUIVALENT: dict[str, str | tuple[str, str]] = {
+    "tokenformer.scaling.tune.x_load_adapters__mutmut_55": (
+        'tuned = grow(base, mode="exact", generator=torch.Generator().manual_seed(1),',
+        "the seed of the grown rows, every one of which the adapters' rows overwrite next (a group's added count "
+        "is the adapters' sum, the same in each of its Pattentions); a private generator either way"),
     "tokenformer.models.captioner.xǁCaptionerǁforward__mutmut_9": (
         "prefix = None",
         "the prefix length None before the first pass sets it: a later pass slices x[:, None:], all of x, as x[:, 0:]"),
