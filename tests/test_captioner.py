@@ -262,10 +262,3 @@ def test_train_captioner_resumes_exactly_and_generate_captions_images(tmp_path, 
         assert main(["generate", *argv]) == 2
         assert message in capsys.readouterr().err
 
-
-def test_gradient_checkpointing_reaches_both_parts():
-    model = tiny()
-    for value in (True, False):
-        model.gradient_checkpointing = value  # as the training loop sets it
-        assert (model.gradient_checkpointing, model.lm.gradient_checkpointing,
-                model.vision.gradient_checkpointing) == (value, value, value)

@@ -21,6 +21,7 @@ from tokenformer.__main__ import main
 from tokenformer.checkpoint import load_model
 from tokenformer.data.images import write_idx
 from tokenformer.data.tokenizer import ByteTokenizer
+from tokenformer.models.captioner import Captioner, CaptionerConfig
 from tokenformer.models.clip import CLIP_PRESETS, CLIPConfig, CLIPTokenFormer, tokenize_captions
 from tokenformer.training.config import ClipTrainConfig
 from tokenformer.training.contrastive import clamp_logit_scale, clip_loss, scale_gradient
@@ -522,9 +523,12 @@ def test_the_trained_normalisation_travels_with_the_model(scenes, tmp_path, caps
     assert json.loads(capsys.readouterr().out) != result
 
 
-def test_gradient_checkpointing_reaches_both_towers():
-    model = tiny()
+
+@pytest.mark.parametrize("build, parts", [(tiny, ("visual", "text")),
+                                          (lambda: Captioner(CaptionerConfig.from_name("tiny")), ("lm", "vision"))])
+def test_gradient_checkpointing_reaches_both_parts(build, parts):
+    model = build()  # CLIP's towers, the captioner's language model and image tower
     for value in (True, False):
         model.gradient_checkpointing = value  # as the training loop sets it
-        assert (model.gradient_checkpointing, model.visual.gradient_checkpointing,
-                model.text.gradient_checkpointing) == (value, value, value)
+        assert [model.gradient_checkpointing, *(getattr(model, name).gradient_checkpointing for name in parts)] \
+            == [value] * 3
