@@ -110,12 +110,10 @@ def refusal(output: Path, command: str, what: str, overwrite: bool, resume: bool
             f"empty {what}, or pass --overwrite to write beside those files (it never replaces them)")
 
 
-@contextmanager
-def claim_dir(output: str | Path, command: str, *, overwrite: bool = False, resume: bool = False,
-              inputs: Iterable[str | Path] = (), what: str = "output folder") -> Iterator[Path]:
-    """Claim folder `output` for one run of `command` (the rules in the module docstring) and mark
-    it; when the run fails, a folder this run created, or found empty, is emptied of what the run
-    left, unless it is a training run's (its checkpoints resume)."""
+def mark_dir(output: str | Path, command: str, *, overwrite: bool = False, resume: bool = False,
+             inputs: Iterable[str | Path] = (), what: str = "output folder") -> bool:
+    """Claim folder `output` for `command` (the rules in the module docstring) and mark it; whether
+    the folder was new or empty before (what `claim_dir` empties again when the run fails)."""
     output = Path(output)
     special = special_kind(output)
     if special:
@@ -134,6 +132,17 @@ def claim_dir(output: str | Path, command: str, *, overwrite: bool = False, resu
         atomic_write_text(output / MARKER_FILE, json.dumps(
             {"command": command, "note": "written by tokenformer: this folder is its output", "created":
              time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, indent=2) + "\n")
+    return fresh
+
+
+@contextmanager
+def claim_dir(output: str | Path, command: str, *, overwrite: bool = False, resume: bool = False,
+              inputs: Iterable[str | Path] = (), what: str = "output folder") -> Iterator[Path]:
+    """`mark_dir` for one run of `command`; when the run fails, a folder this run created, or found
+    empty, is emptied of what the run left, unless it is a training run's (its checkpoints resume)."""
+    output = Path(output)
+    existed = output.is_dir()
+    fresh = mark_dir(output, command, overwrite=overwrite, resume=resume, inputs=inputs, what=what)
     try:
         yield output
     except BaseException:

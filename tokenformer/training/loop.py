@@ -29,7 +29,7 @@ from tokenformer.checkpoint import load_model
 from tokenformer.console import note, progress_bar
 from tokenformer.errors import TokenFormerError
 from tokenformer.evaluation.scoring import to_device
-from tokenformer.outputs import claim_dir
+from tokenformer.outputs import mark_dir
 from tokenformer.parallel.pipeline import Pipeline, PipelineModel
 from tokenformer.parallel.tokens import loss_context
 from tokenformer.threads import use_threads
@@ -69,15 +69,14 @@ def run_distributed(device: str, save: str | None, body: Callable[[DistEnv], Any
     """`body(env)` inside the process group torchrun set up (or alone outside torchrun). A rank's
     error becomes one sentence naming the rank and the checkpoint in `save` to resume from (a bug
     keeps its traceback); the group is left at the end unless the caller had joined it already.
-    `claim`, a run config, first claims `save` for its command (`tokenformer.outputs.claim_dir`)."""
+    `claim`, a run config, first claims `save` for its command (`tokenformer.outputs.mark_dir`)."""
     was_initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
     env = init_distributed(device, tp_size=tp_size, pp_size=pp_size)
     failed = False
     try:
         if save and env.is_main and claim is not None:  # the write door, before anything is written
-            with claim_dir(save, claim.command, resume=claim.resume, overwrite=getattr(claim, "overwrite", False),
-                           what="save folder"):
-                pass
+            mark_dir(save, claim.command, resume=claim.resume, overwrite=getattr(claim, "overwrite", False),
+                     what="save folder")
         return body(env)
     except Exception as error:
         failed = True
