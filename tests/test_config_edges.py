@@ -18,9 +18,17 @@ def test_a_bad_field_is_named_as_a_config_field():
     assert error_of(lambda: Config.from_name("tiny", vocab_size=0)) == "config field vocab_size must be at least 1, got 0"
     # a list of floats is bounded at +-1e6 (image statistics): just above it is refused
     assert error_of(lambda: VisionConfig.from_name("tiny-28", image_mean=[1000000.5])) == (
-        "every value of vision config field image_mean must be a finite number in [-1e+06, 1e+06], got 1000000.5")
+        "every value of vision config field image_mean must be a finite number in [-1000000, 1000000], got 1000000.5")
     assert VisionConfig.from_name("tiny-28", image_mean=[1000000.0]).image_mean == [1000000.0]
 
+
+
+def test_range_sentences_print_whole_bounds_in_full():
+    """`--vocab-size` is at most 2^20: the sentence says 1048576, not 1.04858e+06; fractions stay short."""
+    from tokenformer.options import Bounds
+    assert Bounds(minimum=257, maximum=1 << 20).describe() == "in [257, 1048576]"
+    assert Bounds(above=0.0, below=1e-8).describe() == "in (0, 1e-08)"
+    assert Bounds(minimum=2**64 - 1).describe() == "at least 18446744073709551615"
 
 def test_an_official_yml_the_package_cannot_read_is_named(tmp_path):
     learned = tmp_path / "learned.yml"

@@ -19,7 +19,7 @@ import torch
 from tokenformer.errors import TokenFormerError
 from tokenformer.data.tokenizer import Tokenizer, load_tokenizer
 from tokenformer.files import (CONFIG_FILE, FINAL_MODEL_DIR, LATEST_FILE, TOKENIZER_FILE, TRAIN_CONFIG_FILE,
-                               TRAINER_STATE_FILE, atomic_copy)
+                               TRAINER_STATE_FILE, atomic_copy, training_checkpoints)
 from tokenformer.inputs import torch_load_safe
 from tokenformer.models.captioner import Captioner
 from tokenformer.models.clip import CLIPTokenFormer
@@ -45,8 +45,7 @@ def latest_checkpoint(run: str | Path) -> Path | None:
         name = pointer.read_bytes().decode("utf-8", errors="replace").strip()
         if CHECKPOINT_NAME.fullmatch(name) and (run / name / TRAINER_STATE_FILE).is_file():
             return run / name
-    found = sorted(p for p in run.glob("step_*") if p.is_dir() and (p / TRAINER_STATE_FILE).is_file()) \
-        if run.is_dir() else []
+    found = training_checkpoints(run)
     return found[-1] if found else None
 
 

@@ -35,6 +35,15 @@ PREPARE_METADATA_FILE = "prepare.json"
 SPLIT_PREFIXES = {"train": "train_text_document", "valid": "valid_text_document"}
 
 
+
+def training_checkpoints(run: str | Path) -> list[Path]:
+    """A training run's complete checkpoints (`step_N/` folders holding their `trainer.pt`), oldest first."""
+    run = Path(run)
+    if not run.is_dir():
+        return []
+    return sorted(p for p in run.glob("step_*") if p.is_dir() and (p / TRAINER_STATE_FILE).is_file())
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it replaces `path` atomically."""

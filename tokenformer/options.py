@@ -24,6 +24,11 @@ from tokenformer.errors import TokenFormerError
 from tokenformer.inputs import read_yaml
 
 
+def show(bound: float) -> str:
+    """A bound as a person reads it: whole numbers in full (1048576, not 1.04858e+06), others short."""
+    return str(int(bound)) if float(bound).is_integer() else f"{bound:g}"
+
+
 @dataclasses.dataclass(frozen=True)
 class Bounds:
     """The range a number must lie in: `minimum`/`maximum` inclusive, `above`/`below` exclusive."""
@@ -35,17 +40,17 @@ class Bounds:
 
     def describe(self) -> str:
         """The range in words: "at least 1", "in [0, 1)", "above 0" ..."""
-        low = f"[{self.minimum:g}" if self.minimum is not None else \
-            f"({self.above:g}" if self.above is not None else ""
-        high = f"{self.maximum:g}]" if self.maximum is not None else \
-            f"{self.below:g})" if self.below is not None else ""
+        low = f"[{show(self.minimum)}" if self.minimum is not None else \
+            f"({show(self.above)}" if self.above is not None else ""
+        high = f"{show(self.maximum)}]" if self.maximum is not None else \
+            f"{show(self.below)})" if self.below is not None else ""
         if low and high:
             return f"in {low}, {high}"
         if self.minimum is not None:
-            return f"at least {self.minimum:g}"
+            return f"at least {show(self.minimum)}"
         if self.above is not None:
-            return f"above {self.above:g}"
-        return f"at most {self.maximum:g}" if self.maximum is not None else f"below {self.below:g}"
+            return f"above {show(self.above)}"
+        return f"at most {show(self.maximum)}" if self.maximum is not None else f"below {show(self.below)}"
 
     def holds(self, value: float) -> bool:
         return ((self.minimum is None or value >= self.minimum) and (self.maximum is None or value <= self.maximum)

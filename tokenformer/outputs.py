@@ -26,7 +26,7 @@ from typing import Iterable, Iterator
 from tokenformer.errors import TokenFormerError
 from tokenformer.files import (ACCURACY_PLOT_FILE, CONFIG_FILE, FINAL_MODEL_DIR, LATEST_FILE, LOSS_PLOT_FILE,
                                METRICS_FILE, PREPARE_METADATA_FILE, SPLIT_PREFIXES, TOKENIZER_FILE, TRAIN_CONFIG_FILE,
-                               TRAINER_STATE_FILE, WEIGHTS_FILE, atomic_write_text)
+                               TRAINER_STATE_FILE, WEIGHTS_FILE, atomic_write_text, training_checkpoints)
 from tokenformer.inputs import special_kind
 
 MARKER_FILE = ".tokenformer-output.json"
@@ -88,7 +88,7 @@ def refusal(output: Path, command: str, what: str, overwrite: bool, resume: bool
         return None
     owner = owner_of(output)
     tell = f"tokenformer {command}"
-    if owner is None and resume and any((path / TRAINER_STATE_FILE).is_file() for path in output.glob("step_*")):
+    if owner is None and resume and training_checkpoints(output):
         return None  # a run written before the marker existed: resuming it reads and continues its checkpoints
     if owner == command:
         if resume or overwrite:

@@ -24,7 +24,7 @@ from torch import nn
 from tokenformer.checkpoint import latest_checkpoint
 from tokenformer.errors import TokenFormerError
 from tokenformer.files import (LATEST_FILE, SHARDED_DIR, TRAINER_STATE_FILE, WEIGHTS_FILE, atomic_write_text,
-                               fsync_dir, fsync_tree)
+                               fsync_dir, fsync_tree, training_checkpoints)
 from tokenformer.inputs import read_safetensors, torch_load_safe
 from tokenformer.models.pretrained import save_model
 from tokenformer.parallel.pipeline import stage_states
@@ -78,10 +78,7 @@ class CheckpointManager:
 
     def checkpoints(self) -> list[Path]:
         """Complete checkpoints, oldest first."""
-        if not self.directory.is_dir():
-            return []
-        found = [p for p in self.directory.glob("step_*") if p.is_dir() and (p / TRAINER_STATE_FILE).is_file()]
-        return sorted(found, key=lambda p: p.name)
+        return training_checkpoints(self.directory)
 
     def latest(self) -> Path | None:
         return latest_checkpoint(self.directory)

@@ -138,14 +138,13 @@ def init_distributed(device: str = "auto", timeout_minutes: float | None = None,
         dist.init_process_group(backend="nccl" if resolved.type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(minutes=timeout_minutes),
                                 device_id=resolved if resolved.type == "cuda" else None)
-    mesh = None
+    env = DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=resolved, tp_size=tp_size,
+                  pp_size=pp_size)
     if tp_size > 1 or pp_size > 1:
         from torch.distributed.device_mesh import init_device_mesh
 
-        mesh = init_device_mesh(resolved.type, (pp_size, world_size // (tp_size * pp_size), tp_size),
-                                mesh_dim_names=("pp", "dp", "tp"))
-    return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=resolved, tp_size=tp_size,
-                   pp_size=pp_size, mesh=mesh)
+        env.mesh = init_device_mesh(resolved.type, (pp_size, env.dp_size, tp_size), mesh_dim_names=("pp", "dp", "tp"))
+    return env
 
 
 def shutdown() -> None:
