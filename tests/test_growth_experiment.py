@@ -183,7 +183,10 @@ def test_quick_runs_every_arm_end_to_end(tmp_path):
     assert arm.prefix and report["arms"][arm.name]["branched_from"]
     whole = run_arm(p, arm, report["lr"]["tf"], tmp_path / "work" / "data", tmp_path / "whole", reuse_prefix=False)
     assert [list(point) for point in whole["curve"]] == report["arms"][arm.name]["curve"]
-    # a second invocation reuses every finished arm
-    began = report["wall_time_s"]
+    # a second invocation reuses every finished arm, and trains again an arm killed before its outcome
+    # file (its folder left with checkpoints): the same curve
+    began, killed = report["wall_time_s"], "tf/large/1N/seed0"
+    (tmp_path / "work" / "runs" / killed / "outcome.json").unlink()
     assert main(["--quick", "--jobs", "1", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")]) == 0
-    assert json.loads((tmp_path / "out" / "growth.json").read_text())["wall_time_s"] < began
+    again = json.loads((tmp_path / "out" / "growth.json").read_text())
+    assert again["wall_time_s"] < began and again["arms"][killed]["curve"] == report["arms"][killed]["curve"]

@@ -91,8 +91,8 @@ def run_arm(p: Protocol, arm: Arm, lr: float, data: Path, runs: Path, keep_every
     torch.set_num_threads(1)
     save = runs / arm.name
     start = time.perf_counter()
-    if arm.prefix and save.exists():
-        shutil.rmtree(save)  # such an arm resumes: it must find no checkpoint of an earlier try
+    if save.exists():  # an arm killed before its outcome file: start it again (an in-run arm resumes its
+        shutil.rmtree(save)  # branch point and must find no checkpoint of the earlier try)
     branched = branch(p, arm, runs, save) if arm.prefix and reuse_prefix else None
     summary = train(train_config(p, arm, lr, data, save, keep_every), build_model(p, arm, runs))
     latest = CheckpointManager(save).latest()
