@@ -190,3 +190,41 @@ def test_quick_runs_every_arm_end_to_end(tmp_path):
     assert main(["--quick", "--jobs", "1", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")]) == 0
     again = json.loads((tmp_path / "out" / "growth.json").read_text())
     assert again["wall_time_s"] < began and again["arms"][killed]["curve"] == report["arms"][killed]["curve"]
+
+
+
+def test_the_seed_diagnostic_seeds_init_and_data_apart_and_counts_the_tokens_in_use(tmp_path):
+    """`experiments.growth.diagnose`: the large TokenFormer of the in-run protocol with its init and
+    data order seeded apart; the tokens in use, against the first Pattention computed by hand."""
+    import numpy as np
+    import torch.nn.functional as F
+
+    from experiments.growth.diagnose import ACTIVE, active_shares, parse_run, run_one
+
+    rng = np.random.default_rng(0)
+    valid = [list(rng.integers(0, 256, 2000)) for _ in range(40)]
+    data = write_corpus(tmp_path / "data", [list(rng.integers(0, 256, 2000)) for _ in range(60)], valid)
+    name, settings = parse_run("i2d0:init=2,data=0,lr=1e-3")
+    assert settings == {"init": 2, "data": 0, "lr": 1e-3}
+    with pytest.raises(Exception, match="unknown setting 'beta'"):
+        parse_run("x:beta=3")
+    out = tmp_path / "work"
+    out.mkdir()
+    result = run_one(name, settings, steps=4, measure_at=2, data=data, work=out)
+    assert [s for s, _ in result["val"]] == [0, 4]
+    assert json.loads((out / "i2d0.json").read_text()) == json.loads(json.dumps(result))
+    # step 0's loss is the seed-2 init's whatever the data order; another init gives another
+    same_init = run_one("i2d1", {"init": 2, "data": 1}, steps=2, measure_at=2, data=data, work=out)
+    other_init = run_one("i1d0", {"init": 1, "data": 0}, steps=2, measure_at=2, data=data, work=out)
+    assert same_init["val"][0][1] == result["val"][0][1] != other_init["val"][0][1]
+    # tokens in use, by hand: the first Pattention reads the parameter-free LayerNorm of the embedding
+    p = Protocol.in_run()
+    torch.manual_seed(0)
+    model = TokenFormer(Config(**p.model("tf", "large")))
+    shares = active_shares(model, data, p)
+    tokens = torch.tensor(np.concatenate(valid)[:16 * p.seq_length]).view(16, p.seq_length)
+    x = F.layer_norm(model.word_embeddings(tokens), (p.hidden_size,), eps=1e-5)
+    s = x @ model.layers[0].attention.query.key_param_tokens.T
+    w = F.gelu(s / s.norm(dim=-1, keepdim=True) * s.shape[-1] ** 0.5)
+    assert set(shares) == {n for n, m in model.named_modules() if hasattr(m, "key_param_tokens")}
+    assert shares["layers.0.attention.query"] == pytest.approx(float((w > ACTIVE).float().mean()))
