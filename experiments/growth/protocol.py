@@ -64,7 +64,8 @@ class Protocol:
     @classmethod
     def in_run(cls) -> "Protocol":
         """Growth inside one run, in the regime where the gate opened (width 32, N = 8000): WSD for
-        every arm, no post-hoc arms, the lr fixed by the seed-2 diagnostic (growth.md)."""
+        every arm, no post-hoc arms, TokenFormer's peak lr 2e-3 (seed 2's large model fails from its init
+        at any lr tried: `experiments.growth.diagnose`, growth.md)."""
         return cls(steps=8000, hidden_size=32, num_attention_heads=2, small_slots=(32, 32, 128),
                    small_budgets=(0.5, 1.0, 1.5, 2.5), stage_budgets=(), schedule="wsd", fixed_lr=(2e-3, 8e-3),
                    grow_points=(0.25, 0.5, 0.75), evals_per_run=16)

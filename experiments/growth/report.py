@@ -181,17 +181,22 @@ def plot(p: Protocol, all_arms: list[Arm], outcomes: dict[str, dict[str, Any]], 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
     for ax, (family, label) in zip(axes, FAMILIES.items()):
         colours = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"])
         for kind, style in (("large", dict(color="black", linewidth=2)), ("small", dict(color="grey", linewidth=2))):
-            points = defaultdict(list)
-            for a in all_arms:
-                if a.family == family and a.kind == kind:
-                    points[arm_flops(p, a)["cumulative"]].append(outcomes[a.name]["final_val_loss"])
+            points, per_seed = defaultdict(list), defaultdict(list)
+            for a in sorted((a for a in all_arms if a.family == family and a.kind == kind), key=lambda a: a.steps):
+                x = arm_flops(p, a)["cumulative"]
+                points[x].append(outcomes[a.name]["final_val_loss"])
+                per_seed[a.seed].append((x, outcomes[a.name]["final_val_loss"]))
+            for seed_points in per_seed.values():  # each seed thin: an outlier seed shows as one
+                ax.plot(*zip(*seed_points), "-", color=style["color"], linewidth=0.8, alpha=0.5)
             xs = sorted(points)
-            ax.plot(xs, [sum(points[x]) / len(points[x]) for x in xs], "o-", label=f"{kind} from scratch", **style)
+            ax.plot(xs, [sum(points[x]) / len(points[x]) for x in xs], "o-", label=f"{kind} from scratch (mean; "
+                    f"thin: each seed)", **style)
         grown = [a for a in all_arms if a.family == family and a.grown]
         for kind in dict.fromkeys(a.kind for a in grown):
             colour, labelled = next(colours), False
@@ -202,6 +207,9 @@ def plot(p: Protocol, all_arms: list[Arm], outcomes: dict[str, dict[str, Any]], 
                 ax.plot([flops_at(p, a, a.steps)], [curve[-1][1]], "s", color=colour, markersize=4)
                 labelled = True
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))  # labels that do not overlap
+        ax.xaxis.set_major_formatter(matplotlib.ticker.LogFormatterSciNotation(labelOnlyBase=False))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_title(f"{label}: growing vs from scratch")
         ax.set_xlabel("cumulative training FLOPs (a grown run counts its base)")
         ax.grid(alpha=0.3)
