@@ -209,7 +209,12 @@ def test_the_seed_diagnostic_seeds_init_and_data_apart_and_counts_the_tokens_in_
     with pytest.raises(Exception, match="unknown setting 'beta'"):
         parse_run("x:beta=3")
     out = tmp_path / "work"
-    out.mkdir()
+    (out / "i2d0").mkdir(parents=True)
+    (out / "i2d0" / "notes.txt").write_text("mine")  # a folder of the user's own where a run would go
+    with pytest.raises(Exception, match="is not a training run's output"):
+        run_one(name, settings, steps=4, measure_at=2, data=data, work=out)
+    assert (out / "i2d0" / "notes.txt").read_text() == "mine"
+    (out / "i2d0" / "notes.txt").unlink()
     result = run_one(name, settings, steps=4, measure_at=2, data=data, work=out)
     assert [s for s, _ in result["val"]] == [0, 4]
     assert json.loads((out / "i2d0.json").read_text()) == json.loads(json.dumps(result))

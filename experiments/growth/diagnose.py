@@ -31,7 +31,7 @@ import torch
 
 from experiments.growth.__main__ import ROOT, prepare_corpus
 from experiments.growth.protocol import Arm, Protocol
-from experiments.growth.run import train_config
+from experiments.growth.run import clear_unfinished, train_config
 from tokenformer.checkpoint import load_model
 from tokenformer.data.indexed import IndexedDataset
 from tokenformer.models.config import Config
@@ -64,7 +64,7 @@ def active_shares(model: torch.nn.Module, data: Path, p: Protocol, windows: int 
     """Each Pattention's share of (input position, parameter token) pairs whose weight exceeds
     ACTIVE, over the first `windows` held-out windows: how many of its tokens a layer really uses."""
     valid = IndexedDataset(data / "valid_text_document")
-    tokens = np.concatenate([np.asarray(valid[i]) for i in range(len(valid))][:64])[:windows * p.seq_length]
+    tokens = np.concatenate([np.asarray(valid[i]) for i in range(min(len(valid), 64))])[:windows * p.seq_length]
     shares: dict[str, float] = {}
 
     def hook(name: str):
@@ -87,8 +87,7 @@ def run_one(name: str, settings: dict[str, Any], steps: int, measure_at: int, da
     p = Protocol.in_run()
     arm = Arm("tf", "large", settings["data"], 1.0, p.steps)
     save = work / name
-    if save.exists():
-        shutil.rmtree(save)
+    clear_unfinished(save)
     cfg = train_config(p, arm, p.fixed_lr[0], data, save)
     changes = {k: v for k, v in settings.items() if k in CONFIG_FIELDS}
     if "lr" in changes:
@@ -107,8 +106,8 @@ def run_one(name: str, settings: dict[str, Any], steps: int, measure_at: int, da
     logged = [(r["step"], r["loss"], r["grad_norm"]) for r in rows if "grad_norm" in r]
     clip = changes.get("clip_grad", cfg.clip_grad)
     result = {"name": name, "settings": settings, "steps": steps, "measure_at": measure_at, "val": val,
-              "train": logged,
-              "max_grad_norm": max(g for _, _, g in logged), "clipped_share": sum(g > clip for _, _, g in logged) / len(logged), "active_shares": shares,
+              "train": logged, "max_grad_norm": max(g for _, _, g in logged),
+              "clipped_share": sum(g > clip for _, _, g in logged) / len(logged), "active_shares": shares,
               "wall_time_s": time.perf_counter() - began}
     shutil.rmtree(save)
     (work / f"{name}.json").write_text(json.dumps(result) + "\n")

@@ -17,8 +17,10 @@ import torch
 from experiments.growth.protocol import IN_RUN_KINDS, Arm, Protocol, branch_interval, branch_step
 from experiments.growth.transformer import Transformer, TransformerConfig, widen_ffn
 from tokenformer.checkpoint import load_model
+from tokenformer.errors import TokenFormerError
 from tokenformer.models.config import Config
 from tokenformer.models.lm import TokenFormer
+from tokenformer.outputs import owner_of
 from tokenformer.scaling.grow import grow
 from tokenformer.training.checkpointing import CheckpointManager
 from tokenformer.training.config import TrainConfig
@@ -64,6 +66,17 @@ def branch(p: Protocol, arm: Arm, runs: Path, save: Path) -> str | None:
     return str(source.relative_to(runs))
 
 
+def clear_unfinished(save: Path) -> None:
+    """Remove an arm's folder that a killed run left: the training loop's output (its marker), or
+    only what `branch` copied; a folder holding anything else is refused, never deleted."""
+    if not save.exists():
+        return
+    copied = all(p.name == "metrics.jsonl" or p.name.startswith("step_") for p in save.iterdir())
+    if owner_of(save) != "train" and not copied:
+        raise TokenFormerError(f"{save} is not a training run's output: move it away, or choose another --work")
+    shutil.rmtree(save)
+
+
 def slots_to(p: Protocol, family: str, size: str) -> dict[str, int]:
     """What an in-run growth grows to: the slot counts of that size, or the Transformer's FFN width."""
     return p.slots(size) if family == "tf" else {"ffn_width": p.ffn_width(size)}
@@ -91,8 +104,8 @@ def run_arm(p: Protocol, arm: Arm, lr: float, data: Path, runs: Path, keep_every
     torch.set_num_threads(1)
     save = runs / arm.name
     start = time.perf_counter()
-    if save.exists():  # an arm killed before its outcome file: start it again (an in-run arm resumes its
-        shutil.rmtree(save)  # branch point and must find no checkpoint of the earlier try)
+    clear_unfinished(save)  # an arm killed before its outcome file starts again (an in-run arm resumes its
+    # branch point and must find no checkpoint of the earlier try)
     branched = branch(p, arm, runs, save) if arm.prefix and reuse_prefix else None
     summary = train(train_config(p, arm, lr, data, save, keep_every), build_model(p, arm, runs))
     latest = CheckpointManager(save).latest()
