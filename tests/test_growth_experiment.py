@@ -1,6 +1,7 @@
 """The growth experiment's accounting (`experiments/growth`): compute per arm, the frontier
 arithmetic against hand numbers, the Transformer control and its widening, and a --quick run."""
 
+import dataclasses
 import json
 import math
 
@@ -233,3 +234,13 @@ def test_the_seed_diagnostic_seeds_init_and_data_apart_and_counts_the_tokens_in_
     w = F.gelu(s / s.norm(dim=-1, keepdim=True) * s.shape[-1] ** 0.5)
     assert set(shares) == {n for n, m in model.named_modules() if hasattr(m, "key_param_tokens")}
     assert shares["layers.0.attention.query"] == pytest.approx(float((w > ACTIVE).float().mean()))
+
+
+def test_only_picks_the_matching_arms_and_what_they_start_from():
+    from experiments.growth.__main__ import only
+
+    p = dataclasses.replace(Protocol.in_run(), tf_seeds=(0, 4))
+    picked = only(arms(p), ["tf/in-run-official@0.25/*/seed4"])
+    # the arm, and its trunk (the small model's longest run of that seed), nothing of seed 0
+    assert [a.name for a in picked] == ["tf/small/2.5N/seed4", "tf/in-run-official@0.25/1N/seed4"]
+    assert picked[1].prefix == picked[0].name

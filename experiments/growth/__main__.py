@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fnmatch
 import json
 import os
 import platform
@@ -18,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from experiments.growth.protocol import Protocol, arm_flops, arms
+from experiments.growth.protocol import Arm, Protocol, arm_flops, arms
 from experiments.growth.report import analyse, choose_lr, plot, table
 from experiments.growth.run import run_all
 from tokenformer.data.prepare import prepare
@@ -41,6 +42,20 @@ def prepare_corpus(work: Path, quick: bool) -> tuple[Path, str]:
     meta["corpus"] = corpus
     (out / PREPARE_METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return out, corpus
+
+
+def only(all_arms: list[Arm], patterns: list[str]) -> list[Arm]:
+    """The arms matching one of `patterns` and, transitively, the arms they start from, in order."""
+    by_name = {a.name: a for a in all_arms}
+    wanted = {a.name for a in all_arms if any(fnmatch.fnmatchcase(a.name, pattern) for pattern in patterns)}
+    todo = list(wanted)
+    while todo:
+        arm = by_name[todo.pop()]
+        for need in (arm.parent, arm.prefix):
+            if need is not None and need not in wanted:
+                wanted.add(need)
+                todo.append(need)
+    return [a for a in all_arms if a.name in wanted]
 
 
 def parse_setting(text: str) -> tuple[str, object]:
@@ -69,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="N, the base's budget (default 2000; quick 24)")
     parser.add_argument("--set", type=parse_setting, action="append", default=[], metavar="FIELD=VALUE",
                         help="a protocol field (experiments/growth/protocol.py), e.g. hidden_size=32")
+    parser.add_argument("--only", nargs="+", default=None, metavar="PATTERN",
+                        help="run only the arms whose names match one of these shell patterns, and the arms they "
+                             "start from (e.g. 'tf/*/seed4' 'tf/in-run-official@0.25/*')")
     parser.add_argument("--seeds", type=int, default=None,
                         help="run only the first this many seeds of each family (default: 3 TokenFormer, 2 Transformer)")
     args = parser.parse_args(argv)
@@ -84,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     began, load_before = time.perf_counter(), os.getloadavg()
     data, corpus = prepare_corpus(work, args.quick)
-    all_arms = arms(protocol)
+    all_arms = arms(protocol) if args.only is None else only(arms(protocol), args.only)
     print(f"{len(all_arms)} arms on {corpus}; N = {protocol.steps} steps of {protocol.tokens_per_step} tokens; "
           f"held-out set {protocol.held_out_tokens:,} bytes", flush=True)
     outcomes = run_all(protocol, all_arms, data, work / "runs", args.jobs, choose_lr,

@@ -170,7 +170,7 @@ def in_run_arms(p: Protocol, family: str, seed: int) -> list[Arm]:
     if not points:
         return []
     at = {"in-run-carry": points, "widen-carry": points, "in-run-fresh": (p.one_point,),
-          "in-run-noise": (p.one_point,), "in-run-official": (p.one_point,), "in-run-2step": None,
+          "in-run-noise": (p.one_point,), "in-run-official": points, "in-run-2step": None,
           "in-run-rewarm": points}
     out = [Arm(family, kind, seed, 1.0, n, grow_at=p.two_step_points if g is None else (g,))
            for kind, where in at.items() if (family, kind) in IN_RUN_KINDS for g in (where or [None])]
