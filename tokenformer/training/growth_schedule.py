@@ -52,8 +52,8 @@ class GrowthOptions:
                           "[{qkv_slot_num: 64, proj_slot_num: 64, ffn_slot_num: 256}] (YAML or Python)",
                           default=None)
     grow_mode: str = option("exact (the grown model computes the same function) or official (random new "
-                            "rows, the normalisation follows the new count; inside a run it ended 0.04 nats "
-                            "lower than exact, on every seed measured: docs/growing.md)", default="exact")
+                            "rows, the normalisation follows the new count); to save compute grow once at 0.25 "
+                            "with official: it paid on every seed measured (docs/growing.md)", default="exact")
     grow_optimizer: str = option("carry: old tokens keep their AdamW moments, new tokens start at zero; "
                                  "fresh: a new AdamW at each growth", default="carry")
     grow_rewarm: int = option("after each growth, ramp the lr linearly from 0 back to the schedule's over this "
