@@ -35,7 +35,6 @@ PREPARE_METADATA_FILE = "prepare.json"
 SPLIT_PREFIXES = {"train": "train_text_document", "valid": "valid_text_document"}
 
 
-
 def training_checkpoints(run: str | Path) -> list[Path]:
     """A training run's complete checkpoints (`step_N/` folders holding their `trainer.pt`), oldest first."""
     run = Path(run)

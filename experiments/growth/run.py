@@ -104,8 +104,9 @@ def run_arm(p: Protocol, arm: Arm, lr: float, data: Path, runs: Path, keep_every
     torch.set_num_threads(1)
     save = runs / arm.name
     start = time.perf_counter()
-    clear_unfinished(save)  # an arm killed before its outcome file starts again (an in-run arm resumes its
-    # branch point and must find no checkpoint of the earlier try)
+    # an arm killed before its outcome file starts again (an in-run arm resumes its branch point and
+    # must find no checkpoint of the earlier try)
+    clear_unfinished(save)
     branched = branch(p, arm, runs, save) if arm.prefix and reuse_prefix else None
     summary = train(train_config(p, arm, lr, data, save, keep_every), build_model(p, arm, runs))
     latest = CheckpointManager(save).latest()
